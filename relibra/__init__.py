@@ -1,0 +1,22 @@
+"""relibra: routing-replay-guided expert load balancing for RL training of MoE models.
+
+The core import is light: torch, numpy and omegaconf only (no transformers, no triton).
+"""
+
+from .plan import Placement, Plan, ReplicaPlan
+from .policies import BalancingPolicy, available_policies, get_policy, register_policy
+from .topology import Topology
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BalancingPolicy",
+    "Placement",
+    "Plan",
+    "ReplicaPlan",
+    "Topology",
+    "available_policies",
+    "get_policy",
+    "register_policy",
+    "__version__",
+]

@@ -1,0 +1,46 @@
+"""The policy contract every balancing policy follows.
+
+A policy turns the exact loads of the coming step into a :class:`~relibra.plan.Plan`::
+
+    plan = policy.plan(loads_MLE, topology)
+
+``loads_MLE`` is an int64 tensor ``[M, L, E]``: token copies routed to each logical expert of
+each MoE layer in each of the step's M micro-batches (known before the step starts thanks to
+rollout routing replay). A policy may keep state between calls (load history, the previous
+placement): ``plan`` is called once per step, in step order, identically on every rank.
+
+Memory is the same for every policy: ``E / G`` home slots per GPU plus the topology's spare
+slots. ``eplb`` fills spare slots once for the whole step, ``replicate`` and ``hybrid`` refill
+them every micro-batch, ``static`` and ``reorder`` leave them empty.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from ..plan import Plan, as_loads
+from ..topology import Topology
+
+__all__ = ["BalancingPolicy", "check_loads"]
+
+
+@runtime_checkable
+class BalancingPolicy(Protocol):
+    """Anything with ``plan(loads [M, L, E], topology) -> Plan``."""
+
+    def plan(self, loads: torch.Tensor, topology: Topology) -> Plan: ...
+
+
+def check_loads(loads: Any, topology: Topology) -> torch.Tensor:
+    """Validate a step's loads against a topology; return them as int64 ``[M, L, E]``."""
+    loads = as_loads(loads)
+    if loads.shape[2] != topology.num_experts:
+        raise ValueError(
+            f"loads have {loads.shape[2]} experts in their last dimension, "
+            f"the topology has {topology.num_experts}"
+        )
+    if loads.shape[0] == 0 or loads.shape[1] == 0:
+        raise ValueError(f"loads must hold at least one micro-batch and one layer, got shape {tuple(loads.shape)}")
+    return loads
