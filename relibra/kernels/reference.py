@@ -163,7 +163,7 @@ def unpermute(y_perm_RD: torch.Tensor, row_index_TK: torch.Tensor, weights_TK: t
 
     ``out_TD[t] = sum_k weights_TK[t, k] * y_perm_RD[row_index_TK[t, k]]``, skipping -1 rows
     (their weight and row never touch the sum, so a NaN there does not leak). Accumulates in
-    float32 and returns ``[T, D]`` in y_perm's dtype. Differentiable w.r.t. y_perm and weights.
+    float32 (float64 for float64 data) and returns ``[T, D]`` in y_perm's dtype. Differentiable w.r.t. y_perm and weights.
     """
     check_unpermute_args(y_perm_RD, row_index_TK, weights_TK)
     T, K = row_index_TK.shape
@@ -171,10 +171,11 @@ def unpermute(y_perm_RD: torch.Tensor, row_index_TK: torch.Tensor, weights_TK: t
     valid = row_index_TK >= 0
     flat = row_index_TK.reshape(-1)
     keep = valid.reshape(-1).nonzero().squeeze(1)
-    rows = y_perm_RD.index_select(0, flat[keep]).float()
-    w = weights_TK.reshape(-1)[keep].float()
+    acc = torch.promote_types(y_perm_RD.dtype, torch.float32)
+    rows = y_perm_RD.index_select(0, flat[keep]).to(acc)
+    w = weights_TK.reshape(-1)[keep].to(acc)
     contrib = rows * w[:, None]
-    out = torch.zeros(T, D, dtype=torch.float32, device=y_perm_RD.device)
+    out = torch.zeros(T, D, dtype=acc, device=y_perm_RD.device)
     out = out.index_add(0, keep // max(K, 1), contrib)
     return out.to(y_perm_RD.dtype)
 
