@@ -1,0 +1,362 @@
+"""A cost model of one RL training step of an MoE model under a balancing plan.
+
+Legend: ``M`` micro-batches, ``L`` MoE layers, ``E`` logical experts, ``G`` GPUs, ``N`` nodes,
+``R`` spare slots (G*S), ``P`` physical slots.
+
+It is a model, not a measurement. Per micro-batch and MoE layer, forward plus backward
+(backward costs ``backward_factor`` = 2x forward):
+
+1. Expert compute. GPU ``g`` computes ``c_g`` token copies (``plan.gpu_loads()``); each costs
+   ``3 matrices x 2 flops x hidden x expert_intermediate`` (gated MLP) forward. The layer
+   waits for the busiest GPU: ``max_g c_g * flops / (peak_flops * mfu)``.
+2. Non-MoE work (attention, shared expert, norms): ``2 * non_moe_params + 4 * attn_context *
+   attn_width`` flops per token forward, spread evenly over GPUs (balanced by construction).
+3. Token all-to-all: dispatch and combine forward, and their two backward transfers, each
+   moving ``hidden * a2a_bytes`` per token copy. Tokens originate uniformly on all GPUs (or
+   as given by ``source_loads [M, L, G, E]``, each expert's copies then fed in proportion to
+   their share). Per GPU, send and receive on two tiers: intra-node (NVLink) and inter-node
+   (InfiniBand) with their own bandwidths, full duplex, the tiers concurrent; a transfer
+   takes as long as its slowest GPU on its slowest tier. A GPU hosting hot experts receives
+   more. ``a2a_overlap`` of it hides behind compute.
+4. Replicas. A spare slot that gets a new expert receives its weights (``2 B/param``) from the
+   home GPU before the forward pass; a replica leaving a slot (or at the end of the step)
+   sends its accumulated gradient back (``replica_grad_bytes`` per param). A home GPU sends
+   each replicated expert once (broadcast tree); a GPU receives every replica it hosts. The
+   tier is intra-node when the replica sits in its home node, else inter-node.
+   ``replica_overlap`` of it hides behind compute. A replica kept for the next micro-batch
+   costs nothing more (gradients accumulate in place), so a per-step replica set (EPLB)
+   pays once a step.
+5. Reorder: every expert whose home GPU changes moves weights and optimizer state
+   (``state_bytes_per_param`` = 16) once a step; per GPU in and out counts on the tier of
+   the move; ``reorder_overlap`` of it hides behind rollout.
+6. Ideal baseline: every GPU exactly at the mean load, uniform traffic, nothing moved.
+
+Not modelled: pipeline parallelism and its bubbles, token de-duplication per node (DeepEP),
+kernel efficiency falling with small expert batches, memory limits, congestion beyond the
+per-GPU link bandwidths, dense layers and the LM head (``extra_params`` adds them, balanced).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Mapping
+
+import torch
+
+from .plan import Placement, Plan, as_loads
+from .topology import Topology
+
+__all__ = ["CostConfig", "MODEL_PRESETS", "CLUSTER_PRESETS", "StepCost", "step_cost", "ideal_step_cost",
+           "make_config"]
+
+# Published numbers (REFERENCE.md). non_moe_params: attention + shared expert of one MoE layer.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "deepseek-v3": dict(hidden=7168, expert_intermediate=2048, num_experts=256, top_k=8,
+                        num_moe_layers=58, num_expert_groups=8,
+                        # MLA attention ~187M + shared expert 3*7168*2048 = 44M
+                        non_moe_params=231e6, attn_width=128 * 160,
+                        # 3 dense layers (187M attn + 3*7168*18432 MLP) + LM head 129280*7168
+                        extra_params=3 * (187e6 + 396e6) + 927e6),
+    "qwen3-30b-a3b": dict(hidden=2048, expert_intermediate=768, num_experts=128, top_k=8,
+                          num_moe_layers=48, num_expert_groups=1,
+                          non_moe_params=18.9e6, attn_width=32 * 128, extra_params=311e6),
+    "qwen3-235b-a22b": dict(hidden=4096, expert_intermediate=1536, num_experts=128, top_k=8,
+                            num_moe_layers=94, num_expert_groups=1,
+                            non_moe_params=71.3e6, attn_width=64 * 128, extra_params=622e6),
+}
+# Per GPU: dense bf16 peak, NVLink per direction, InfiniBand NDR 400 Gb/s per direction.
+CLUSTER_PRESETS: dict[str, dict[str, Any]] = {
+    "h100": dict(peak_flops=989e12, intra_node_bandwidth=450e9, inter_node_bandwidth=50e9),
+    "h800": dict(peak_flops=989e12, intra_node_bandwidth=200e9, inter_node_bandwidth=50e9),
+    "h200": dict(peak_flops=989e12, intra_node_bandwidth=450e9, inter_node_bandwidth=50e9),
+}
+
+
+@dataclass(frozen=True)
+class CostConfig:
+    """Every parameter of the cost model; all overridable (``make_config(..., key=value)``).
+
+    Model: ``hidden``, ``expert_intermediate`` (gated MLP, 3 matrices), ``num_experts``,
+    ``top_k``, ``num_moe_layers``, ``num_expert_groups``, ``non_moe_params`` (per MoE layer,
+    balanced), ``attn_width`` (heads x head dim, for the attention score flops),
+    ``attn_context`` (mean causal context per token), ``extra_params`` (dense layers, head).
+    Cluster: ``peak_flops`` per GPU, ``mfu`` (effective fraction of peak), bandwidths in bytes/s
+    per GPU per direction. Knobs: ``backward_factor``, byte sizes and overlap fractions in [0, 1].
+    """
+
+    hidden: int = 7168
+    expert_intermediate: int = 2048
+    num_experts: int = 256
+    top_k: int = 8
+    num_moe_layers: int = 58
+    num_expert_groups: int = 8
+    non_moe_params: float = 231e6
+    attn_width: int = 128 * 160
+    attn_context: float = 1024.0
+    extra_params: float = 0.0
+    peak_flops: float = 989e12
+    mfu: float = 0.5
+    intra_node_bandwidth: float = 450e9
+    inter_node_bandwidth: float = 50e9
+    backward_factor: float = 2.0
+    a2a_bytes: float = 2.0
+    a2a_overlap: float = 0.0
+    weight_bytes: float = 2.0
+    replica_grad_bytes: float = 2.0
+    replica_overlap: float = 0.5
+    state_bytes_per_param: float = 16.0
+    reorder_overlap: float = 0.5
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v:
+                raise ValueError(f"CostConfig.{f.name} must be a number, got {v!r}")
+            if v < 0:
+                raise ValueError(f"CostConfig.{f.name} must be >= 0, got {v!r}")
+        for name in ("hidden", "expert_intermediate", "num_experts", "top_k", "peak_flops", "mfu",
+                     "intra_node_bandwidth", "inter_node_bandwidth"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"CostConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("mfu", "a2a_overlap", "replica_overlap", "reorder_overlap"):
+            if getattr(self, name) > 1:
+                raise ValueError(f"CostConfig.{name} is a fraction in [0, 1], got {getattr(self, name)!r}")
+
+    @property
+    def expert_params(self) -> float:
+        """Parameters of one routed expert: 3 matrices of ``hidden x expert_intermediate``."""
+        return 3.0 * self.hidden * self.expert_intermediate
+
+    @property
+    def flops(self) -> float:
+        """Effective flop/s of one GPU."""
+        return self.peak_flops * self.mfu
+
+    def topology(self, num_nodes: int, gpus_per_node: int, spare_slots_per_gpu: int = 0) -> Topology:
+        """A Topology of this model on ``num_nodes x gpus_per_node`` with this cluster's links."""
+        groups = self.num_expert_groups if self.num_experts % max(self.num_expert_groups, 1) == 0 else 1
+        return Topology(num_nodes, gpus_per_node, int(self.num_experts), spare_slots_per_gpu,
+                        int(max(groups, 1)), float(self.intra_node_bandwidth), float(self.inter_node_bandwidth))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def make_config(model: str = "deepseek-v3", cluster: str = "h100",
+                overrides: Mapping[str, Any] | None = None) -> CostConfig:
+    """Preset model + cluster, then ``overrides`` (unknown keys raise ValueError naming them)."""
+    if model not in MODEL_PRESETS:
+        raise ValueError(f"unknown model preset {model!r}; known: {', '.join(MODEL_PRESETS)}")
+    if cluster not in CLUSTER_PRESETS:
+        raise ValueError(f"unknown cluster preset {cluster!r}; known: {', '.join(CLUSTER_PRESETS)}")
+    values = {**MODEL_PRESETS[model], **CLUSTER_PRESETS[cluster]}
+    known = {f.name: f for f in fields(CostConfig)}
+    for key, value in (overrides or {}).items():
+        if key not in known:
+            raise ValueError(f"unknown cost parameter {key!r}; known: {', '.join(sorted(known))}")
+        values[key] = value
+    for key, value in list(values.items()):
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"cost parameter {key}={value!r} is not a number") from None
+        if known[key].type in ("int", int) and float(value).is_integer():
+            value = int(value)
+        values[key] = value
+    return CostConfig(**values)
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """Seconds of one step by part (already net of overlap), and its volumes."""
+
+    expert_compute_s: float
+    non_moe_s: float
+    a2a_s: float
+    replica_s: float
+    reorder_s: float
+    extra_s: float
+    tokens: float
+    replica_bytes: float
+    reorder_bytes: float
+
+    @property
+    def total_s(self) -> float:
+        return (self.expert_compute_s + self.non_moe_s + self.a2a_s + self.replica_s
+                + self.reorder_s + self.extra_s)
+
+
+def _fb(cfg: CostConfig) -> float:
+    return 1.0 + cfg.backward_factor
+
+
+def _tier_time(send_i, recv_i, send_o, recv_o, cfg: CostConfig) -> torch.Tensor:
+    """Per-GPU time of one transfer: tiers concurrent, each full duplex. Inputs in bytes."""
+    intra = torch.maximum(send_i, recv_i) / cfg.intra_node_bandwidth
+    inter = torch.maximum(send_o, recv_o) / cfg.inter_node_bandwidth
+    return torch.maximum(intra, inter)
+
+
+def a2a_seconds(gpu_copies_MLG: torch.Tensor, topology: Topology, cfg: CostConfig,
+                traffic_MLGG: torch.Tensor | None = None) -> torch.Tensor:
+    """``[M, L]`` seconds of the 4 token transfers (dispatch, combine, fwd and bwd), net of overlap.
+
+    Args:
+        gpu_copies_MLG: token copies each GPU computes. With ``traffic_MLGG`` None the sources
+            are uniform: source ``s`` sends ``c_d / G`` of GPU ``d``'s copies.
+        traffic_MLGG: token copies sent from source ``s`` to destination ``d`` (overrides).
+    """
+    G, gpn = topology.num_gpus, topology.gpus_per_node
+    node = torch.arange(G) // gpn
+    same = node[:, None] == node[None, :]
+    eye = torch.eye(G, dtype=torch.bool)
+    if traffic_MLGG is None:
+        c = gpu_copies_MLG.to(torch.float64)
+        node_sum = c.reshape(*c.shape[:2], -1, gpn).sum(-1).repeat_interleave(gpn, dim=-1)
+        total = c.sum(-1, keepdim=True)
+        recv_i, recv_o = c * (gpn - 1) / G, c * (G - gpn) / G
+        send_i, send_o = (node_sum - c) / G, (total - node_sum) / G
+    else:
+        t = traffic_MLGG.to(torch.float64)
+        intra, inter = (same & ~eye).to(t.dtype), (~same).to(t.dtype)
+        send_i, send_o = (t * intra).sum(-1), (t * inter).sum(-1)
+        recv_i, recv_o = (t * intra).sum(-2), (t * inter).sum(-2)
+    b = cfg.hidden * cfg.a2a_bytes
+    one = _tier_time(send_i * b, recv_i * b, send_o * b, recv_o * b, cfg).amax(-1)
+    # dispatch (to experts) and combine (back) take the same time: send and receive swap.
+    return 4.0 * one * (1.0 - cfg.a2a_overlap)
+
+
+def source_traffic(plan: Plan, loads_MLE: torch.Tensor, source_loads_MLGE: torch.Tensor) -> torch.Tensor:
+    """``[M, L, G, G]`` token copies from each source GPU to each destination GPU.
+
+    Each copy of expert ``e`` takes its share ``slot_tokens / load_e`` of every source's copies
+    of ``e`` (a proportional approximation of the split rule).
+    """
+    t = plan.topology
+    phy2log = plan.phy2log()
+    M, L, P = phy2log.shape
+    load = loads_MLE.to(torch.float64).gather(2, phy2log.clamp(min=0))
+    frac = torch.where((phy2log >= 0) & (load > 0), plan.slot_tokens / load.clamp(min=1), 0.0)
+    gpu = (torch.arange(P) // t.slots_per_gpu).expand(M, L, P)
+    w = torch.zeros(M, L, t.num_experts + 1, t.num_gpus, dtype=torch.float64)
+    idx = torch.where(phy2log >= 0, phy2log, t.num_experts) * t.num_gpus + gpu
+    w.view(M, L, -1).scatter_add_(2, idx, frac)
+    return source_loads_MLGE.to(torch.float64) @ w[:, :, :-1]
+
+
+def replica_seconds(plan: Plan, cfg: CostConfig) -> tuple[torch.Tensor, float]:
+    """``[M, L]`` seconds of replica weight copies and gradient reductions (net of overlap), bytes.
+
+    A slot whose expert changes between micro-batches costs a weight copy for the newcomer and
+    a gradient reduction for the leaver; the last micro-batch's replicas reduce at step end.
+    """
+    t = plan.topology
+    spare = plan.spare_experts
+    M, L, R = spare.shape
+    if R == 0:
+        return torch.zeros(M, L, dtype=torch.float64), 0.0
+    empty = torch.full((1, L, R), -1, dtype=spare.dtype)
+    prev = torch.cat([empty, spare[:-1]], 0)
+    nxt = torch.cat([spare[1:], empty], 0)
+    arrive = (spare >= 0) & (spare != prev)
+    leave = (spare >= 0) & (spare != nxt)
+    home_gpu = plan.placement.home_gpu(t)  # [L, E]
+    slot_gpu = torch.arange(R) // t.spare_slots_per_gpu
+    e_home = home_gpu.expand(M, -1, -1).gather(2, spare.clamp(min=0))  # [M, L, R]
+    intra = (e_home // t.gpus_per_node) == (slot_gpu // t.gpus_per_node)
+    total = torch.zeros(M, L, dtype=torch.float64)
+    count = 0
+    for moving, bytes_per_param in ((arrive, cfg.weight_bytes), (leave, cfg.replica_grad_bytes)):
+        b = cfg.expert_params * bytes_per_param
+        count += float(moving.sum()) * b
+        per_tier = []
+        for tier in (intra, ~intra):
+            m = (moving & tier).to(torch.float64)
+            recv = torch.zeros(M, L, t.num_gpus, dtype=torch.float64).scatter_add_(2, slot_gpu.expand(M, L, R), m)
+            # the home GPU sends each expert once (broadcast tree), however many replicas
+            has = torch.zeros(M, L, t.num_experts, dtype=torch.float64).scatter_add_(2, spare.clamp(min=0), m)
+            has = (has > 0).to(torch.float64)
+            send = torch.zeros(M, L, t.num_gpus, dtype=torch.float64).scatter_add_(2, home_gpu.expand(M, -1, -1), has)
+            per_tier.append((send * b, recv * b))
+        (si, ri), (so, ro) = per_tier
+        total += _tier_time(si, ri, so, ro, cfg).amax(-1)
+    return total * (1.0 - cfg.replica_overlap), count
+
+
+def reorder_seconds(placement: Placement, previous: Placement | None, topology: Topology,
+                    cfg: CostConfig) -> tuple[float, float]:
+    """Seconds (net of overlap) and bytes to move homes from ``previous`` to ``placement``."""
+    if previous is None:
+        return 0.0, 0.0
+    old, new = previous.home_gpu(topology), placement.home_gpu(topology)  # [L, E]
+    moved = (old != new).to(torch.float64)
+    b = cfg.expert_params * cfg.state_bytes_per_param
+    gpn, G = topology.gpus_per_node, topology.num_gpus
+    intra = (old // gpn) == (new // gpn)
+    parts = []
+    for tier in (intra, ~intra):
+        m = moved * tier
+        out = torch.zeros(G, dtype=torch.float64).scatter_add_(0, old.flatten(), m.flatten())
+        inn = torch.zeros(G, dtype=torch.float64).scatter_add_(0, new.flatten(), m.flatten())
+        parts.append((out * b, inn * b))
+    (si, ri), (so, ro) = parts
+    seconds = float(_tier_time(si, ri, so, ro, cfg).max())
+    return seconds * (1.0 - cfg.reorder_overlap), float(moved.sum()) * b
+
+
+def _tokens(loads_MLE: torch.Tensor, cfg: CostConfig) -> torch.Tensor:
+    """``[M]`` tokens per micro-batch: token copies of the first layer over top-k."""
+    return loads_MLE[:, 0].sum(-1).to(torch.float64) / cfg.top_k
+
+
+def _common(loads_MLE: torch.Tensor, G: int, cfg: CostConfig) -> tuple[float, float, float]:
+    M, L, _ = loads_MLE.shape
+    tokens = _tokens(loads_MLE, cfg)
+    tok_per_gpu = float(tokens.sum()) / G * _fb(cfg) / cfg.flops
+    per_token = 2.0 * cfg.non_moe_params + 4.0 * cfg.attn_context * cfg.attn_width
+    return tok_per_gpu * per_token * L, tok_per_gpu * 2.0 * cfg.extra_params, float(tokens.sum())
+
+
+def step_cost(plan: Plan, loads_MLE: Any, cfg: CostConfig, previous: Placement | None = None,
+              source_loads_MLGE: Any = None) -> StepCost:
+    """Cost of one step of ``plan`` on its loads ``[M, L, E]``.
+
+    Args:
+        previous: the placement of the step before (None: nothing is moved).
+        source_loads_MLGE: ``[M, L, G, E]`` copies each source GPU sends to each expert;
+            None means uniform sources.
+    """
+    loads = as_loads(loads_MLE, "loads")
+    t = plan.topology
+    if loads.shape[2] != cfg.num_experts or loads.shape[2] != t.num_experts:
+        raise ValueError(f"loads have {loads.shape[2]} experts; cost config has {cfg.num_experts}, "
+                         f"topology {t.num_experts}")
+    gpu = plan.gpu_loads(loads).to(torch.float64)  # [M, L, G]
+    expert_flops = 2.0 * cfg.expert_params * _fb(cfg)
+    compute = float(gpu.amax(-1).sum()) * expert_flops / cfg.flops
+    traffic = None
+    if source_loads_MLGE is not None:
+        src = as_loads(source_loads_MLGE, "source_loads", ndim=4)
+        if tuple(src.shape) != (*loads.shape[:2], t.num_gpus, t.num_experts) or not torch.equal(src.sum(2), loads):
+            raise ValueError(f"source_loads must have shape {[*loads.shape[:2], t.num_gpus, t.num_experts]} "
+                             f"and sum over sources to loads; got {tuple(src.shape)}")
+        traffic = source_traffic(plan, loads, src)
+    a2a = float(a2a_seconds(gpu, t, cfg, traffic).sum())
+    rep, rep_bytes = replica_seconds(plan, cfg)
+    reo, reo_bytes = reorder_seconds(plan.placement, previous, t, cfg)
+    non_moe, extra, tokens = _common(loads, t.num_gpus, cfg)
+    return StepCost(compute, non_moe, a2a, float(rep.sum()), reo, extra, tokens, rep_bytes, reo_bytes)
+
+
+def ideal_step_cost(loads_MLE: Any, topology: Topology, cfg: CostConfig) -> StepCost:
+    """The idealised run: every GPU at the mean load, uniform traffic, nothing moved."""
+    loads = as_loads(loads_MLE, "loads")
+    G = topology.num_gpus
+    mean = loads.to(torch.float64).sum(-1, keepdim=True) / G  # [M, L, 1]
+    gpu = mean.expand(*loads.shape[:2], G)
+    compute = float(mean.sum()) * 2.0 * cfg.expert_params * _fb(cfg) / cfg.flops
+    a2a = float(a2a_seconds(gpu, topology, cfg).sum())
+    non_moe, extra, tokens = _common(loads, G, cfg)
+    return StepCost(compute, non_moe, a2a, 0.0, 0.0, extra, tokens, 0.0, 0.0)

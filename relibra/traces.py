@@ -1,0 +1,252 @@
+"""RL routing traces: exact-looking expert loads per step and micro-batch, from real skew.
+
+Legend: ``S`` steps, ``M`` micro-batches per step, ``L`` MoE layers, ``E`` experts, ``W`` workloads.
+
+What is real and what is modelled, plainly:
+
+* Real: the per-layer expert popularity of DeepSeek-V3 serving runs (SGLang's published
+  ``logical_count``, 58 MoE layers x 256 experts; see ``relibra/data/README`` and
+  ``../shared/data/deepseek_v3_expert_load``). Those are long-run sums: they show skew, not
+  how load moves from one micro-batch to the next.
+* Modelled: that movement. A GRPO step holds prompt groups; every prompt draws its own
+  expert mix per layer, ``q ~ Dirichlet(concentration * p_workload)``, and all ``group_size``
+  responses of the prompt route by that mix (they share content). ``concentration`` is the
+  Dirichlet's total mass per layer: large keeps prompts near the workload mean, small makes
+  few, strong, prompt-specific hot spots. Prompt and response lengths are log-normal
+  (response lengths heavy-tailed), sequences are packed in rollout order (groups
+  contiguous) into micro-batches of at most ``tokens_per_micro_batch`` tokens, so a
+  micro-batch holds few prompts.
+* Top-k sampling: a token picks ``top_k`` distinct experts. Its inclusion probabilities
+  ``pi = min(1, c * q)`` with ``sum(pi) = top_k`` (water-filling keeps every expert's expected
+  count at most one per token); the copies of a prompt's ``n`` tokens in a micro-batch are
+  then drawn as ``Multinomial(n * top_k, pi / top_k)``: exact totals and means, a
+  multinomial approximation of the distinct-top-k variance.
+
+A seed makes a trace exact. ``python -m relibra.traces --out FILE.npz`` writes one; the
+default trace shipped in ``relibra/data`` is made by ``benchmarks/make_default_trace.sh``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass
+from importlib import resources
+from typing import Any
+
+import numpy as np
+
+__all__ = ["TraceConfig", "generate", "load_popularity", "derive_popularity", "load_trace_file",
+           "save_trace_file", "default_trace_path", "waterfill"]
+
+_DATA = "data"
+POPULARITY_FILE = "deepseek_v3_popularity.npz"
+DEFAULT_TRACE_FILE = "default_trace.npz"
+SHIPPED_WORKLOADS = ("prefill_in4096", "prefill_in1000out1000", "decode_in1000out1000")
+
+
+def _data_path(name: str) -> str:
+    return str(resources.files("relibra").joinpath(_DATA, name))
+
+
+def default_trace_path() -> str:
+    """Path of the trace shipped in the package."""
+    return _data_path(DEFAULT_TRACE_FILE)
+
+
+def derive_popularity(src_dir: str, out: str, workloads: tuple[str, ...] = SHIPPED_WORKLOADS) -> None:
+    """Write ``{workload: float16 [L, E]}`` per-layer normalized popularity from SGLang's JSON files.
+
+    Dense layers (all-zero rows) are dropped. Raises ValueError naming a missing or bad file.
+    """
+    arrays = {}
+    for w in workloads:
+        path = os.path.join(src_dir, f"{w}.json")
+        if not os.path.exists(path):
+            raise ValueError(f"popularity source {path} does not exist")
+        with open(path) as f:
+            counts = np.asarray(json.load(f)["logical_count"], dtype=np.float64)
+        if counts.ndim != 2:
+            raise ValueError(f"{path}: logical_count must be 2-D [layers, experts], got {counts.shape}")
+        counts = counts[counts.sum(1) > 0]
+        arrays[w] = (counts / counts.sum(1, keepdims=True)).astype(np.float16)
+    np.savez_compressed(out, **arrays)
+
+
+def load_popularity(workload: str = "prefill_in4096", path: str | None = None) -> np.ndarray:
+    """``[L, E]`` float64 per-layer popularity (rows sum to 1) of one shipped workload."""
+    path = path or _data_path(POPULARITY_FILE)
+    with np.load(path, allow_pickle=False) as z:
+        if workload not in z.files:
+            raise ValueError(f"workload {workload!r} not in {path}; has {', '.join(z.files)}")
+        p = z[workload].astype(np.float64)
+    return p / p.sum(1, keepdims=True)
+
+
+def waterfill(q: np.ndarray, k: int) -> np.ndarray:
+    """Inclusion probabilities ``pi = min(1, c * q)`` over the last axis with ``sum(pi) = k``.
+
+    ``q`` ``[..., E]`` non-negative, summing to 1, with at least ``k`` positive entries.
+    """
+    q = np.asarray(q, dtype=np.float64)
+    capped = np.zeros(q.shape, dtype=bool)
+    for _ in range(k + 1):
+        free = np.where(capped, 0.0, q)
+        c = (k - capped.sum(-1, keepdims=True)) / np.maximum(free.sum(-1, keepdims=True), 1e-300)
+        pi = np.where(capped, 1.0, c * q)
+        new = pi > 1.0
+        if not new.any():
+            break
+        capped |= new
+    return np.minimum(pi, 1.0)
+
+
+@dataclass(frozen=True)
+class TraceConfig:
+    """Knobs of the GRPO trace model (see the module docstring)."""
+
+    steps: int = 3
+    micro_batches: int = 16
+    tokens_per_micro_batch: int = 64 * 4096
+    group_size: int = 16
+    concentration: float = 64.0
+    prompt_len_median: float = 512.0
+    prompt_len_sigma: float = 0.5
+    response_len_median: float = 1024.0
+    response_len_sigma: float = 1.0
+    max_len: int = 16384
+    top_k: int = 8
+    workload: str = "prefill_in4096"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "micro_batches", "tokens_per_micro_batch", "group_size", "max_len", "top_k"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"TraceConfig.{name} must be a positive int, got {v!r}")
+        for name in ("concentration", "prompt_len_median", "response_len_median"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"TraceConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("prompt_len_sigma", "response_len_sigma"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"TraceConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+
+
+def _lengths(rng: np.random.Generator, median: float, sigma: float, size: int, cap: int) -> np.ndarray:
+    return np.clip(np.rint(median * np.exp(sigma * rng.standard_normal(size))), 1, cap).astype(np.int64)
+
+
+def _pack_step(rng: np.random.Generator, cfg: TraceConfig) -> list[list[tuple[int, int]]]:
+    """Micro-batches of ``(prompt index, tokens)``, groups in rollout order."""
+    budget, mbs = cfg.tokens_per_micro_batch, [[]]
+    used, prompt = 0, 0
+    while True:
+        plen = int(_lengths(rng, cfg.prompt_len_median, cfg.prompt_len_sigma, 1, cfg.max_len)[0])
+        rlens = _lengths(rng, cfg.response_len_median, cfg.response_len_sigma, cfg.group_size, cfg.max_len)
+        for r in rlens:
+            n = min(plen + int(r), cfg.max_len, budget)
+            if used + n > budget:
+                if len(mbs) == cfg.micro_batches:
+                    return mbs
+                mbs.append([])
+                used = 0
+            mbs[-1].append((prompt, n))
+            used += n
+        prompt += 1
+
+
+def generate(cfg: TraceConfig = TraceConfig(), popularity: np.ndarray | None = None) -> np.ndarray:
+    """Loads ``[S, M, L, E]`` int64 of a GRPO run under ``cfg`` (exact for a given seed)."""
+    p = load_popularity(cfg.workload) if popularity is None else np.asarray(popularity, dtype=np.float64)
+    if p.ndim != 2 or (p < 0).any() or not np.allclose(p.sum(1), 1.0):
+        raise ValueError(f"popularity must be [L, E] non-negative rows summing to 1, got shape {p.shape}")
+    L, E = p.shape
+    if cfg.top_k > E:
+        raise ValueError(f"top_k={cfg.top_k} exceeds the {E} experts")
+    rng = np.random.default_rng(cfg.seed)
+    alpha = np.maximum(cfg.concentration * p, 1e-3)
+    out = np.zeros((cfg.steps, cfg.micro_batches, L, E), dtype=np.int64)
+    for s in range(cfg.steps):
+        mbs = _pack_step(rng, cfg)
+        n_prompts = mbs[-1][-1][0] + 1
+        g = rng.gamma(alpha, size=(n_prompts, L, E))
+        q = g / g.sum(-1, keepdims=True)
+        pi = waterfill(q, cfg.top_k) / cfg.top_k  # [prompts, L, E]
+        for m, seqs in enumerate(mbs):
+            tokens: dict[int, int] = {}
+            for prompt, n in seqs:
+                tokens[prompt] = tokens.get(prompt, 0) + n
+            ids = np.fromiter(tokens, dtype=np.int64)
+            n = np.fromiter(tokens.values(), dtype=np.int64) * cfg.top_k
+            pv = pi[ids]
+            pv = pv / pv.sum(-1, keepdims=True)
+            draws = rng.multinomial(np.broadcast_to(n[:, None], (len(ids), L)), pv)  # [prompts, L, E]
+            out[s, m] = draws.sum(0)
+    return out
+
+
+def save_trace_file(path: str, loads: np.ndarray, top_k: int, meta: dict[str, Any] | None = None) -> None:
+    """Write a trace ``.npz`` (``loads`` [S, M, L, E], ``top_k``, ``meta`` as JSON text).
+
+    Uses :func:`relibra.routing.save_trace` when it exists.
+    """
+    try:
+        from .routing import save_trace
+    except (ImportError, AttributeError, ModuleNotFoundError):
+        save_trace = None
+    if save_trace is not None:
+        save_trace(path, loads, top_k, meta=meta)
+        return
+    np.savez_compressed(path, loads=np.asarray(loads), top_k=np.int64(top_k),
+                        meta=np.asarray(json.dumps(meta or {})))
+
+
+def load_trace_file(path: str) -> tuple[np.ndarray, int, dict[str, Any]]:
+    """Read a trace ``.npz``: ``(loads int64 [S, M, L, E], top_k, meta)``.
+
+    Uses :func:`relibra.routing.load_trace` when it exists. Raises ValueError naming the file.
+    """
+    if not os.path.exists(path):
+        raise ValueError(f"trace file {path} does not exist")
+    try:
+        from .routing import load_trace
+    except (ImportError, AttributeError, ModuleNotFoundError):
+        load_trace = None
+    if load_trace is not None:
+        tr = load_trace(path)
+        loads = tr.loads.numpy() if hasattr(tr.loads, "numpy") else np.asarray(tr.loads)
+        return loads.astype(np.int64), int(tr.top_k), dict(tr.meta or {})
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "loads" not in z.files or "top_k" not in z.files:
+                raise ValueError(f"trace file {path} must hold 'loads' and 'top_k', has {z.files}")
+            loads, top_k = z["loads"], int(z["top_k"])
+            meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
+    except (OSError, EOFError) as exc:
+        raise ValueError(f"trace file {path} is not a readable .npz: {exc}") from exc
+    if loads.ndim != 4 or not np.issubdtype(loads.dtype, np.integer) or (loads < 0).any():
+        raise ValueError(f"trace file {path}: loads must be non-negative integers [steps, M, L, E], "
+                         f"got {loads.dtype} {loads.shape}")
+    return loads.astype(np.int64), top_k, meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m relibra.traces", description="Write a GRPO routing trace.")
+    ap.add_argument("--out", required=True)
+    for name, default in asdict(TraceConfig()).items():
+        ap.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
+    ap.add_argument("--derive-from", default=None,
+                    help="rebuild the shipped popularity file from SGLang JSON files in this folder first")
+    args = ap.parse_args(argv)
+    if args.derive_from:
+        derive_popularity(args.derive_from, _data_path(POPULARITY_FILE))
+    cfg = TraceConfig(**{k: getattr(args, k) for k in asdict(TraceConfig())})
+    loads = generate(cfg)
+    save_trace_file(args.out, loads.astype(np.int32), cfg.top_k, meta={"generator": "relibra.traces", **asdict(cfg)})
+    print(f"wrote {args.out}: loads {list(loads.shape)}, {os.path.getsize(args.out) / 1024:.0f} KiB")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
