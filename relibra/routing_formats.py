@@ -44,6 +44,16 @@ __all__ = [
 ]
 
 
+def _as_mask(mask: Any, name: str) -> torch.Tensor:
+    """A bool CPU tensor from a bool / 0-1 integer or float mask; other values raise."""
+    mask = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask).cpu()
+    if mask.dtype != torch.bool:
+        if mask.is_complex() or (mask.numel() and not bool(((mask == 0) | (mask == 1)).all())):
+            raise ValueError(f"{name} must hold only 0/1 (or bool)")
+        mask = mask != 0
+    return mask
+
+
 # --------------------------------------------------------------------------- engines
 def decode_routed_experts(
     data: Any,
@@ -140,21 +150,12 @@ def verl_sequences(routed_experts_BSLK: Any, mask_BS: Any = None) -> list[torch.
         raise ValueError(f"verl routed_experts must be [batch, seq, layers, top_k], got shape {tuple(routes.shape)}")
     if mask_BS is None:
         return list(routes.unbind(0))
-    if isinstance(mask_BS, torch.Tensor) and mask_BS.dtype == torch.bool:
-        mask = mask_BS.cpu()
-    elif isinstance(mask_BS, np.ndarray) and mask_BS.dtype == np.bool_:
-        mask = torch.from_numpy(mask_BS)
-    else:
-        mask, _ = _to_int64(mask_BS, "mask")
+    mask = _as_mask(mask_BS, "mask")
     if mask.dim() != 2 or mask.shape[0] != routes.shape[0] or mask.shape[1] > routes.shape[1]:
         raise ValueError(
             f"mask has shape {tuple(mask.shape)}, expected [batch, seq] = {tuple(routes.shape[:2])} "
             "(or [batch, last positions] for a response mask)"
         )
-    if mask.dtype != torch.bool:
-        if mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError("mask must hold only 0/1 (or bool)")
-        mask = mask.bool()
     if mask.shape[1] < routes.shape[1]:
         routes = routes[:, routes.shape[1] - mask.shape[1]:]
     return [routes[b][mask[b]] for b in range(routes.shape[0])]
@@ -333,10 +334,10 @@ class RouteStore:
         """
         keys = list(keys)
         if attention_mask is not None:
-            mask = torch.as_tensor(attention_mask).cpu()
+            mask = _as_mask(attention_mask, "attention_mask")
             if mask.dim() != 2 or mask.shape[0] != len(keys):
                 raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, expected [{len(keys)}, seq]")
-            return self._fill(keys, mask.bool())
+            return self._fill(keys, mask)
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
         lengths = [self.get(k).shape[0] for k in keys]
@@ -351,7 +352,7 @@ class RouteStore:
     def gather_tokens(self, input_ids_BS: Any, attention_mask_BS: Any) -> torch.Tensor:
         """Routes ``[B, S, L, K]`` of a padded batch found by the content of each row's real tokens."""
         ids = torch.as_tensor(input_ids_BS).cpu()
-        mask = torch.as_tensor(attention_mask_BS).cpu().bool()
+        mask = _as_mask(attention_mask_BS, "attention_mask")
         if ids.dim() != 2 or mask.shape != ids.shape:
             raise ValueError(f"input_ids {tuple(ids.shape)} and attention_mask {tuple(mask.shape)} must both be [batch, seq]")
         keys = [token_key(ids[b][mask[b]]) for b in range(ids.shape[0])]
