@@ -1,0 +1,222 @@
+"""Intra-node replication: choose spare-slot replicas and an optimal integer token split.
+
+Pure tensor functions, vectorised over every (micro-batch, layer, node) problem at once.
+
+Legend (see :mod:`relibra.topology`):
+
+    B  independent problems = M * L * N       Gn GPUs per node
+    H  home slots per GPU                     S  spare slots per GPU
+    K  spare slots per node = Gn * S          NE encoded residual edges per problem = 2K + K*K
+
+One problem is one node of one layer of one micro-batch. Its state:
+
+    hshare_BGH  tokens the home copy of each home expert keeps ([B, Gn, H])
+    rep_BK      home expert (local home slot ``g*H + j``) copied into spare slot ``k``, -1 empty
+                (spare slot ``k`` sits on local GPU ``k // S``)
+    x_BK        tokens the replica in spare slot ``k`` computes
+
+Phase 1 (greedy, :func:`greedy_replicas`), at most K rounds: every problem takes its busiest
+GPU, its hottest home expert that has a free receiver, and copies it onto the least loaded GPU
+of the node with a free spare slot that does not already hold it, moving
+``min(share, donor - T, T - receiver)`` tokens, ``T = ceil(node mean)``.
+
+Phase 2 (:func:`optimal_split`): for the chosen replicas, the exact integer min-max split.
+Residual graph on the node's GPUs: an edge ``u -> v`` when some expert has tokens on ``u`` and
+a copy on ``v``. A split is optimal iff no busiest GPU reaches a GPU at least 2 tokens lighter
+(otherwise the set U reachable from the busiest GPUs satisfies ``load(U) = fixed(U) +
+replicated experts wholly inside U``, so ``ceil(load(U)/|U|)`` = current max is a lower
+bound). Each round pushes ``min(bottleneck, (a - c) // 2)`` tokens along such a path; the sum of
+squared GPU loads strictly drops, so it terminates, and the busiest GPU never rises. Tokens
+move only from a busiest GPU, so copies keep their home tokens where moving buys nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["greedy_replicas", "optimal_split", "node_problems", "assemble"]
+
+_INF = torch.iinfo(torch.int64).max // 4
+
+
+def node_problems(loads_MLE: torch.Tensor, home_experts_LK: torch.Tensor, num_nodes: int,
+                  gpus_per_node: int) -> torch.Tensor:
+    """Home-slot loads as per-node problems.
+
+    Args:
+        loads_MLE: ``[M, L, E]`` int64 loads.
+        home_experts_LK: ``[L, G*H]`` placement (home slot -> logical expert).
+    Returns:
+        ``hshare_BGH [M*L*N, Gn, H]`` int64: the load of every home expert, by node problem.
+    """
+    M, L, E = loads_MLE.shape
+    H = E // (num_nodes * gpus_per_node)
+    idx = home_experts_LK.expand(M, L, -1)
+    return loads_MLE.gather(2, idx).reshape(M * L * num_nodes, gpus_per_node, H).clone()
+
+
+def greedy_replicas(hshare_BGH: torch.Tensor, spare_per_gpu: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phase 1: fill spare slots greedily (see module docstring). Mutates ``hshare_BGH``.
+
+    Returns:
+        ``rep_BK`` (local home slot copied into each spare slot, -1 empty) and ``x_BK``
+        (tokens given to each replica).
+    """
+    B, Gn, H = hshare_BGH.shape
+    S = spare_per_gpu
+    K = Gn * S
+    rep = torch.full((B, K), -1, dtype=torch.int64)
+    x = torch.zeros(B, K, dtype=torch.int64)
+    if S == 0 or Gn == 1 or B == 0:
+        return rep, x
+    ld = hshare_BGH.sum(-1)  # [B, Gn]
+    target = (ld.sum(-1) + Gn - 1) // Gn  # [B]
+    free = torch.full((B, Gn), S, dtype=torch.int64)
+    holds = torch.zeros(B, Gn * H, Gn, dtype=torch.bool)  # home slot -> GPUs holding a replica
+    ar = torch.arange(B)
+    gpu_ids = torch.arange(Gn)
+    hflat = hshare_BGH.view(B, Gn * H)
+    for _ in range(K):
+        donor = ld.argmax(-1)  # [B]
+        slots = donor[:, None] * H + torch.arange(H)  # [B, H] local home slots of the donor
+        share = hflat.gather(1, slots)  # [B, H]
+        ok = (free > 0)[:, None, :] & ~holds[ar[:, None], slots] & (gpu_ids != donor[:, None])[:, None, :]
+        recv_ld = torch.where(ok, ld[:, None, :], _INF)  # [B, H, Gn]
+        rload, recv = recv_ld.min(-1)  # [B, H]
+        amount = torch.minimum(share, torch.minimum(ld[ar, donor, None] - target[:, None], target[:, None] - rload))
+        amount = torch.where(rload < _INF, amount, 0)
+        score = torch.where(amount > 0, share, -1)
+        best_share, j = score.max(-1)
+        active = best_share > 0
+        if not bool(active.any()):
+            break
+        amt = torch.where(active, amount[ar, j], 0)
+        r = recv[ar, j]
+        slot = slots[ar, j]
+        k = r * S + (S - free[ar, r])
+        k = torch.where(active, k, 0)
+        sel = ar[active]
+        rep[sel, k[active]] = slot[active]
+        x[sel, k[active]] = amt[active]
+        holds[sel, slot[active], r[active]] = True
+        free[sel, r[active]] -= 1
+        hflat[sel, slot[active]] -= amt[active]
+        ld[sel, donor[active]] -= amt[active]
+        ld[sel, r[active]] += amt[active]
+    return rep, x
+
+
+def optimal_split(hshare_BGH: torch.Tensor, rep_BK: torch.Tensor, x_BK: torch.Tensor,
+                  spare_per_gpu: int, max_rounds: int = 10_000) -> int:
+    """Phase 2: make the split exactly min-max optimal for the replicas in ``rep_BK``.
+
+    Mutates ``hshare_BGH`` and ``x_BK`` in place; returns the number of augmenting rounds.
+    """
+    B, Gn, H = hshare_BGH.shape
+    S = spare_per_gpu
+    K = Gn * S
+    if K == 0 or Gn == 1 or B == 0:
+        return 0
+    NE = 2 * K + K * K
+    hflat_all = hshare_BGH.view(B, Gn * H)
+    rep_gpu = torch.arange(K) // S  # [K]
+    edge_ids = torch.arange(NE)
+    eye = torch.eye(K, dtype=torch.bool)
+    # only problems with a replica can improve
+    rows = torch.nonzero((rep_BK >= 0).any(-1)).squeeze(1)
+    hflat, x, rep = hflat_all[rows], x_BK[rows], rep_BK[rows]
+    rounds = 0
+    while rows.numel() and rounds < max_rounds:
+        b_n = rows.numel()
+        exists = rep >= 0
+        slot = rep.clamp(min=0)
+        home_gpu = slot // H
+        rg = rep_gpu.expand(b_n, K)
+        ld = hflat.view(b_n, Gn, H).sum(-1).scatter_add_(1, rg, x)
+        # residual edges: home -> replica k, replica k -> home, replica k -> replica k' (same expert)
+        same = (rep[:, :, None] == rep[:, None, :]) & exists[:, :, None] & ~eye
+        pair = torch.cat([home_gpu * Gn + rg, rg * Gn + home_gpu,
+                          (rep_gpu[:, None] * Gn + rep_gpu[None, :]).reshape(1, K * K).expand(b_n, -1)], 1)
+        cap = torch.cat([hflat.gather(1, slot), x, x[:, :, None].expand(b_n, K, K).reshape(b_n, K * K)], 1)
+        valid = torch.cat([exists, exists, same.reshape(b_n, K * K)], 1) & (cap > 0)
+        enc = torch.where(valid, cap * NE + edge_ids, -1)
+        C = torch.full((b_n, Gn * Gn), -1, dtype=torch.int64).scatter_reduce_(1, pair, enc, "amax")
+        has = (C >= 0).view(b_n, Gn, Gn)
+        # min load reachable from every GPU (Bellman-Ford with min), next hop towards it
+        best = ld
+        nxt = torch.full((b_n, Gn), -1, dtype=torch.int64)
+        for _ in range(Gn - 1):
+            m, arg = torch.where(has, best[:, None, :], _INF).min(-1)
+            upd = m < best
+            if not bool(upd.any()):
+                break
+            best = torch.where(upd, m, best)
+            nxt = torch.where(upd, arg, nxt)
+        cand = (ld == ld.amax(-1, keepdim=True)) & (ld - best >= 2)
+        active = cand.any(-1)
+        if not bool(active.all()):
+            done = ~active
+            hflat_all[rows[done]] = hflat[done]
+            x_BK[rows[done]] = x[done]
+            rows, hflat, x, rep, slot = rows[active], hflat[active], x[active], rep[active], slot[active]
+            cand, nxt, C, ld = cand[active], nxt[active], C[active], ld[active]
+            b_n = rows.numel()
+            if b_n == 0:
+                break
+        rounds += 1
+        u = cand.to(torch.int64).argmax(-1)
+        cur = u
+        bott = torch.full_like(u, _INF)
+        hops = []
+        for _ in range(Gn - 1):
+            nx = nxt.gather(1, cur[:, None]).squeeze(1)
+            act = nx >= 0
+            if not bool(act.any()):
+                break
+            e = C.gather(1, (cur * Gn + nx.clamp(min=0))[:, None]).squeeze(1)
+            bott = torch.where(act, torch.minimum(bott, e // NE), bott)
+            hops.append((act, e % NE))
+            cur = torch.where(act, nx, cur)
+        a = ld.gather(1, u[:, None]).squeeze(1)
+        c = ld.gather(1, cur[:, None]).squeeze(1)
+        amt = torch.minimum(bott, (a - c) // 2)
+        dx = torch.zeros(b_n, K + 1, dtype=torch.int64)
+        dh = torch.zeros(b_n, Gn * H + 1, dtype=torch.int64)
+        for act, eid in hops:
+            da = torch.where(act, amt, 0)[:, None]
+            is_a, is_b = eid < K, (eid >= K) & (eid < 2 * K)
+            rr = (eid - 2 * K).clamp(min=0)
+            k_from = torch.where(is_a, K, torch.where(is_b, eid - K, rr // K))
+            k_to = torch.where(is_a, eid, torch.where(is_b, K, rr % K))
+            dx.scatter_add_(1, k_from[:, None], -da).scatter_add_(1, k_to[:, None], da)
+            k_home = torch.where(is_a, eid, eid - K).clamp(0, K - 1)
+            hslot = torch.where(is_a | is_b, slot.gather(1, k_home[:, None]).squeeze(1), Gn * H)
+            dh.scatter_add_(1, hslot[:, None], torch.where(is_a[:, None], -da, da))
+        x = x + dx[:, :K]
+        hflat = hflat + dh[:, :Gn * H]
+    if rows.numel():
+        hflat_all[rows] = hflat
+        x_BK[rows] = x
+    return rounds
+
+
+def assemble(hshare_BGH: torch.Tensor, rep_BK: torch.Tensor, x_BK: torch.Tensor,
+             home_experts_LK: torch.Tensor, M: int, L: int, N: int, S: int
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-node results -> plan tensors.
+
+    Replicas left with no tokens are dropped (their spare slots stay empty).
+
+    Returns:
+        ``spare_experts [M, L, G*S]`` (logical expert, -1 empty) and ``slot_tokens [M, L, P]``.
+    """
+    B, Gn, H = hshare_BGH.shape
+    K = Gn * S
+    rep = torch.where(x_BK > 0, rep_BK, -1)
+    node_base = (torch.arange(B) % N) * (Gn * H)  # first home slot of the node, [B]
+    home_flat = home_experts_LK.expand(M, L, -1).reshape(M * L, N * Gn * H)
+    home_b = home_flat.repeat_interleave(N, dim=0)  # [B, G*H]
+    logical = home_b.gather(1, (node_base[:, None] + rep.clamp(min=0)))
+    spare = torch.where(rep >= 0, logical, -1).reshape(M, L, N * K)
+    tokens = torch.cat([hshare_BGH, x_BK.view(B, Gn, S)], -1).reshape(M, L, N * Gn * (H + S))
+    return spare, tokens

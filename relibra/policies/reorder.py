@@ -1,0 +1,109 @@
+"""``reorder``: once a step, re-home experts so every micro-batch is balanced across nodes.
+
+Inter-batch expert reordering (ReLibra). From the exact loads of all the step's micro-batches
+``[M, L, E]`` it picks a new placement with exactly ``H`` home experts per GPU:
+
+1. experts -> nodes, per layer: longest-first packing (heaviest summed load first, into the
+   node that raises ``sum_m max_n node_load[m, n]`` least), then local search swapping expert
+   pairs between the node that is busiest in the worst micro-batches and the nodes lightest
+   there, accepting swaps that lower that sum (plus the migration cost);
+2. experts -> GPUs inside each node, per (layer, node): the same two steps against
+   ``sum_m max_g gpu_load[m, g]``.
+
+Replicas inside a node cannot repair a node that is overloaded in one micro-batch, so the
+node objective is per micro-batch, not on the summed load. Spare slots stay empty.
+
+Migration: ``migration_weight`` w prices one expert changing home node at ``w`` times the
+layer's mean expert load of the step (tokens), against the objective in tokens; a move between
+GPUs of one node costs that times ``inter_node_bandwidth / intra_node_bandwidth``. ``w = 0``
+ignores the previous placement; a large ``w`` keeps it. The policy remembers its placement
+between ``plan`` calls (start: contiguous).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from ..plan import Placement, Plan
+from ..topology import Topology
+from ._packing import greedy_pack, swap_search
+from .base import check_loads
+from .registry import register_policy
+
+__all__ = ["ReorderPolicy", "reorder_placement"]
+
+
+def reorder_placement(loads_MLE: torch.Tensor, topology: Topology, previous: Placement | None = None,
+                      migration_weight: float = 0.0, max_swaps: int = 200) -> Placement:
+    """New home placement for ``loads_MLE [M, L, E]`` (see module docstring). Deterministic."""
+    M, L, E = loads_MLE.shape
+    N, Gn = topology.num_nodes, topology.gpus_per_node
+    w_LEM = loads_MLE.to(torch.float64).permute(1, 2, 0).contiguous()
+    use_prev = previous is not None and migration_weight > 0
+    prev_gpu = previous.home_gpu(topology) if use_prev else None  # [L, E]
+    unit = w_LEM.sum((1, 2)) / E * migration_weight  # [L] cost of one inter-node move
+    # 1. experts -> nodes
+    prev_node = prev_gpu // Gn if use_prev else None
+    node = greedy_pack(w_LEM, N, prev_node, unit if use_prev else None)
+    node = swap_search(w_LEM, node, N, prev_node, unit if use_prev else None, max_iters=max_swaps)
+    # 2. experts -> GPUs inside each node: items of (layer, node) in expert-id order
+    per_node = E // N
+    experts = (node * E + torch.arange(E)).argsort(dim=1).view(L, N, per_node)  # [L, N, E/N]
+    w_BIM = w_LEM.gather(1, experts.reshape(L, E)[:, :, None].expand(L, E, M)).view(L * N, per_node, M)
+    prev_local = None
+    intra_unit = None
+    if use_prev:
+        pg = prev_gpu.gather(1, experts.reshape(L, E)).view(L, N, per_node)
+        local = pg - torch.arange(N)[None, :, None] * Gn
+        prev_local = torch.where((local >= 0) & (local < Gn), local, -1).view(L * N, per_node)
+        ratio = topology.inter_node_bandwidth / topology.intra_node_bandwidth
+        intra_unit = (unit * ratio).repeat_interleave(N)
+    gpu = greedy_pack(w_BIM, Gn, prev_local, intra_unit)
+    gpu = swap_search(w_BIM, gpu, Gn, prev_local, intra_unit, max_iters=max_swaps)
+    home_gpu = torch.empty(L, E, dtype=torch.int64)
+    home_gpu.scatter_(1, experts.reshape(L, E), (gpu.view(L, N, per_node) + torch.arange(N)[None, :, None] * Gn).reshape(L, E))
+    return Placement.from_home_gpu(home_gpu, topology)
+
+
+@register_policy("reorder")
+class ReorderPolicy:
+    """Inter-batch reordering; spare slots stay empty.
+
+    Args:
+        migration_weight: price of moving one expert to another node, in units of the
+            layer's mean expert load of the step (float >= 0; 0 ignores the previous
+            placement).
+        max_swaps: local-search iterations per stage (int >= 0; 0 keeps the greedy packing).
+    """
+
+    def __init__(self, migration_weight: float = 0.0, max_swaps: int = 200) -> None:
+        if isinstance(migration_weight, bool) or not isinstance(migration_weight, (int, float)) \
+                or not math.isfinite(migration_weight) or migration_weight < 0:
+            raise ValueError(f"reorder option migration_weight must be a finite number >= 0, got {migration_weight!r}")
+        if isinstance(max_swaps, bool) or not isinstance(max_swaps, int) or max_swaps < 0:
+            raise ValueError(f"reorder option max_swaps must be an int >= 0, got {max_swaps!r}")
+        self.migration_weight = float(migration_weight)
+        self.max_swaps = max_swaps
+        self.placement: Placement | None = None
+        self._topology: Topology | None = None
+
+    def next_placement(self, loads: torch.Tensor, topology: Topology) -> Placement:
+        """Compute this step's placement and remember it (``loads`` already checked)."""
+        L = loads.shape[1]
+        prev = self.placement
+        if prev is None or self._topology != topology or prev.num_layers != L:
+            prev = Placement.contiguous(topology, L)
+        placement = reorder_placement(loads, topology, prev, self.migration_weight, self.max_swaps)
+        self.placement, self._topology = placement, topology
+        return placement
+
+    def plan(self, loads: torch.Tensor, topology: Topology) -> Plan:
+        loads = check_loads(loads, topology)
+        start = time.perf_counter()
+        placement = self.next_placement(loads, topology)
+        plan = Plan.without_replicas(placement, loads, topology, policy="reorder")
+        plan.info["reorder_seconds"] = time.perf_counter() - start
+        return plan

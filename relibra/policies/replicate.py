@@ -1,0 +1,68 @@
+"""``replicate``: every micro-batch, fill spare slots with intra-node replicas and split tokens.
+
+The placement is given (contiguous by default, or the one ``reorder`` chose, see ``hybrid``);
+only the spare slots and the token split change from one micro-batch to the next. Replicas
+stay in their expert's home node (fast links), and the split is the exact integer min-max
+split for the chosen replicas (see :mod:`relibra.policies._replica_split`).
+
+Cost: at most ``Gn * S`` greedy rounds plus a few augmenting rounds, each a fixed number of
+tensor operations over all ``M * L * N`` (micro-batch, layer, node) problems at once.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..plan import Placement, Plan
+from ..topology import Topology
+from ._replica_split import assemble, greedy_replicas, node_problems, optimal_split
+from .base import check_loads
+from .registry import register_policy
+
+__all__ = ["ReplicatePolicy", "replicate_on"]
+
+
+def replicate_on(loads_MLE: torch.Tensor, placement: Placement, topology: Topology,
+                 policy: str = "replicate") -> Plan:
+    """Plan intra-node replicas and the optimal split of ``loads_MLE [M, L, E]`` on ``placement``.
+
+    The busiest GPU of every micro-batch and layer is never above the same placement without
+    replicas. Deterministic.
+    """
+    loads_MLE = check_loads(loads_MLE, topology)
+    M, L, _ = loads_MLE.shape
+    if placement.num_layers != L:
+        raise ValueError(f"placement has {placement.num_layers} layers, loads have {L}")
+    placement.validate(topology)
+    N, Gn, S = topology.num_nodes, topology.gpus_per_node, topology.spare_slots_per_gpu
+    start = time.perf_counter()
+    hshare = node_problems(loads_MLE, placement.home_experts, N, Gn)
+    rep, x = greedy_replicas(hshare, S)
+    rounds = optimal_split(hshare, rep, x, S)
+    spare, tokens = assemble(hshare, rep, x, placement.home_experts, M, L, N, S)
+    plan = Plan(topology, placement, spare, tokens, intra_node_replicas=True, policy=policy)
+    plan.info.update(replicate_seconds=time.perf_counter() - start, split_rounds=rounds)
+    return plan
+
+
+@register_policy("replicate")
+class ReplicatePolicy:
+    """Intra-batch replication on a fixed placement.
+
+    Args:
+        placement: the home placement to replicate on; ``None`` (default) is contiguous
+            (Megatron-LM's). Its layer count must match the loads.
+    """
+
+    def __init__(self, placement: Placement | None = None) -> None:
+        if placement is not None and not isinstance(placement, Placement):
+            raise ValueError(f"replicate option placement must be a relibra.Placement or None, "
+                             f"got {type(placement).__name__}")
+        self.placement = placement
+
+    def plan(self, loads: torch.Tensor, topology: Topology) -> Plan:
+        loads = check_loads(loads, topology)
+        placement = self.placement or Placement.contiguous(topology, loads.shape[1])
+        return replicate_on(loads, placement, topology, policy="replicate")
