@@ -1,0 +1,192 @@
+"""The ``relibra`` console script: ``relibra bench`` and ``relibra launch``.
+
+``relibra bench`` simulates the balancing policies on a routing trace (the embedded default
+or ``--trace FILE``) with the cost model of :mod:`relibra.cost` and prints the comparison;
+``--json`` prints one JSON object instead, ``--plot FILE.png`` draws it (needs matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+__all__ = ["main", "bench", "plot_bench"]
+
+_COLUMNS = (("step_time_s", "step s", "{:.2f}"), ("tokens_per_s", "tok/s", "{:,.0f}"),
+            ("speedup_vs_static", "x static", "{:.2f}"), ("speedup_vs_eplb_oracle", "x eplb-or", "{:.2f}"),
+            ("gap_to_ideal", "gap ideal", "{:+.1%}"), ("imbalance_mean", "imb mean", "{:.2f}"),
+            ("imbalance_worst", "imb worst", "{:.2f}"), ("bytes_moved", "GB moved", "{:.1f}"),
+            ("planning_time_s", "plan s", "{:.3f}"))
+
+
+def _parse_sets(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _table(results: dict[str, Any]) -> str:
+    head = ["policy"] + [c[1] for c in _COLUMNS]
+    rows = [head]
+    skipped = []
+    for name, r in results.items():
+        if r.skipped:
+            skipped.append(f"  skipped {name}: {r.skipped}")
+            continue
+        row = [name]
+        for key, _, fmt in _COLUMNS:
+            v = getattr(r, key)
+            if key == "bytes_moved":
+                v = v / 1e9
+            row.append("-" if v is None else fmt.format(v))
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines + skipped)
+
+
+def bench(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .cost import make_config
+    from .sim import simulate
+    from .traces import default_trace_path, load_trace_file
+
+    cfg = make_config(args.preset, args.cluster, _parse_sets(args.set))
+    loads, top_k, meta = load_trace_file(args.trace or default_trace_path())
+    if top_k != cfg.top_k:
+        raise ValueError(f"trace top_k={top_k} differs from preset {args.preset} top_k={cfg.top_k}")
+    if args.steps is not None:
+        if args.steps < 2:
+            raise ValueError(f"--steps must be >= 2 (one warm-up step plus one measured), got {args.steps}")
+        loads = loads[: args.steps]
+    if loads.shape[2] != cfg.num_moe_layers:
+        cfg = make_config(args.preset, args.cluster, {**_parse_sets(args.set), "num_moe_layers": loads.shape[2]})
+    topology = cfg.topology(args.nodes, args.gpus_per_node, args.spare_slots)
+    names = [n.strip() for n in args.policies.split(",") if n.strip()]
+    bar = None
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(names), file=sys.stderr, desc="relibra bench", disable=None)
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        pass
+
+    def progress(name: str) -> None:
+        if bar is not None:
+            bar.set_postfix_str(name)
+            if name != names[0]:
+                bar.update(1)
+
+    results = simulate(loads, topology, cfg, names, warmup_steps=args.warmup_steps, progress=progress)
+    if bar is not None:
+        bar.update(1)
+        bar.close()
+    S, M, L, E = loads.shape
+    header = {"trace": args.trace or "default", "trace_meta": meta, "steps": S, "micro_batches": M,
+              "layers": L, "experts": E, "warmup_steps": args.warmup_steps, "topology": str(topology),
+              "preset": args.preset, "cluster": args.cluster, "cost": cfg.to_dict()}
+    if args.json:
+        print(json.dumps({"policies": {n: r.to_json() for n, r in results.items()}, **header}))
+    else:
+        print(f"trace {header['trace']}: {S} steps x {M} micro-batches x {L} layers x {E} experts; "
+              f"{topology}; {args.preset} on {args.cluster}; steady state after {args.warmup_steps} warm-up step(s)")
+        print(_table(results))
+    if args.plot:
+        plot_bench(results, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def plot_bench(results: dict[str, Any], path: str) -> None:
+    """Bar chart of step time per policy and per-GPU load heatmaps (static vs hybrid).
+
+    Raises ValueError when matplotlib is missing (``pip install 'relibra[plot]'``).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ValueError(f"--plot needs matplotlib ({exc}); pip install 'relibra[plot]'") from None
+    import numpy as np
+
+    ok = {n: r for n, r in results.items() if not r.skipped}
+    have = [n for n in ok if n != "ideal" and ok[n].gpu_loads_LG is not None]
+    before = "static" if "static" in have else (have[0] if have else None)
+    after = "hybrid" if "hybrid" in have else min(have, key=lambda n: ok[n].step_time_s, default=None)
+    maps = [n for n in dict.fromkeys((before, after)) if n is not None]
+    fig, axes = plt.subplots(1, 1 + len(maps), figsize=(5 + 5 * len(maps), 4.5), squeeze=False)
+    ax = axes[0, 0]
+    names = list(ok)
+    times = [ok[n].step_time_s for n in names]
+    ax.barh(names, times, color=["#888" if n in ("static", "ideal") else "#3a7" for n in names])
+    for i, t in enumerate(times):
+        ax.text(t, i, f" {t:.1f}s", va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("modelled step time (s)")
+    ax.set_title("policies (cost model)")
+    vmax = max(float(np.max(ok[n].gpu_loads_LG)) for n in maps) if maps else 1.0
+    for ax, name in zip(axes[0, 1:], maps):
+        g = np.asarray(ok[name].gpu_loads_LG, dtype=np.float64)
+        im = ax.imshow(g, aspect="auto", cmap="magma", vmin=0, vmax=vmax)
+        ax.set_title(f"{name}: token copies per GPU (micro-batch 0)")
+        ax.set_xlabel("GPU")
+        ax.set_ylabel("MoE layer")
+        fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _launch(argv: list[str]) -> int:
+    try:
+        from .integrations import launcher  # type: ignore[attr-defined]
+    except ImportError as exc:
+        print(f"relibra launch is unavailable: relibra.integrations.launcher cannot be imported ({exc}). "
+              "Install relibra with its integrations (pip install 'relibra[hf]').", file=sys.stderr)
+        return 2
+    return int(launcher.main(argv) or 0)
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .sim import DEFAULT_POLICIES
+
+    ap = argparse.ArgumentParser(prog="relibra", description="Expert load balancing for RL training of MoE models.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("bench", help="compare balancing policies on a routing trace with the cost model")
+    b.add_argument("--trace", default=None, help="trace .npz (loads [steps, M, L, E], top_k); default: embedded")
+    b.add_argument("--preset", default="deepseek-v3", choices=["deepseek-v3", "qwen3-30b-a3b", "qwen3-235b-a22b"])
+    b.add_argument("--cluster", default="h100", choices=["h100", "h800", "h200"])
+    b.add_argument("--nodes", type=int, default=8)
+    b.add_argument("--gpus-per-node", type=int, default=8)
+    b.add_argument("--spare-slots", type=int, default=1)
+    b.add_argument("--policies", default=",".join(DEFAULT_POLICIES))
+    b.add_argument("--steps", type=int, default=None, help="use only the first K steps of the trace")
+    b.add_argument("--warmup-steps", type=int, default=1)
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.add_argument("--plot", default=None, metavar="FILE.png")
+    b.add_argument("--set", action="append", default=[], metavar="key=value",
+                   help="override a cost parameter (see relibra.cost.CostConfig), repeatable")
+    sub.add_parser("launch", help="accelerate launch with relibra's settings", add_help=False)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "launch":
+        return _launch(argv[1:])
+    args = _parser().parse_args(argv)
+    try:
+        return bench(args)
+    except ValueError as exc:
+        print(f"relibra bench: error: {exc}", file=sys.stderr)
+        return 2
