@@ -13,7 +13,7 @@ read the plugin cheaply.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 __all__ = ["RelibraPlugin", "ENV_PREFIX", "CONFIG_ENV"]
@@ -46,23 +46,43 @@ def _to_int(name: str, value: Any, minimum: int) -> int:
     return out
 
 
+#: plugin field -> key path in the RelibraConfig schema (relibra.config)
+_FILE_KEYS = {
+    "enabled": ("enabled",),
+    "replay": ("replay",),
+    "kernel_backend": ("kernel_backend",),
+    "policy": ("policy", "name"),
+    "policy_options": ("policy", "options"),
+    "num_nodes": ("topology", "num_nodes"),
+    "spare_slots_per_gpu": ("topology", "spare_slots_per_gpu"),
+}
+
+
 def load_relibra_yaml(path: str) -> dict[str, Any]:
-    """Read a relibra settings YAML (OmegaConf) into a plain dict; ValueError naming the file."""
+    """Plugin fields set in a relibra YAML (the :class:`relibra.config.RelibraConfig` schema).
+
+    The file is validated by :func:`relibra.config.load_config` (unknown keys, bad values and
+    unknown policies raise ValueError naming the key); only keys the file sets are returned,
+    so unset ones fall back to the plugin's defaults (``num_nodes``: derived from the world).
+    """
     from omegaconf import OmegaConf
+
+    from relibra.config import load_config
 
     if not os.path.isfile(path):
         raise ValueError(f"{CONFIG_ENV} file {path!r} does not exist")
-    try:
-        data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    except Exception as exc:
-        raise ValueError(f"{CONFIG_ENV} file {path!r} is not valid YAML: {exc}") from exc
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{CONFIG_ENV} file {path!r} must hold a mapping, got {type(data).__name__}")
-    if "relibra" in data and isinstance(data["relibra"], dict) and len(data) == 1:
-        data = data["relibra"]  # accept a file that still carries the section header
-    return data
+    cfg = load_config(path)
+    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
+    out: dict[str, Any] = {}
+    for name, keys in _FILE_KEYS.items():
+        node, val = raw, cfg
+        for k in keys:
+            if not isinstance(node, dict) or k not in node:
+                break
+            node, val = node[k], val[k]
+        else:
+            out[name] = OmegaConf.to_container(val, resolve=True) if OmegaConf.is_config(val) else val
+    return out
 
 
 @dataclass
@@ -78,7 +98,13 @@ class RelibraPlugin:
         num_nodes: nodes of the expert-parallel group when relibra builds its own mesh
             (``RELIBRA_NUM_NODES``); None: 1 node on CPU, the launch's machines on GPU.
         replay: replay recorded routes in training (``RELIBRA_REPLAY``).
+        kernel_backend: ``auto``, ``torch`` or ``triton`` (``RELIBRA_KERNEL_BACKEND``).
         policy_options: keyword options of the policy (only from ``RELIBRA_CONFIG``).
+
+    ``RELIBRA_CONFIG`` names a YAML in the :class:`relibra.config.RelibraConfig` schema
+    (``policy: {name, options}``, ``topology: {num_nodes, spare_slots_per_gpu}``, ``enabled``,
+    ``replay``, ``kernel_backend``); the topology's other fields come from the model and the
+    world at :func:`relibra.integrations.accelerate.prepare`.
     """
 
     enabled: Optional[bool] = None
@@ -86,22 +112,17 @@ class RelibraPlugin:
     spare_slots_per_gpu: Optional[int] = None
     num_nodes: Optional[int] = None
     replay: Optional[bool] = None
+    kernel_backend: Optional[str] = None
     policy_options: dict = field(default_factory=dict)
 
-    _DEFAULTS = {"enabled": True, "policy": "hybrid", "spare_slots_per_gpu": 1, "num_nodes": None, "replay": True}
+    _DEFAULTS = {"enabled": True, "policy": "hybrid", "spare_slots_per_gpu": 1, "num_nodes": None, "replay": True,
+                 "kernel_backend": "auto"}
 
     def __post_init__(self) -> None:
         from_file: dict[str, Any] = {}
         path = os.environ.get(CONFIG_ENV)
         if path:
             from_file = load_relibra_yaml(path)
-            known = {f.name for f in fields(self)}
-            unknown = sorted(set(from_file) - known)
-            if unknown:
-                raise ValueError(
-                    f"{CONFIG_ENV} file {path!r}: unknown relibra setting(s) {unknown}; "
-                    f"known: {sorted(known)}"
-                )
         for name, default in self._DEFAULTS.items():
             if getattr(self, name) is not None:
                 continue
@@ -127,6 +148,8 @@ class RelibraPlugin:
             self.num_nodes = None
         if not isinstance(self.policy, str) or not self.policy:
             raise ValueError(f"RelibraPlugin.policy must be a policy name, got {self.policy!r}")
+        if self.kernel_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"RelibraPlugin.kernel_backend must be auto, torch or triton, got {self.kernel_backend!r}")
         if not isinstance(self.policy_options, dict):
             raise ValueError(f"RelibraPlugin.policy_options must be a mapping, got {self.policy_options!r}")
 
@@ -137,6 +160,7 @@ class RelibraPlugin:
             ENV_PREFIX + "POLICY": self.policy,
             ENV_PREFIX + "SPARE_SLOTS_PER_GPU": str(self.spare_slots_per_gpu),
             ENV_PREFIX + "REPLAY": str(self.replay).lower(),
+            ENV_PREFIX + "KERNEL_BACKEND": self.kernel_backend,
         }
         if self.num_nodes is not None:
             env[ENV_PREFIX + "NUM_NODES"] = str(self.num_nodes)
