@@ -6,10 +6,14 @@ The core import is light: torch, numpy and omegaconf only (no transformers, no t
 from .plan import Placement, Plan, ReplicaPlan
 from .policies import BalancingPolicy, available_policies, get_policy, register_policy
 from .topology import Topology
+from .layer import ReLibraMoE
+from .balancer import Balancer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Balancer",
+    "ReLibraMoE",
     "BalancingPolicy",
     "Placement",
     "Plan",

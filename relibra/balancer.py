@@ -1,0 +1,316 @@
+"""Balancer: the training-loop face of relibra (plan per step, migrate, replicas per micro-batch).
+
+Legend: M micro-batches of the step, L MoE layers (model order), E experts, K top-k,
+G ranks of the expert-parallel group, T_m tokens of micro-batch m on this rank.
+
+    balancer = Balancer(model, mesh=mesh, policy="hybrid", optimizer=opt, spare_slots_per_gpu=1)
+    balancer.plan_step(routes)          # routes: list of M int tensors [T_m, L, K] (this rank's)
+    for m, x in enumerate(micro_batches):
+        with balancer.micro_batch(m):   # installs replica plans + routes of m in every layer
+            model(x).sum().backward()
+    opt.step()
+
+``plan_step`` is collective over the EP group. It validates the routes locally and agrees on
+the verdict before anything else, so bad input raises the same ValueError on every rank and no
+collective is left hanging. Loads are all-gathered ([G, M, L, E]); rank 0 plans with the policy,
+validates the plan and broadcasts it (or the policy's error). If the placement changed, the
+experts (weights, grads, AdamW state) move with :func:`relibra.migration.migrate_experts`; the
+layers adopt the new placement only after it succeeded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .layer import ReLibraMoE
+from .plan import Placement, Plan
+from .policies import get_policy
+from .topology import Topology
+
+__all__ = ["Balancer"]
+
+
+def _all_gather_flat(t: torch.Tensor, world: int, group) -> torch.Tensor:
+    """``[world, *t.shape]`` stack of every rank's ``t`` (one collective)."""
+    out = torch.empty(world * t.shape[0], *t.shape[1:], dtype=t.dtype, device=t.device)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, t.contiguous(), group=group)
+    return out.view(world, *t.shape)
+
+
+def _check_routes(routes: Any, L: int, K: int, E: int) -> str:
+    """Error text for this rank's routes ("" if fine)."""
+    if not isinstance(routes, (list, tuple)) or not routes:
+        return f"routes must be a non-empty list of int tensors [T_m, {L}, {K}], got {type(routes).__name__}"
+    for m, r in enumerate(routes):
+        if not isinstance(r, torch.Tensor):
+            return f"routes[{m}] must be a tensor [T, {L}, {K}], got {type(r).__name__}"
+        if r.is_floating_point() or r.is_complex() or r.dtype == torch.bool:
+            return f"routes[{m}] must hold integer expert ids, got dtype {r.dtype}"
+        if r.dim() != 3 or tuple(r.shape[1:]) != (L, K):
+            return (f"routes[{m}] must have shape [T, {L}, {K}] (tokens, moe layers, top_k), "
+                    f"got {tuple(r.shape)}")
+        if r.numel():
+            bad = (r < -1) | (r >= E)
+            if bool(bad.any()):
+                t, l, k = (int(i) for i in bad.nonzero()[0])
+                return (f"routes[{m}][{t}, {l}, {k}] = {int(r[t, l, k])} is not an expert id in "
+                        f"[0, {E}) (or -1 for padding)")
+    return ""
+
+
+class Balancer:
+    """Plans every step with a policy and makes the plan true in every ReLibraMoE of ``model``.
+
+    Args:
+        model: module holding ReLibraMoE layers (found in ``model.modules()`` order; that order
+            is the layer axis of routes and loads).
+        mesh: the layers' expert-parallel DeviceMesh; None for a single process.
+        policy: a registered name or an object with ``plan(loads [M, L, E], topology) -> Plan``.
+        optimizer: its state of expert parameters moves with reorders (None: no state).
+        spare_slots_per_gpu: spare slots for replicas (the layers adopt this topology).
+        policy_options: keyword options for ``get_policy(name, **policy_options)``.
+    """
+
+    def __init__(self, model: nn.Module, mesh=None, policy: Any = "hybrid", optimizer=None,
+                 spare_slots_per_gpu: int = 1, policy_options: dict | None = None) -> None:
+        self.layers: list[ReLibraMoE] = [m for m in model.modules() if isinstance(m, ReLibraMoE)]
+        if not self.layers:
+            raise ValueError("model holds no ReLibraMoE layer")
+        first = self.layers[0]
+        for i, layer in enumerate(self.layers):
+            if (layer.num_experts, layer.top_k) != (first.num_experts, first.top_k):
+                raise ValueError(f"MoE layer {i} has {layer.num_experts} experts / top_k {layer.top_k}, "
+                                 f"layer 0 has {first.num_experts} / {first.top_k}; one Balancer needs one shape")
+            if layer.mesh is not mesh and not (mesh is not None and layer.mesh == mesh):
+                raise ValueError(f"MoE layer {i} was built with a different mesh than the Balancer's")
+        self.mesh, self.optimizer = mesh, optimizer
+        self.E, self.K, self.L = first.num_experts, first.top_k, len(self.layers)
+        if mesh is None:
+            self.topology = Topology(1, 1, self.E, 0, first.topology.num_expert_groups)
+        else:
+            self.topology = Topology.from_mesh(mesh, self.E, spare_slots_per_gpu,
+                                               num_expert_groups=first.topology.num_expert_groups)
+        self.group, self.rank = first.ep_group, first.ep_rank
+        for i, layer in enumerate(self.layers):
+            layer.set_topology(self.topology)
+            layer.moe_layer_index = i
+        if isinstance(policy, str):
+            self.policy_name = policy
+            self.policy = get_policy(policy, **(policy_options or {}))
+        else:
+            if not callable(getattr(policy, "plan", None)):
+                raise ValueError(f"policy must be a registered name or have plan(loads, topology), "
+                                 f"got {type(policy).__name__}")
+            self.policy_name, self.policy = type(policy).__name__, policy
+        self.plan: Plan | None = None
+        self._routes: list[torch.Tensor] | None = None
+        self._offsets_MLE: torch.Tensor | None = None
+        self._metrics: dict = {}
+
+    # ------------------------------------------------------------------ placement
+    @property
+    def placement(self) -> Placement:
+        """Current placement ``[L, E]`` (rows of every layer)."""
+        return Placement(torch.stack([layer.home_experts_K for layer in self.layers]))
+
+    # ------------------------------------------------------------------ collectives
+    @property
+    def world(self) -> int:
+        return 1 if self.group is None else dist.get_world_size(self.group)
+
+    def _agree(self, error: str, what: str) -> None:
+        """Raise the same ValueError on every rank if any rank has ``error`` (2 small collectives)."""
+        if self.group is None:
+            if error:
+                raise ValueError(f"{what}: {error}")
+            return
+        flags = torch.zeros(self.world, dtype=torch.int64)
+        flags[self.rank] = 1 if error else 0
+        dist.all_reduce(flags, group=self.group)
+        if not bool(flags.any()):
+            return
+        src = int(flags.nonzero()[0])
+        text = self._broadcast_text(error, src)
+        raise ValueError(f"{what}: rank {src}: {text} (nothing was changed on any rank)")
+
+    def _broadcast_text(self, text: str, src: int) -> str:
+        payload = text.encode("utf-8", "replace")
+        n = torch.tensor([len(payload)], dtype=torch.int64)
+        gsrc = dist.get_global_rank(self.group, src)
+        dist.broadcast(n, gsrc, group=self.group)
+        buf = torch.zeros(max(int(n), 1), dtype=torch.uint8)
+        if self.rank == src and payload:
+            buf[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        dist.broadcast(buf, gsrc, group=self.group)
+        return bytes(buf[: int(n)].numpy().tobytes()).decode("utf-8", "replace")
+
+    # ------------------------------------------------------------------ step
+    def plan_step(self, routes: Sequence[torch.Tensor]) -> Plan:
+        """Gather the step's loads, plan, validate, migrate (collective; see the module doc)."""
+        t0 = time.perf_counter()
+        error = _check_routes(routes, self.L, self.K, self.E)
+        M = len(routes) if not error else -1
+        if self.group is not None:
+            Ms = torch.zeros(self.world, dtype=torch.int64)
+            Ms[self.rank] = M + 1  # 0 marks a rank whose routes are bad (it reports why)
+            dist.all_reduce(Ms, group=self.group)
+            if not error and bool((Ms > 0).all()) and bool((Ms != M + 1).any()):
+                error = f"ranks disagree on the number of micro-batches: {(Ms - 1).tolist()}"
+        self._agree(error, "Balancer.plan_step: bad routes")
+
+        routes = [r.to(torch.int64) for r in routes]
+        E = self.E
+        local = torch.zeros(M, self.L, E + 1, dtype=torch.int64)
+        for m, r in enumerate(routes):
+            ids = r.cpu().permute(1, 0, 2).reshape(self.L, -1)
+            local[m].scatter_add_(1, torch.where(ids >= 0, ids, E), torch.ones_like(ids))
+        local = local[..., :E].contiguous()
+        if self.group is None:
+            source_GMLE = local[None]
+        else:
+            source_GMLE = _all_gather_flat(local, self.world, self.group)
+        loads = source_GMLE.sum(0)
+
+        plan, error, t_plan = None, "", 0.0
+        if self.rank == 0:
+            tp = time.perf_counter()
+            try:
+                plan = self.policy.plan(loads.clone(), self.topology)
+                if not isinstance(plan, Plan):
+                    raise ValueError(f"policy returned {type(plan).__name__}, not a relibra.Plan")
+                plan.validate(self.topology, loads)
+            except Exception as exc:  # noqa: BLE001 - shared with every rank below
+                error = f"policy {self.policy_name!r} failed: {type(exc).__name__}: {exc}"
+                plan = None
+            t_plan = time.perf_counter() - tp
+        plan = self._share_plan(plan, error, M, t_plan)
+        old = self.placement
+        migration = None
+        if not plan.placement.equal(old):
+            from .migration import migrate_experts
+
+            tensors = [[layer.experts.gate_up_proj, layer.experts.down_proj] for layer in self.layers]
+            if self.group is None:  # single process: a local permutation
+                migration = self._permute_local(old, plan.placement)
+            else:
+                migration = migrate_experts(tensors, self.optimizer, old, plan.placement, self.topology,
+                                            group=self.group)
+            for l, layer in enumerate(self.layers):
+                layer._set_home_experts(plan.placement.home_experts[l])
+        self.plan, self._routes = plan, routes
+        for layer in self.layers:
+            layer.realised_rows = {}
+        self._offsets_MLE = (source_GMLE.cumsum(0) - source_GMLE)[self.rank]
+        self._record_metrics(plan, loads, migration, t_plan, time.perf_counter() - t0)
+        return plan
+
+    def _share_plan(self, plan: Plan | None, error: str, M: int, t_plan: float) -> Plan:
+        t = self.topology
+        if self.group is None:
+            if error:
+                raise ValueError(f"Balancer.plan_step: {error} (nothing was changed)")
+            return plan
+        sizes = (self.L * t.num_experts, M * self.L * t.num_spare_slots, M * self.L * t.num_physical_slots)
+        head = torch.zeros(4, dtype=torch.int64)
+        if self.rank == 0:
+            head[0] = 1 if error else 0
+            head[1] = int(plan.intra_node_replicas) if plan is not None else 0
+            head[2] = int(t_plan * 1e9)
+        gsrc = dist.get_global_rank(self.group, 0)
+        dist.broadcast(head, gsrc, group=self.group)
+        if int(head[0]):
+            text = self._broadcast_text(error, 0)
+            raise ValueError(f"Balancer.plan_step: {text} (nothing was changed on any rank)")
+        body = torch.zeros(sum(sizes), dtype=torch.int64)
+        if self.rank == 0:
+            body = torch.cat([plan.placement.home_experts.reshape(-1), plan.spare_experts.reshape(-1),
+                              plan.slot_tokens.reshape(-1)])
+        dist.broadcast(body, gsrc, group=self.group)
+        if self.rank == 0:
+            return plan
+        he, sp, st = torch.split(body, sizes)
+        return Plan(t, Placement(he.view(self.L, t.num_experts).clone()),
+                    sp.view(M, self.L, t.num_spare_slots).clone(), st.view(M, self.L, t.num_physical_slots).clone(),
+                    bool(head[1]), self.policy_name)
+
+    @torch.no_grad()
+    def _permute_local(self, old: Placement, new: Placement) -> None:
+        """Single process: reorder expert rows (and grads / optimizer state) to ``new``."""
+        old_slot = old.home_slot()
+        for l, layer in enumerate(self.layers):
+            rows = old_slot[l][new.home_experts[l]]
+            for p in (layer.experts.gate_up_proj, layer.experts.down_proj):
+                ts = [p] + ([p.grad] if p.grad is not None else [])
+                if self.optimizer is not None:
+                    ts += [v for v in self.optimizer.state.get(p, {}).values()
+                           if isinstance(v, torch.Tensor) and v.dim() > 0]
+                for x in ts:
+                    x.copy_(x[rows])
+        return None
+
+    # ------------------------------------------------------------------ micro-batches
+    @contextlib.contextmanager
+    def micro_batch(self, m: int) -> Iterator[None]:
+        """Install micro-batch ``m``'s replica plans and routes in every layer for the block."""
+        if self.plan is None:
+            raise RuntimeError("Balancer.micro_batch called before plan_step")
+        if not 0 <= m < self.plan.num_micro_batches:
+            raise IndexError(f"micro-batch {m} out of range [0, {self.plan.num_micro_batches})")
+        plan = self.plan
+        for l, layer in enumerate(self.layers):
+            layer.install(layer.micro_batch_context(plan.spare_experts[m, l], plan.slot_tokens[m, l],
+                                                    self._routes[m][:, l, :], self._offsets_MLE[m, l],
+                                                    plan.intra_node_replicas, index=m))
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                layer.install(None)
+
+    # ------------------------------------------------------------------ metrics
+    def _record_metrics(self, plan: Plan, loads, migration, t_plan: float, t_step: float) -> None:
+        t = self.topology
+        static = Plan.without_replicas(Placement.contiguous(t, self.L), loads, t)
+        ex = self.layers[0].experts
+        bytes_per_expert = 3 * ex.dim * ex.hidden_dim * ex.gate_up_proj.element_size()
+        self._metrics = {
+            "policy": self.policy_name,
+            "planned_gpu_loads": plan.gpu_loads(),  # [M, L, G]
+            "planned_imbalance": float(plan.imbalance().mean()),
+            "planned_imbalance_max": float(plan.imbalance().max()),
+            "static_imbalance": float(static.imbalance().mean()),
+            "experts_moved": 0 if migration is None else int(migration.experts_moved),
+            "migration_bytes_sent": 0 if migration is None else int(migration.bytes_sent),
+            "replica_bytes": float(plan.replicas().sum()) * bytes_per_expert,
+            "planning_seconds": t_plan,
+            "plan_step_seconds": t_step,
+        }
+
+    def metrics(self, gather_realised: bool = False) -> dict:
+        """Per-step metrics. With ``gather_realised`` (collective) also the realised GPU loads
+        ``[M, L, G]`` measured by the layers' dispatch (rows each rank computed)."""
+        out = dict(self._metrics)
+        if gather_realised and self.plan is not None:
+            M = self.plan.num_micro_batches
+            local = torch.zeros(M, self.L, dtype=torch.int64)
+            for l, layer in enumerate(self.layers):
+                for m, rows in layer.realised_rows.items():
+                    if m < M:
+                        local[m, l] = rows
+            if self.group is None:
+                real = local[..., None]
+            else:
+                allr = _all_gather_flat(local, self.world, self.group)
+                real = allr.permute(1, 2, 0)
+            g = real.double()
+            mean = g.mean(-1)
+            imb = torch.where(mean > 0, g.amax(-1) / mean.clamp(min=1e-30), torch.ones_like(mean))
+            out.update(realised_gpu_loads=real, realised_imbalance=float(imb.mean()))
+        return out

@@ -1,0 +1,285 @@
+"""ReLibraMoE: a token-choice top-k MoE layer whose experts run where the balancing plan says.
+
+Legend: T tokens on this rank, D = dim, I = hidden_dim, F = 2*I, E experts, K top-k,
+G ranks of the expert-parallel group, H = E/G home slots and S spare slots per rank.
+
+Parameters and buffers use the names of transformers 5.x fused MoE blocks (checkpoints load
+1:1): ``gate.weight [E, D]`` (+ ``gate.e_score_correction_bias [E]``), ``experts.gate_up_proj
+[E, F, D]``, ``experts.down_proj [E, D, I]`` and, optionally, ``shared_expert.*`` and
+``shared_expert_gate.weight [1, D]``.
+
+With a ``mesh`` (1-D, or 2-D ``(node, gpu)``) the expert weights are DTensors ``Shard(0)`` over
+the flattened expert-parallel mesh; the local shard holds this rank's H home experts in the
+order of the current placement (``experts.home_experts_K``). ``state_dict`` /
+``load_state_dict`` always use logical expert order. ``mesh=None`` is the single-process
+reference: every expert is local and computes on its own slot.
+
+Per micro-batch, :class:`relibra.Balancer` installs a :class:`LayerMicroBatch` (slot table of
+the replica plan, the replayed routes and the token offsets of lower ranks); without one the
+layer dispatches every token copy to its expert's home.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import dispatch as _dispatch
+from .replicas import ReplicaRoute, fetch_replicas, replica_route
+from .router import Router, check_routes
+from .topology import Topology
+
+__all__ = ["ReLibraMoE", "Experts", "LayerMicroBatch"]
+
+
+@dataclass(frozen=True)
+class LayerMicroBatch:
+    """What a layer needs for one micro-batch (built by :meth:`ReLibraMoE.micro_batch_context`)."""
+
+    table: _dispatch.SlotTable
+    routes_TK: torch.Tensor | None
+    token_offset_E: torch.Tensor | None
+    replica_route: ReplicaRoute | None
+    index: int = -1
+
+
+class Experts(nn.Module):
+    """Fused gated-MLP expert weights; sharded by home slot with a mesh, logical in state_dict."""
+
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int, topology: Topology | None,
+                 ep_mesh=None, ep_rank: int = 0, dtype=None, device=None) -> None:
+        super().__init__()
+        self.num_experts, self.dim, self.hidden_dim = num_experts, dim, hidden_dim
+        self.ep_mesh, self.ep_rank = ep_mesh, ep_rank
+        E = num_experts
+        gate_up = torch.randn(E, 2 * hidden_dim, dim, dtype=dtype, device=device) * dim ** -0.5
+        down = torch.randn(E, dim, hidden_dim, dtype=dtype, device=device) * hidden_dim ** -0.5
+        self.home_experts_K = torch.arange(E)  # placement row of this layer (not a buffer)
+        if ep_mesh is None:
+            self.gate_up_proj = nn.Parameter(gate_up)
+            self.down_proj = nn.Parameter(down)
+        else:
+            from torch.distributed.tensor import DTensor, Shard
+
+            rows = self.local_home_experts(topology)
+            self.gate_up_proj = nn.Parameter(DTensor.from_local(gate_up[rows].contiguous(), ep_mesh, [Shard(0)],
+                                                                run_check=False))
+            self.down_proj = nn.Parameter(DTensor.from_local(down[rows].contiguous(), ep_mesh, [Shard(0)],
+                                                             run_check=False))
+
+    def local_home_experts(self, topology: Topology) -> torch.Tensor:
+        """``[H]`` logical experts of this rank's home slots, in slot order."""
+        H = topology.home_slots_per_gpu
+        return self.home_experts_K[self.ep_rank * H:(self.ep_rank + 1) * H]
+
+    def local_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's home weights ``([H, F, D], [H, D, I])`` as plain tensors (differentiable)."""
+        if self.ep_mesh is None:
+            return self.gate_up_proj, self.down_proj
+        return self.gate_up_proj.to_local(), self.down_proj.to_local()
+
+    @torch.no_grad()
+    def logical(self, name: str) -> torch.Tensor:
+        """Full tensor of parameter ``name`` in logical expert order (a collective with a mesh)."""
+        p = getattr(self, name)
+        if self.ep_mesh is None:
+            return p.detach()
+        full = p.full_tensor()
+        out = torch.empty_like(full)
+        out[self.home_experts_K.to(full.device)] = full
+        return out
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for name in ("gate_up_proj", "down_proj"):
+            p = getattr(self, name)
+            destination[prefix + name] = p if (keep_vars and self.ep_mesh is None) else self.logical(name)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        for name in ("gate_up_proj", "down_proj"):
+            key = prefix + name
+            if key not in state_dict:
+                missing_keys.append(key)
+                continue
+            src = state_dict[key]
+            if hasattr(src, "full_tensor"):
+                src = src.full_tensor()
+            p = getattr(self, name)
+            want = (self.num_experts, *p.shape[1:])
+            if tuple(src.shape) != want:
+                error_msgs.append(f"size mismatch for {key}: checkpoint {tuple(src.shape)}, "
+                                  f"model (logical) {want}")
+                continue
+            with torch.no_grad():
+                if self.ep_mesh is None:
+                    p.copy_(src)
+                else:
+                    H = p.to_local().shape[0]
+                    rows = self.home_experts_K[self.ep_rank * H:(self.ep_rank + 1) * H]
+                    p.to_local().copy_(src[rows.to(src.device)])
+        if strict:
+            for key in state_dict:
+                if key.startswith(prefix) and key[len(prefix):] not in ("gate_up_proj", "down_proj") \
+                        and "." not in key[len(prefix):]:
+                    unexpected_keys.append(key)
+
+
+class _MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, dtype=None, device=None) -> None:
+        super().__init__()
+        kw = dict(bias=False, dtype=dtype, device=device)
+        self.gate_proj, self.up_proj = nn.Linear(dim, hidden, **kw), nn.Linear(dim, hidden, **kw)
+        self.down_proj = nn.Linear(hidden, dim, **kw)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class ReLibraMoE(nn.Module):
+    """Token-choice top-k MoE layer with expert parallelism by plan (see the module doc).
+
+    ``forward(x, routes=None)``: ``x [T, D]`` or ``[B, S, D]`` (this rank's tokens); ``routes``
+    ``[T, K]`` replayed expert ids (R3, -1 = none) replace the router's choice while the gate
+    weights stay the live scores at those ids. Returns the shape of ``x``.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, num_experts: int, top_k: int, mesh=None, *,
+                 score_func: Literal["softmax", "sigmoid"] = "softmax", norm_topk_prob: bool = True,
+                 route_scale: float = 1.0, num_expert_groups: int = 1, topk_groups: int | None = None,
+                 score_correction_bias: bool = False, shared_expert_hidden_dim: int | None = None,
+                 shared_expert_gate: bool = False, spare_slots_per_gpu: int = 0, dtype=None,
+                 device=None) -> None:
+        super().__init__()
+        self.dim, self.hidden_dim, self.num_experts, self.top_k = dim, hidden_dim, num_experts, top_k
+        self.mesh = mesh
+        self.gate = Router(dim, num_experts, top_k, score_func=score_func, norm_topk_prob=norm_topk_prob,
+                           route_scale=route_scale, num_expert_groups=num_expert_groups,
+                           topk_groups=topk_groups, score_correction_bias=score_correction_bias,
+                           dtype=dtype, device=device)
+        if mesh is None:
+            self.topology = Topology(1, 1, num_experts, 0, num_expert_groups)
+            ep_mesh, self.ep_rank, self.ep_group, self.node_group = None, 0, None, None
+        else:
+            if mesh.ndim not in (1, 2):
+                raise ValueError(f"mesh must be 1-D or 2-D (node, gpu), got {mesh.ndim} dimensions")
+            self.topology = Topology.from_mesh(mesh, num_experts, spare_slots_per_gpu,
+                                               num_expert_groups=num_expert_groups)
+            ep_mesh = mesh if mesh.ndim == 1 else mesh._flatten("relibra_ep")
+            self.ep_rank = ep_mesh.get_local_rank()
+            self.ep_group = ep_mesh.get_group()
+            self.node_group = mesh.get_group(mesh.ndim - 1)
+        self.experts = Experts(num_experts, dim, hidden_dim, self.topology, ep_mesh, self.ep_rank,
+                               dtype=dtype, device=device)
+        self.shared_expert = (_MLP(dim, shared_expert_hidden_dim, dtype, device)
+                              if shared_expert_hidden_dim else None)
+        self.shared_expert_gate = (nn.Linear(dim, 1, bias=False, dtype=dtype, device=device)
+                                   if shared_expert_gate and self.shared_expert is not None else None)
+        self.moe_layer_index: int | None = None  # set by the Balancer (model order)
+        self._micro_batch: LayerMicroBatch | None = None
+        self._home_table: _dispatch.SlotTable | None = None
+        self.realised_rows: dict[int, int] = {}  # micro-batch -> rows this rank computed
+
+    # ------------------------------------------------------------------ placement / plans
+    @property
+    def home_experts_K(self) -> torch.Tensor:
+        return self.experts.home_experts_K
+
+    def _set_home_experts(self, row_K: torch.Tensor) -> None:
+        """Change the placement row only (weights must have been moved to match)."""
+        self.experts.home_experts_K = row_K.to(torch.int64).clone()
+        self._home_table = None
+
+    def set_topology(self, topology: Topology) -> None:
+        """Adopt the Balancer's topology (same G and E; spare slots may differ: they hold no state)."""
+        t = self.topology
+        if (topology.num_gpus, topology.num_experts) != (t.num_gpus, t.num_experts):
+            raise ValueError(f"layer topology ({t}) does not match the balancer's ({topology})")
+        self.topology = topology
+        self._home_table = None
+
+    def micro_batch_context(self, spare_experts_R: torch.Tensor, slot_tokens_P: torch.Tensor,
+                            routes_TK: torch.Tensor | None, token_offset_E: torch.Tensor | None,
+                            intra_node: bool, index: int = -1) -> LayerMicroBatch:
+        """Build (on the host, no communication) what this layer runs one micro-batch with."""
+        dev = self.gate.weight.device
+        table = _dispatch.slot_table(self.home_experts_K, self.topology, spare_experts_R, slot_tokens_P, dev)
+        route = None
+        if table.has_replicas:
+            route = replica_route(self.home_experts_K, spare_experts_R, self.topology, self.ep_rank, intra_node)
+        off = None if token_offset_E is None else token_offset_E.to(dev)
+        return LayerMicroBatch(table, None if routes_TK is None else routes_TK.to(dev), off, route, index)
+
+    def install(self, ctx: LayerMicroBatch | None) -> None:
+        self._micro_batch = ctx
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, routes: torch.Tensor | None = None) -> torch.Tensor:
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"x must end in dim={self.dim}, got shape {tuple(x.shape)}")
+        shape = x.shape
+        x_TD = x.reshape(-1, self.dim)
+        T = x_TD.shape[0]
+        ctx = self._micro_batch
+        from_ctx = routes is None and ctx is not None and ctx.routes_TK is not None
+        if from_ctx:
+            routes = ctx.routes_TK
+            if routes.shape != (T, self.top_k):
+                raise ValueError(f"installed routes have shape {tuple(routes.shape)}, but x holds {T} tokens "
+                                 f"(need [{T}, {self.top_k}])")
+        elif routes is not None:
+            routes = check_routes(routes.reshape(-1, routes.shape[-1]) if routes.dim() > 2 else routes,
+                                  T, self.top_k, self.num_experts)
+        ids_TK, w_TK = self.gate(x_TD, routes)
+        out = self._routed(x_TD, ids_TK, w_TK, ctx, from_ctx)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x_TD)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared
+            out = out + shared
+        return out.reshape(shape)
+
+    def _routed(self, x_TD, ids_TK, w_TK, ctx, from_ctx) -> torch.Tensor:
+        t = self.topology
+        if ctx is not None:
+            table = ctx.table
+        else:
+            if self._home_table is None:
+                self._home_table = _dispatch.slot_table(self.home_experts_K, t, device=x_TD.device)
+            table = self._home_table
+        E = self.num_experts
+        if table.copy_slots_EX.shape[1] == 1:
+            offset = torch.zeros(E, dtype=torch.int64, device=x_TD.device)  # one copy: offsets unused
+        elif from_ctx and ctx.token_offset_E is not None:
+            offset = ctx.token_offset_E
+        else:
+            offset = self._live_token_offset(ids_TK)
+        gate_up, down = self.experts.local_weights()
+        H, S = t.home_slots_per_gpu, t.spare_slots_per_gpu
+        if table.has_replicas:
+            sg, sd = fetch_replicas(gate_up, down, ctx.replica_route, S,
+                                    self.node_group if ctx.replica_route.group_ranks != list(range(t.num_gpus))
+                                    else self.ep_group)
+            gate_up, down = torch.cat([gate_up, sg]), torch.cat([down, sd])
+        x_local, meta = _dispatch.dispatch(x_TD, ids_TK, table, offset, t.num_gpus, H + S, self.ep_group)
+        counts = meta.slot_counts if table.has_replicas else meta.slot_counts[:H]
+        if ctx is not None:
+            self.realised_rows[ctx.index] = x_local.shape[0]
+        y_local = _dispatch.expert_mlp(x_local, gate_up, down, counts)
+        return _dispatch.combine(y_local, meta, w_TK)
+
+    def _live_token_offset(self, ids_TK: torch.Tensor) -> torch.Tensor:
+        """Token copies of each expert on lower ranks (all_gather of per-rank counts)."""
+        E = self.num_experts
+        ids = ids_TK.reshape(-1)
+        counts = torch.bincount(ids[ids >= 0], minlength=E)[:E]
+        if self.ep_group is None:
+            return torch.zeros_like(counts)
+        all_counts = torch.empty(self.topology.num_gpus * E, dtype=counts.dtype, device=counts.device)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(all_counts, counts.contiguous(), group=self.ep_group)
+        return all_counts.view(-1, E)[: self.ep_rank].sum(0)
