@@ -1,0 +1,259 @@
+"""Property tests for every registered built-in policy, and for reorder / replicate / hybrid.
+
+Random topologies (1-3 nodes, 1-4 GPUs per node, 1-2 home and 0-2 spare slots per GPU),
+random loads with zeros and heavy skew, 1-3 micro-batches and layers.
+"""
+
+from __future__ import annotations
+
+import networkx as nx
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import relibra
+from relibra.plan import Placement
+from relibra.policies.replicate import replicate_on
+
+BUILTINS = [p for p in ("static", "eplb", "reorder", "replicate", "hybrid") if p in relibra.available_policies()]
+SETTINGS = dict(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def cases(draw, max_nodes=3, max_gpus=4):
+    nodes = draw(st.integers(1, max_nodes))
+    gpus = draw(st.integers(1, max_gpus))
+    homes = draw(st.integers(1, 2))
+    spare = draw(st.integers(0, 2))
+    M, L = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    E = nodes * gpus * homes
+    topo = relibra.Topology(num_nodes=nodes, gpus_per_node=gpus, num_experts=E, spare_slots_per_gpu=spare)
+    seed = draw(st.integers(0, 2**31 - 1))
+    kind = draw(st.sampled_from(["uniform", "skew", "sparse", "zeros"]))
+    g = torch.Generator().manual_seed(seed)
+    if kind == "uniform":
+        loads = torch.randint(0, 50, (M, L, E), generator=g)
+    elif kind == "skew":  # a few very hot experts
+        base = torch.randint(0, 5, (M, L, E), generator=g)
+        hot = (torch.rand(M, L, E, generator=g) < 0.15) * torch.randint(50, 2000, (M, L, E), generator=g)
+        loads = base + hot
+    elif kind == "sparse":
+        loads = (torch.rand(M, L, E, generator=g) < 0.3) * torch.randint(1, 300, (M, L, E), generator=g)
+    else:
+        loads = torch.zeros(M, L, E, dtype=torch.int64)
+    return topo, loads.to(torch.int64)
+
+
+def skewed_loads(M, L, E, seed):
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.distributions.Dirichlet(torch.full((E,), 0.3)).sample((M, L))
+    return torch.poisson(probs * 4000, generator=g).to(torch.int64)
+
+
+# ------------------------------------------------------------------ every built-in policy
+@pytest.mark.parametrize("name", BUILTINS)
+@settings(**SETTINGS)
+@given(case=cases())
+def test_plan_is_valid(name, case):
+    topo, loads = case
+    plan = relibra.get_policy(name).plan(loads, topo)
+    plan.validate(topo, loads)  # homes, slots, duplicates, intra-node promise, split sums
+    M, L, E = loads.shape
+    assert plan.logcnt().min() >= 1
+    assert tuple(plan.spare_experts.shape) == (M, L, topo.num_spare_slots)  # no GPU over its slots
+    assert torch.equal(plan.expert_loads(), loads)
+    assert int(plan.gpu_loads(loads).sum()) == int(loads.sum())
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_deterministic_fresh_objects(name):
+    topo = relibra.Topology(num_nodes=2, gpus_per_node=4, num_experts=32, spare_slots_per_gpu=1)
+    loads = skewed_loads(3, 4, 32, seed=1)
+    a = relibra.get_policy(name).plan(loads, topo)
+    b = relibra.get_policy(name).plan(loads.clone(), topo)
+    assert torch.equal(a.placement.home_experts, b.placement.home_experts)
+    assert torch.equal(a.spare_experts, b.spare_experts)
+    assert torch.equal(a.slot_tokens, b.slot_tokens)
+
+
+# ------------------------------------------------------------------ replicate
+def exact_min_max(gpu_of_copies: list[list[int]], expert_loads: list[int], G: int) -> int:
+    """Exact integer min over splits of the busiest GPU (max-flow + binary search)."""
+    total = sum(expert_loads)
+
+    def feasible(T: int) -> bool:
+        g = nx.DiGraph()
+        for e, (gpus, n) in enumerate(zip(gpu_of_copies, expert_loads)):
+            if n == 0:
+                continue
+            g.add_edge("s", ("e", e), capacity=n)
+            for gpu in gpus:
+                g.add_edge(("e", e), ("g", gpu), capacity=n)
+        for gpu in range(G):
+            g.add_edge(("g", gpu), "t", capacity=T)
+        if total == 0:
+            return True
+        return nx.maximum_flow_value(g, "s", "t") == total
+
+    lo, hi = 0, total
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if feasible(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+@settings(**SETTINGS)
+@given(case=cases(max_nodes=2, max_gpus=4))
+def test_replicate_split_optimal_and_never_worse(case):
+    topo, loads = case
+    pol = relibra.get_policy("replicate")
+    plan = pol.plan(loads, topo)
+    base = relibra.get_policy("static").plan(loads, topo)
+    assert (plan.gpu_loads().amax(-1) <= base.gpu_loads().amax(-1)).all()
+    phy2log = plan.phy2log()
+    spg = topo.slots_per_gpu
+    M, L, E = loads.shape
+    for m in range(M):
+        for layer in range(L):
+            copies = [[] for _ in range(E)]
+            for p, e in enumerate(phy2log[m, layer].tolist()):
+                if e >= 0:
+                    copies[e].append(p // spg)
+            want = exact_min_max(copies, loads[m, layer].tolist(), topo.num_gpus)
+            assert int(plan.gpu_loads()[m, layer].max()) == want
+
+
+def test_replicate_balances_a_hot_expert():
+    topo = relibra.Topology(num_nodes=1, gpus_per_node=4, num_experts=4, spare_slots_per_gpu=1)
+    loads = torch.tensor([[[400, 0, 0, 0]]])
+    plan = relibra.get_policy("replicate").plan(loads, topo)
+    assert plan.gpu_loads().tolist() == [[[100, 100, 100, 100]]]
+    assert sorted(plan.spare_experts[0, 0].tolist()) == [-1, 0, 0, 0]  # no copy on the home GPU
+
+
+def test_replicate_keeps_tokens_home_when_free():
+    topo = relibra.Topology(num_nodes=1, gpus_per_node=2, num_experts=4, spare_slots_per_gpu=1)
+    loads = torch.tensor([[[10, 10, 10, 10]]])  # already balanced: nothing to replicate
+    plan = relibra.get_policy("replicate").plan(loads, topo)
+    assert (plan.spare_experts == -1).all()
+
+
+def test_replicate_stays_in_node():
+    topo = relibra.Topology(num_nodes=2, gpus_per_node=2, num_experts=4, spare_slots_per_gpu=1)
+    loads = torch.tensor([[[1000, 0, 0, 0]]])  # node 0 hot, node 1 idle: only node 0's GPU 1 helps
+    plan = relibra.get_policy("replicate").plan(loads, topo)
+    plan.validate(topo, loads)
+    assert plan.gpu_loads().tolist() == [[[500, 500, 0, 0]]]
+
+
+def test_replicate_option_errors():
+    with pytest.raises(ValueError, match="placement"):
+        relibra.get_policy("replicate", placement="contiguous")
+    topo = relibra.Topology(num_nodes=1, gpus_per_node=2, num_experts=4)
+    with pytest.raises(ValueError, match="layers"):
+        replicate_on(torch.ones(1, 2, 4, dtype=torch.int64), Placement.contiguous(topo, 3), topo)
+
+
+# ------------------------------------------------------------------ hybrid and reorder
+@settings(**SETTINGS)
+@given(case=cases())
+def test_hybrid_never_worse_than_reorder(case):
+    topo, loads = case
+    hybrid = relibra.get_policy("hybrid").plan(loads, topo)
+    reorder = relibra.get_policy("reorder").plan(loads, topo)
+    assert hybrid.placement.equal(reorder.placement)
+    assert (hybrid.gpu_loads().amax(-1) <= reorder.gpu_loads().amax(-1)).all()
+
+
+def node_objective(plan) -> torch.Tensor:
+    return plan.node_loads().amax(-1).sum(0)  # [L] sum over micro-batches of the busiest node
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_reorder_beats_static_per_micro_batch(seed):
+    topo = relibra.Topology(num_nodes=4, gpus_per_node=2, num_experts=64)
+    loads = skewed_loads(6, 3, 64, seed)
+    static = relibra.get_policy("static").plan(loads, topo)
+    reorder = relibra.get_policy("reorder").plan(loads, topo)
+    assert (node_objective(reorder) < node_objective(static)).all()
+    # and better than packing the summed load alone (no local search)
+    greedy = relibra.get_policy("reorder", max_swaps=0).plan(loads, topo)
+    assert (node_objective(reorder) <= node_objective(greedy)).all()
+
+
+def test_reorder_migration_weight():
+    topo = relibra.Topology(num_nodes=2, gpus_per_node=2, num_experts=16)
+    pol = relibra.get_policy("reorder", migration_weight=1e9)
+    first = pol.plan(skewed_loads(3, 2, 16, 0), topo)
+    assert first.placement.equal(Placement.contiguous(topo, 2))  # starts contiguous, stays
+    second = pol.plan(skewed_loads(3, 2, 16, 5), topo)
+    assert second.placement.equal(first.placement)
+    free = relibra.get_policy("reorder", migration_weight=0.0)
+    assert not free.plan(skewed_loads(3, 2, 16, 0), topo).placement.equal(first.placement)
+
+
+def test_reorder_moderate_weight_moves_less():
+    topo = relibra.Topology(num_nodes=4, gpus_per_node=2, num_experts=64)
+    prev = relibra.get_policy("reorder").plan(skewed_loads(4, 3, 64, 0), topo).placement
+    loads = skewed_loads(4, 3, 64, 7)
+    moved = []
+    for w in (0.0, 0.5, 5.0):
+        pol = relibra.get_policy("reorder", migration_weight=w)
+        pol.placement, pol._topology = prev, topo
+        new = pol.plan(loads, topo).placement
+        moved.append(int((new.home_gpu(topo) // 2 != prev.home_gpu(topo) // 2).sum()))
+    assert moved[0] >= moved[1] >= moved[2]
+    assert moved[2] < moved[0]
+
+
+@pytest.mark.parametrize("option,value", [("migration_weight", -1), ("migration_weight", float("nan")),
+                                          ("max_swaps", -2), ("max_swaps", 1.5)])
+def test_reorder_option_errors(option, value):
+    for name in ("reorder", "hybrid"):
+        with pytest.raises(ValueError, match=option):
+            relibra.get_policy(name, **{option: value})
+
+
+@settings(**SETTINGS)
+@given(gpus=st.integers(2, 4), homes=st.integers(1, 3), spare=st.integers(1, 2), seed=st.integers(0, 2**31 - 1))
+def test_optimal_split_from_any_start(gpus, homes, spare, seed):
+    """The split phase alone reaches the exact optimum from random replicas and random splits."""
+    from relibra.policies._replica_split import optimal_split
+
+    g = torch.Generator().manual_seed(seed)
+    B, K = 6, gpus * spare
+    loads = torch.randint(0, 60, (B, gpus, homes), generator=g) * (torch.rand(B, gpus, homes, generator=g) < 0.7)
+    rep = torch.full((B, K), -1, dtype=torch.int64)
+    for b in range(B):
+        for k in range(K):
+            slot = int(torch.randint(0, gpus * homes, (1,), generator=g))
+            gpu = k // spare
+            same_gpu = [rep[b, j] for j in range(gpu * spare, k)]
+            if slot // homes != gpu and slot not in same_gpu and torch.rand(1, generator=g) < 0.8:
+                rep[b, k] = slot
+    # random initial split: each copy of a slot gets a random share
+    hshare = loads.clone().view(B, gpus * homes)
+    x = torch.zeros(B, K, dtype=torch.int64)
+    for b in range(B):
+        for k in range(K):
+            if rep[b, k] >= 0:
+                take = int(torch.randint(0, int(hshare[b, rep[b, k]]) + 1, (1,), generator=g))
+                x[b, k] = take
+                hshare[b, rep[b, k]] -= take
+    hshare = hshare.view(B, gpus, homes)
+    optimal_split(hshare, rep, x, spare)
+    assert (hshare >= 0).all() and (x >= 0).all()
+    per_slot = hshare.reshape(B, -1).clone()
+    per_slot.scatter_add_(1, rep.clamp(min=0), torch.where(rep >= 0, x, 0))
+    assert torch.equal(per_slot, loads.view(B, -1))  # conservation
+    ld = hshare.sum(-1).scatter_add_(1, (torch.arange(K) // spare).expand(B, K), x)
+    for b in range(B):
+        copies = [[s // homes] for s in range(gpus * homes)]
+        for k in range(K):
+            if rep[b, k] >= 0:
+                copies[int(rep[b, k])].append(k // spare)
+        assert int(ld[b].max()) == exact_min_max(copies, loads[b].reshape(-1).tolist(), gpus)
