@@ -50,16 +50,22 @@ PAD = -1  #: the padding expert id; dropped from every count
 
 
 # --------------------------------------------------------------------------- validation
-def _to_int64(routes: Any, name: str) -> tuple[torch.Tensor, str]:
+_COMPACT = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _to_int64(routes: Any, name: str, keep_dtype: bool = False) -> tuple[torch.Tensor, str]:
     """Convert to an int64 CPU tensor, refusing floats, bools and ragged input.
 
-    Returns the tensor and the name of the original dtype (for the uint8 check).
+    With ``keep_dtype`` a signed integer / uint8 tensor keeps its dtype (saves a full copy;
+    the counting kernels promote to int64 on the fly). Returns the tensor and the name of
+    the original dtype (for the uint8 check).
     """
     if isinstance(routes, torch.Tensor):
         dtype = routes.dtype
         if dtype == torch.bool or dtype.is_floating_point or dtype.is_complex:
             raise ValueError(f"{name} must hold integer expert ids, got dtype {dtype}")
-        return routes.detach().to(device="cpu", dtype=torch.int64), str(dtype).replace("torch.", "")
+        target = dtype if keep_dtype and dtype in _COMPACT else torch.int64
+        return routes.detach().to(device="cpu", dtype=target), str(dtype).replace("torch.", "")
     try:
         array = np.asarray(routes)
     except ValueError as exc:  # ragged nested lists
@@ -73,6 +79,8 @@ def _to_int64(routes: Any, name: str) -> tuple[torch.Tensor, str]:
             raise ValueError(f"{name} must hold integer expert ids, got dtype {array.dtype}")
     if array.dtype.kind == "u" and array.dtype.itemsize == 8 and array.size and array.max() > np.iinfo(np.int64).max:
         raise ValueError(f"{name} holds uint64 values beyond int64")
+    if keep_dtype and array.dtype in (np.int64, np.int32, np.int16, np.int8, np.uint8):
+        return torch.from_numpy(np.ascontiguousarray(array)), str(array.dtype)
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64)), str(array.dtype)
 
 
@@ -80,8 +88,9 @@ def _check_ids(routes: torch.Tensor, num_experts: int, name: str, layer_ids: Seq
     """Raise naming the first id outside ``[-1, num_experts)``: its token, layer and value."""
     if routes.numel() == 0:
         return
-    bad = (routes < PAD) | (routes >= num_experts)
-    if bool(bad.any()):
+    low, high = torch.aminmax(routes)
+    if int(low) < PAD or int(high) >= num_experts:  # slow path only to name the culprit
+        bad = (routes < PAD) | (routes >= num_experts)
         idx = [int(i) for i in bad.nonzero()[0]]
         value = int(routes[tuple(idx)])
         where = f"token {idx[0]}"
@@ -156,14 +165,22 @@ def select_moe_layers(
     Ids of dense layers are not checked (engines fill them with 0 or -1); ids of MoE layers
     must lie in ``[-1, num_experts)``.
     """
+    return _select(routes_TLgK, num_experts, moe_layers, first_k_dense, name, keep_dtype=False)
+
+
+def _select(
+    routes_TLgK: Any, num_experts: int, moe_layers: Any, first_k_dense: Any, name: str, keep_dtype: bool
+) -> torch.Tensor:
     _check_num_experts(num_experts)
-    tensor, dtype = _to_int64(routes_TLgK, name)
+    tensor, dtype = _to_int64(routes_TLgK, name, keep_dtype)
     if tensor.dim() != 3:
         raise ValueError(f"{name} must be [tokens, layers, top_k], got shape {tuple(tensor.shape)}")
     if dtype == "uint8" and num_experts > 256:
         raise ValueError(f"{name} is uint8, which cannot hold expert ids of {num_experts} experts (at most 256)")
     ids = moe_layer_ids(tensor.shape[1], moe_layers, first_k_dense)
-    if ids != list(range(tensor.shape[1])):
+    if ids == list(range(ids[0], ids[-1] + 1)):
+        tensor = tensor[:, ids[0] : ids[-1] + 1]  # a view: no copy for first_k_dense
+    else:
         tensor = tensor[:, ids]
     _check_ids(tensor, num_experts, name, ids)
     return tensor
@@ -172,7 +189,8 @@ def select_moe_layers(
 def _sequences(
     sequences: Any, num_experts: int, moe_layers: Sequence[int] | None, first_k_dense: int | None
 ) -> list[torch.Tensor]:
-    """Validate a list of per-sequence route arrays; all must share (L, K)."""
+    """Validate a list of per-sequence route arrays ``[T_i, L, K]`` (MoE layers; integer dtype
+    kept when compact); all must share (L, K)."""
     if isinstance(sequences, (torch.Tensor, np.ndarray)):
         raise ValueError(
             "sequences must be a list of per-sequence [len, layers, top_k] arrays; for a padded "
@@ -180,9 +198,7 @@ def _sequences(
         )
     out: list[torch.Tensor] = []
     for i, seq in enumerate(sequences):
-        routes = select_moe_layers(
-            seq, num_experts, moe_layers=moe_layers, first_k_dense=first_k_dense, name=f"sequence {i}"
-        )
+        routes = _select(seq, num_experts, moe_layers, first_k_dense, f"sequence {i}", keep_dtype=True)
         if out and routes.shape[1:] != out[0].shape[1:]:
             raise ValueError(
                 f"sequence {i} has routes of shape {tuple(routes.shape)} (MoE layers, top_k = "
@@ -235,33 +251,33 @@ def micro_batch_groups(num_sequences: int, micro_batches: Sequence[int] | Sequen
 def loads_from_routes(routes_TLK: Any, num_experts: int) -> torch.Tensor:
     """Exact loads ``[L, E]`` int64 of one routes tensor ``[T, L, K]`` (-1 entries ignored)."""
     routes = as_routes(routes_TLK, num_experts, name="routes_TLK")
-    num_layers = routes.shape[1]
-    layer = torch.arange(num_layers).view(1, num_layers, 1)
-    flat = (layer * num_experts + routes)[routes >= 0]
-    return torch.bincount(flat, minlength=num_layers * num_experts).view(num_layers, num_experts)
+    return _bincount_loads([routes], [[0]], num_experts, None, 1)[0, :, 0]
 
 
 def _bincount_loads(
     seqs: list[torch.Tensor], groups: list[list[int]], num_experts: int, rank_of_seq: list[int] | None, num_ranks: int
 ) -> torch.Tensor:
-    """Counts ``[M, L, R, E]`` in one bincount over every token of every micro-batch."""
+    """Counts ``[M, L, R, E]``: one bincount per micro-batch (memory bounded by one micro-batch).
+
+    Ids must already be checked to lie in ``[-1, E)``.
+    """
     num_layers = seqs[0].shape[1]
-    num_mb = len(groups)
-    order = [i for g in groups for i in g]
-    if order:
-        routes = torch.cat([seqs[i] for i in order])  # [T, L, K]
-        lengths = torch.tensor([seqs[i].shape[0] for i in order])
-        mb_of_seq = torch.tensor([m for m, g in enumerate(groups) for _ in g])
-        rank = torch.tensor([rank_of_seq[i] for i in order]) if rank_of_seq is not None else torch.zeros(len(order), dtype=torch.int64)
-        m_tok = torch.repeat_interleave(mb_of_seq, lengths).view(-1, 1, 1)
-        r_tok = torch.repeat_interleave(rank, lengths).view(-1, 1, 1)
-        layer = torch.arange(num_layers).view(1, num_layers, 1)
-        index = ((m_tok * num_layers + layer) * num_ranks + r_tok) * num_experts + routes  # [T, L, K]
-        flat = index[routes >= 0]
-    else:
-        flat = torch.zeros(0, dtype=torch.int64)
-    size = num_mb * num_layers * num_ranks * num_experts
-    return torch.bincount(flat, minlength=size).view(num_mb, num_layers, num_ranks, num_experts)
+    out = torch.zeros(len(groups), num_layers, num_ranks, num_experts, dtype=torch.int64)
+    layer = torch.arange(num_layers).view(1, num_layers, 1)
+    for m, group in enumerate(groups):
+        if not group:
+            continue
+        routes = torch.cat([seqs[i] for i in group])  # [T, L, K]
+        if rank_of_seq is None:
+            r_tok = torch.zeros(1, 1, 1, dtype=torch.int64)
+        else:
+            lengths = torch.tensor([seqs[i].shape[0] for i in group])
+            r_tok = torch.repeat_interleave(torch.tensor([rank_of_seq[i] for i in group]), lengths).view(-1, 1, 1)
+        # bin (l, r, e + 1) of E + 1 bins per (layer, rank): padding (-1) lands in bin 0, dropped
+        index = routes + ((layer * num_ranks + r_tok) * (num_experts + 1) + 1)  # [T, L, K]
+        counts = torch.bincount(index.view(-1), minlength=num_layers * num_ranks * (num_experts + 1))
+        out[m] = counts.view(num_layers, num_ranks, num_experts + 1)[..., 1:]
+    return out
 
 
 def micro_batch_loads(
@@ -335,7 +351,7 @@ def routes_for_micro_batch(
     idx = micro_batch_groups(len(seqs), [list(indices)])[0]
     if not idx:
         return torch.zeros((0,) + tuple(seqs[0].shape[1:]), dtype=torch.int64)
-    routes = torch.cat([seqs[i] for i in idx])
+    routes = torch.cat([seqs[i] for i in idx]).to(torch.int64)
     if drop_padding and routes.numel():
         routes = routes[(routes != PAD).flatten(1).any(dim=1)]
     return routes

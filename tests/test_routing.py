@@ -129,6 +129,8 @@ def test_torch_numpy_list_inputs_agree():
     assert torch.equal(a, micro_batch_loads([torch.from_numpy(arr).int()], 6))
     assert torch.equal(a, micro_batch_loads([arr.tolist()], 6))
     assert torch.equal(a, micro_batch_loads([arr.astype(np.uint8)], 6))
+    mixed = micro_batch_loads([torch.from_numpy(arr[:2]).to(torch.int16), arr[2:].astype(np.uint8)], 6, micro_batches=[2])
+    assert torch.equal(a, mixed)  # mixed dtypes inside one micro-batch
 
 
 # --------------------------------------------------------------------------- bad input
