@@ -139,13 +139,16 @@ def from_sglang(response: Any, **kwargs: Any) -> torch.Tensor:
 
 
 def verl_sequences(routed_experts_BSLK: Any, mask_BS: Any = None) -> list[torch.Tensor]:
-    """Split verl's padded ``[B, S, Lg, K]`` routes into per-sequence ``[T_b, Lg, K]`` int64.
+    """Split verl's padded ``[B, S, Lg, K]`` routes into per-sequence ``[T_b, Lg, K]`` tensors.
+
+    The compact dtype is kept (verl's uint8 stays uint8, 8x smaller than int64; the loads
+    functions promote on the fly and refuse uint8 for more than 256 experts).
 
     ``mask_BS`` (attention mask; bool or 0/1) keeps the real tokens of each row, whatever the
     padding side. A narrower mask ``[B, S']`` (verl's ``response_mask``) covers the last S'
     positions. Without a mask every position counts.
     """
-    routes, _ = _to_int64(routed_experts_BSLK, "routed_experts")
+    routes, _ = _to_int64(routed_experts_BSLK, "routed_experts", keep_dtype=True)
     if routes.dim() != 4:
         raise ValueError(f"verl routed_experts must be [batch, seq, layers, top_k], got shape {tuple(routes.shape)}")
     if mask_BS is None:

@@ -237,6 +237,9 @@ def test_verl_masks_padding_left_right_and_response():
     response = verl_sequences(routes, np.array([[0, 1], [1, 0]]))  # last 2 positions
     assert [s.flatten().tolist() for s in response] == [[0], [3]]
     assert len(verl_sequences(routes)) == 2
+    assert seqs[0].dtype == torch.uint8  # kept compact
+    with pytest.raises(ValueError, match=r"uint8.*300 experts"):
+        micro_batch_loads(seqs, 300)
     with pytest.raises(ValueError, match=r"mask has shape \(3, 4\)"):
         verl_sequences(routes, torch.ones(3, 4))
     with pytest.raises(ValueError, match=r"only 0/1"):
