@@ -1,0 +1,135 @@
+"""Planning speed and balance of every policy at the DeepSeek-V3 shape, one CPU thread.
+
+    python benchmarks/planners.py [--steps 3] [--micro-batches 16] [--seed 0] [--data FILE]
+
+Shape: 58 MoE layers, 256 experts, top-8, 8 nodes x 8 GPUs, 1 spare slot per GPU.
+Loads: a GRPO-like generator around real popularity (``--data``, DeepSeek-V3 SGLang counts):
+each micro-batch holds 4 prompts x 8 responses x 128 tokens; every prompt draws its own expert
+mix ``Dirichlet(concentration * popularity)`` per layer, its tokens are multinomial from it.
+Seeded, so runs repeat.
+
+Prints, per policy: ms per step (all micro-batches, reorder included), ms per micro-batch,
+mean and worst imbalance (busiest GPU / mean GPU, over micro-batches and layers), and mean
+node imbalance (busiest node / mean node). Timings are process CPU time (the development
+machines are shared) and wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import relibra
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared/data/deepseek_v3_expert_load/prefill_in1024.json"
+
+
+def popularity(path: Path, num_layers: int = 58) -> torch.Tensor:
+    """``[L, E]`` float64 normalised real popularity (dense layers dropped)."""
+    counts = torch.tensor(json.loads(path.read_text())["logical_count"], dtype=torch.float64)
+    counts = counts[counts.sum(-1) > 0][-num_layers:]
+    counts = counts + counts.mean(-1, keepdim=True) * 1e-3  # no expert exactly never chosen
+    return counts / counts.sum(-1, keepdim=True)
+
+
+def grpo_loads(pop_LE: torch.Tensor, steps: int, M: int, seed: int, prompts: int = 4,
+               tokens_per_prompt: int = 8 * 128, top_k: int = 8, concentration: float = 64.0) -> torch.Tensor:
+    """``[steps, M, L, E]`` int64 loads (see module docstring)."""
+    torch.manual_seed(seed)
+    L, E = pop_LE.shape
+    mix = torch.distributions.Dirichlet(pop_LE * concentration).sample((steps, M, prompts))  # [s, M, p, L, E]
+    draws = torch.multinomial(mix.reshape(-1, E), tokens_per_prompt * top_k, replacement=True)
+    counts = torch.zeros(draws.shape[0], E, dtype=torch.int64).scatter_add_(1, draws, torch.ones_like(draws))
+    return counts.view(steps, M, prompts, L, E).sum(2)
+
+
+def loop_reference():
+    path = REPO / "tests" / "eplb_loop_reference.py"
+    if not path.exists():
+        return None
+    spec = importlib.util.spec_from_file_location("eplb_loop_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, "rebalance_experts_loop", None)
+
+
+def imbalance_of_phy2log(phy2log_LR: torch.Tensor, logcnt_LE: torch.Tensor, loads_MLE: torch.Tensor,
+                         num_gpus: int) -> torch.Tensor:
+    """``[M, L]`` busiest / mean GPU when every expert's load is split evenly over its copies."""
+    share = loads_MLE.double() / logcnt_LE.double()  # [M, L, E]
+    M, L, _ = loads_MLE.shape
+    per_slot = share.gather(2, phy2log_LR.expand(M, -1, -1))
+    gpu = per_slot.view(M, L, num_gpus, -1).sum(-1)
+    mean = gpu.mean(-1)
+    return torch.where(mean > 0, gpu.amax(-1) / mean.clamp(min=1e-30), torch.ones_like(mean))
+
+
+def run(args) -> list[tuple]:
+    torch.set_num_threads(1)
+    topo = relibra.Topology(num_nodes=8, gpus_per_node=8, num_experts=256, spare_slots_per_gpu=1,
+                            num_expert_groups=8)
+    steps = grpo_loads(popularity(Path(args.data)), args.steps, args.micro_batches, args.seed)
+    candidates = [("static", {}), ("reorder", {}), ("replicate", {}), ("hybrid", {})]
+    if "eplb" in relibra.available_policies():
+        candidates += [("eplb", {"source": "oracle"}), ("eplb", {"source": "history"})]
+    rows = []
+    for name, options in candidates:
+        policy = relibra.get_policy(name, **options)
+        cpu = wall = 0.0
+        imb, node_imb = [], []
+        for loads in steps:
+            c0, w0 = time.process_time(), time.perf_counter()
+            plan = policy.plan(loads, topo)
+            cpu += time.process_time() - c0
+            wall += time.perf_counter() - w0
+            plan.validate(topo, loads)
+            imb.append(plan.imbalance(loads))
+            nl = plan.node_loads().double()
+            node_imb.append(nl.amax(-1) / nl.mean(-1).clamp(min=1e-30))
+        imb, node_imb = torch.stack(imb), torch.stack(node_imb)
+        label = name + (f"({','.join(f'{k}={v}' for k, v in options.items())})" if options else "")
+        rows.append((label, cpu, wall, float(imb.mean()), float(imb.max()), float(node_imb.mean())))
+    ref = loop_reference()
+    if ref is not None:
+        cpu = wall = 0.0
+        imb = []
+        for loads in steps:
+            c0, w0 = time.process_time(), time.perf_counter()
+            phy2log, _, logcnt = ref(loads.sum(0).double(), topo.num_physical_slots, topo.num_expert_groups,
+                                     topo.num_nodes, topo.num_gpus)
+            cpu += time.process_time() - c0
+            wall += time.perf_counter() - w0
+            imb.append(imbalance_of_phy2log(phy2log, logcnt, loads, topo.num_gpus))
+        imb = torch.stack(imb)
+        rows.append(("eplb loop reference(oracle)", cpu, wall, float(imb.mean()), float(imb.max()), float("nan")))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--micro-batches", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", default=str(DEFAULT_DATA))
+    args = parser.parse_args()
+    rows = run(args)
+    S, M = args.steps, args.micro_batches
+    print(f"DeepSeek-V3 shape: 58 layers x 256 experts, 8x8 GPUs, 1 spare/GPU, {M} micro-batches, "
+          f"{S} steps, 1 thread")
+    head = f"{'policy':30s} {'ms/step cpu':>11s} {'ms/step wall':>12s} {'ms/mb cpu':>9s} " \
+           f"{'imb mean':>8s} {'imb worst':>9s} {'node imb':>8s}"
+    print(head)
+    print("-" * len(head))
+    for label, cpu, wall, mean, worst, node in rows:
+        print(f"{label:30s} {cpu / S * 1e3:11.1f} {wall / S * 1e3:12.1f} {cpu / S / M * 1e3:9.2f} "
+              f"{mean:8.3f} {worst:9.3f} {node:8.3f}")
+
+
+if __name__ == "__main__":
+    main()
