@@ -1,0 +1,162 @@
+"""``eplb``: DeepSeek's expert-parallel load balancer as a relibra policy.
+
+Two things live here:
+
+* :func:`rebalance_experts` (from :mod:`.eplb_algorithm`): DeepSeek's EPLB with the
+  reference's exact outputs, vectorised across layers.
+* :class:`EplbPolicy`, registered as ``"eplb"``: once a step, it runs EPLB on a weight
+  ``[L, E]`` and keeps that placement and those replicas for the whole step (the same
+  ``spare_experts`` in every micro-batch); each expert's tokens are split evenly over its
+  copies (:func:`relibra.plan.even_slot_tokens`).
+
+Memory, adapted honestly (details in :mod:`.eplb_placement`): EPLB is given all
+``G * (H + S)`` slots, but a relibra plan needs one home slot per expert, exactly ``H`` per
+GPU, and replicas only in the ``S`` spare slots, never two copies of one expert on one GPU.
+DeepSeek's last step (all physical experts of a node packed onto its GPUs at once) can break
+both rules. So the policy keeps EPLB's group-to-node packing and its replica counts (capped
+at one copy per GPU of the unit), then packs inside each node home-aware: first every
+expert's home copy (longest-first, ``H`` per GPU), then the replicas into spare slots
+(longest-first onto the lightest GPU that does not hold the expert yet). Hierarchical plans
+keep replicas inside their home node (``intra_node_replicas=True``); global plans may
+replicate across nodes (``False``). With ``S == 0`` it is an EPLB-ordered placement without
+replicas.
+
+Weight sources: ``source="oracle"`` uses the step's own loads summed over micro-batches;
+``source="history"`` uses the summed loads of earlier ``plan`` calls (mean of the last
+``window`` steps, or an exponential moving average). With no history yet (the first step)
+the plan is ``static``'s contiguous placement without replicas. After planning, the step's
+loads are recorded.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Literal
+
+import torch
+
+from ..plan import Placement, Plan
+from ..topology import Topology
+from .base import check_loads
+from .eplb_algorithm import rebalance_experts
+from .eplb_placement import place_home_aware
+from .registry import register_policy
+
+__all__ = ["EplbPolicy", "rebalance_experts"]
+
+_SOURCES = ("history", "oracle")
+_HISTORIES = ("window", "ema")
+_MODES = ("auto", "hierarchical", "global")
+
+
+@register_policy("eplb")
+class EplbPolicy:
+    """DeepSeek EPLB fed by past loads (``history``) or the step's own loads (``oracle``).
+
+    Args:
+        source: ``"history"`` (default) or ``"oracle"``.
+        history: ``"window"`` (mean of the last ``window`` steps, default) or ``"ema"``.
+        window: steps averaged by ``history="window"`` (>= 1).
+        ema_decay: weight of the past in ``history="ema"``: ``ema = d * ema + (1 - d) * step``
+            (0 <= d < 1; 0 keeps only the last step).
+        mode: ``"auto"`` (hierarchical when the topology's expert groups divide evenly over
+            its nodes, as the reference decides), ``"hierarchical"`` or ``"global"``.
+    """
+
+    def __init__(
+        self,
+        source: Literal["history", "oracle"] = "history",
+        history: Literal["window", "ema"] = "window",
+        window: int = 4,
+        ema_decay: float = 0.9,
+        mode: Literal["auto", "hierarchical", "global"] = "auto",
+    ) -> None:
+        if source not in _SOURCES:
+            raise ValueError(f"eplb: source must be one of {_SOURCES}, got {source!r}")
+        if history not in _HISTORIES:
+            raise ValueError(f"eplb: history must be one of {_HISTORIES}, got {history!r}")
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            raise ValueError(f"eplb: window must be an int >= 1, got {window!r}")
+        if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)) or not 0 <= ema_decay < 1:
+            raise ValueError(f"eplb: ema_decay must be a number in [0, 1), got {ema_decay!r}")
+        if mode not in _MODES:
+            raise ValueError(f"eplb: mode must be one of {_MODES}, got {mode!r}")
+        self.source = source
+        self.history = history
+        self.window = window
+        self.ema_decay = float(ema_decay)
+        self.mode = mode
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the recorded load history (the next history-sourced step is static)."""
+        self._steps: deque[torch.Tensor] = deque(maxlen=self.window)
+        self._ema: torch.Tensor | None = None
+
+    @property
+    def steps_recorded(self) -> int:
+        return len(self._steps) if self.history == "window" else int(self._ema is not None)
+
+    def weight(self) -> torch.Tensor | None:
+        """``[L, E]`` float64 weight the next history-sourced plan uses; None before any step."""
+        if self.history == "ema":
+            return None if self._ema is None else self._ema.clone()
+        if not self._steps:
+            return None
+        return torch.stack(list(self._steps)).mean(0)
+
+    def hierarchical(self, topology: Topology) -> bool:
+        """Whether plans for ``topology`` pack groups to nodes (and keep replicas there)."""
+        fits = topology.num_expert_groups % topology.num_nodes == 0
+        if self.mode == "hierarchical" and not fits:
+            raise ValueError(
+                f"eplb: mode='hierarchical' needs the expert groups ({topology.num_expert_groups}) "
+                f"to divide evenly over the {topology.num_nodes} nodes; use mode='auto' or 'global'"
+            )
+        return fits if self.mode == "auto" else self.mode == "hierarchical"
+
+    def plan(self, loads: torch.Tensor, topology: Topology) -> Plan:
+        """One placement and one replica set for the whole step; loads ``[M, L, E]``."""
+        loads = check_loads(loads, topology)
+        step_LE = loads.sum(0).to(torch.float64)
+        hierarchical = self.hierarchical(topology)
+        if self.source == "oracle":
+            weight = step_LE
+        else:
+            self._check_history(step_LE)
+            weight = self.weight()
+        if weight is None:
+            plan = Plan.without_replicas(Placement.contiguous(topology, loads.shape[1]), loads, topology, "eplb")
+            plan.info.update(eplb_fallback="static (no history yet)")
+        else:
+            home_gpu, spare = place_home_aware(
+                weight,
+                topology.num_nodes,
+                topology.gpus_per_node,
+                topology.spare_slots_per_gpu,
+                topology.num_expert_groups,
+                hierarchical,
+            )
+            placement = Placement.from_home_gpu(home_gpu, topology)
+            plan = Plan.with_spares(placement, spare[None], loads, topology,
+                                    intra_node_replicas=hierarchical, policy="eplb")
+        plan.info.update(eplb_source=self.source, eplb_mode="hierarchical" if hierarchical else "global")
+        if self.source == "history":
+            self._record(step_LE)
+        return plan
+
+    def _check_history(self, step_LE: torch.Tensor) -> None:
+        past = self._ema if self.history == "ema" else (self._steps[-1] if self._steps else None)
+        if past is not None and past.shape != step_LE.shape:
+            raise ValueError(
+                f"eplb: loads have {step_LE.shape[0]} layers x {step_LE.shape[1]} experts, the "
+                f"recorded history {past.shape[0]} x {past.shape[1]}; call reset() for a new model"
+            )
+
+    def _record(self, step_LE: torch.Tensor) -> None:
+        if self.history == "window":
+            self._steps.append(step_LE)
+        elif self._ema is None:
+            self._ema = step_LE.clone()
+        else:
+            self._ema = self.ema_decay * self._ema + (1.0 - self.ema_decay) * step_LE
