@@ -8,6 +8,17 @@ from .policies import BalancingPolicy, available_policies, get_policy, register_
 from .topology import Topology
 from .layer import ReLibraMoE
 from .balancer import Balancer
+from .config import RelibraConfig, load_config
+from .routing import (
+    RouteStore,
+    Trace,
+    load_trace,
+    loads_from_routes,
+    micro_batch_loads,
+    micro_batch_rank_loads,
+    routes_for_micro_batch,
+    save_trace,
+)
 
 __version__ = "0.1.0"
 
@@ -22,5 +33,15 @@ __all__ = [
     "available_policies",
     "get_policy",
     "register_policy",
+    "RelibraConfig",
+    "RouteStore",
+    "Trace",
+    "load_config",
+    "load_trace",
+    "loads_from_routes",
+    "micro_batch_loads",
+    "micro_batch_rank_loads",
+    "routes_for_micro_batch",
+    "save_trace",
     "__version__",
 ]
