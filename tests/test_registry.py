@@ -1,0 +1,65 @@
+import subprocess
+import sys
+from importlib.metadata import EntryPoint
+
+import pytest
+import torch
+
+import relibra
+from relibra.policies import registry
+
+
+def test_builtins_are_registered():
+    assert {"static", "eplb", "reorder", "replicate", "hybrid"} <= set(relibra.available_policies())
+
+
+def test_register_decorator_and_call_form():
+    @relibra.register_policy("test-mine-decorated")
+    class Mine:
+        def __init__(self, knob: int = 1):
+            self.knob = knob
+
+        def plan(self, loads, topology):
+            return relibra.get_policy("static").plan(loads, topology)
+
+    policy = relibra.get_policy("test-mine-decorated", knob=3)
+    assert isinstance(policy, Mine) and policy.knob == 3
+    relibra.register_policy("test-mine-called")(Mine)
+    topo = relibra.Topology(num_nodes=1, gpus_per_node=2, num_experts=4)
+    loads = torch.ones(1, 1, 4, dtype=torch.int64)
+    relibra.get_policy("test-mine-called").plan(loads, topo).validate(topo, loads)
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(ValueError, match="unknown policy 'nope'"):
+        relibra.get_policy("nope")
+    with pytest.raises(TypeError, match="does not take option"):
+        relibra.get_policy("static", bogus=1)
+    with pytest.raises(ValueError, match="already registered"):
+        relibra.register_policy("static")(object)
+
+    class NoPlan:
+        pass
+
+    relibra.register_policy("test-no-plan")(NoPlan)
+    with pytest.raises(TypeError, match="no plan"):
+        relibra.get_policy("test-no-plan")
+
+
+def test_entry_point_discovery(monkeypatch):
+    ep = EntryPoint(name="test-from-entry-point", value="relibra.policies.static:StaticPolicy",
+                    group="relibra.policies")
+    monkeypatch.setattr(registry, "entry_points", lambda group: [ep] if group == "relibra.policies" else [])
+    monkeypatch.setattr(registry, "_entry_points_loaded", False)
+    assert "test-from-entry-point" in relibra.available_policies()
+    assert type(relibra.get_policy("test-from-entry-point")).__name__ == "StaticPolicy"
+
+
+def test_core_import_stays_light():
+    code = (
+        "import sys, relibra, relibra.policies, relibra.plan, relibra.routing, relibra.kernels; "
+        "heavy = [m for m in ('transformers', 'triton', 'accelerate', 'matplotlib') if m in sys.modules]; "
+        "print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
