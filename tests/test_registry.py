@@ -9,6 +9,12 @@ import relibra
 from relibra.policies import registry
 
 
+@pytest.fixture(autouse=True)
+def _private_registry(monkeypatch):
+    """Registrations made by a test vanish after it."""
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+
 def test_builtins_are_registered():
     assert {"static", "eplb", "reorder", "replicate", "hybrid"} <= set(relibra.available_policies())
 
