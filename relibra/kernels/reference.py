@@ -94,7 +94,8 @@ def check_unpermute_args(y_RD: torch.Tensor, row_index_TK: torch.Tensor, weights
     if y_RD.device.type == "cpu" and row_index_TK.numel():
         lo, hi = int(row_index_TK.min()), int(row_index_TK.max())
         if lo < -1 or hi >= y_RD.shape[0]:
-            raise ValueError(f"row_index_TK holds row {lo if lo < -1 else hi}, outside -1..{y_RD.shape[0] - 1}")
+            bad = lo if lo < -1 else hi
+            raise ValueError(f"row_index_TK holds row {bad}, outside -1..{y_RD.shape[0] - 1}")
 
 
 def check_assign_args(topk_ids_TK: torch.Tensor, copy_slots_EX: torch.Tensor,
@@ -163,7 +164,8 @@ def unpermute(y_perm_RD: torch.Tensor, row_index_TK: torch.Tensor, weights_TK: t
 
     ``out_TD[t] = sum_k weights_TK[t, k] * y_perm_RD[row_index_TK[t, k]]``, skipping -1 rows
     (their weight and row never touch the sum, so a NaN there does not leak). Accumulates in
-    float32 (float64 for float64 data) and returns ``[T, D]`` in y_perm's dtype. Differentiable w.r.t. y_perm and weights.
+    float32 (float64 for float64 data) and returns ``[T, D]`` in y_perm's dtype.
+    Differentiable w.r.t. y_perm and weights.
     """
     check_unpermute_args(y_perm_RD, row_index_TK, weights_TK)
     T, K = row_index_TK.shape

@@ -87,7 +87,8 @@ def _scatter_rows(src_ptr, rows_ptr, w_ptr, dst_ptr, D, K,
             val = (x.to(ACC) * w).to(dst_ptr.dtype.element_ty)
         else:
             val = x
-        tl.store(dst_ptr + row * D + d, val, mask=dmask & (row + tl.zeros([BLOCK_D], dtype=tl.int64) >= 0))
+        keep = dmask & (row + tl.zeros([BLOCK_D], dtype=tl.int64) >= 0)  # vector mask (interpreter)
+        tl.store(dst_ptr + row * D + d, val, mask=keep)
 
 
 @triton.jit
@@ -100,7 +101,8 @@ def _gather_rows(src_ptr, rows_ptr, w_ptr, dst_ptr, D, K,
     acc = tl.zeros([BLOCK_D], dtype=ACC)
     for k in range(0, K):
         row = tl.load(rows_ptr + t * K + k)
-        y = tl.load(src_ptr + row * D + d, mask=dmask & (row + tl.zeros([BLOCK_D], dtype=tl.int64) >= 0), other=0.0).to(ACC)
+        keep = dmask & (row + tl.zeros([BLOCK_D], dtype=tl.int64) >= 0)
+        y = tl.load(src_ptr + row * D + d, mask=keep, other=0.0).to(ACC)
         if HAS_W:
             w = tl.load(w_ptr + t * K + k).to(ACC)
             acc += tl.where(row >= 0, y * w, 0.0)
@@ -135,7 +137,8 @@ def _zero_padding(dst_ptr, offsets_ptr, counts_ptr, D, ALIGN, BLOCK_D: tl.conste
     zero = tl.zeros([BLOCK_D], dtype=dst_ptr.dtype.element_ty)
     for i in range(0, ALIGN - 1):
         row = start + i
-        tl.store(dst_ptr + row * D + d, zero, mask=(d < D) & (row + tl.zeros([BLOCK_D], dtype=tl.int64) < stop))
+        keep = (d < D) & (row + tl.zeros([BLOCK_D], dtype=tl.int64) < stop)
+        tl.store(dst_ptr + row * D + d, zero, mask=keep)
 
 
 def _acc(dtype: torch.dtype):
@@ -177,7 +180,8 @@ def _scatter(src_TD, rows_TK, w_TK, R, dtype):
     if T and D and rows_TK.shape[1]:
         bd = _block_d(D)
         _scatter_rows[(T, triton.cdiv(D, bd))](src_TD, rows_TK, w_TK if w_TK is not None else rows_TK,
-                                               dst, D, rows_TK.shape[1], HAS_W=w_TK is not None, BLOCK_D=bd, ACC=_acc(dtype))
+                                               dst, D, rows_TK.shape[1], HAS_W=w_TK is not None,
+                                               BLOCK_D=bd, ACC=_acc(dtype))
     return dst
 
 
@@ -188,7 +192,8 @@ def _gather(src_RD, rows_TK, w_TK, dtype):
     if T and D:
         bd = _block_d(D)
         _gather_rows[(T, triton.cdiv(D, bd))](src_RD, rows_TK, w_TK if w_TK is not None else rows_TK,
-                                              dst, D, K, HAS_W=w_TK is not None, BLOCK_D=bd, ACC=_acc(dtype))
+                                              dst, D, K, HAS_W=w_TK is not None, BLOCK_D=bd,
+                                              ACC=_acc(dtype))
     return dst
 
 
