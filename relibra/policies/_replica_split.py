@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["greedy_replicas", "optimal_split", "node_problems", "assemble"]
+__all__ = ["greedy_replicas", "best_level", "resplit", "optimal_split", "node_problems", "assemble"]
 
 _INF = torch.iinfo(torch.int64).max // 4
 
@@ -55,20 +55,61 @@ def node_problems(loads_MLE: torch.Tensor, home_experts_LK: torch.Tensor, num_no
     return loads_MLE.gather(2, idx).reshape(M * L * num_nodes, gpus_per_node, H).clone()
 
 
-def greedy_replicas(hshare_BGH: torch.Tensor, spare_per_gpu: int) -> tuple[torch.Tensor, torch.Tensor]:
+def greedy_replicas(hshare_BGH: torch.Tensor, spare_per_gpu: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Phase 1: fill spare slots greedily (see module docstring). Mutates ``hshare_BGH``.
 
     Returns:
-        ``rep_BK`` (local home slot copied into each spare slot, -1 empty) and ``x_BK``
-        (tokens given to each replica).
+        ``rep_BK`` (local home slot copied into each spare slot, -1 empty), ``x_BK``
+        (tokens given to each replica) and ``made_BT`` (spare slot filled in greedy round
+        ``t``, -1 when none).
     """
     B, Gn, H = hshare_BGH.shape
     S = spare_per_gpu
     K = Gn * S
     rep = torch.full((B, K), -1, dtype=torch.int64)
     x = torch.zeros(B, K, dtype=torch.int64)
+    made = torch.full((B, K), -1, dtype=torch.int64)
     if S == 0 or Gn == 1 or B == 0:
-        return rep, x
+        return rep, x, made
+    ld = hshare_BGH.sum(-1)  # [B, Gn]
+    target = (ld.sum(-1) + Gn - 1) // Gn  # [B]
+    # one extra column in each state tensor absorbs the writes of finished problems
+    rep_x = torch.full((B, K + 1), -1, dtype=torch.int64)
+    x_x = torch.zeros(B, K + 1, dtype=torch.int64)
+    free = torch.full((B, Gn + 1), S, dtype=torch.int64)
+    holds = torch.zeros(B, Gn * H * Gn + 1, dtype=torch.bool)  # (home slot, GPU) holds a replica
+    hflat = hshare_BGH.view(B, Gn * H)
+    ar_h = torch.arange(H)
+    gpu_ids = torch.arange(Gn)
+    for t in range(K):
+        donor = ld.argmax(-1, keepdim=True)  # [B, 1]
+        slots = donor * H + ar_h  # [B, H] local home slots of the donor
+        share = hflat.gather(1, slots)  # [B, H]
+        held = holds.gather(1, (slots[:, :, None] * Gn + gpu_ids).view(B, H * Gn)).view(B, H, Gn)
+        ok = ~held & ((free[:, None, :Gn] > 0) & (gpu_ids != donor)[:, None, :])
+        rload, recv = torch.where(ok, ld[:, None, :], _INF).min(-1)  # [B, H]
+        room = torch.minimum(ld.gather(1, donor) - target[:, None], target[:, None] - rload)
+        score = torch.where(torch.minimum(share, room) > 0, share, -1)
+        best_share, j = score.max(-1, keepdim=True)
+        active = best_share > 0  # [B, 1]
+        if not bool(active.any()):
+            break
+        amt = torch.minimum(best_share, room.gather(1, j)).clamp(min=0)
+        amt = torch.where(active, amt, 0)
+        r = recv.gather(1, j)
+        slot = slots.gather(1, j)
+        k = torch.where(active, r * S + (S - free.gather(1, r)), K)
+        made[:, t] = torch.where(active, k, -1).squeeze(1)
+        rep_x.scatter_(1, k, slot)
+        x_x.scatter_(1, k, amt)
+        holds.scatter_(1, torch.where(active, slot * Gn + r, Gn * H * Gn), True)
+        free.scatter_add_(1, torch.where(active, r, Gn), -torch.ones_like(r))
+        hflat.scatter_add_(1, slot, -amt)
+        ld.scatter_add_(1, donor, -amt).scatter_add_(1, r, amt)
+    rep.copy_(rep_x[:, :K])
+    x.copy_(x_x[:, :K])
+    return rep, x, made
     ld = hshare_BGH.sum(-1)  # [B, Gn]
     target = (ld.sum(-1) + Gn - 1) // Gn  # [B]
     free = torch.full((B, Gn), S, dtype=torch.int64)
@@ -76,7 +117,7 @@ def greedy_replicas(hshare_BGH: torch.Tensor, spare_per_gpu: int) -> tuple[torch
     ar = torch.arange(B)
     gpu_ids = torch.arange(Gn)
     hflat = hshare_BGH.view(B, Gn * H)
-    for _ in range(K):
+    for t in range(K):
         donor = ld.argmax(-1)  # [B]
         slots = donor[:, None] * H + torch.arange(H)  # [B, H] local home slots of the donor
         share = hflat.gather(1, slots)  # [B, H]
@@ -96,6 +137,7 @@ def greedy_replicas(hshare_BGH: torch.Tensor, spare_per_gpu: int) -> tuple[torch
         k = r * S + (S - free[ar, r])
         k = torch.where(active, k, 0)
         sel = ar[active]
+        made[sel, t] = k[active]
         rep[sel, k[active]] = slot[active]
         x[sel, k[active]] = amt[active]
         holds[sel, slot[active], r[active]] = True
@@ -103,13 +145,71 @@ def greedy_replicas(hshare_BGH: torch.Tensor, spare_per_gpu: int) -> tuple[torch
         hflat[sel, slot[active]] -= amt[active]
         ld[sel, donor[active]] -= amt[active]
         ld[sel, r[active]] += amt[active]
-    return rep, x
+    return rep, x, made
+
+
+def best_level(loads_BGH: torch.Tensor, rep_BK: torch.Tensor, spare_per_gpu: int) -> torch.Tensor | None:
+    """``[B]`` the exact optimal busiest-GPU load for the replicas in ``rep_BK``.
+
+    ``max over GPU subsets U of ceil((fixed(U) + replicated experts wholly in U) / |U|)``;
+    enumerates the ``2**Gn`` subsets, so returns None for more than 10 GPUs per node.
+    """
+    B, Gn, H = loads_BGH.shape
+    K = Gn * spare_per_gpu
+    if Gn > 10 or K == 0 or B == 0:
+        return None
+    flat = loads_BGH.reshape(B, Gn * H)
+    exists = rep_BK >= 0
+    slot = rep_BK.clamp(min=0)
+    replicated = torch.zeros(B, Gn * H + 1, dtype=torch.bool)
+    replicated.scatter_(1, torch.where(exists, slot, Gn * H), True)
+    fixed = torch.where(replicated[:, :-1], 0, flat).view(B, Gn, H).sum(-1)  # [B, Gn]
+    gpu_of = torch.nn.functional.one_hot(torch.arange(K) // spare_per_gpu, Gn).to(torch.float64)  # [K, Gn]
+    same = ((rep_BK[:, :, None] == rep_BK[:, None, :]) & exists[:, :, None]).to(torch.float64)  # [B, K, K]
+    holds = ((same @ gpu_of) + torch.nn.functional.one_hot(slot // H, Gn)) > 0  # [B, K, Gn] copies of k's expert
+    first = same.argmax(-1) == torch.arange(K)  # count each expert once
+    w = torch.where(exists & first, flat.gather(1, slot), 0).to(torch.float64)  # [B, K]
+    subsets = torch.arange(1, 1 << Gn)  # [U]
+    members = ((subsets[:, None] >> torch.arange(Gn)) & 1).to(torch.float64)  # [U, Gn]
+    outside = holds.to(torch.float64) @ (1.0 - members.T)  # [B, K, U] copies outside U
+    total = fixed.to(torch.float64) @ members.T + (w[:, None, :] @ (outside == 0).to(torch.float64)).squeeze(1)
+    size = members.sum(-1)
+    return torch.ceil(total / size - 1e-9).amax(-1).to(torch.int64)
+
+
+def resplit(loads_BGH: torch.Tensor, rep_BK: torch.Tensor, made_BT: torch.Tensor, level_B: torch.Tensor,
+            spare_per_gpu: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replay the greedy moves with the optimal level as target: a near-optimal start.
+
+    Returns new ``hshare_BGH`` and ``x_BK``; the busiest GPU never rises above the loads'.
+    """
+    B, Gn, H = loads_BGH.shape
+    S = spare_per_gpu
+    hflat = loads_BGH.reshape(B, Gn * H).clone()
+    x = torch.zeros_like(rep_BK)
+    ld = loads_BGH.sum(-1)
+    for t in range(made_BT.shape[1]):
+        k = made_BT[:, t]
+        sel = torch.nonzero(k >= 0).squeeze(1)
+        if sel.numel() == 0:
+            break
+        k = k[sel]
+        slot = rep_BK[sel, k]
+        donor, recv = slot // H, k // S
+        T = level_B[sel]
+        amt = torch.minimum(hflat[sel, slot], torch.minimum(ld[sel, donor] - T, T - ld[sel, recv])).clamp(min=0)
+        x[sel, k] = amt
+        hflat[sel, slot] -= amt
+        ld[sel, donor] -= amt
+        ld[sel, recv] += amt
+    return hflat.view(B, Gn, H), x
 
 
 def optimal_split(hshare_BGH: torch.Tensor, rep_BK: torch.Tensor, x_BK: torch.Tensor,
-                  spare_per_gpu: int, max_rounds: int = 10_000) -> int:
+                  spare_per_gpu: int, max_rounds: int = 10_000, level_B: torch.Tensor | None = None) -> int:
     """Phase 2: make the split exactly min-max optimal for the replicas in ``rep_BK``.
 
+    ``level_B`` (from :func:`best_level`), when given, skips problems already at the optimum.
     Mutates ``hshare_BGH`` and ``x_BK`` in place; returns the number of augmenting rounds.
     """
     B, Gn, H = hshare_BGH.shape
@@ -123,7 +223,11 @@ def optimal_split(hshare_BGH: torch.Tensor, rep_BK: torch.Tensor, x_BK: torch.Te
     edge_ids = torch.arange(NE)
     eye = torch.eye(K, dtype=torch.bool)
     # only problems with a replica can improve
-    rows = torch.nonzero((rep_BK >= 0).any(-1)).squeeze(1)
+    todo = (rep_BK >= 0).any(-1)
+    if level_B is not None:
+        ld0 = hshare_BGH.sum(-1).scatter_add_(1, (torch.arange(K) // S).expand(B, K), x_BK)
+        todo &= ld0.amax(-1) > level_B
+    rows = torch.nonzero(todo).squeeze(1)
     hflat, x, rep = hflat_all[rows], x_BK[rows], rep_BK[rows]
     rounds = 0
     while rows.numel() and rounds < max_rounds:

@@ -17,7 +17,7 @@ import torch
 
 from ..plan import Placement, Plan
 from ..topology import Topology
-from ._replica_split import assemble, greedy_replicas, node_problems, optimal_split
+from ._replica_split import assemble, best_level, greedy_replicas, node_problems, optimal_split, resplit
 from .base import check_loads
 from .registry import register_policy
 
@@ -39,12 +39,25 @@ def replicate_on(loads_MLE: torch.Tensor, placement: Placement, topology: Topolo
     N, Gn, S = topology.num_nodes, topology.gpus_per_node, topology.spare_slots_per_gpu
     start = time.perf_counter()
     hshare = node_problems(loads_MLE, placement.home_experts, N, Gn)
-    rep, x = greedy_replicas(hshare, S)
-    rounds = optimal_split(hshare, rep, x, S)
+    rep, x, made = greedy_replicas(hshare.clone(), S)
+    level = best_level(hshare, rep, S)
+    if level is not None:  # start the exact split from the greedy moves replayed at the optimum
+        hshare, x = resplit(hshare, rep, made, level, S)
+    else:
+        hshare = hshare - _scatter_x(hshare, rep, x)
+    rounds = optimal_split(hshare, rep, x, S, level_B=level)
     spare, tokens = assemble(hshare, rep, x, placement.home_experts, M, L, N, S)
     plan = Plan(topology, placement, spare, tokens, intra_node_replicas=True, policy=policy)
     plan.info.update(replicate_seconds=time.perf_counter() - start, split_rounds=rounds)
     return plan
+
+
+def _scatter_x(hshare_BGH: torch.Tensor, rep_BK: torch.Tensor, x_BK: torch.Tensor) -> torch.Tensor:
+    """``[B, Gn, H]`` tokens each home slot gave to its replicas."""
+    B, Gn, H = hshare_BGH.shape
+    out = torch.zeros(B, Gn * H + 1, dtype=torch.int64)
+    out.scatter_add_(1, torch.where(rep_BK >= 0, rep_BK, Gn * H), x_BK)
+    return out[:, :-1].view(B, Gn, H)
 
 
 @register_policy("replicate")
