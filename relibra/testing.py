@@ -68,15 +68,19 @@ def _worker(rank, world_size, nodes, port, fn, args, out_queue):
 
 
 def run_world(fn: Callable[..., Any], world_size: int = 4, nodes: int = 2, args: tuple = (),
-              timeout: float = 120.0, grace: float = 15.0) -> list[Any]:
+              timeout: float = 120.0, grace: float = 15.0, start_method: str | None = None) -> list[Any]:
     """Run ``fn(rank, mesh, *args)`` on ``world_size`` gloo processes; see the module doc.
 
-    ``fn`` must be importable (a module-level function) so spawn can pickle it. Once a rank
+    Ranks are forked where the OS allows (``start_method`` or env ``RELIBRA_TEST_START_METHOD``
+    override; with ``spawn`` ``fn`` must be a module-level function). Once a rank
     failed, the others get ``grace`` seconds to report before the world is killed.
     """
     if world_size % nodes:
         raise ValueError(f"world_size={world_size} is not divisible by nodes={nodes}")
-    ctx = mp.get_context("spawn")
+    if start_method is None:  # fork skips re-importing torch in every rank (seconds on busy CPUs)
+        start_method = os.environ.get("RELIBRA_TEST_START_METHOD") or (
+            "fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    ctx = mp.get_context(start_method)
     out_queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, nodes, port, fn, args, out_queue), daemon=True)

@@ -46,8 +46,8 @@ def _reference(steps=STEPS):
     return init, rec, {k: v.clone() for k, v in ref.state_dict().items()}, logical_state(ref, opt)
 
 
-def _exact_worker(rank, mesh, policies):
-    init, rec, ref_weights, ref_state = _reference()
+def _exact_worker(rank, mesh, policies, reference):
+    init, rec, ref_weights, ref_state = reference
     results = {}
     for name in policies:
         torch.manual_seed(0)
@@ -91,7 +91,7 @@ def _exact_worker(rank, mesh, policies):
 @pytest.fixture(scope="module")
 def exact_results():
     names = [p for p in BUILTIN if p in available_policies()]
-    return run_world(_exact_worker, args=(names,), timeout=240)
+    return run_world(_exact_worker, args=(names, _reference()), timeout=240)
 
 
 @pytest.mark.parametrize("policy", BUILTIN)
@@ -107,3 +107,89 @@ def test_distributed_run_equals_single_process(policy, exact_results):
         assert per_rank[0]["replicas"] > 0, f"{policy} filled no spare slot: replicas untested"
     if policy == "reorder":
         assert per_rank[0]["moved"] > 0, "reorder never moved an expert: migration untested"
+
+
+class _Raises:
+    def plan(self, loads, topology):
+        raise RuntimeError("boom from a custom policy")
+
+
+class _Invalid:
+    """Puts a replica on its own home GPU: fails Plan.validate."""
+
+    def plan(self, loads, topology):
+        from relibra.plan import Placement
+
+        placement = Placement.contiguous(topology, loads.shape[1])
+        spare = torch.full((loads.shape[0], loads.shape[1], topology.num_spare_slots), -1, dtype=torch.int64)
+        spare[:, :, 0] = 0  # GPU 0 already homes expert 0
+        return Plan.with_spares(placement, spare, loads, topology)
+
+
+class _NotAPlan:
+    def plan(self, loads, topology):
+        return {"not": "a plan"}
+
+
+def _bad_input_worker(rank, mesh):
+    torch.manual_seed(0)
+    model = Net(mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+    data = step_data(0, M)
+    good = [data[m][rank][1] for m in range(M)]
+
+    def bad_id():
+        r = [t.clone() for t in good]
+        if rank == 1:
+            r[0][0, 1, 0] = 8
+        return r
+
+    def bad_shape():
+        return [t[..., :1] for t in good] if rank == 3 else good
+
+    def bad_dtype():
+        return [t.float() for t in good] if rank == 0 else good
+
+    def bad_count():
+        return good[:1] if rank == 2 else good
+
+    cases = [("id", "replicate", bad_id), ("shape", "static", bad_shape), ("dtype", "static", bad_dtype),
+             ("count", "static", bad_count), ("raises", _Raises(), lambda: good),
+             ("invalid", _Invalid(), lambda: good), ("notaplan", _NotAPlan(), lambda: good)]
+    out = {}
+    for case, policy, make in cases:
+        if isinstance(policy, str) and policy not in available_policies():
+            policy = "static"
+        bal = Balancer(model, mesh=mesh, policy=policy, optimizer=opt, spare_slots_per_gpu=1)
+        try:
+            bal.plan_step(make())
+            out[case] = ("no error", "")
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            out[case] = (type(exc).__name__, str(exc))
+        now = model.state_dict()
+        out[case + "_unchanged"] = all(torch.equal(now[k], snapshot[k]) for k in snapshot)
+    # the world is still usable: a good step runs
+    bal = Balancer(model, mesh=mesh, policy="static", optimizer=opt, spare_slots_per_gpu=1)
+    bal.plan_step(good)
+    with bal.micro_batch(0):
+        model(data[0][rank][0]).sum().backward()
+    out["good_step"] = True
+    return out
+
+
+def test_bad_input_fails_on_every_rank_without_hang_or_change():
+    results = run_world(_bad_input_worker, timeout=120)
+    expect = {"id": ("rank 1", "not an expert id"), "shape": ("rank 3", "must have shape"),
+              "dtype": ("rank 0", "integer expert ids"), "count": ("micro-batches: [2, 2, 1, 2]",),
+              "raises": ("boom from a custom policy",), "invalid": ("holds two copies of expert 0",),
+              "notaplan": ("not a relibra.Plan",)}
+    for case, needles in expect.items():
+        outcomes = {r[case] for r in results}
+        assert len(outcomes) == 1, f"{case}: ranks raised different errors: {outcomes}"
+        kind, msg = outcomes.pop()
+        assert kind == "ValueError", f"{case}: expected ValueError on every rank, got {kind}: {msg}"
+        for needle in needles:
+            assert needle in msg, f"{case}: {needle!r} not in {msg!r}"
+        assert all(r[case + "_unchanged"] for r in results), f"{case}: a weight changed"
+    assert all(r["good_step"] for r in results)
