@@ -1,0 +1,315 @@
+"""Reorder migration: plan_moves (pure) and migrate_experts on gloo, world 4 = 2 nodes x 2 GPUs.
+
+Every rank knows the full logical tensors (all_gathered before a migration, or a single-process
+reference run), so each rank checks its own rows against the rows the new placement asks for.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relibra import Placement, Topology
+from relibra.migration import MigrationError, Move, migrate_experts, plan_moves
+from relibra.migration import _hash_weights, _piece_checksum
+
+TOPO = Topology(num_nodes=2, gpus_per_node=2, num_experts=8)   # G=4, H=2
+WORLD, H, E, L = 4, 2, 8, 2
+SHAPES = [(6, 4), (4, 3)]          # gate_up_proj [E, 6, 4], down_proj [E, 4, 3]
+# layer 1: GPU0 swaps its two experts (local), GPU1 gets 4 from GPU2 (cross node), GPU2 gets 2
+# from GPU1 (cross node) and 6 from GPU3 (same node), GPU3 gets 5 from GPU2 (same node).
+LAYER1_NEW = [1, 0, 4, 3, 2, 6, 5, 7]
+
+
+def _placements(seed: int = 0) -> tuple[Placement, Placement, Placement]:
+    g = torch.Generator().manual_seed(seed)
+    old = torch.stack([torch.randperm(E, generator=g), torch.arange(E)])
+    new = torch.stack([torch.randperm(E, generator=g), torch.tensor(LAYER1_NEW)])
+    third = torch.stack([torch.randperm(E, generator=g) for _ in range(L)])
+    return Placement(old), Placement(new), Placement(third)
+
+
+# ------------------------------------------------------------------------------ pure tests
+def test_plan_moves_kinds_and_determinism():
+    old, new, _ = _placements()
+    moves = plan_moves(old, new, TOPO, 1)
+    assert moves == plan_moves(old, new, TOPO, 1)
+    assert moves == [Move(0, 0, 0, 0, 1), Move(1, 0, 1, 0, 0), Move(2, 1, 0, 2, 0),
+                     Move(4, 2, 0, 1, 0), Move(5, 2, 1, 3, 0), Move(6, 3, 0, 2, 1)]
+    assert [m.is_transfer for m in moves] == [False, False, True, True, True, True]
+    node = TOPO.node_of_gpu
+    kinds = {("local" if not m.is_transfer else "intra" if node(m.src_rank) == node(m.dst_rank) else "inter")
+             for m in moves}
+    assert kinds == {"local", "intra", "inter"}
+    assert plan_moves(old, old, TOPO, 0) == []
+
+
+def test_plan_moves_rejects_bad_input():
+    old, new, _ = _placements()
+    with pytest.raises(ValueError, match="layer 2 out of range"):
+        plan_moves(old, new, TOPO, 2)
+    bad = Placement(torch.zeros(L, E, dtype=torch.int64))
+    with pytest.raises(ValueError, match="placement"):
+        plan_moves(old, bad, TOPO, 0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 300), pos=st.integers(0, 10**6), bit=st.integers(0, 7),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]))
+def test_checksum_catches_any_single_bit_flip(n, pos, bit, dtype):
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype)
+    raw = x.view(torch.uint8).clone()
+    w = _hash_weights(raw.numel(), raw.device)
+    before = _piece_checksum(raw, dtype, w)
+    raw[pos % raw.numel()] ^= 1 << bit
+    after = _piece_checksum(raw, dtype, w)
+    assert before[0] != after[0]
+
+
+# ------------------------------------------------------------------------------ spawn helper
+def _spawn(fn, tmp_path, *args, timeout: float = 60.0) -> None:
+    store = str(tmp_path / "store")
+    ctx = mp.start_processes(fn, args=(store, *args), nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"distributed test timed out after {timeout} s")
+
+
+def _init(rank: int, store: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=30))
+
+
+# ------------------------------------------------------------------------------ the model
+def _logical(seed: int) -> list[list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(E, *s, generator=g) for s in SHAPES] for _ in range(L)]
+
+
+def _loss(params, coef, ids_by_layer) -> torch.Tensor:
+    """Separable per expert row, so a rank's gradient rows need no communication."""
+    total = torch.zeros(())
+    for l, ps in enumerate(params):
+        for i, p in enumerate(ps):
+            w = p.to_local() if hasattr(p, "to_local") else p
+            c = coef[l][i][ids_by_layer[l]]
+            total = total + (w * c).sum() + 0.5 * (w * w * c.abs()).sum()
+    return total
+
+
+def _local_ids(placement: Placement, rank: int) -> list[torch.Tensor]:
+    return [placement.home_experts[l, rank * H:(rank + 1) * H] for l in range(L)]
+
+
+def _make(rank: int, placement: Placement, dtensor: bool):
+    full = _logical(1)
+    ids = _local_ids(placement, rank)
+    if dtensor:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import DTensor, Shard
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("node", "gpu"))._flatten("ep")
+        params = [[torch.nn.Parameter(DTensor.from_local(full[l][i][ids[l]].clone(), mesh, [Shard(0)]))
+                   for i in range(len(SHAPES))] for l in range(L)]
+    else:
+        params = [[torch.nn.Parameter(full[l][i][ids[l]].clone()) for i in range(len(SHAPES))] for l in range(L)]
+    opt = torch.optim.AdamW([p for ps in params for p in ps], lr=0.1, weight_decay=0.01)
+    return params, opt
+
+
+def _train_then_grad(params, opt, placement, rank):
+    """One AdamW step, then a fresh gradient (so rows, grads and state all differ by expert)."""
+    _loss(params, _logical(2), _local_ids(placement, rank)).backward()
+    opt.step()
+    opt.zero_grad()
+    _loss(params, _logical(3), _local_ids(placement, rank)).backward()
+
+
+def _pieces(params, opt):
+    """Local tensors per (layer, param): data, grad, exp_avg, exp_avg_sq."""
+    def loc(t):
+        return t.to_local() if hasattr(t, "to_local") else t
+    return [[(loc(p).detach(), loc(p.grad), loc(opt.state[p]["exp_avg"]), loc(opt.state[p]["exp_avg_sq"]))
+             for p in ps] for ps in params]
+
+
+def _gather_logical(local_pieces, placement: Placement):
+    """Full logical tensors [E, ...] of every piece, from every rank's rows (exact)."""
+    out = []
+    for l, per_param in enumerate(local_pieces):
+        row = []
+        for kinds in per_param:
+            fulls = []
+            for t in kinds:
+                parts = [torch.empty_like(t) for _ in range(WORLD)]
+                dist.all_gather(parts, t.contiguous())
+                full = torch.empty(E, *t.shape[1:], dtype=t.dtype)
+                full[placement.home_experts[l]] = torch.cat(parts)
+                fulls.append(full)
+            row.append(fulls)
+        out.append(row)
+    return out
+
+
+def _assert_rows(params, opt, logical, placement, rank):
+    ids = _local_ids(placement, rank)
+    for l, per_param in enumerate(_pieces(params, opt)):
+        for i, kinds in enumerate(per_param):
+            for k, t in enumerate(kinds):
+                assert torch.equal(t, logical[l][i][k][ids[l]]), (rank, l, i, k)
+
+
+def _snapshot(params, opt):
+    return [[[t.clone() for t in kinds] for kinds in per_param] for per_param in _pieces(params, opt)]
+
+
+def _assert_unchanged(params, opt, snap):
+    for now, before in zip(_pieces(params, opt), snap):
+        for kn, kb in zip(now, before):
+            for a, b in zip(kn, kb):
+                assert torch.equal(a, b)
+
+
+def _same_everywhere(msg: str) -> None:
+    buf = torch.zeros(512, dtype=torch.uint8)
+    raw = msg.encode()[:512]
+    buf[: len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
+    parts = [torch.empty_like(buf) for _ in range(WORLD)]
+    dist.all_gather(parts, buf)
+    assert all(torch.equal(p, parts[0]) for p in parts), "ranks raised different messages"
+
+
+# ------------------------------------------------------------------------------ workers
+def _worker_exact(rank: int, store: str) -> None:
+    _init(rank, store)
+    try:
+        old, new, third = _placements()
+        for dtensor in (False, True):
+            params, opt = _make(rank, old, dtensor)
+            _train_then_grad(params, opt, old, rank)
+            logical = _gather_logical(_pieces(params, opt), old)
+            steps = [float(opt.state[p]["step"]) for ps in params for p in ps]
+            report = migrate_experts(params, opt, old, new, TOPO)
+            assert report.experts_moved == sum(m.is_transfer for l in range(L) for m in plan_moves(old, new, TOPO, l))
+            assert report.experts_moved > 0 and report.local_reorders > 0
+            assert report.bytes_sent > 0 and report.bytes_received > 0
+            _assert_rows(params, opt, logical, new, rank)
+            assert [float(opt.state[p]["step"]) for ps in params for p in ps] == steps
+            # the optimizer still owns the very same parameters, and its next step is the
+            # reference (single-process, logical order) step re-indexed by the new placement
+            opt.step()
+            ref = [[torch.nn.Parameter(t.clone()) for t in ts] for ts in _logical(1)]
+            ref_opt = torch.optim.AdamW([p for ps in ref for p in ps], lr=0.1, weight_decay=0.01)
+            all_ids = [torch.arange(E)] * L
+            _loss(ref, _logical(2), all_ids).backward()
+            ref_opt.step()
+            ref_opt.zero_grad()
+            _loss(ref, _logical(3), all_ids).backward()
+            ref_opt.step()
+            ids = _local_ids(new, rank)
+            for l in range(L):
+                for i, p in enumerate(params[l]):
+                    got = p.to_local() if dtensor else p
+                    torch.testing.assert_close(got.detach(), ref[l][i].detach()[ids[l]], rtol=1e-6, atol=1e-7)
+                    torch.testing.assert_close(_pieces(params, opt)[l][i][3], ref_opt.state[ref[l][i]]["exp_avg_sq"][ids[l]],
+                                               rtol=1e-6, atol=1e-9)
+            # a second migration (to a third placement) and the identity one
+            logical = _gather_logical(_pieces(params, opt), new)
+            migrate_experts(params, opt, new, third, TOPO)
+            _assert_rows(params, opt, logical, third, rank)
+            empty = migrate_experts(params, opt, third, third, TOPO)
+            assert empty.experts_moved == 0 and empty.bytes_sent == 0
+            _assert_rows(params, opt, logical, third, rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def _worker_corrupt(rank: int, store: str) -> None:
+    _init(rank, store)
+    try:
+        old, new, _ = _placements()
+        params, opt = _make(rank, old, False)
+        _train_then_grad(params, opt, old, rank)
+        snap = _snapshot(params, opt)
+
+        def flip(r, received):
+            if r == 1:
+                buf = received[2]          # rank 1 receives expert 4 of layer 1 from rank 2
+                buf[buf.numel() // 2] ^= 0x10
+
+        with pytest.raises(MigrationError, match="sent by rank 2 arrived corrupted on rank 1") as info:
+            migrate_experts(params, opt, old, new, TOPO, _corrupt=flip)
+        assert "kept its old experts" in str(info.value)
+        _same_everywhere(str(info.value))
+        _assert_unchanged(params, opt, snap)
+        # the group is still in step: the same migration without corruption succeeds
+        logical = _gather_logical(_pieces(params, opt), old)
+        migrate_experts(params, opt, old, new, TOPO)
+        _assert_rows(params, opt, logical, new, rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def _worker_bad_input(rank: int, store: str) -> None:
+    _init(rank, store)
+    try:
+        old, new, _ = _placements()
+        params, opt = _make(rank, old, False)
+        _train_then_grad(params, opt, old, rank)
+        snap = _snapshot(params, opt)
+        cases = []
+        # rank 2 hands a tensor with a wrong leading dim
+        extra = torch.zeros(H + 1, *SHAPES[0])
+        bad_rows = [list(ps) for ps in params]
+        if rank == 2:
+            bad_rows[0][0] = extra
+        cases.append((bad_rows, opt, new, r"rank 2: layer 0 param 0 has local shape \(3, 6, 4\)"))
+        # rank 3 holds down_proj in float64
+        bad_dtype = [list(ps) for ps in params]
+        if rank == 3:
+            bad_dtype[1][1] = torch.zeros(H, *SHAPES[1], dtype=torch.float64)
+        cases.append((bad_dtype, None, new,
+                      r"ranks disagree before any transfer: .*rank 3 has 'layer 1 param 1: torch.float64"))
+        # rank 0 has another new placement
+        other = Placement(new.home_experts.flip(1).contiguous()) if rank == 0 else new
+        cases.append((params, opt, other, r"ranks disagree before any transfer: rank 0 has 'new placement"))
+        # wrong number of layers
+        cases.append((params[:1], opt, new, r"rank 0: tensors_by_layer has 1 layers, the placements have 2"))
+        for tensors, optim, target, match in cases:
+            with pytest.raises(ValueError, match=match) as info:
+                migrate_experts(tensors, optim, old, target, TOPO)
+            _same_everywhere(str(info.value))
+            _assert_unchanged(params, opt, snap)
+        logical = _gather_logical(_pieces(params, opt), old)
+        migrate_experts(params, opt, old, new, TOPO)
+        _assert_rows(params, opt, logical, new, rank)
+    finally:
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------ tests
+@pytest.mark.distributed
+def test_migration_moves_rows_grads_and_adamw_state_exactly(tmp_path):
+    _spawn(_worker_exact, tmp_path)
+
+
+@pytest.mark.distributed
+def test_corrupted_transfer_fails_on_every_rank_and_changes_nothing(tmp_path):
+    _spawn(_worker_corrupt, tmp_path)
+
+
+@pytest.mark.distributed
+def test_bad_input_fails_on_every_rank_before_any_transfer(tmp_path):
+    _spawn(_worker_bad_input, tmp_path)
