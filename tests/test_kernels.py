@@ -145,6 +145,8 @@ def test_backend_selection(monkeypatch):
     monkeypatch.delenv(kernels.ENV_VAR, raising=False)
     assert kernels.resolve_backend(None, cpu) == "reference"
     assert kernels.resolve_backend("triton", cpu) == "triton"
+    assert kernels.resolve_backend("torch", cpu) == "reference"  # relibra.config's names
+    assert kernels.resolve_backend("auto", cpu) == "reference"
     monkeypatch.setenv(kernels.ENV_VAR, "triton")
     assert kernels.resolve_backend(None, cpu) == "triton"
     assert kernels.resolve_backend("reference", cpu) == "reference"

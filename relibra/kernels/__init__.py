@@ -6,8 +6,9 @@ Triton version (:mod:`relibra.kernels.triton`, imported lazily the first time it
 Backend choice (``backend=`` argument of every op):
 
 - ``None``: the environment variable ``RELIBRA_KERNEL_BACKEND`` (``triton`` / ``reference``)
-  if set, else Triton for CUDA tensors and the reference elsewhere;
-- ``"triton"`` / ``"reference"``: forced. Triton on CPU tensors needs ``TRITON_INTERPRET=1``
+  if set, else Triton for CUDA tensors (when triton is installed) and the reference elsewhere;
+- ``"triton"`` / ``"reference"``: forced (``"torch"`` and ``"auto"``, the names of
+  :mod:`relibra.config`, mean ``"reference"`` and ``None``). Triton on CPU tensors needs ``TRITON_INTERPRET=1``
   set before triton is first imported.
 
 See :mod:`relibra.kernels.reference` for the shape legend and the token layout.
@@ -15,6 +16,7 @@ See :mod:`relibra.kernels.reference` for the shape legend and the token layout.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -25,14 +27,24 @@ __all__ = ["permute", "unpermute", "assign_copies", "resolve_backend", "BACKENDS
 
 BACKENDS = ("triton", "reference")
 ENV_VAR = "RELIBRA_KERNEL_BACKEND"
+_ALIASES = {"torch": "reference", "auto": None}  # the names relibra.config uses
+
+
+def _normalise(name: str | None) -> str | None:
+    return _ALIASES.get(name, name) if name is not None else None
+
+
+def _have_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def resolve_backend(backend: str | None, tensor: torch.Tensor) -> str:
     """The backend an op runs with for ``tensor`` (see the module doc); ValueError if unknown."""
+    backend = _normalise(backend)
     if backend is None:
-        backend = os.environ.get(ENV_VAR, "").strip().lower() or None
+        backend = _normalise(os.environ.get(ENV_VAR, "").strip().lower() or None)
         if backend is None:
-            return "triton" if tensor.is_cuda else "reference"
+            return "triton" if tensor.is_cuda and _have_triton() else "reference"
         if backend not in BACKENDS:
             raise ValueError(f"environment variable {ENV_VAR}={backend!r} is not one of {BACKENDS}")
         return backend
