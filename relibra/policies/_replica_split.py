@@ -164,15 +164,16 @@ def best_level(loads_BGH: torch.Tensor, rep_BK: torch.Tensor, spare_per_gpu: int
     replicated = torch.zeros(B, Gn * H + 1, dtype=torch.bool)
     replicated.scatter_(1, torch.where(exists, slot, Gn * H), True)
     fixed = torch.where(replicated[:, :-1], 0, flat).view(B, Gn, H).sum(-1)  # [B, Gn]
-    gpu_of = torch.nn.functional.one_hot(torch.arange(K) // spare_per_gpu, Gn).to(torch.float64)  # [K, Gn]
-    same = ((rep_BK[:, :, None] == rep_BK[:, None, :]) & exists[:, :, None]).to(torch.float64)  # [B, K, K]
-    holds = ((same @ gpu_of) + torch.nn.functional.one_hot(slot // H, Gn)) > 0  # [B, K, Gn] copies of k's expert
-    first = same.argmax(-1) == torch.arange(K)  # count each expert once
+    bit = 1 << (torch.arange(K) // spare_per_gpu)  # [K] bit of each spare slot's GPU
+    same = (rep_BK[:, :, None] == rep_BK[:, None, :]) & exists[:, :, None]  # [B, K, K] (incl. self)
+    # GPUs holding a copy of record k's expert (at most one copy per GPU, so the sum is an OR)
+    mask = ((same * bit).sum(-1) | (1 << (slot // H))).to(torch.int32)  # [B, K]
+    first = same.to(torch.int8).argmax(-1) == torch.arange(K)  # count each expert once
     w = torch.where(exists & first, flat.gather(1, slot), 0).to(torch.float64)  # [B, K]
-    subsets = torch.arange(1, 1 << Gn)  # [U]
-    members = ((subsets[:, None] >> torch.arange(Gn)) & 1).to(torch.float64)  # [U, Gn]
-    outside = holds.to(torch.float64) @ (1.0 - members.T)  # [B, K, U] copies outside U
-    total = fixed.to(torch.float64) @ members.T + (w[:, None, :] @ (outside == 0).to(torch.float64)).squeeze(1)
+    subsets = torch.arange(1, 1 << Gn, dtype=torch.int32)  # [U]
+    members = ((subsets[:, None] >> torch.arange(Gn, dtype=torch.int32)) & 1).to(torch.float64)  # [U, Gn]
+    inside = ((mask[:, :, None] & ~subsets) == 0).to(torch.float64)  # [B, K, U] all copies in U
+    total = fixed.to(torch.float64) @ members.T + torch.bmm(w[:, None, :], inside).squeeze(1)  # [B, U]
     size = members.sum(-1)
     return torch.ceil(total / size - 1e-9).amax(-1).to(torch.int64)
 
