@@ -6,20 +6,16 @@ reference run), so each rank checks its own rows against the rows the new placem
 
 from __future__ import annotations
 
-import os
-import time
-from datetime import timedelta
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relibra import Placement, Topology
 from relibra.migration import MigrationError, Move, migrate_experts, plan_moves
 from relibra.migration import _hash_weights, _piece_checksum
+from relibra.testing import run_world
 
 TOPO = Topology(num_nodes=2, gpus_per_node=2, num_experts=8)   # G=4, H=2
 WORLD, H, E, L = 4, 2, 8, 2
@@ -74,25 +70,6 @@ def test_checksum_catches_any_single_bit_flip(n, pos, bit, dtype):
     assert before[0] != after[0]
 
 
-# ------------------------------------------------------------------------------ spawn helper
-def _spawn(fn, tmp_path, *args, timeout: float = 60.0) -> None:
-    store = str(tmp_path / "store")
-    ctx = mp.start_processes(fn, args=(store, *args), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"distributed test timed out after {timeout} s")
-
-
-def _init(rank: int, store: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=30))
-
-
 # ------------------------------------------------------------------------------ the model
 def _logical(seed: int) -> list[list[torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
@@ -114,13 +91,13 @@ def _local_ids(placement: Placement, rank: int) -> list[torch.Tensor]:
     return [placement.home_experts[l, rank * H:(rank + 1) * H] for l in range(L)]
 
 
-def _make(rank: int, placement: Placement, dtensor: bool):
+def _make(rank: int, placement: Placement, ep_mesh=None):
+    """This rank's rows of the logical weights; DTensor Shard(0) over ``ep_mesh`` if given."""
     full = _logical(1)
     ids = _local_ids(placement, rank)
-    if dtensor:
-        from torch.distributed.device_mesh import init_device_mesh
+    if ep_mesh is not None:
         from torch.distributed.tensor import DTensor, Shard
-        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("node", "gpu"))._flatten("ep")
+        mesh = ep_mesh
         params = [[torch.nn.Parameter(DTensor.from_local(full[l][i][ids[l]].clone(), mesh, [Shard(0)]))
                    for i in range(len(SHAPES))] for l in range(L)]
     else:
@@ -192,124 +169,114 @@ def _same_everywhere(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------ workers
-def _worker_exact(rank: int, store: str) -> None:
-    _init(rank, store)
-    try:
-        old, new, third = _placements()
-        for dtensor in (False, True):
-            params, opt = _make(rank, old, dtensor)
-            _train_then_grad(params, opt, old, rank)
-            logical = _gather_logical(_pieces(params, opt), old)
-            steps = [float(opt.state[p]["step"]) for ps in params for p in ps]
-            report = migrate_experts(params, opt, old, new, TOPO)
-            assert report.experts_moved == sum(m.is_transfer for l in range(L) for m in plan_moves(old, new, TOPO, l))
-            assert report.experts_moved > 0 and report.local_reorders > 0
-            assert report.bytes_sent > 0 and report.bytes_received > 0
-            _assert_rows(params, opt, logical, new, rank)
-            assert [float(opt.state[p]["step"]) for ps in params for p in ps] == steps
-            # the optimizer still owns the very same parameters, and its next step is the
-            # reference (single-process, logical order) step re-indexed by the new placement
-            opt.step()
-            ref = [[torch.nn.Parameter(t.clone()) for t in ts] for ts in _logical(1)]
-            ref_opt = torch.optim.AdamW([p for ps in ref for p in ps], lr=0.1, weight_decay=0.01)
-            all_ids = [torch.arange(E)] * L
-            _loss(ref, _logical(2), all_ids).backward()
-            ref_opt.step()
-            ref_opt.zero_grad()
-            _loss(ref, _logical(3), all_ids).backward()
-            ref_opt.step()
-            ids = _local_ids(new, rank)
-            for l in range(L):
-                for i, p in enumerate(params[l]):
-                    got = p.to_local() if dtensor else p
-                    torch.testing.assert_close(got.detach(), ref[l][i].detach()[ids[l]], rtol=1e-6, atol=1e-7)
-                    torch.testing.assert_close(_pieces(params, opt)[l][i][3], ref_opt.state[ref[l][i]]["exp_avg_sq"][ids[l]],
-                                               rtol=1e-6, atol=1e-9)
-            # a second migration (to a third placement) and the identity one
-            logical = _gather_logical(_pieces(params, opt), new)
-            migrate_experts(params, opt, new, third, TOPO)
-            _assert_rows(params, opt, logical, third, rank)
-            empty = migrate_experts(params, opt, third, third, TOPO)
-            assert empty.experts_moved == 0 and empty.bytes_sent == 0
-            _assert_rows(params, opt, logical, third, rank)
-    finally:
-        dist.destroy_process_group()
-
-
-def _worker_corrupt(rank: int, store: str) -> None:
-    _init(rank, store)
-    try:
-        old, new, _ = _placements()
-        params, opt = _make(rank, old, False)
+def _worker_exact(rank: int, mesh) -> None:
+    old, new, third = _placements()
+    for ep_mesh in (None, mesh._flatten("ep")):
+        dtensor = ep_mesh is not None
+        params, opt = _make(rank, old, ep_mesh)
         _train_then_grad(params, opt, old, rank)
-        snap = _snapshot(params, opt)
+        logical = _gather_logical(_pieces(params, opt), old)
+        steps = [float(opt.state[p]["step"]) for ps in params for p in ps]
+        group = None if ep_mesh is None else ep_mesh.get_group()   # a non-default group too
+        report = migrate_experts(params, opt, old, new, TOPO, group=group)
+        assert report.experts_moved == sum(m.is_transfer for l in range(L) for m in plan_moves(old, new, TOPO, l))
+        assert report.experts_moved > 0 and report.local_reorders > 0
+        assert report.bytes_sent > 0 and report.bytes_received > 0
+        _assert_rows(params, opt, logical, new, rank)
+        assert [float(opt.state[p]["step"]) for ps in params for p in ps] == steps
+        # the optimizer still owns the very same parameters, and its next step is the
+        # reference (single-process, logical order) step re-indexed by the new placement
+        opt.step()
+        ref = [[torch.nn.Parameter(t.clone()) for t in ts] for ts in _logical(1)]
+        ref_opt = torch.optim.AdamW([p for ps in ref for p in ps], lr=0.1, weight_decay=0.01)
+        all_ids = [torch.arange(E)] * L
+        _loss(ref, _logical(2), all_ids).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        _loss(ref, _logical(3), all_ids).backward()
+        ref_opt.step()
+        ids = _local_ids(new, rank)
+        for l in range(L):
+            for i, p in enumerate(params[l]):
+                got = p.to_local() if dtensor else p
+                torch.testing.assert_close(got.detach(), ref[l][i].detach()[ids[l]], rtol=1e-6, atol=1e-7)
+                torch.testing.assert_close(_pieces(params, opt)[l][i][3], ref_opt.state[ref[l][i]]["exp_avg_sq"][ids[l]],
+                                           rtol=1e-6, atol=1e-9)
+        # a second migration (to a third placement) and the identity one
+        logical = _gather_logical(_pieces(params, opt), new)
+        migrate_experts(params, opt, new, third, TOPO, group=group)
+        _assert_rows(params, opt, logical, third, rank)
+        empty = migrate_experts(params, opt, third, third, TOPO, group=group)
+        assert empty.experts_moved == 0 and empty.bytes_sent == 0
+        _assert_rows(params, opt, logical, third, rank)
 
-        def flip(r, received):
-            if r == 1:
-                buf = received[2]          # rank 1 receives expert 4 of layer 1 from rank 2
-                buf[buf.numel() // 2] ^= 0x10
 
-        with pytest.raises(MigrationError, match="sent by rank 2 arrived corrupted on rank 1") as info:
-            migrate_experts(params, opt, old, new, TOPO, _corrupt=flip)
-        assert "kept its old experts" in str(info.value)
+def _worker_corrupt(rank: int, mesh) -> None:
+    old, new, _ = _placements()
+    params, opt = _make(rank, old)
+    _train_then_grad(params, opt, old, rank)
+    snap = _snapshot(params, opt)
+
+    def flip(r, received):
+        if r == 1:
+            buf = received[2]          # rank 1 receives expert 4 of layer 1 from rank 2
+            buf[buf.numel() // 2] ^= 0x10
+
+    with pytest.raises(MigrationError, match="sent by rank 2 arrived corrupted on rank 1") as info:
+        migrate_experts(params, opt, old, new, TOPO, _corrupt=flip)
+    assert "kept its old experts" in str(info.value)
+    _same_everywhere(str(info.value))
+    _assert_unchanged(params, opt, snap)
+    # the group is still in step: the same migration without corruption succeeds
+    logical = _gather_logical(_pieces(params, opt), old)
+    migrate_experts(params, opt, old, new, TOPO)
+    _assert_rows(params, opt, logical, new, rank)
+
+
+def _worker_bad_input(rank: int, mesh) -> None:
+    old, new, _ = _placements()
+    params, opt = _make(rank, old)
+    _train_then_grad(params, opt, old, rank)
+    snap = _snapshot(params, opt)
+    cases = []
+    # rank 2 hands a tensor with a wrong leading dim
+    extra = torch.zeros(H + 1, *SHAPES[0])
+    bad_rows = [list(ps) for ps in params]
+    if rank == 2:
+        bad_rows[0][0] = extra
+    cases.append((bad_rows, opt, new, r"rank 2: layer 0 param 0 has local shape \(3, 6, 4\)"))
+    # rank 3 holds down_proj in float64
+    bad_dtype = [list(ps) for ps in params]
+    if rank == 3:
+        bad_dtype[1][1] = torch.zeros(H, *SHAPES[1], dtype=torch.float64)
+    cases.append((bad_dtype, None, new,
+                  r"ranks disagree before any transfer: .*rank 3 has 'layer 1 param 1: torch.float64"))
+    # rank 0 has another new placement
+    other = Placement(new.home_experts.flip(1).contiguous()) if rank == 0 else new
+    cases.append((params, opt, other, r"ranks disagree before any transfer: rank 0 has 'new placement"))
+    # wrong number of layers
+    cases.append((params[:1], opt, new, r"rank 0: tensors_by_layer has 1 layers, the placements have 2"))
+    for tensors, optim, target, match in cases:
+        with pytest.raises(ValueError, match=match) as info:
+            migrate_experts(tensors, optim, old, target, TOPO)
         _same_everywhere(str(info.value))
         _assert_unchanged(params, opt, snap)
-        # the group is still in step: the same migration without corruption succeeds
-        logical = _gather_logical(_pieces(params, opt), old)
-        migrate_experts(params, opt, old, new, TOPO)
-        _assert_rows(params, opt, logical, new, rank)
-    finally:
-        dist.destroy_process_group()
-
-
-def _worker_bad_input(rank: int, store: str) -> None:
-    _init(rank, store)
-    try:
-        old, new, _ = _placements()
-        params, opt = _make(rank, old, False)
-        _train_then_grad(params, opt, old, rank)
-        snap = _snapshot(params, opt)
-        cases = []
-        # rank 2 hands a tensor with a wrong leading dim
-        extra = torch.zeros(H + 1, *SHAPES[0])
-        bad_rows = [list(ps) for ps in params]
-        if rank == 2:
-            bad_rows[0][0] = extra
-        cases.append((bad_rows, opt, new, r"rank 2: layer 0 param 0 has local shape \(3, 6, 4\)"))
-        # rank 3 holds down_proj in float64
-        bad_dtype = [list(ps) for ps in params]
-        if rank == 3:
-            bad_dtype[1][1] = torch.zeros(H, *SHAPES[1], dtype=torch.float64)
-        cases.append((bad_dtype, None, new,
-                      r"ranks disagree before any transfer: .*rank 3 has 'layer 1 param 1: torch.float64"))
-        # rank 0 has another new placement
-        other = Placement(new.home_experts.flip(1).contiguous()) if rank == 0 else new
-        cases.append((params, opt, other, r"ranks disagree before any transfer: rank 0 has 'new placement"))
-        # wrong number of layers
-        cases.append((params[:1], opt, new, r"rank 0: tensors_by_layer has 1 layers, the placements have 2"))
-        for tensors, optim, target, match in cases:
-            with pytest.raises(ValueError, match=match) as info:
-                migrate_experts(tensors, optim, old, target, TOPO)
-            _same_everywhere(str(info.value))
-            _assert_unchanged(params, opt, snap)
-        logical = _gather_logical(_pieces(params, opt), old)
-        migrate_experts(params, opt, old, new, TOPO)
-        _assert_rows(params, opt, logical, new, rank)
-    finally:
-        dist.destroy_process_group()
+    logical = _gather_logical(_pieces(params, opt), old)
+    migrate_experts(params, opt, old, new, TOPO)
+    _assert_rows(params, opt, logical, new, rank)
 
 
 # ------------------------------------------------------------------------------ tests
 @pytest.mark.distributed
-def test_migration_moves_rows_grads_and_adamw_state_exactly(tmp_path):
-    _spawn(_worker_exact, tmp_path)
+def test_migration_moves_rows_grads_and_adamw_state_exactly():
+    run_world(_worker_exact, world_size=WORLD, nodes=2, timeout=90)
 
 
 @pytest.mark.distributed
-def test_corrupted_transfer_fails_on_every_rank_and_changes_nothing(tmp_path):
-    _spawn(_worker_corrupt, tmp_path)
+def test_corrupted_transfer_fails_on_every_rank_and_changes_nothing():
+    run_world(_worker_corrupt, world_size=WORLD, nodes=2, timeout=90)
 
 
 @pytest.mark.distributed
-def test_bad_input_fails_on_every_rank_before_any_transfer(tmp_path):
-    _spawn(_worker_bad_input, tmp_path)
+def test_bad_input_fails_on_every_rank_before_any_transfer():
+    run_world(_worker_bad_input, world_size=WORLD, nodes=2, timeout=90)
