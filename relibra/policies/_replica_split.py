@@ -169,13 +169,15 @@ def best_level(loads_BGH: torch.Tensor, rep_BK: torch.Tensor, spare_per_gpu: int
     # GPUs holding a copy of record k's expert (at most one copy per GPU, so the sum is an OR)
     mask = ((same * bit).sum(-1) | (1 << (slot // H))).to(torch.int32)  # [B, K]
     first = same.to(torch.int8).argmax(-1) == torch.arange(K)  # count each expert once
-    w = torch.where(exists & first, flat.gather(1, slot), 0).to(torch.float64)  # [B, K]
+    w = torch.where(exists & first, flat.gather(1, slot), 0)  # [B, K]
     subsets = torch.arange(1, 1 << Gn, dtype=torch.int32)  # [U]
-    members = ((subsets[:, None] >> torch.arange(Gn, dtype=torch.int32)) & 1).to(torch.float64)  # [U, Gn]
-    inside = ((mask[:, :, None] & ~subsets) == 0).to(torch.float64)  # [B, K, U] all copies in U
-    total = fixed.to(torch.float64) @ members.T + torch.bmm(w[:, None, :], inside).squeeze(1)  # [B, U]
-    size = members.sum(-1)
-    return torch.ceil(total / size - 1e-9).amax(-1).to(torch.int64)
+    members = (subsets[:, None] >> torch.arange(Gn, dtype=torch.int32)) & 1  # [U, Gn]
+    total = (fixed.to(torch.float64) @ members.T.to(torch.float64)).round().to(torch.int64)  # [B, U]
+    outside_u = ~subsets
+    for k in range(K):  # [B, U] at a time: stays in cache
+        total += torch.where((mask[:, k, None] & outside_u) == 0, w[:, k, None], 0)
+    size = members.sum(-1).to(torch.int64)
+    return ((total + size - 1) // size).amax(-1)
 
 
 def resplit(loads_BGH: torch.Tensor, rep_BK: torch.Tensor, made_BT: torch.Tensor, level_B: torch.Tensor,
@@ -186,24 +188,27 @@ def resplit(loads_BGH: torch.Tensor, rep_BK: torch.Tensor, made_BT: torch.Tensor
     """
     B, Gn, H = loads_BGH.shape
     S = spare_per_gpu
-    hflat = loads_BGH.reshape(B, Gn * H).clone()
-    x = torch.zeros_like(rep_BK)
-    ld = loads_BGH.sum(-1)
+    K = rep_BK.shape[1]
+    hflat = torch.cat([loads_BGH.reshape(B, Gn * H), torch.zeros(B, 1, dtype=torch.int64)], 1)
+    x = torch.zeros(B, K + 1, dtype=torch.int64)
+    ld = torch.cat([loads_BGH.sum(-1), torch.zeros(B, 1, dtype=torch.int64)], 1)
+    rep_x = torch.cat([rep_BK, torch.full((B, 1), Gn * H, dtype=torch.int64)], 1)
+    T = level_B[:, None]
     for t in range(made_BT.shape[1]):
-        k = made_BT[:, t]
-        sel = torch.nonzero(k >= 0).squeeze(1)
-        if sel.numel() == 0:
+        k = made_BT[:, t:t + 1]
+        live = k >= 0
+        if not bool(live.any()):
             break
-        k = k[sel]
-        slot = rep_BK[sel, k]
-        donor, recv = slot // H, k // S
-        T = level_B[sel]
-        amt = torch.minimum(hflat[sel, slot], torch.minimum(ld[sel, donor] - T, T - ld[sel, recv])).clamp(min=0)
-        x[sel, k] = amt
-        hflat[sel, slot] -= amt
-        ld[sel, donor] -= amt
-        ld[sel, recv] += amt
-    return hflat.view(B, Gn, H), x
+        k = torch.where(live, k, K)
+        slot = rep_x.gather(1, k)  # dummy column Gn*H for finished problems
+        donor = torch.where(live, slot // H, Gn)
+        recv = torch.where(live, k // S, Gn)
+        room = torch.minimum(ld.gather(1, donor) - T, T - ld.gather(1, recv))
+        amt = torch.where(live, torch.minimum(hflat.gather(1, slot), room).clamp(min=0), 0)
+        x.scatter_(1, k, amt)
+        hflat.scatter_add_(1, slot, -amt)
+        ld.scatter_add_(1, donor, -amt).scatter_add_(1, recv, amt)
+    return hflat[:, :-1].reshape(B, Gn, H), x[:, :K]
 
 
 def optimal_split(hshare_BGH: torch.Tensor, rep_BK: torch.Tensor, x_BK: torch.Tensor,
