@@ -102,15 +102,15 @@ def run(policy, args, accelerator):
         step_loss = []
         for m, idx in enumerate(chunks):
             ids = batches[m]
-            with balancer.micro_batch(m):
+            with balancer.micro_batch(m):  # replica plan + replayed routes, for forward and backward
                 logits = ddp_model(input_ids=ids).logits[:, :-1]
-            logp = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-            mask = torch.zeros_like(logp)
-            mask[:, P - 1:] = 1.0  # response tokens
-            # on-policy GRPO without KL: the clipped ratio is exp(logp - logp.detach()) = 1 with the
-            # gradient of logp; the REINFORCE form below has the same gradient and a non-zero value
-            loss = -(logp * adv[idx, None] * mask).sum() / mask.sum() / M
-            accelerator.backward(loss)
+                logp = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+                mask = torch.zeros_like(logp)
+                mask[:, P - 1:] = 1.0  # response tokens
+                # on-policy GRPO without KL: the clipped ratio is exp(logp - logp.detach()) = 1 with the
+                # gradient of logp; the REINFORCE form below has the same gradient and a non-zero value
+                loss = -(logp * adv[idx, None] * mask).sum() / mask.sum() / M
+                accelerator.backward(loss)
             step_loss.append(float(loss.detach()))
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -124,6 +124,13 @@ class RouteRecorder:
         self.stop()
 
     # -------------------------------------------------------------- results
+    @property
+    def prefill_positions(self) -> int:
+        """Positions of the first recorded forward call (the padded prompt width of a generate)."""
+        if not self._calls[0]:
+            raise ValueError("RouteRecorder recorded nothing")
+        return int(self._calls[0][0].shape[1])
+
     def routes(self) -> torch.Tensor:
         """``routes_BSLK`` int64 of the positions fed to the model so far."""
         if not self._calls[0]:

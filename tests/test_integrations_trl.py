@@ -1,0 +1,55 @@
+"""RelibraGRPOTrainer (skipped without trl): routes recorded at TRL's generation drive the Balancer in training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+transformers = pytest.importorskip("transformers")
+datasets = pytest.importorskip("datasets")
+
+from relibra.integrations.accelerate import RelibraPlugin  # noqa: E402
+from relibra.integrations.trl import RelibraGRPOTrainer  # noqa: E402
+from relibra.layer import ReLibraMoE  # noqa: E402
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[PAD]": 0, "[EOS]": 1, **{f"t{i}": i for i in range(2, 64)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[PAD]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", eos_token="[EOS]")
+    fast.padding_side = "left"
+    return fast
+
+
+def test_grpo_trainer_records_routes_and_plans_every_step(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                      num_experts=8, num_experts_per_tok=2, max_position_embeddings=64,
+                                      tie_word_embeddings=False, eos_token_id=1, pad_token_id=0)
+    model = transformers.Qwen3MoeForCausalLM(cfg).float()
+    prompts = [" ".join(f"t{(3 * i + j) % 60 + 2}" for j in range(2 + i % 3)) for i in range(8)]  # ragged prompts
+    data = datasets.Dataset.from_dict({"prompt": prompts})
+    args = trl.GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
+                          max_completion_length=4, max_steps=2, report_to=[], use_cpu=True, logging_steps=1,
+                          learning_rate=1e-3, save_strategy="no", bf16=False, seed=0)
+    trainer = RelibraGRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [float(len(c)) for c in completions],
+                                 args=args, train_dataset=data, processing_class=_tokenizer(),
+                                 relibra_plugin=RelibraPlugin(policy="static", spare_slots_per_gpu=0))
+    assert any(isinstance(m, ReLibraMoE) for m in trainer.model.modules())
+    plans = []
+    plan_step = trainer.balancer.plan_step
+    trainer.balancer.plan_step = lambda routes: plans.append([r.clone() for r in routes]) or plan_step(routes)
+    trainer.train()
+    assert len(plans) == 2 and len(trainer.route_store) > 0
+    for routes in plans:
+        for r in routes:
+            assert r.shape[1:] == (2, 2)
+            assert ((r >= 0).all(-1) | (r == -1).all(-1)).all()  # a token has all its routes or none
+            assert (r >= 0).all(-1).any()
+    assert trainer.balancer.optimizer is trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") \
+        else trainer.balancer.optimizer is trainer.optimizer
