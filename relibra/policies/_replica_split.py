@@ -169,15 +169,21 @@ def best_level(loads_BGH: torch.Tensor, rep_BK: torch.Tensor, spare_per_gpu: int
     # GPUs holding a copy of record k's expert (at most one copy per GPU, so the sum is an OR)
     mask = ((same * bit).sum(-1) | (1 << (slot // H))).to(torch.int32)  # [B, K]
     first = same.to(torch.int8).argmax(-1) == torch.arange(K)  # count each expert once
-    w = torch.where(exists & first, flat.gather(1, slot), 0)  # [B, K]
-    subsets = torch.arange(1, 1 << Gn, dtype=torch.int32)  # [U]
-    members = (subsets[:, None] >> torch.arange(Gn, dtype=torch.int32)) & 1  # [U, Gn]
-    total = (fixed.to(torch.float64) @ members.T.to(torch.float64)).round().to(torch.int64)  # [B, U]
-    outside_u = ~subsets
-    for k in range(K):  # [B, U] at a time: stays in cache
-        total += torch.where((mask[:, k, None] & outside_u) == 0, w[:, k, None], 0)
-    size = members.sum(-1).to(torch.int64)
-    return ((total + size - 1) // size).amax(-1)
+    w = torch.where(exists & first, flat.gather(1, slot), 0).to(torch.float64)  # [B, K]
+    # meet in the middle: U = (low GPUs, high GPUs); a copy set is inside U iff both halves are
+    lo = Gn // 2
+    sub_lo = torch.arange(1 << lo, dtype=torch.int32)
+    sub_hi = torch.arange(1 << (Gn - lo), dtype=torch.int32)
+    in_lo = ((mask & ((1 << lo) - 1))[:, :, None] & ~sub_lo) == 0  # [B, K, 2^lo]
+    in_hi = ((mask >> lo)[:, :, None] & ~sub_hi) == 0  # [B, K, 2^hi]
+    inside = torch.bmm(in_hi.to(torch.float64).transpose(1, 2), in_lo * w[:, :, None])  # [B, 2^hi, 2^lo]
+    bits_lo = ((sub_lo[:, None] >> torch.arange(lo, dtype=torch.int32)) & 1).to(torch.float64)  # [2^lo, lo]
+    bits_hi = ((sub_hi[:, None] >> torch.arange(Gn - lo, dtype=torch.int32)) & 1).to(torch.float64)
+    fixed = fixed.to(torch.float64)
+    total = inside + (fixed[:, :lo] @ bits_lo.T)[:, None, :] + (fixed[:, lo:] @ bits_hi.T)[:, :, None]
+    size = bits_hi.sum(-1)[:, None] + bits_lo.sum(-1)[None, :]  # [2^hi, 2^lo]; U = 0 has size 0
+    level = torch.where(size > 0, torch.floor((total + size - 1) / size.clamp(min=1)), 0)  # exact below 2**40
+    return level.amax((1, 2)).to(torch.int64)
 
 
 def resplit(loads_BGH: torch.Tensor, rep_BK: torch.Tensor, made_BT: torch.Tensor, level_B: torch.Tensor,
