@@ -77,74 +77,41 @@ def greedy_replicas(hshare_BGH: torch.Tensor, spare_per_gpu: int
     # one extra column in each state tensor absorbs the writes of finished problems
     rep_x = torch.full((B, K + 1), -1, dtype=torch.int64)
     x_x = torch.zeros(B, K + 1, dtype=torch.int64)
-    free = torch.full((B, Gn + 1), S, dtype=torch.int64)
-    holds = torch.zeros(B, Gn * H * Gn + 1, dtype=torch.bool)  # (home slot, GPU) holds a replica
+    used = torch.zeros(B, Gn + 1, dtype=torch.int64)  # filled spare slots per GPU
+    # (home slot, GPU) that may not take a replica: the home GPU itself, then every copy made
+    holds = torch.zeros(B, Gn * H, Gn, dtype=torch.bool)
+    holds[:, torch.arange(Gn * H), torch.arange(Gn * H) // H] = True
+    holds = torch.cat([holds.view(B, Gn * H * Gn), torch.zeros(B, 1, dtype=torch.bool)], 1)
+    full = torch.zeros(B, Gn, dtype=torch.bool)
     hflat = hshare_BGH.view(B, Gn * H)
+    offsets = (torch.arange(H)[:, None] * Gn + torch.arange(Gn)).view(1, H * Gn)  # [1, H*Gn]
     ar_h = torch.arange(H)
-    gpu_ids = torch.arange(Gn)
     for t in range(K):
         donor = ld.argmax(-1, keepdim=True)  # [B, 1]
         slots = donor * H + ar_h  # [B, H] local home slots of the donor
         share = hflat.gather(1, slots)  # [B, H]
-        held = holds.gather(1, (slots[:, :, None] * Gn + gpu_ids).view(B, H * Gn)).view(B, H, Gn)
-        ok = ~held & ((free[:, None, :Gn] > 0) & (gpu_ids != donor)[:, None, :])
-        rload, recv = torch.where(ok, ld[:, None, :], _INF).min(-1)  # [B, H]
+        blocked = holds.gather(1, donor * (H * Gn) + offsets).view(B, H, Gn) | full[:, None, :]
+        rload, recv = ld[:, None, :].masked_fill(blocked, _INF).min(-1)  # [B, H]
         room = torch.minimum(ld.gather(1, donor) - target[:, None], target[:, None] - rload)
-        score = torch.where(torch.minimum(share, room) > 0, share, -1)
-        best_share, j = score.max(-1, keepdim=True)
+        best_share, j = share.masked_fill(torch.minimum(share, room) <= 0, -1).max(-1, keepdim=True)
         active = best_share > 0  # [B, 1]
         if not bool(active.any()):
             break
-        amt = torch.minimum(best_share, room.gather(1, j)).clamp(min=0)
-        amt = torch.where(active, amt, 0)
-        r = recv.gather(1, j)
-        slot = slots.gather(1, j)
-        k = torch.where(active, r * S + (S - free.gather(1, r)), K)
-        made[:, t] = torch.where(active, k, -1).squeeze(1)
+        amt = torch.minimum(best_share, room.gather(1, j)).clamp_(min=0)
+        r = torch.where(active, recv.gather(1, j), Gn)
+        slot = donor * H + j
+        k = torch.where(active, r * S + used.gather(1, r), K)
+        made[:, t] = k.squeeze(1).masked_fill(~active.squeeze(1), -1)
         rep_x.scatter_(1, k, slot)
         x_x.scatter_(1, k, amt)
         holds.scatter_(1, torch.where(active, slot * Gn + r, Gn * H * Gn), True)
-        free.scatter_add_(1, torch.where(active, r, Gn), -torch.ones_like(r))
+        used.scatter_add_(1, r, active.to(torch.int64))
+        full = used[:, :Gn] >= S
         hflat.scatter_add_(1, slot, -amt)
-        ld.scatter_add_(1, donor, -amt).scatter_add_(1, r, amt)
+        ld.scatter_add_(1, donor, -amt)
+        ld.scatter_add_(1, r.clamp(max=Gn - 1), amt)
     rep.copy_(rep_x[:, :K])
     x.copy_(x_x[:, :K])
-    return rep, x, made
-    ld = hshare_BGH.sum(-1)  # [B, Gn]
-    target = (ld.sum(-1) + Gn - 1) // Gn  # [B]
-    free = torch.full((B, Gn), S, dtype=torch.int64)
-    holds = torch.zeros(B, Gn * H, Gn, dtype=torch.bool)  # home slot -> GPUs holding a replica
-    ar = torch.arange(B)
-    gpu_ids = torch.arange(Gn)
-    hflat = hshare_BGH.view(B, Gn * H)
-    for t in range(K):
-        donor = ld.argmax(-1)  # [B]
-        slots = donor[:, None] * H + torch.arange(H)  # [B, H] local home slots of the donor
-        share = hflat.gather(1, slots)  # [B, H]
-        ok = (free > 0)[:, None, :] & ~holds[ar[:, None], slots] & (gpu_ids != donor[:, None])[:, None, :]
-        recv_ld = torch.where(ok, ld[:, None, :], _INF)  # [B, H, Gn]
-        rload, recv = recv_ld.min(-1)  # [B, H]
-        amount = torch.minimum(share, torch.minimum(ld[ar, donor, None] - target[:, None], target[:, None] - rload))
-        amount = torch.where(rload < _INF, amount, 0)
-        score = torch.where(amount > 0, share, -1)
-        best_share, j = score.max(-1)
-        active = best_share > 0
-        if not bool(active.any()):
-            break
-        amt = torch.where(active, amount[ar, j], 0)
-        r = recv[ar, j]
-        slot = slots[ar, j]
-        k = r * S + (S - free[ar, r])
-        k = torch.where(active, k, 0)
-        sel = ar[active]
-        made[sel, t] = k[active]
-        rep[sel, k[active]] = slot[active]
-        x[sel, k[active]] = amt[active]
-        holds[sel, slot[active], r[active]] = True
-        free[sel, r[active]] -= 1
-        hflat[sel, slot[active]] -= amt[active]
-        ld[sel, donor[active]] -= amt[active]
-        ld[sel, r[active]] += amt[active]
     return rep, x, made
 
 
