@@ -20,7 +20,14 @@ GPU, its hottest home expert that has a free receiver, and copies it onto the le
 of the node with a free spare slot that does not already hold it, moving
 ``min(share, donor - T, T - receiver)`` tokens, ``T = ceil(node mean)``.
 
-Phase 2 (:func:`optimal_split`): for the chosen replicas, the exact integer min-max split.
+Phase 2a (:func:`best_level`, :func:`resplit`): the exact optimal busiest-GPU load ``T*`` for
+the chosen replicas, ``max over GPU subsets U of ceil((fixed(U) + experts with every copy in
+U) / |U|)`` (enumerated meet-in-the-middle: two half-node masks and one batched matmul, up to
+10 GPUs per node), then the greedy moves replayed with ``T*`` as target. On real-shaped loads
+this start is already optimal everywhere.
+
+Phase 2b (:func:`optimal_split`): the exact integer min-max split for the chosen replicas,
+run only where 2a did not reach ``T*`` (or with no ``T*`` for wider nodes).
 Residual graph on the node's GPUs: an edge ``u -> v`` when some expert has tokens on ``u`` and
 a copy on ``v``. A split is optimal iff no busiest GPU reaches a GPU at least 2 tokens lighter
 (otherwise the set U reachable from the busiest GPUs satisfies ``load(U) = fixed(U) +
