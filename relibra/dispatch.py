@@ -19,6 +19,7 @@ is kept between them. The only host syncs are the counts (split sizes) of the al
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -96,13 +97,16 @@ class DispatchMeta:
     group: object
 
 
-def _all_to_all(x: torch.Tensor, out_splits, in_splits, group) -> torch.Tensor:
+def all_to_all_autograd(x: torch.Tensor, out_splits, in_splits, group) -> torch.Tensor:
+    """Differentiable ``all_to_all_single`` along dim 0 (identity without a group)."""
     if group is None:
         return x
     from torch.distributed.nn.functional import all_to_all_single
 
     out = x.new_empty(sum(out_splits), *x.shape[1:])
-    return all_to_all_single(out, x, list(out_splits), list(in_splits), group=group)
+    with warnings.catch_warnings():  # torch 2.13 flags the autograd form as deprecated; it works
+        warnings.simplefilter("ignore", FutureWarning)
+        return all_to_all_single(out, x, list(out_splits), list(in_splits), group=group)
 
 
 def dispatch(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, table: SlotTable, token_offset_E: torch.Tensor,
@@ -124,7 +128,7 @@ def dispatch(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, table: SlotTable, to
     send_splits = tuple(counts_GS.sum(1).tolist())
     recv_list = recv_counts_GS.tolist()  # host sync: the split sizes
     recv_splits = tuple(sum(r) for r in recv_list)
-    x_recv = _all_to_all(x_send, recv_splits, send_splits, group)
+    x_recv = all_to_all_autograd(x_send, recv_splits, send_splits, group)
     # received blocks (source, slot) -> (slot, source)
     starts = torch.tensor(recv_list, dtype=torch.int64).view(-1)
     starts = (starts.cumsum(0) - starts).view(G, SL)
@@ -147,7 +151,7 @@ def dispatch(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, table: SlotTable, to
 def combine(y_local_ND: torch.Tensor, meta: DispatchMeta, weights_TK: torch.Tensor) -> torch.Tensor:
     """Bring expert outputs (slot order, as :func:`dispatch` gave them) home; weighted top-k sum."""
     y_recv = y_local_ND.index_select(0, meta.from_slot_order)
-    y_send = _all_to_all(y_recv, meta.send_splits, meta.recv_splits, meta.group)
+    y_send = all_to_all_autograd(y_recv, meta.send_splits, meta.recv_splits, meta.group)
     return kernels.unpermute(y_send, meta.row_index_TK, weights_TK.to(y_send.dtype))
 
 

@@ -80,14 +80,13 @@ def fetch_replicas(gate_up_HFD: torch.Tensor, down_HDI: torch.Tensor, route: Rep
     Differentiable: gradients of the returned weights add into ``gate_up_HFD`` / ``down_HDI``
     on the home ranks.
     """
-    from torch.distributed.nn.functional import all_to_all_single
+    from .dispatch import all_to_all_autograd
 
     H, F_, D = gate_up_HFD.shape
     I = down_HDI.shape[2]
     fused = torch.cat([gate_up_HFD.reshape(H, -1), down_HDI.reshape(H, -1)], 1)
     send = fused.index_select(0, torch.tensor(route.send_rows, dtype=torch.int64, device=fused.device))
-    recv = fused.new_empty(sum(route.recv_splits), fused.shape[1])
-    recv = all_to_all_single(recv, send, list(route.recv_splits), list(route.send_splits), group=group)
+    recv = all_to_all_autograd(send, route.recv_splits, route.send_splits, group)
     slots = torch.tensor(route.recv_slots, dtype=torch.int64, device=fused.device)
     spare = fused.new_zeros(num_spare, fused.shape[1]).index_copy(0, slots, recv)
     return spare[:, : F_ * D].reshape(num_spare, F_, D), spare[:, F_ * D:].reshape(num_spare, D, I)
