@@ -95,6 +95,19 @@ def run(args) -> list[tuple]:
         imb, node_imb = torch.stack(imb), torch.stack(node_imb)
         label = name + (f"({','.join(f'{k}={v}' for k, v in options.items())})" if options else "")
         rows.append((label, cpu, wall, float(imb.mean()), float(imb.max()), float(node_imb.mean())))
+    # replicate as the balancer calls it: one micro-batch at a time, on a fixed placement
+    from relibra.plan import Placement
+    from relibra.policies.replicate import replicate_on
+
+    placement = Placement.contiguous(topo, steps.shape[2])
+    cpu = wall = 0.0
+    for loads in steps:
+        for mb in loads:
+            c0, w0 = time.process_time(), time.perf_counter()
+            replicate_on(mb[None], placement, topo)
+            cpu += time.process_time() - c0
+            wall += time.perf_counter() - w0
+    rows.append(("replicate, 1 micro-batch/call", cpu, wall, float("nan"), float("nan"), float("nan")))
     ref = loop_reference()
     if ref is not None:
         cpu = wall = 0.0
