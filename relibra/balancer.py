@@ -208,6 +208,7 @@ class Balancer:
         for layer in self.layers:
             layer.realised_rows = {}
         self._offsets_MLE = (source_GMLE.cumsum(0) - source_GMLE)[self.rank]
+        self._source_MLGE = source_GMLE.permute(1, 2, 0, 3)
         self._record_metrics(plan, loads, migration, t_plan, time.perf_counter() - t0)
         return plan
 
@@ -267,7 +268,8 @@ class Balancer:
         for l, layer in enumerate(self.layers):
             layer.install(layer.micro_batch_context(plan.spare_experts[m, l], plan.slot_tokens[m, l],
                                                     self._routes[m][:, l, :], self._offsets_MLE[m, l],
-                                                    plan.intra_node_replicas, index=m))
+                                                    plan.intra_node_replicas, index=m,
+                                                    source_loads_GE=self._source_MLGE[m, l]))
         try:
             yield
         finally:

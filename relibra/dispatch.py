@@ -30,7 +30,7 @@ from . import kernels
 from .plan import slot_ranks
 from .topology import Topology
 
-__all__ = ["SlotTable", "slot_table", "DispatchMeta", "dispatch", "combine", "expert_mlp"]
+__all__ = ["SlotTable", "slot_table", "split_counts", "DispatchMeta", "dispatch", "combine", "expert_mlp"]
 
 
 @dataclass(frozen=True)
@@ -109,24 +109,52 @@ def all_to_all_autograd(x: torch.Tensor, out_splits, in_splits, group) -> torch.
         return all_to_all_single(out, x, list(out_splits), list(in_splits), group=group)
 
 
+def split_counts(table: SlotTable, source_loads_GE: torch.Tensor, slots_per_rank: int) -> torch.Tensor:
+    """``[G, P]`` token copies each source rank sends to each physical slot, on the host.
+
+    Exactly what :func:`relibra.kernels.assign_copies` will produce for routes whose per-rank
+    expert counts are ``source_loads_GE`` (when the split covers them): the copies of expert e
+    from rank s occupy positions ``[off[s, e], off[s, e] + load[s, e])`` of e's global order and
+    each copy c of e takes positions ``[end[c-1], end[c])``. Lets :func:`dispatch` skip the
+    counts exchange when routes were replayed.
+    """
+    slots, ends = table.copy_slots_EX.cpu(), table.copy_ends_EX.cpu()
+    E, X = slots.shape
+    G = source_loads_GE.shape[0]
+    P = G * slots_per_rank
+    starts = torch.cat([torch.zeros(E, 1, dtype=torch.int64), ends[:, :-1]], 1)
+    src_start = source_loads_GE.cumsum(0) - source_loads_GE          # [G, E]
+    src_end = src_start + source_loads_GE
+    lo = torch.maximum(src_start[:, :, None], starts[None])          # [G, E, X]
+    hi = torch.minimum(src_end[:, :, None], ends[None])
+    n = (hi - lo).clamp(min=0) * (slots >= 0)[None]
+    out = torch.zeros(G, P + 1, dtype=torch.int64)
+    out.scatter_add_(1, torch.where(slots >= 0, slots, P).reshape(1, -1).expand(G, -1), n.reshape(G, -1))
+    return out[:, :P]
+
+
 def dispatch(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, table: SlotTable, token_offset_E: torch.Tensor,
-             num_ranks: int, slots_per_rank: int, group=None) -> tuple[torch.Tensor, DispatchMeta]:
+             num_ranks: int, slots_per_rank: int, group=None, recv_counts_GS: list | None = None
+             ) -> tuple[torch.Tensor, DispatchMeta]:
     """Send every token copy to its physical slot; return ``(x_local_ND, meta)``.
 
     ``x_local_ND`` holds the received rows ordered by local slot (then source rank, token, k);
-    ``meta.slot_counts`` gives the block sizes for the grouped GEMM.
+    ``meta.slot_counts`` gives the block sizes for the grouped GEMM. ``recv_counts_GS``
+    (``[G][H+S]`` ints from :func:`split_counts`), when known, replaces the counts exchange.
     """
     G, SL = num_ranks, slots_per_rank
     dest = kernels.assign_copies(topk_ids_TK, table.copy_slots_EX, table.copy_ends_EX, token_offset_E)
     x_send, row_index, offsets = kernels.permute(x_TD, dest, G * SL)
     counts_GS = (offsets[1:] - offsets[:-1]).view(G, SL)
-    if group is None:
-        recv_counts_GS = counts_GS
-    else:
-        recv_counts_GS = torch.empty_like(counts_GS)
-        dist.all_to_all_single(recv_counts_GS, counts_GS.contiguous(), group=group)
     send_splits = tuple(counts_GS.sum(1).tolist())
-    recv_list = recv_counts_GS.tolist()  # host sync: the split sizes
+    if recv_counts_GS is not None:
+        recv_list = recv_counts_GS
+    elif group is None:
+        recv_list = counts_GS.tolist()
+    else:
+        recv = torch.empty_like(counts_GS)
+        dist.all_to_all_single(recv, counts_GS.contiguous(), group=group)
+        recv_list = recv.tolist()  # host sync: the split sizes
     recv_splits = tuple(sum(r) for r in recv_list)
     x_recv = all_to_all_autograd(x_send, recv_splits, send_splits, group)
     # received blocks (source, slot) -> (slot, source)

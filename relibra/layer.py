@@ -46,6 +46,7 @@ class LayerMicroBatch:
     token_offset_E: torch.Tensor | None
     replica_route: ReplicaRoute | None
     index: int = -1
+    recv_counts_GS: list | None = None  # rows from each source rank per local slot (replayed routes)
 
 
 class Experts(nn.Module):
@@ -204,15 +205,25 @@ class ReLibraMoE(nn.Module):
 
     def micro_batch_context(self, spare_experts_R: torch.Tensor, slot_tokens_P: torch.Tensor,
                             routes_TK: torch.Tensor | None, token_offset_E: torch.Tensor | None,
-                            intra_node: bool, index: int = -1) -> LayerMicroBatch:
-        """Build (on the host, no communication) what this layer runs one micro-batch with."""
+                            intra_node: bool, index: int = -1,
+                            source_loads_GE: torch.Tensor | None = None) -> LayerMicroBatch:
+        """Build (on the host, no communication) what this layer runs one micro-batch with.
+
+        ``source_loads_GE [G, E]``: every rank's expert counts of ``routes_TK`` (all-gathered by
+        the Balancer); with it the dispatch skips its counts exchange.
+        """
         dev = self.gate.weight.device
         table = _dispatch.slot_table(self.home_experts_K, self.topology, spare_experts_R, slot_tokens_P, dev)
         route = None
         if table.has_replicas:
             route = replica_route(self.home_experts_K, spare_experts_R, self.topology, self.ep_rank, intra_node)
         off = None if token_offset_E is None else token_offset_E.to(dev)
-        return LayerMicroBatch(table, None if routes_TK is None else routes_TK.to(dev), off, route, index)
+        recv = None
+        if source_loads_GE is not None and routes_TK is not None:
+            SL = self.topology.slots_per_gpu
+            counts = _dispatch.split_counts(table, source_loads_GE, SL)
+            recv = counts[:, self.ep_rank * SL:(self.ep_rank + 1) * SL].tolist()
+        return LayerMicroBatch(table, None if routes_TK is None else routes_TK.to(dev), off, route, index, recv)
 
     def install(self, ctx: LayerMicroBatch | None) -> None:
         self._micro_batch = ctx
@@ -260,16 +271,21 @@ class ReLibraMoE(nn.Module):
             offset = self._live_token_offset(ids_TK)
         gate_up, down = self.experts.local_weights()
         H, S = t.home_slots_per_gpu, t.spare_slots_per_gpu
+        recv = ctx.recv_counts_GS if from_ctx else None
+        x_local, meta = _dispatch.dispatch(x_TD, ids_TK, table, offset, t.num_gpus, H + S, self.ep_group, recv)
+        if ctx is not None:
+            self.realised_rows[ctx.index] = x_local.shape[0]
+        counts = meta.slot_counts
+        n_home = sum(counts[:H])  # rows are ordered by local slot: home slots first
+        y_local = _dispatch.expert_mlp(x_local[:n_home], gate_up, down, counts[:H])
         if table.has_replicas:
             sg, sd = fetch_replicas(gate_up, down, ctx.replica_route, S,
                                     self.node_group if ctx.replica_route.group_ranks != list(range(t.num_gpus))
                                     else self.ep_group)
-            gate_up, down = torch.cat([gate_up, sg]), torch.cat([down, sd])
-        x_local, meta = _dispatch.dispatch(x_TD, ids_TK, table, offset, t.num_gpus, H + S, self.ep_group)
-        counts = meta.slot_counts if table.has_replicas else meta.slot_counts[:H]
-        if ctx is not None:
-            self.realised_rows[ctx.index] = x_local.shape[0]
-        y_local = _dispatch.expert_mlp(x_local, gate_up, down, counts)
+            # always in the graph (even with no spare rows here) so that every rank runs the
+            # fetch's backward all-to-all, in the same order
+            y_spare = _dispatch.expert_mlp(x_local[n_home:], sg, sd, counts[H:])
+            y_local = torch.cat([y_local, y_spare])
         return _dispatch.combine(y_local, meta, w_TK)
 
     def _live_token_offset(self, ids_TK: torch.Tensor) -> torch.Tensor:

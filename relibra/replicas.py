@@ -84,8 +84,11 @@ def fetch_replicas(gate_up_HFD: torch.Tensor, down_HDI: torch.Tensor, route: Rep
 
     H, F_, D = gate_up_HFD.shape
     I = down_HDI.shape[2]
-    fused = torch.cat([gate_up_HFD.reshape(H, -1), down_HDI.reshape(H, -1)], 1)
-    send = fused.index_select(0, torch.tensor(route.send_rows, dtype=torch.int64, device=fused.device))
+    rows = torch.tensor(route.send_rows, dtype=torch.int64, device=gate_up_HFD.device)
+    n = rows.numel()  # copy only the rows that travel
+    send = torch.cat([gate_up_HFD.index_select(0, rows).reshape(n, F_ * D),
+                      down_HDI.index_select(0, rows).reshape(n, D * I)], 1)
+    fused = send
     recv = all_to_all_autograd(send, route.recv_splits, route.send_splits, group)
     slots = torch.tensor(route.recv_slots, dtype=torch.int64, device=fused.device)
     spare = fused.new_zeros(num_spare, fused.shape[1]).index_copy(0, slots, recv)

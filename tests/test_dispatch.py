@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from relibra.dispatch import combine, dispatch, expert_mlp, slot_table
+from relibra.dispatch import combine, dispatch, expert_mlp, slot_table, split_counts
 from relibra.replicas import replica_route
 from relibra.topology import Topology
 
@@ -90,3 +90,27 @@ def test_replica_route_layout_is_consistent_between_sender_and_receiver():
     with pytest.raises(ValueError, match="outside the group"):
         replica_route(home, cross, t, 0, intra_node=True)
     assert replica_route(home, cross, t, 0, intra_node=False).recv_splits == [0, 0, 1, 0]
+
+
+def test_split_counts_match_assign_copies_per_source_rank():
+    """The host-side counts that replace the counts exchange equal what the kernel assigns."""
+    from relibra import kernels
+
+    torch.manual_seed(4)
+    t = Topology(2, 2, 8, spare_slots_per_gpu=1)
+    G, E, SL = 4, 8, t.slots_per_gpu
+    routes = [torch.randint(0, E, (n, 2)) for n in (5, 0, 7, 3)]
+    loads_GE = torch.stack([torch.bincount(r.reshape(-1), minlength=E) for r in routes])
+    home = torch.arange(E)
+    spare = torch.tensor([3, 0, 6, 5])  # replicas inside their home node
+    from relibra.plan import Placement, Plan
+
+    plan = Plan.with_spares(Placement(home[None]), spare[None, None], loads_GE.sum(0)[None, None], t)
+    plan.validate(t, loads_GE.sum(0)[None, None])
+    table = slot_table(home, t, spare, plan.slot_tokens[0, 0])
+    counts = split_counts(table, loads_GE, SL)
+    off = loads_GE.cumsum(0) - loads_GE
+    for s, r in enumerate(routes):
+        dest = kernels.assign_copies(r, table.copy_slots_EX, table.copy_ends_EX, off[s])
+        assert torch.equal(torch.bincount(dest.reshape(-1), minlength=G * SL), counts[s])
+    assert counts.sum() == sum(r.numel() for r in routes)
