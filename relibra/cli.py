@@ -16,6 +16,7 @@ __all__ = ["main", "bench", "plot_bench"]
 
 _COLUMNS = (("step_time_s", "step s", "{:.2f}"), ("tokens_per_s", "tok/s", "{:,.0f}"),
             ("speedup_vs_static", "x static", "{:.2f}"), ("speedup_vs_eplb_oracle", "x eplb-or", "{:.2f}"),
+            ("speedup_vs_eplb_oracle_global", "x eplb-gl", "{:.2f}"),
             ("gap_to_ideal", "gap ideal", "{:+.1%}"), ("imbalance_mean", "imb mean", "{:.2f}"),
             ("imbalance_worst", "imb worst", "{:.2f}"), ("bytes_moved", "GB moved", "{:.1f}"),
             ("planning_time_s", "plan s", "{:.3f}"))
@@ -28,6 +29,43 @@ def _parse_sets(items: list[str]) -> dict[str, str]:
         if not sep or not key:
             raise ValueError(f"--set expects key=value, got {item!r}")
         out[key.strip()] = value.strip()
+    return out
+
+
+def parse_options(items: list[str], policies: list[str]) -> dict[str, dict[str, Any]]:
+    """``["hybrid.migration_weight=0.5", ...]`` -> ``{"hybrid": {"migration_weight": 0.5}}``.
+
+    Values are YAML scalars (``0.5``, ``true``, ``null``, ``global``; quote for a string that
+    looks like a number). The policy must be one of the bench rows in ``policies`` (not
+    ``ideal``) and the option one the policy takes; otherwise ValueError naming it.
+    """
+    import yaml
+
+    from .sim import policy_factory
+
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        name, dot, option = key.strip().rpartition(".")
+        if not sep or not dot or not name or not option:
+            raise ValueError(f"--option expects POLICY.OPTION=VALUE (e.g. hybrid.migration_weight=0.5), got {item!r}")
+        if name not in policies or name == "ideal":
+            rows = ", ".join(p for p in policies if p != "ideal")
+            raise ValueError(f"--option {item!r}: policy {name!r} is not a simulated policy row; rows: {rows}")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            raise ValueError(f"--option {item!r}: value {text!r} is not a YAML scalar ({exc})") from None
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"--option {item!r}: value must be a scalar, got {type(value).__name__}")
+        out.setdefault(name, {})[option] = value
+    for name, opts in out.items():
+        try:
+            policy_factory(name, opts)
+        except TypeError as exc:
+            raise ValueError(f"--option for policy {name!r}: {exc}") from None
+        except ValueError as exc:
+            raise ValueError(f"--option for policy {name!r} {opts}: {exc}") from None
     return out
 
 
@@ -71,6 +109,7 @@ def bench(args: argparse.Namespace) -> int:
         cfg = make_config(args.preset, args.cluster, {**_parse_sets(args.set), "num_moe_layers": loads.shape[2]})
     topology = cfg.topology(args.nodes, args.gpus_per_node, args.spare_slots)
     names = [n.strip() for n in args.policies.split(",") if n.strip()]
+    options = parse_options(args.option, names)
     bar = None
     try:
         from tqdm import tqdm
@@ -85,20 +124,26 @@ def bench(args: argparse.Namespace) -> int:
             if name != names[0]:
                 bar.update(1)
 
-    results = simulate(loads, topology, cfg, names, warmup_steps=args.warmup_steps, progress=progress)
+    results = simulate(loads, topology, cfg, names, warmup_steps=args.warmup_steps, progress=progress,
+                       options=options)
     if bar is not None:
         bar.update(1)
         bar.close()
     S, M, L, E = loads.shape
     header = {"trace": args.trace or "default", "trace_meta": meta, "steps": S, "micro_batches": M,
               "layers": L, "experts": E, "warmup_steps": args.warmup_steps, "topology": str(topology),
-              "preset": args.preset, "cluster": args.cluster, "cost": cfg.to_dict()}
+              "preset": args.preset, "cluster": args.cluster, "cost": cfg.to_dict(), "policy_options": options,
+              "planning_time": "process CPU seconds of policy.plan per step, one torch thread"}
     if args.json:
         print(json.dumps({"policies": {n: r.to_json() for n, r in results.items()}, **header}))
     else:
         print(f"trace {header['trace']}: {S} steps x {M} micro-batches x {L} layers x {E} experts; "
               f"{topology}; {args.preset} on {args.cluster}; steady state after {args.warmup_steps} warm-up step(s)")
+        if options:
+            print("policy options: " + "; ".join(f"{n}: {o}" for n, o in options.items()))
         print(_table(results))
+        print("plan s: process CPU time of policy.plan per step (all micro-batches), one torch thread; "
+              "times and volumes come from relibra.cost's model, not a measurement")
     if args.plot:
         plot_bench(results, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
@@ -176,6 +221,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--plot", default=None, metavar="FILE.png")
     b.add_argument("--set", action="append", default=[], metavar="key=value",
                    help="override a cost parameter (see relibra.cost.CostConfig), repeatable")
+    b.add_argument("--option", action="append", default=[], metavar="POLICY.OPTION=VALUE",
+                   help="pass an option to one policy row, e.g. hybrid.migration_weight=0.5 "
+                        "(value read as a YAML scalar), repeatable")
     sub.add_parser("launch", help="accelerate launch with relibra's settings", add_help=False)
     return ap
 

@@ -6,6 +6,15 @@ Every policy gets a fresh object and sees the steps in order (``policy.plan(load
 first ``warmup_steps`` steps only warm up history-based policies: they are planned and their
 placement carried forward, but every reported number averages the later (steady) steps.
 ``ideal`` is the cost model's idealised run (every GPU at the mean, nothing moved).
+
+Planning time (``planning_time_s``) is the process CPU time of ``policy.plan`` alone, per step
+(all micro-batches of the step), averaged over steady steps, measured with torch on ONE
+intra-op thread (``torch.set_num_threads(1)`` around the call, the caller's setting restored
+after). Why: on a shared machine a multi-threaded torch op waits for busy cores (OpenMP
+workers spin), which on the 2-core development machines turned ~0.02 s of static planning
+into 0.3-0.8 s and ~0.4 s of hybrid into 2-12 s; wall time also counts other processes.
+One thread and CPU time measure the planner's own work, comparable to
+``benchmarks/planners.py``. Cost-model pricing is never inside the timing.
 """
 
 from __future__ import annotations
@@ -22,25 +31,53 @@ from .plan import Placement
 from .policies import get_policy
 from .topology import Topology
 
-__all__ = ["DEFAULT_POLICIES", "PolicyResult", "policy_factory", "simulate"]
+__all__ = ["DEFAULT_POLICIES", "PolicyResult", "policy_factory", "policy_options", "timed_plan", "simulate"]
 
-DEFAULT_POLICIES = ("static", "eplb-history", "eplb-oracle", "reorder", "replicate", "hybrid", "ideal")
+DEFAULT_POLICIES = ("static", "eplb-history", "eplb-oracle", "eplb-oracle-global", "reorder", "replicate",
+                    "hybrid", "ideal")
 
-# bench names that map to one registered policy with options
+# bench names that map to one registered policy with options. ``eplb-oracle`` keeps EPLB's own
+# choice (hierarchical when the expert groups divide over the nodes: with DeepSeek-V3's 8 groups
+# on 8 nodes every node gets one whole group, so no load moves between nodes);
+# ``eplb-oracle-global`` forces the global mode, which may.
 _ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "eplb-history": ("eplb", {"source": "history"}),
     "eplb-oracle": ("eplb", {"source": "oracle"}),
+    "eplb-oracle-global": ("eplb", {"source": "oracle", "mode": "global"}),
 }
 
 
-def policy_factory(name: str) -> Callable[[], Any]:
-    """A zero-argument builder of a fresh policy named ``name`` (aliases resolved).
+def policy_options(name: str, options: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """``(registered name, options)`` of bench row ``name``: its alias options, then ``options``."""
+    base, alias = _ALIASES.get(name, (name, {}))
+    return base, {**alias, **(options or {})}
 
-    Raises ValueError (unknown policy) or TypeError (option not taken) from the registry.
+
+def policy_factory(name: str, options: dict[str, Any] | None = None) -> Callable[[], Any]:
+    """A zero-argument builder of a fresh policy named ``name`` (aliases resolved, ``options`` added).
+
+    Raises ValueError (unknown policy, bad option value) or TypeError (option not taken) from
+    the registry.
     """
-    base, options = _ALIASES.get(name, (name, {}))
-    get_policy(base, **options)  # fail now, not mid-simulation
-    return lambda: get_policy(base, **options)
+    base, opts = policy_options(name, options)
+    get_policy(base, **opts)  # fail now, not mid-simulation
+    return lambda: get_policy(base, **opts)
+
+
+def timed_plan(policy: Any, loads_MLE: torch.Tensor, topology: Topology) -> tuple[Any, float]:
+    """``(policy.plan(loads_MLE, topology), process CPU seconds)`` on one torch thread.
+
+    The caller's thread count is restored afterwards, also when ``plan`` raises.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t0 = time.process_time()
+        plan = policy.plan(loads_MLE, topology)
+        elapsed = time.process_time() - t0
+    finally:
+        torch.set_num_threads(threads)
+    return plan, elapsed
 
 
 @dataclass
@@ -52,6 +89,7 @@ class PolicyResult:
     tokens_per_s: float = 0.0
     speedup_vs_static: float | None = None
     speedup_vs_eplb_oracle: float | None = None
+    speedup_vs_eplb_oracle_global: float | None = None
     gap_to_ideal: float | None = None
     imbalance_mean: float = 1.0
     imbalance_worst: float = 1.0
@@ -60,6 +98,7 @@ class PolicyResult:
     bytes_moved_replicas: float = 0.0
     planning_time_s: float = 0.0
     breakdown_s: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)  # registered policy name and options used
     skipped: str | None = None
     gpu_loads_LG: Any = field(default=None, repr=False)  # one steady micro-batch, for plots
 
@@ -79,12 +118,16 @@ def _mean_cost(costs: list[StepCost]) -> dict[str, float]:
 
 def simulate(loads_SMLE: Any, topology: Topology, cfg: CostConfig,
              policies: Iterable[str] = DEFAULT_POLICIES, warmup_steps: int = 1,
-             progress: Callable[[str], None] | None = None) -> dict[str, PolicyResult]:
+             progress: Callable[[str], None] | None = None,
+             options: dict[str, dict[str, Any]] | None = None) -> dict[str, PolicyResult]:
     """Simulate every policy over the steps of ``loads_SMLE`` ``[S, M, L, E]``.
 
+    ``options`` maps a bench row name to extra policy options (``{"hybrid": {"migration_weight":
+    0.5}}``); they must be accepted by the policy (else TypeError/ValueError from the registry).
     Returns results by name; a policy missing from the registry comes back with ``skipped``
     set to the reason. Raises ValueError for a trace that does not fit the topology/config.
     """
+    options = options or {}
     loads = torch.as_tensor(np.asarray(loads_SMLE)).to(torch.int64)
     if loads.dim() != 4:
         raise ValueError(f"trace loads must be [steps, M, L, E], got shape {tuple(loads.shape)}")
@@ -110,18 +153,21 @@ def simulate(loads_SMLE: Any, topology: Topology, cfg: CostConfig,
             mean = loads[steady[0], 0].to(torch.float64).sum(-1, keepdim=True) / G
             res.gpu_loads_LG = mean.expand(L, G).numpy()
             continue
-        try:
-            make = policy_factory(name)
-        except (ValueError, TypeError) as exc:
-            res.skipped = f"policy {name!r} unavailable: {exc}"
-            continue
+        base, opts = policy_options(name, options.get(name))
+        res.options = {"policy": base, **opts}
+        if name in options:  # asked-for options must work: no silent skip
+            make = policy_factory(name, options[name])
+        else:
+            try:
+                make = policy_factory(name)
+            except (ValueError, TypeError) as exc:
+                res.skipped = f"policy {name!r} unavailable: {exc}"
+                continue
         policy = make()
         previous = Placement.contiguous(topology, L)
         costs, plan_times, imb, imb_worst = [], [], [], []
         for s in range(S):
-            t0 = time.perf_counter()
-            plan = policy.plan(loads[s], topology)
-            elapsed = time.perf_counter() - t0
+            plan, elapsed = timed_plan(policy, loads[s], topology)
             cost = step_cost(plan, loads[s], cfg, previous=previous)
             previous = plan.placement
             if s < warmup_steps:
@@ -152,9 +198,11 @@ def _relative(results: dict[str, PolicyResult]) -> None:
         return None if r is None or r.skipped else r.step_time_s
 
     static, oracle, ideal = ref("static"), ref("eplb-oracle"), ref("ideal")
+    oracle_global = ref("eplb-oracle-global")
     for r in results.values():
         if r.skipped:
             continue
         r.speedup_vs_static = static / r.step_time_s if static else None
         r.speedup_vs_eplb_oracle = oracle / r.step_time_s if oracle else None
+        r.speedup_vs_eplb_oracle_global = oracle_global / r.step_time_s if oracle_global else None
         r.gap_to_ideal = r.step_time_s / ideal - 1.0 if ideal else None

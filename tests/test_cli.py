@@ -57,6 +57,44 @@ def test_bench_errors(small_trace, capsys, tmp_path):
     assert "bogus" in capsys.readouterr().err
 
 
+def test_bench_policy_options_recorded_and_applied(small_trace, capsys):
+    args = ["bench", "--trace", small_trace, "--preset", "qwen3-30b-a3b", "--nodes", "2", "--gpus-per-node", "4",
+            "--policies", "static,eplb-oracle,eplb-oracle-global,ideal", "--json"]
+    assert main(args + ["--option", "eplb-oracle.mode=global", "--option", "eplb-oracle.window=2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["policy_options"] == {"eplb-oracle": {"mode": "global", "window": 2}}
+    pol = out["policies"]
+    assert pol["eplb-oracle"]["options"] == {"policy": "eplb", "source": "oracle", "mode": "global", "window": 2}
+    assert pol["eplb-oracle-global"]["options"] == {"policy": "eplb", "source": "oracle", "mode": "global"}
+    # forced to the same mode, the two rows plan the same: same step time
+    assert pol["eplb-oracle"]["step_time_s"] == pytest.approx(pol["eplb-oracle-global"]["step_time_s"])
+    assert pol["eplb-oracle-global"]["speedup_vs_eplb_oracle_global"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("option, needle", [
+    ("hybrid.no_such_option=1", "no_such_option"),     # option the policy does not take
+    ("nosuch.window=2", "'nosuch'"),                   # policy not among the rows
+    ("ideal.x=1", "'ideal'"),                          # ideal takes no options
+    ("eplb-oracle.mode=sideways", "sideways"),         # value the policy rejects
+    ("eplb-oracle.window=[1, 2]", "scalar"),           # YAML list, not a scalar
+    ("window=2", "POLICY.OPTION=VALUE"),               # no policy part
+])
+def test_bench_bad_options_name_the_culprit(small_trace, capsys, option, needle):
+    rc = main(["bench", "--trace", small_trace, "--preset", "qwen3-30b-a3b", "--nodes", "2", "--gpus-per-node", "4",
+               "--policies", "static,eplb-oracle,hybrid,ideal", "--option", option])
+    assert rc == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_parse_options_yaml_scalars():
+    from relibra.cli import parse_options
+
+    got = parse_options(["eplb-history.window=3", "eplb-history.ema_decay=0.5", "eplb-history.history=ema"],
+                        ["eplb-history"])
+    assert got == {"eplb-history": {"window": 3, "ema_decay": 0.5, "history": "ema"}}
+    assert isinstance(got["eplb-history"]["window"], int)
+
+
 def test_launch_delegates(monkeypatch):
     import relibra.integrations.launcher as launcher
 

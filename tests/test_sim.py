@@ -57,6 +57,36 @@ def test_static_numbers_and_warmup_excluded():
     assert st_.bytes_moved == 0.0 and st_.planning_time_s >= 0.0
 
 
+def test_eplb_global_row_and_single_thread_planning_time():
+    topo = CFG.topology(2, 2, 1)
+    rng = np.random.default_rng(1)
+    loads = rng.integers(0, 100, size=(2, 2, 2, 8))
+    torch.set_num_threads(2)
+    res = simulate(loads, topo, CFG, ["static", "eplb-oracle", "eplb-oracle-global", "ideal"])
+    assert torch.get_num_threads() == 2  # timing's one-thread setting is restored
+    g = res["eplb-oracle-global"]
+    assert g.skipped is None and g.options == {"policy": "eplb", "source": "oracle", "mode": "global"}
+    assert res["eplb-oracle"].options == {"policy": "eplb", "source": "oracle"}
+    assert g.speedup_vs_eplb_oracle_global == pytest.approx(1.0)
+    assert res["static"].speedup_vs_eplb_oracle_global == pytest.approx(
+        g.step_time_s / res["static"].step_time_s)
+    assert all(r.planning_time_s >= 0.0 for r in res.values())
+
+
+def test_timed_plan_restores_threads_on_error():
+    from relibra.sim import timed_plan
+
+    class Boom:
+        def plan(self, loads, topology):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("boom")
+
+    torch.set_num_threads(2)
+    with pytest.raises(RuntimeError, match="boom"):
+        timed_plan(Boom(), None, TOPO)
+    assert torch.get_num_threads() == 2
+
+
 def test_missing_policy_is_skipped_not_fatal():
     loads = np.ones((2, 1, 2, 8), dtype=np.int64)
     res = simulate(loads, TOPO, CFG, ["static", "no-such-policy", "ideal"])
