@@ -21,6 +21,7 @@ layers adopt the new placement only after it succeeded.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from typing import Any, Iterator, Sequence
 
@@ -31,6 +32,7 @@ import torch.nn as nn
 from .layer import ReLibraMoE
 from .plan import Placement, Plan
 from .policies import get_policy
+from .replicas import fetch_replicas_many
 from .topology import Topology
 
 __all__ = ["Balancer"]
@@ -265,16 +267,38 @@ class Balancer:
         if not 0 <= m < self.plan.num_micro_batches:
             raise IndexError(f"micro-batch {m} out of range [0, {self.plan.num_micro_batches})")
         plan = self.plan
-        for l, layer in enumerate(self.layers):
-            layer.install(layer.micro_batch_context(plan.spare_experts[m, l], plan.slot_tokens[m, l],
-                                                    self._routes[m][:, l, :], self._offsets_MLE[m, l],
-                                                    plan.intra_node_replicas, index=m,
-                                                    source_loads_GE=self._source_MLGE[m, l]))
+        ctxs = [layer.micro_batch_context(plan.spare_experts[m, l], plan.slot_tokens[m, l],
+                                          self._routes[m][:, l, :], self._offsets_MLE[m, l],
+                                          plan.intra_node_replicas, index=m,
+                                          source_loads_GE=self._source_MLGE[m, l])
+                for l, layer in enumerate(self.layers)]
+        ctxs = self._prefetch_replicas(ctxs)
+        for layer, ctx in zip(self.layers, ctxs):
+            layer.install(ctx)
         try:
             yield
         finally:
             for layer in self.layers:
                 layer.install(None)
+
+    def _prefetch_replicas(self, ctxs):
+        """Fetch the replica weights of every layer in one all-to-all (one per backward too)."""
+        idx = [i for i, c in enumerate(ctxs) if c.replica_route is not None]
+        if self.group is None or not idx:
+            return ctxs
+        layers = [self.layers[i] for i in idx]
+        dtypes = {layer.experts.gate_up_proj.dtype for layer in layers}
+        groups = {tuple(ctxs[i].replica_route.group_ranks) for i in idx}
+        if len(dtypes) > 1 or len(groups) > 1:  # mixed layers: each layer fetches its own
+            return ctxs
+        weights = [layer.experts.local_weights() for layer in layers]
+        routes = [ctxs[i].replica_route for i in idx]
+        fetched = fetch_replicas_many(weights, routes, self.topology.spare_slots_per_gpu,
+                                      layers[0].replica_group(routes[0]))
+        out = list(ctxs)
+        for i, w in zip(idx, fetched):
+            out[i] = dataclasses.replace(ctxs[i], spare_weights=w)
+        return out
 
     # ------------------------------------------------------------------ metrics
     def _record_metrics(self, plan: Plan, loads, migration, t_plan: float, t_step: float) -> None:

@@ -47,6 +47,7 @@ class LayerMicroBatch:
     replica_route: ReplicaRoute | None
     index: int = -1
     recv_counts_GS: list | None = None  # rows from each source rank per local slot (replayed routes)
+    spare_weights: tuple | None = None  # replica weights fetched for all layers at once (Balancer)
 
 
 class Experts(nn.Module):
@@ -225,6 +226,10 @@ class ReLibraMoE(nn.Module):
             recv = counts[:, self.ep_rank * SL:(self.ep_rank + 1) * SL].tolist()
         return LayerMicroBatch(table, None if routes_TK is None else routes_TK.to(dev), off, route, index, recv)
 
+    def replica_group(self, route: ReplicaRoute):
+        """Process group of a replica fetch: the node's group, or the EP group for cross-node plans."""
+        return self.ep_group if route.group_ranks == list(range(self.topology.num_gpus)) else self.node_group
+
     def install(self, ctx: LayerMicroBatch | None) -> None:
         self._micro_batch = ctx
 
@@ -279,9 +284,10 @@ class ReLibraMoE(nn.Module):
         n_home = sum(counts[:H])  # rows are ordered by local slot: home slots first
         y_local = _dispatch.expert_mlp(x_local[:n_home], gate_up, down, counts[:H])
         if table.has_replicas:
-            sg, sd = fetch_replicas(gate_up, down, ctx.replica_route, S,
-                                    self.node_group if ctx.replica_route.group_ranks != list(range(t.num_gpus))
-                                    else self.ep_group)
+            if ctx.spare_weights is not None:
+                sg, sd = ctx.spare_weights
+            else:
+                sg, sd = fetch_replicas(gate_up, down, ctx.replica_route, S, self.replica_group(ctx.replica_route))
             # always in the graph (even with no spare rows here) so that every rank runs the
             # fetch's backward all-to-all, in the same order
             y_spare = _dispatch.expert_mlp(x_local[n_home:], sg, sd, counts[H:])

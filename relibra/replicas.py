@@ -93,3 +93,38 @@ def fetch_replicas(gate_up_HFD: torch.Tensor, down_HDI: torch.Tensor, route: Rep
     slots = torch.tensor(route.recv_slots, dtype=torch.int64, device=fused.device)
     spare = fused.new_zeros(num_spare, fused.shape[1]).index_copy(0, slots, recv)
     return spare[:, : F_ * D].reshape(num_spare, F_, D), spare[:, F_ * D:].reshape(num_spare, D, I)
+
+
+def fetch_replicas_many(weights: list[tuple[torch.Tensor, torch.Tensor]], routes: list[ReplicaRoute],
+                        num_spare: int, group) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`fetch_replicas` for several layers in ONE all-to-all (1-D, element splits).
+
+    ``weights[i] = (gate_up_HFD, down_HDI)`` and ``routes[i]`` of layer i (same group ranks,
+    same dtype). Returns every layer's ``(spare_gate_up [S, F, D], spare_down [S, D, I])``.
+    The backward is one all-to-all too, run once every layer's replica gradient is in.
+    """
+    from .dispatch import all_to_all_autograd
+
+    Q, L = len(routes[0].group_ranks), len(routes)
+    numel = [gu[0].numel() + dn[0].numel() for gu, dn in weights]
+    per_layer = []
+    for (gu, dn), r in zip(weights, routes):
+        rows = torch.tensor(r.send_rows, dtype=torch.int64, device=gu.device)
+        n = rows.numel()
+        fused = torch.cat([gu.index_select(0, rows).reshape(n, gu[0].numel()),
+                           dn.index_select(0, rows).reshape(n, dn[0].numel())], 1)
+        per_layer.append(fused.split(list(r.send_splits)))
+    send = torch.cat([per_layer[l][q].reshape(-1) for q in range(Q) for l in range(L)])
+    send_splits = [sum(routes[l].send_splits[q] * numel[l] for l in range(L)) for q in range(Q)]
+    recv_sizes = [routes[l].recv_splits[q] * numel[l] for q in range(Q) for l in range(L)]
+    recv_splits = [sum(recv_sizes[q * L:(q + 1) * L]) for q in range(Q)]
+    recv = all_to_all_autograd(send, recv_splits, send_splits, group)
+    pieces = recv.split(recv_sizes)
+    out = []
+    for l, ((gu, dn), r) in enumerate(zip(weights, routes)):
+        got = torch.cat([pieces[q * L + l].view(-1, numel[l]) for q in range(Q)])
+        slots = torch.tensor(r.recv_slots, dtype=torch.int64, device=gu.device)
+        spare = got.new_zeros(num_spare, numel[l]).index_copy(0, slots, got)
+        F_, D = gu.shape[1:]
+        out.append((spare[:, :F_ * D].reshape(num_spare, F_, D), spare[:, F_ * D:].reshape(num_spare, *dn.shape[1:])))
+    return out
