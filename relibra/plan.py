@@ -75,17 +75,25 @@ def slot_ranks(phy2log: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, t
     """
     batch, P = phy2log.shape[:-1], phy2log.shape[-1]
     flat = phy2log.reshape(-1, P)
-    key = torch.where(flat >= 0, flat, torch.full_like(flat, num_experts)) * P + torch.arange(P)
-    order = key.argsort(dim=-1)
-    sorted_experts = flat.gather(1, order)
+    valid = flat >= 0
+    safe = torch.where(valid, flat, num_experts)  # empty slots count in a dummy column
     logcnt = torch.zeros(flat.shape[0], num_experts + 1, dtype=torch.int64)
-    logcnt.scatter_add_(1, torch.where(sorted_experts >= 0, sorted_experts, num_experts),
-                        torch.ones_like(sorted_experts))
-    starts = torch.cumsum(logcnt, dim=1) - logcnt
-    safe = torch.where(sorted_experts >= 0, sorted_experts, num_experts)
-    rank_sorted = torch.arange(P).expand_as(order) - starts.gather(1, safe)
-    rank = torch.empty_like(rank_sorted).scatter_(1, order, rank_sorted)
-    rank = torch.where(flat >= 0, rank, torch.full_like(rank, -1))
+    logcnt.scatter_add_(1, safe, torch.ones_like(safe))
+    rank = torch.where(valid, 0, -1)
+    # only copies of experts held more than once need a rank above 0; home slots hold every
+    # expert once and spare slots are few, so sort just those (a 1-D sort of a few entries)
+    dup = valid & (logcnt.gather(1, safe) > 1)
+    row, slot = dup.nonzero(as_tuple=True)  # row-major: ascending slot within each row
+    if row.numel():
+        group = row * (num_experts + 1) + flat[row, slot]
+        order = group.argsort(stable=True)  # by (row, expert), then slot
+        g_sorted = group[order]
+        n = g_sorted.numel()
+        new_group = torch.ones(n, dtype=torch.bool)
+        new_group[1:] = g_sorted[1:] != g_sorted[:-1]
+        pos = torch.arange(n)
+        start = torch.cummax(torch.where(new_group, pos, 0), 0).values
+        rank[row[order], slot[order]] = pos - start
     return rank.reshape(*batch, P), logcnt[:, :num_experts].reshape(*batch, num_experts)
 
 
@@ -100,11 +108,15 @@ def even_slot_tokens(phy2log: torch.Tensor, loads: torch.Tensor) -> torch.Tensor
     """
     E = loads.shape[-1]
     rank, logcnt = slot_ranks(phy2log, E)
-    safe = phy2log.clamp(min=0)
-    n = loads.gather(-1, safe)
-    c = logcnt.gather(-1, safe).clamp(min=1)
-    share = n // c + (rank < n % c).to(torch.int64)
-    return torch.where(phy2log >= 0, share, torch.zeros_like(share))
+    valid = phy2log >= 0
+    safe = torch.where(valid, phy2log, 0)
+    share = torch.where(valid, loads.gather(-1, safe), 0)
+    # only copies of replicated experts split (few): divide on those entries alone
+    idx = (valid & (logcnt.gather(-1, safe) > 1)).nonzero(as_tuple=True)
+    if idx[0].numel():
+        n, c = share[idx], logcnt.gather(-1, safe)[idx]
+        share[idx] = n // c + (rank[idx] < n % c).to(torch.int64)
+    return share
 
 
 @dataclass(frozen=True)
