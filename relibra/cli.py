@@ -130,15 +130,22 @@ def bench(args: argparse.Namespace) -> int:
         bar.update(1)
         bar.close()
     S, M, L, E = loads.shape
+    stats = _describe(loads, meta) if args.describe else None
     header = {"trace": args.trace or "default", "trace_meta": meta, "steps": S, "micro_batches": M,
               "layers": L, "experts": E, "warmup_steps": args.warmup_steps, "topology": str(topology),
               "preset": args.preset, "cluster": args.cluster, "cost": cfg.to_dict(), "policy_options": options,
               "planning_time": "process CPU seconds of policy.plan per step, one torch thread"}
+    if stats is not None:
+        header["trace_stats"] = stats
     if args.json:
         print(json.dumps({"policies": {n: r.to_json() for n, r in results.items()}, **header}))
     else:
         print(f"trace {header['trace']}: {S} steps x {M} micro-batches x {L} layers x {E} experts; "
               f"{topology}; {args.preset} on {args.cluster}; steady state after {args.warmup_steps} warm-up step(s)")
+        if stats is not None:
+            from .traces import format_description
+
+            print(format_description(stats))
         if options:
             print("policy options: " + "; ".join(f"{n}: {o}" for n, o in options.items()))
         print(_table(results))
@@ -148,6 +155,26 @@ def bench(args: argparse.Namespace) -> int:
         plot_bench(results, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
+
+
+def _describe(loads: Any, meta: dict[str, Any]) -> dict[str, Any]:
+    """Realism statistics of the trace (relibra.traces.describe), against the shipped popularity of
+    the trace's workload when the trace names one and its shape fits, else against its own total."""
+    from .traces import describe, load_popularity
+
+    popularity = None
+    workload = meta.get("workload") if meta.get("generator") == "relibra.traces" else None
+    if workload:
+        try:
+            popularity = load_popularity(workload)
+        except ValueError:
+            popularity = None
+        if popularity is not None and popularity.shape != loads.shape[2:]:
+            popularity = None
+    ep = 8 if loads.shape[-1] % 8 == 0 else 1
+    d = describe(loads, popularity, ep=ep)
+    d["corr_with_long_run"] = {str(k): v for k, v in d["corr_with_long_run"].items()}
+    return d
 
 
 def plot_bench(results: dict[str, Any], path: str) -> None:
@@ -219,6 +246,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup-steps", type=int, default=1)
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument("--plot", default=None, metavar="FILE.png")
+    b.add_argument("--describe", action="store_true",
+                   help="also print the trace's realism statistics (relibra.traces.describe) next to "
+                        "the Qwen3-235B measurements")
     b.add_argument("--set", action="append", default=[], metavar="key=value",
                    help="override a cost parameter (see relibra.cost.CostConfig), repeatable")
     b.add_argument("--option", action="append", default=[], metavar="POLICY.OPTION=VALUE",

@@ -86,6 +86,18 @@ def test_bench_bad_options_name_the_culprit(small_trace, capsys, option, needle)
     assert needle in capsys.readouterr().err
 
 
+def test_bench_describe(small_trace, capsys):
+    args = ["bench", "--trace", small_trace, "--preset", "qwen3-30b-a3b", "--nodes", "2", "--gpus-per-node", "4",
+            "--policies", "static,ideal", "--describe"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "busiest/idlest GPU" in out and "Qwen3-235B" in out
+    assert main(args + ["--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)["trace_stats"]
+    assert stats["reference"] == "trace total" and stats["batches"] == 4
+    assert stats["corr_with_long_run"]["4"] == pytest.approx(1.0)
+
+
 def test_parse_options_yaml_scalars():
     from relibra.cli import parse_options
 

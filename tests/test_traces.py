@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from relibra.traces import (TraceConfig, default_trace_path, generate, load_popularity, load_trace_file,
-                            save_trace_file, waterfill)
+from relibra.traces import (TraceConfig, default_trace_path, describe, format_description, generate,
+                            load_popularity, load_trace_file, save_trace_file, waterfill)
 
 SMALL = dict(steps=2, micro_batches=4, tokens_per_micro_batch=8192, group_size=4,
              response_len_median=256.0, prompt_len_median=64.0, max_len=2048)
@@ -65,3 +65,35 @@ def test_bad_config_rejected():
         TraceConfig(group_size=0)
     with pytest.raises(ValueError, match="concentration"):
         TraceConfig(concentration=0.0)
+
+
+def test_describe_hand_computed():
+    # 2 batches, 1 layer, 8 experts, 4-way EP (2 experts per GPU)
+    loads = np.array([[[6, 0, 1, 1, 1, 1, 1, 1]], [[0, 6, 1, 1, 1, 1, 1, 1]]])  # [B, L, E]
+    d = describe(loads, ep=4, windows=(1, 2, 3))
+    # GPU loads per batch: [6, 2, 2, 2] -> 3.0; long run [12, 4, 4, 4] -> 3.0
+    assert d["gpu_max_min_per_batch"] == pytest.approx(3.0) and d["gpu_max_min_long_run"] == pytest.approx(3.0)
+    assert set(d["corr_with_long_run"]) == {1, 2}  # a 3-batch window does not fit in 2 batches
+    assert d["corr_with_long_run"][2] == pytest.approx(1.0)  # the whole trace is its own long run
+    ref = np.array([[3.0, 3, 1, 1, 1, 1, 1, 1]])
+    one = np.corrcoef(loads[0, 0], ref[0])[0, 1]
+    two = np.corrcoef(loads[1, 0], ref[0])[0, 1]
+    assert describe(loads, ref, ep=4, windows=(1,))["corr_with_long_run"][1] == pytest.approx((one + two) / 2)
+    assert "Qwen3-235B" in format_description(d)
+    with pytest.raises(ValueError, match="ep=3"):
+        describe(loads, ep=3)
+    with pytest.raises(ValueError, match="popularity"):
+        describe(loads, np.ones((2, 8)), ep=4)
+
+
+def test_describe_tracks_concentration():
+    p = load_popularity("prefill_in4096")
+    small = dict(SMALL, micro_batches=8)
+
+    def r1(c):
+        x = generate(TraceConfig(**small, concentration=c, seed=0))
+        return describe(x, p, windows=(1, 4))["corr_with_long_run"]
+
+    lo, hi = r1(8.0), r1(4096.0)
+    assert lo[1] < hi[1] and lo[1] < lo[4]  # prompt-specific hot spots average out over batches
+    assert hi[1] > 0.9
