@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .eplb_algorithm import _inverse, balanced_packing, group_node_map, replicate_experts
+from .eplb_algorithm import group_node_map, inverse_perm, pack_array, replicate_array
 
 __all__ = ["place_home_aware"]
 
@@ -52,54 +52,57 @@ def place_home_aware(
         ``spare_experts [L, G*S]`` expert in each spare slot (slot ``r`` on GPU ``r // S``),
         -1 when empty. No GPU holds two copies of one expert.
     """
-    L, E = weight_LE.shape
+    w_LE = weight_LE.detach().to(device="cpu", dtype=torch.float64).numpy() if isinstance(
+        weight_LE, torch.Tensor) else np.asarray(weight_LE, dtype=np.float64)
+    L, E = w_LE.shape
     G, S = num_nodes * gpus_per_node, spare_slots_per_gpu
     U = num_nodes if hierarchical else 1
     g, n = G // U, E // U
-    if hierarchical:
-        log2mlog = group_node_map(weight_LE, num_groups, num_nodes)
+    identity = not hierarchical or num_groups == num_nodes  # node-major order is expert order
+    if identity:
+        w_BN = np.ascontiguousarray(w_LE).reshape(L * U, n)
     else:
-        log2mlog = torch.arange(E).expand(L, E).clone()
-    mlog2log = _inverse(log2mlog)
-    w_BN = weight_LE.gather(1, mlog2log).view(L * U, n)
-    phy2mlog, _, cnt = replicate_experts(w_BN, n + g * S, max_copies=g)
-    per_copy = w_BN / cnt.to(torch.float64)
-    home_local, _ = balanced_packing(per_copy, g)  # [B, n] GPU inside the unit
+        log2mlog = group_node_map(w_LE, num_groups, num_nodes)
+        mlog2log = inverse_perm(log2mlog)
+        w_BN = np.take_along_axis(w_LE, mlog2log, 1).reshape(L * U, n)
+    phy2mlog, _, cnt = replicate_array(w_BN, n + g * S, max_copies=g)
+    per_copy = w_BN / cnt
+    home_local, _ = pack_array(per_copy, g)  # [B, n] GPU inside the unit
     spare_local = _pack_replicas(w_BN, cnt, per_copy, home_local, phy2mlog[:, n:], g, S)
-    unit_gpu0 = (torch.arange(U) * g).repeat(L)[:, None]  # [B, 1]
-    unit_expert0 = (torch.arange(U) * n).repeat(L)[:, None]
-    home_gpu_mlog = (home_local + unit_gpu0).view(L, E)
-    home_gpu = home_gpu_mlog.gather(1, log2mlog)
-    spare_mlog = torch.where(spare_local >= 0, spare_local + unit_expert0, -1).view(L, G * S)
-    spare = torch.where(spare_mlog >= 0, mlog2log.gather(1, spare_mlog.clamp(min=0)), -1)
-    return home_gpu, spare
+    home_gpu = (home_local.reshape(L, U, n) + (np.arange(U) * g)[:, None]).reshape(L, E)
+    spare = spare_local.reshape(L, U, g * S) + (np.arange(U) * n)[:, None]
+    spare = np.where(spare_local.reshape(L, U, g * S) >= 0, spare, -1).reshape(L, G * S)
+    if not identity:
+        home_gpu = np.take_along_axis(home_gpu, log2mlog, 1)
+        spare = np.where(spare >= 0, np.take_along_axis(mlog2log, spare.clip(min=0), 1), -1)
+    return torch.from_numpy(home_gpu), torch.from_numpy(spare)
 
 
 def _pack_replicas(
-    w_BN: torch.Tensor,
-    cnt_BN: torch.Tensor,
-    per_copy_BN: torch.Tensor,
-    home_BN: torch.Tensor,
-    extra_BK: torch.Tensor,
+    w_BN: np.ndarray,
+    cnt_BN: np.ndarray,
+    per_copy_BN: np.ndarray,
+    home_BN: np.ndarray,
+    extra_BK: np.ndarray,
     g: int,
     S: int,
-) -> torch.Tensor:
+) -> np.ndarray:
     """Replicas longest-first into spare slots; returns ``[B, g*S]`` unit-local experts, -1 empty."""
     B, n = w_BN.shape
     K = g * S
     spare = np.full((B, K), -1, dtype=np.int64)
     if K == 0:
-        return torch.from_numpy(spare)
-    w = w_BN.numpy()
-    cnt = cnt_BN.numpy().astype(np.float64)
-    per_copy = per_copy_BN.numpy()
+        return spare
+    w = w_BN
+    cnt = cnt_BN.astype(np.float64)
+    per_copy = per_copy_BN
     rows = np.arange(B)
     load = np.zeros((B, g))
-    np.add.at(load, (rows[:, None], home_BN.numpy()), per_copy)
+    np.add.at(load, (rows[:, None], home_BN), per_copy)
     holds = np.zeros((B, n, g), dtype=bool)  # holds[b, e, gpu]
-    holds[rows[:, None], np.arange(n)[None, :], home_BN.numpy()] = True
+    holds[rows[:, None], np.arange(n)[None, :], home_BN] = True
     room = np.full((B, g), S, dtype=np.int64)
-    extra = extra_BK.numpy()  # [B, K] experts given replicas, -1 empty
+    extra = extra_BK  # [B, K] experts given replicas, -1 empty
     item_w = np.where(extra >= 0, per_copy[rows[:, None], extra.clip(min=0)], -np.inf)
     order = np.argsort(-item_w, axis=1, kind="stable")  # heaviest first, ties by slot order
     for i in range(K):
@@ -125,7 +128,7 @@ def _pack_replicas(
         room[rows[live & ~ok], gpu[live & ~ok]] = 0  # this GPU already holds every expert
         cnt[rows[ok], e[ok]] += 1.0
         _put(spare, room, load, holds, rows[ok], gpu[ok], e[ok], (w / cnt)[rows[ok], e[ok]], S)
-    return torch.from_numpy(spare)
+    return spare
 
 
 def _put(spare, room, load, holds, rows, gpu, expert, weight, S) -> None:
