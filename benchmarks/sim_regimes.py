@@ -30,7 +30,7 @@ import torch
 
 from relibra.cli import parse_options
 from relibra.cost import make_config
-from relibra.sim import simulate
+from relibra.sim import gap_breakdown, simulate
 from relibra.traces import TraceConfig, describe, generate, load_popularity
 
 POLICIES = ["static", "eplb-oracle", "eplb-oracle-global", "hybrid", "ideal"]
@@ -48,10 +48,8 @@ def regime_row(nodes: int, spare: int, group: int, conc: float, args: argparse.N
                        concentration=conc, workload="prefill_in4096", seed=args.seed)
     loads = generate(tcfg, popularity)
     res = simulate(loads, cfg.topology(nodes, gpn, spare), cfg, POLICIES, warmup_steps=1, options=options)
-    h, ideal = res["hybrid"], res["ideal"]
-    hb, ib, T = h.breakdown_s, ideal.breakdown_s, ideal.step_time_s
-    parts = [(hb["expert_compute_s"] - ib["expert_compute_s"]) / T, (hb["a2a_s"] - ib["a2a_s"]) / T,
-             hb["replica_s"] / T, hb["reorder_s"] / T]
+    h = res["hybrid"]
+    parts = list(gap_breakdown(res, "hybrid").values())
     d = describe(loads, popularity, ep=8, windows=(1, 4))
     corr = d["corr_with_long_run"]
     return [str(nodes), str(spare), str(group), f"{conc:g}", f"{h.speedup_vs_static:.2f}",

@@ -94,7 +94,7 @@ def bench(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .cost import make_config
-    from .sim import simulate
+    from .sim import gap_breakdown, simulate
     from .traces import default_trace_path, load_trace_file
 
     cfg = make_config(args.preset, args.cluster, _parse_sets(args.set))
@@ -137,6 +137,10 @@ def bench(args: argparse.Namespace) -> int:
               "planning_time": "process CPU seconds of policy.plan per step, one torch thread"}
     if stats is not None:
         header["trace_stats"] = stats
+    for name in results:
+        parts = gap_breakdown(results, name)
+        if parts is not None and name != "ideal":
+            results[name].breakdown_s["gap_parts"] = parts
     if args.json:
         print(json.dumps({"policies": {n: r.to_json() for n, r in results.items()}, **header}))
     else:
@@ -149,6 +153,9 @@ def bench(args: argparse.Namespace) -> int:
         if options:
             print("policy options: " + "; ".join(f"{n}: {o}" for n, o in options.items()))
         print(_table(results))
+        parts = gap_breakdown(results, "hybrid")
+        if parts is not None:
+            print("hybrid's gap to ideal = " + " ".join(f"{k} {v:+.1%}" for k, v in parts.items()))
         print("plan s: process CPU time of policy.plan per step (all micro-batches), one torch thread; "
               "times and volumes come from relibra.cost's model, not a measurement")
     if args.plot:

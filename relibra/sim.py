@@ -31,7 +31,8 @@ from .plan import Placement
 from .policies import get_policy
 from .topology import Topology
 
-__all__ = ["DEFAULT_POLICIES", "PolicyResult", "policy_factory", "policy_options", "timed_plan", "simulate"]
+__all__ = ["DEFAULT_POLICIES", "PolicyResult", "policy_factory", "policy_options", "timed_plan", "simulate",
+           "gap_breakdown"]
 
 DEFAULT_POLICIES = ("static", "eplb-history", "eplb-oracle", "eplb-oracle-global", "reorder", "replicate",
                     "hybrid", "ideal")
@@ -206,3 +207,19 @@ def _relative(results: dict[str, PolicyResult]) -> None:
         r.speedup_vs_eplb_oracle = oracle / r.step_time_s if oracle else None
         r.speedup_vs_eplb_oracle_global = oracle_global / r.step_time_s if oracle_global else None
         r.gap_to_ideal = r.step_time_s / ideal - 1.0 if ideal else None
+
+
+def gap_breakdown(results: dict[str, PolicyResult], name: str) -> dict[str, float] | None:
+    """Policy ``name``'s gap to ``ideal`` split by part, each a fraction of ideal's step time.
+
+    ``compute``: expert compute above the mean (residual imbalance); ``a2a``: token all-to-all
+    above ideal's uniform traffic; ``replicas``: replica weight copies and gradient reductions;
+    ``migration``: reorder's expert moves. Non-MoE and dense parts are equal in both, so the
+    parts add up to ``gap_to_ideal``. None when either row is missing or skipped.
+    """
+    r, i = results.get(name), results.get("ideal")
+    if r is None or i is None or r.skipped or i.skipped or not i.step_time_s:
+        return None
+    a, b, T = r.breakdown_s, i.breakdown_s, i.step_time_s
+    return {"compute": (a["expert_compute_s"] - b["expert_compute_s"]) / T, "a2a": (a["a2a_s"] - b["a2a_s"]) / T,
+            "replicas": a["replica_s"] / T, "migration": a["reorder_s"] / T}

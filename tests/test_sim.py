@@ -87,6 +87,22 @@ def test_timed_plan_restores_threads_on_error():
     assert torch.get_num_threads() == 2
 
 
+def test_gap_breakdown_adds_up_to_gap():
+    from relibra.sim import gap_breakdown
+
+    rng = np.random.default_rng(2)
+    p = rng.dirichlet(np.full(8, 0.3), size=(3, 3, 2))
+    loads = np.stack([rng.multinomial(300, pp) for pp in p.reshape(-1, 8)]).reshape(3, 3, 2, 8)
+    res = simulate(loads, TOPO, CFG, _policies())
+    for name, r in res.items():
+        parts = gap_breakdown(res, name)
+        if r.skipped or parts is None:
+            continue
+        assert sum(parts.values()) == pytest.approx(r.gap_to_ideal, abs=1e-9), name
+        assert parts["compute"] >= -1e-9 and parts["replicas"] >= 0 and parts["migration"] >= 0
+    assert gap_breakdown(res, "no-such") is None
+
+
 def test_missing_policy_is_skipped_not_fatal():
     loads = np.ones((2, 1, 2, 8), dtype=np.int64)
     res = simulate(loads, TOPO, CFG, ["static", "no-such-policy", "ideal"])
