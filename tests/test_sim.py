@@ -16,7 +16,7 @@ TOPO = CFG.topology(2, 2, 1)
 
 
 def _policies():
-    names = ["static", "eplb-history", "eplb-oracle", "reorder", "replicate", "hybrid"]
+    names = ["static", "eplb-history", "eplb-oracle", "eplb-oracle-global", "reorder", "replicate", "hybrid"]
     have = set(available_policies())
     return [n for n in names if n.split("-")[0] in have] + ["ideal"]
 
