@@ -149,6 +149,34 @@ def test_replicate_balances_a_hot_expert():
     assert sorted(plan.spare_experts[0, 0].tolist()) == [-1, 0, 0, 0]  # no copy on the home GPU
 
 
+def test_replicate_chains_through_medium_gpus():
+    """Five heavy GPUs, three light ones, one spare slot each: copying straight from heavy to
+    light helps only three heavy GPUs (725 stays); the chain rule routes load through medium
+    GPUs and wins, and the split stays exactly optimal for its replicas."""
+    home = [[132, 288, 158, 28], [64, 306, 7, 41], [660, 8, 57, 0], [0, 46, 0, 0],
+            [57, 21, 641, 9], [387, 320, 35, 41], [117, 151, 112, 370], [17, 74, 10, 0]]
+    topo = relibra.Topology(num_nodes=1, gpus_per_node=8, num_experts=32, spare_slots_per_gpu=1)
+    loads = torch.tensor(home).view(1, 1, 32)
+    placement = Placement.contiguous(topo, 1)
+    direct = replicate_on(loads, placement, topo, variants=((False, False),))
+    both = replicate_on(loads, placement, topo)
+    assert int(direct.gpu_loads().max()) == 725
+    assert int(both.gpu_loads().max()) <= 600  # node mean is 520
+    both.validate(topo, loads)
+    assert_split_optimal(both, loads, topo)
+
+
+@settings(**SETTINGS)
+@given(case=cases(max_nodes=2, max_gpus=4))
+def test_best_of_greedy_never_worse_than_direct_rule(case):
+    topo, loads = case
+    placement = Placement.contiguous(topo, loads.shape[1])
+    direct = replicate_on(loads, placement, topo, variants=((False, False),))
+    both = replicate_on(loads, placement, topo)
+    both.validate(topo, loads)
+    assert (both.gpu_loads().amax(-1) <= direct.gpu_loads().amax(-1)).all()
+
+
 def test_replicate_keeps_tokens_home_when_free():
     topo = relibra.Topology(num_nodes=1, gpus_per_node=2, num_experts=4, spare_slots_per_gpu=1)
     loads = torch.tensor([[[10, 10, 10, 10]]])  # already balanced: nothing to replicate

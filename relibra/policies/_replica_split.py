@@ -18,7 +18,11 @@ One problem is one node of one layer of one micro-batch. Its state:
 Phase 1 (greedy, :func:`greedy_replicas`), at most K rounds: every problem takes its busiest
 GPU, its hottest home expert that has a free receiver, and copies it onto the least loaded GPU
 of the node with a free spare slot that does not already hold it, moving
-``min(share, donor - T, T - receiver)`` tokens, ``T = ceil(node mean)``.
+``min(share, donor - T, T - receiver)`` tokens, ``T = ceil(node mean)`` (the direct rule).
+The chain rule moves ``min(share, donor - T, (donor - receiver) // 2)``: with one spare slot
+per GPU, a node with fewer light GPUs than heavy ones only balances by routing load through
+medium GPUs. :func:`best_of_greedy` runs both on every problem and keeps, per problem, the
+rule whose replicas have the lower exact optimal level.
 
 Phase 2a (:func:`best_level`, :func:`resplit`): the exact optimal busiest-GPU load ``T*`` for
 the chosen replicas, ``max over GPU subsets U of ceil((fixed(U) + experts with every copy in
@@ -41,7 +45,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["greedy_replicas", "best_level", "resplit", "optimal_split", "node_problems", "assemble"]
+__all__ = ["greedy_replicas", "best_of_greedy", "GREEDY_VARIANTS", "best_level", "resplit", "optimal_split", "node_problems", "assemble"]
 
 _INF = torch.iinfo(torch.int64).max // 4
 
@@ -62,9 +66,20 @@ def node_problems(loads_MLE: torch.Tensor, home_experts_LK: torch.Tensor, num_no
     return loads_MLE.gather(2, idx).reshape(M * L * num_nodes, gpus_per_node, H).clone()
 
 
-def greedy_replicas(hshare_BGH: torch.Tensor, spare_per_gpu: int
+def greedy_replicas(hshare_BGH: torch.Tensor, spare_per_gpu: int, equalise_B: torch.Tensor | None = None,
+                    best_fit_B: torch.Tensor | None = None, target_B: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Phase 1: fill spare slots greedily (see module docstring). Mutates ``hshare_BGH``.
+
+    Per-problem rule switches (``[B]`` bool, default False):
+
+    - ``equalise_B``: move ``min(share, donor - T, (donor - receiver) // 2)`` instead of
+      ``min(share, donor - T, T - receiver)``: the receiver may end above ``T`` (it sheds its
+      own experts in a later round), so full nodes can route load through a chain of GPUs;
+    - ``best_fit_B``: copy the donor's coolest home expert that can carry the whole move
+      (instead of its hottest), keeping hot experts for later rounds.
+
+    ``target_B`` (``[B]``) replaces ``T = ceil(node mean)``.
 
     Returns:
         ``rep_BK`` (local home slot copied into each spare slot, -1 empty), ``x_BK``
@@ -80,7 +95,9 @@ def greedy_replicas(hshare_BGH: torch.Tensor, spare_per_gpu: int
     if S == 0 or Gn == 1 or B == 0:
         return rep, x, made
     ld = hshare_BGH.sum(-1)  # [B, Gn]
-    target = (ld.sum(-1) + Gn - 1) // Gn  # [B]
+    target = (ld.sum(-1) + Gn - 1) // Gn if target_B is None else target_B  # [B]
+    equalise = None if equalise_B is None else equalise_B[:, None]
+    best_fit = None if best_fit_B is None or not bool(best_fit_B.any()) else best_fit_B[:, None]
     # one extra column in each state tensor absorbs the writes of finished problems
     rep_x = torch.full((B, K + 1), -1, dtype=torch.int64)
     x_x = torch.zeros(B, K + 1, dtype=torch.int64)
@@ -99,12 +116,19 @@ def greedy_replicas(hshare_BGH: torch.Tensor, spare_per_gpu: int
         share = hflat.gather(1, slots)  # [B, H]
         blocked = holds.gather(1, donor * (H * Gn) + offsets).view(B, H, Gn) | full[:, None, :]
         rload, recv = ld[:, None, :].masked_fill(blocked, _INF).min(-1)  # [B, H]
-        room = torch.minimum(ld.gather(1, donor) - target[:, None], target[:, None] - rload)
-        best_share, j = share.masked_fill(torch.minimum(share, room) <= 0, -1).max(-1, keepdim=True)
-        active = best_share > 0  # [B, 1]
+        dl = ld.gather(1, donor)
+        room = torch.minimum(dl - target[:, None], target[:, None] - rload)
+        if equalise is not None:
+            room = torch.where(equalise, torch.minimum(dl - target[:, None], (dl - rload) // 2), room)
+        amt_j = torch.minimum(share, room)  # [B, H]
+        key = share.masked_fill(amt_j <= 0, -1)
+        if best_fit is not None:  # smallest share covering the whole move, else the hottest
+            key = torch.where(best_fit & (share >= room) & (key > 0), _INF - share, key)
+        best_key, j = key.max(-1, keepdim=True)
+        active = best_key > 0  # [B, 1]
         if not bool(active.any()):
             break
-        amt = torch.minimum(best_share, room.gather(1, j)).clamp_(min=0)
+        amt = amt_j.gather(1, j).clamp_(min=0)
         r = torch.where(active, recv.gather(1, j), Gn)
         slot = donor * H + j
         k = torch.where(active, r * S + used.gather(1, r), K)
@@ -120,6 +144,39 @@ def greedy_replicas(hshare_BGH: torch.Tensor, spare_per_gpu: int
     rep.copy_(rep_x[:, :K])
     x.copy_(x_x[:, :K])
     return rep, x, made
+
+
+#: greedy rules tried side by side: (equalise, best_fit), see :func:`greedy_replicas`
+GREEDY_VARIANTS: tuple[tuple[bool, bool], ...] = ((False, False), (True, False))
+
+
+def best_of_greedy(loads_BGH: torch.Tensor, spare_per_gpu: int,
+                   variants: tuple[tuple[bool, bool], ...] = GREEDY_VARIANTS
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Run every greedy rule in ``variants`` on every problem at once; keep the best per problem.
+
+    "Best" is the exact optimal level (:func:`best_level`) of each rule's replicas; ties keep
+    the earlier rule, so the result is deterministic and never worse than ``variants[0]`` alone.
+
+    Args:
+        loads_BGH: ``[B, Gn, H]`` home-expert loads (not modified).
+    Returns:
+        ``rep_BK``, ``x_BK`` (its own split), ``made_BT`` of the winning rule, its ``level_B`` (None where
+        :func:`best_level` does not enumerate: more than 10 GPUs per node) and ``chain_B``
+        (the winner lets receivers end above target; for :func:`resplit`).
+    """
+    B = loads_BGH.shape[0]
+    V = len(variants)
+    flags = torch.tensor(variants, dtype=torch.bool)  # [V, 2]
+    rows = loads_BGH.repeat(V, 1, 1)  # [V*B, Gn, H], variant-major
+    rep, x, made = greedy_replicas(rows, spare_per_gpu, flags[:, 0].repeat_interleave(B),
+                                   flags[:, 1].repeat_interleave(B))
+    level = best_level(loads_BGH.repeat(V, 1, 1), rep, spare_per_gpu) if V > 1 else None
+    if level is None:  # no exact score: keep the first rule
+        return rep[:B], x[:B], made[:B], best_level(loads_BGH, rep[:B], spare_per_gpu), flags[0, 0].expand(B)
+    win = level.view(V, B).argmin(0)  # first minimum
+    pick = win * B + torch.arange(B)
+    return rep[pick], x[pick], made[pick], level[pick], flags[win, 0]
 
 
 def best_level(loads_BGH: torch.Tensor, rep_BK: torch.Tensor, spare_per_gpu: int) -> torch.Tensor | None:
@@ -161,8 +218,14 @@ def best_level(loads_BGH: torch.Tensor, rep_BK: torch.Tensor, spare_per_gpu: int
 
 
 def resplit(loads_BGH: torch.Tensor, rep_BK: torch.Tensor, made_BT: torch.Tensor, level_B: torch.Tensor,
-            spare_per_gpu: int) -> tuple[torch.Tensor, torch.Tensor]:
+            spare_per_gpu: int, chain_B: torch.Tensor | None = None, passes: int = 1
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Replay the greedy moves with the optimal level as target: a near-optimal start.
+
+    A move sheds ``min(share, donor - T*, T* - receiver)``; where ``chain_B`` (``[B]`` bool,
+    the rules that let a receiver end above target) it sheds ``min(share, donor - T*)``, the
+    receiver passing its surplus on in its own later moves; those rows replay ``passes``
+    times (a later pass pushes what an earlier receiver could not pass on yet).
 
     Returns new ``hshare_BGH`` and ``x_BK``; the busiest GPU never rises above the loads'.
     """
@@ -174,20 +237,24 @@ def resplit(loads_BGH: torch.Tensor, rep_BK: torch.Tensor, made_BT: torch.Tensor
     ld = torch.cat([loads_BGH.sum(-1), torch.zeros(B, 1, dtype=torch.int64)], 1)
     rep_x = torch.cat([rep_BK, torch.full((B, 1), Gn * H, dtype=torch.int64)], 1)
     T = level_B[:, None]
-    for t in range(made_BT.shape[1]):
-        k = made_BT[:, t:t + 1]
-        live = k >= 0
-        if not bool(live.any()):
-            break
-        k = torch.where(live, k, K)
-        slot = rep_x.gather(1, k)  # dummy column Gn*H for finished problems
-        donor = torch.where(live, slot // H, Gn)
-        recv = torch.where(live, k // S, Gn)
-        room = torch.minimum(ld.gather(1, donor) - T, T - ld.gather(1, recv))
-        amt = torch.where(live, torch.minimum(hflat.gather(1, slot), room).clamp(min=0), 0)
-        x.scatter_(1, k, amt)
-        hflat.scatter_add_(1, slot, -amt)
-        ld.scatter_add_(1, donor, -amt).scatter_add_(1, recv, amt)
+    chain = None if chain_B is None else chain_B[:, None]
+    T_live = made_BT.shape[1] - int((made_BT < 0).all(0).flip(0).cumprod(0).sum())  # rounds with a move
+    for _ in range(passes if chain is not None else 1):
+        for t in range(T_live):
+            k = made_BT[:, t:t + 1]
+            live = k >= 0
+            k = torch.where(live, k, K)
+            slot = rep_x.gather(1, k)  # dummy column Gn*H for finished problems
+            donor = torch.where(live, slot // H, Gn)
+            recv = torch.where(live, k // S, Gn)
+            dl = ld.gather(1, donor)
+            room = torch.minimum(dl - T, T - ld.gather(1, recv))
+            if chain is not None:
+                room = torch.where(chain, dl - T, room)
+            amt = torch.where(live, torch.minimum(hflat.gather(1, slot), room).clamp(min=0), 0)
+            x.scatter_add_(1, k, amt)
+            hflat.scatter_add_(1, slot, -amt)
+            ld.scatter_add_(1, donor, -amt).scatter_add_(1, recv, amt)
     return hflat[:, :-1].reshape(B, Gn, H), x[:, :K]
 
 

@@ -5,8 +5,15 @@ only the spare slots and the token split change from one micro-batch to the next
 stay in their expert's home node (fast links), and the split is the exact integer min-max
 split for the chosen replicas (see :mod:`relibra.policies._replica_split`).
 
-Cost: at most ``Gn * S`` greedy rounds plus a few augmenting rounds, each a fixed number of
-tensor operations over all ``M * L * N`` (micro-batch, layer, node) problems at once.
+Replica choice: two greedy rules run side by side on every (micro-batch, layer, node) problem
+(:data:`~relibra.policies._replica_split.GREEDY_VARIANTS`): the direct rule (busiest GPU copies
+its hottest expert to the lightest GPU, filling it at most to the node mean) and the chain rule
+(the receiver may go above the mean and pass its own experts on, so a node with few light GPUs
+routes load through medium ones). Each rule's replicas are scored by their exact optimal level
+and the better one kept per problem, so the result is never worse than the direct rule alone.
+
+Cost: ``2 * Gn * S`` greedy rounds, one subset enumeration, and a few augmenting rounds (where
+the chain rule won), each a fixed number of tensor operations over all ``M * L * N`` problems.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import torch
 
 from ..plan import Placement, Plan
 from ..topology import Topology
-from ._replica_split import assemble, best_level, greedy_replicas, node_problems, optimal_split, resplit
+from ._replica_split import GREEDY_VARIANTS, assemble, best_of_greedy, greedy_replicas, node_problems, optimal_split, resplit
 from .base import check_loads
 from .registry import register_policy
 
@@ -25,11 +32,12 @@ __all__ = ["ReplicatePolicy", "replicate_on"]
 
 
 def replicate_on(loads_MLE: torch.Tensor, placement: Placement, topology: Topology,
-                 policy: str = "replicate") -> Plan:
+                 policy: str = "replicate", variants: tuple[tuple[bool, bool], ...] = GREEDY_VARIANTS) -> Plan:
     """Plan intra-node replicas and the optimal split of ``loads_MLE [M, L, E]`` on ``placement``.
 
     The busiest GPU of every micro-batch and layer is never above the same placement without
-    replicas. Deterministic.
+    replicas. Deterministic. ``variants``: the greedy rules (equalise, best_fit) tried side by
+    side, best kept per problem (see :func:`~relibra.policies._replica_split.greedy_replicas`).
     """
     loads_MLE = check_loads(loads_MLE, topology)
     M, L, _ = loads_MLE.shape
@@ -39,11 +47,10 @@ def replicate_on(loads_MLE: torch.Tensor, placement: Placement, topology: Topolo
     N, Gn, S = topology.num_nodes, topology.gpus_per_node, topology.spare_slots_per_gpu
     start = time.perf_counter()
     hshare = node_problems(loads_MLE, placement.home_experts, N, Gn)
-    rep, x, made = greedy_replicas(hshare.clone(), S)
-    level = best_level(hshare, rep, S)
+    rep, x, made, level, chain = best_of_greedy(hshare, S, variants)
     if level is not None:  # start the exact split from the greedy moves replayed at the optimum
-        hshare, x = resplit(hshare, rep, made, level, S)
-    else:
+        hshare, x = resplit(hshare, rep, made, level, S, chain)
+    else:  # wide nodes: the first rule's own split, made exact by the augmenting rounds
         hshare = hshare - _scatter_x(hshare, rep, x)
     rounds = optimal_split(hshare, rep, x, S, level_B=level)
     spare, tokens = assemble(hshare, rep, x, placement.home_experts, M, L, N, S)
