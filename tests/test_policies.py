@@ -238,6 +238,17 @@ def test_reorder_migration_weight():
     assert not free.plan(skewed_loads(3, 2, 16, 0), topo).placement.equal(first.placement)
 
 
+@pytest.mark.parametrize("name", ["reorder", "hybrid"])
+def test_reorder_same_loads_again_moves_nothing(name):
+    """The search also starts from the previous placement and keeps it when it is as good."""
+    topo = relibra.Topology(num_nodes=4, gpus_per_node=2, num_experts=64, spare_slots_per_gpu=1)
+    loads = skewed_loads(4, 3, 64, 3)
+    pol = relibra.get_policy(name, migration_weight=0.0)
+    first = pol.plan(loads, topo).placement
+    assert not first.equal(Placement.contiguous(topo, 3))
+    assert pol.plan(loads, topo).placement.equal(first)
+
+
 def test_reorder_moderate_weight_moves_less():
     topo = relibra.Topology(num_nodes=4, gpus_per_node=2, num_experts=64)
     prev = relibra.get_policy("reorder").plan(skewed_loads(4, 3, 64, 0), topo).placement

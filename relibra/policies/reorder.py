@@ -13,6 +13,10 @@ Inter-batch expert reordering (ReLibra). From the exact loads of all the step's 
 Replicas inside a node cannot repair a node that is overloaded in one micro-batch, so the
 node objective is per micro-batch, not on the summed load. Spare slots stay empty.
 
+Both searches also start from the previous placement and keep it where it is as good
+(per layer, and per layer and node), so an unchanged load pattern moves nothing even at
+``w = 0``.
+
 Migration: ``migration_weight`` w prices one expert changing home node at ``w`` times the
 layer's mean expert load of the step (tokens), against the objective in tokens; a move between
 GPUs of one node costs that times ``inter_node_bandwidth / intra_node_bandwidth``. ``w = 0``
@@ -29,7 +33,7 @@ import torch
 
 from ..plan import Placement, Plan
 from ..topology import Topology
-from ._packing import greedy_pack, swap_search
+from ._packing import greedy_pack, objective, swap_search
 from .base import check_loads
 from .registry import register_policy
 
@@ -43,29 +47,58 @@ def reorder_placement(loads_MLE: torch.Tensor, topology: Topology, previous: Pla
     N, Gn = topology.num_nodes, topology.gpus_per_node
     w_LEM = loads_MLE.to(torch.float64).permute(1, 2, 0).contiguous()
     use_prev = previous is not None and migration_weight > 0
-    prev_gpu = previous.home_gpu(topology) if use_prev else None  # [L, E]
+    prev_gpu = previous.home_gpu(topology) if previous is not None else None  # [L, E]
     unit = w_LEM.sum((1, 2)) / E * migration_weight  # [L] cost of one inter-node move
     # 1. experts -> nodes
-    prev_node = prev_gpu // Gn if use_prev else None
-    node = greedy_pack(w_LEM, N, prev_node, unit if use_prev else None)
-    node = swap_search(w_LEM, node, N, prev_node, unit if use_prev else None, max_iters=max_swaps)
+    node = _search(w_LEM, N, prev_gpu // Gn if previous is not None else None, unit if use_prev else None, max_swaps)
     # 2. experts -> GPUs inside each node: items of (layer, node) in expert-id order
     per_node = E // N
     experts = (node * E + torch.arange(E)).argsort(dim=1).view(L, N, per_node)  # [L, N, E/N]
     w_BIM = w_LEM.gather(1, experts.reshape(L, E)[:, :, None].expand(L, E, M)).view(L * N, per_node, M)
     prev_local = None
     intra_unit = None
-    if use_prev:
+    if previous is not None:
         pg = prev_gpu.gather(1, experts.reshape(L, E)).view(L, N, per_node)
         local = pg - torch.arange(N)[None, :, None] * Gn
         prev_local = torch.where((local >= 0) & (local < Gn), local, -1).view(L * N, per_node)
+    if use_prev:
         ratio = topology.inter_node_bandwidth / topology.intra_node_bandwidth
         intra_unit = (unit * ratio).repeat_interleave(N)
-    gpu = greedy_pack(w_BIM, Gn, prev_local, intra_unit)
-    gpu = swap_search(w_BIM, gpu, Gn, prev_local, intra_unit, max_iters=max_swaps)
+    gpu = _search(w_BIM, Gn, prev_local, intra_unit, max_swaps)
     home_gpu = torch.empty(L, E, dtype=torch.int64)
     home_gpu.scatter_(1, experts.reshape(L, E), (gpu.view(L, N, per_node) + torch.arange(N)[None, :, None] * Gn).reshape(L, E))
     return Placement.from_home_gpu(home_gpu, topology)
+
+
+def _search(w_BIM: torch.Tensor, K: int, prev_BI: torch.Tensor | None, unit_B: torch.Tensor | None,
+            max_swaps: int) -> torch.Tensor:
+    """Swap search from the longest-first packing and, where one is given, from the previous
+    assignment; per problem the lower ``F`` wins (ties keep the previous start: fewer moves).
+
+    Items whose previous bin is outside this problem (``-1``) make the previous start
+    incomplete; such problems use the packing start alone.
+    """
+    priced = prev_BI if unit_B is not None else None  # the move cost needs both
+    fresh = swap_search(w_BIM, greedy_pack(w_BIM, K, priced, unit_B), K, priced, unit_B, max_iters=max_swaps)
+    if prev_BI is None:
+        return fresh
+    B, I, _ = w_BIM.shape
+    counts = torch.zeros(B, K + 1, dtype=torch.int64).scatter_add_(1, prev_BI.clamp(min=-1) % (K + 1), torch.ones_like(prev_BI))
+    whole = (counts[:, :K] == I // K).all(-1)  # the previous assignment is a valid start here
+    if not bool(whole.any()):
+        return fresh
+    rows = whole.nonzero().squeeze(1)
+    u = None if unit_B is None else unit_B[rows]
+    kept = swap_search(w_BIM[rows], prev_BI[rows], K, None if u is None else prev_BI[rows], u, max_iters=max_swaps)
+
+    def cost(assign, r):
+        f = objective(w_BIM[r], assign, K)
+        return f if unit_B is None else f + unit_B[r] * (assign != prev_BI[r]).sum(-1)
+
+    better = cost(kept, rows) <= cost(fresh[rows], rows) * (1 + 1e-12)
+    out = fresh.clone()
+    out[rows[better]] = kept[better]
+    return out
 
 
 @register_policy("reorder")
