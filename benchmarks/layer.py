@@ -7,7 +7,8 @@ Per policy and route kind (uniform: every expert equally likely; skewed: two hot
 change every micro-batch take 60 % of the first choice), prints the min and median over steps
 of the slowest rank's fwd+bwd time for the step's micro-batches (policies interleave step by
 step so machine noise hits all alike; min is the robust figure on shared CPUs), the ratio of
-mins to ``static``, the plan_step time (incl. migration) and the planned GPU-load imbalance
+mins to ``static``, the median CPU seconds of fwd+bwd summed over ranks (less sensitive to
+other processes on the box than wall time) and its ratio to ``static``, the plan_step time (incl. migration) and the planned GPU-load imbalance
 (busiest / mean GPU). CPU ranks share cores, so balance itself cannot speed anything up here:
 the table measures what the machinery costs.
 """
@@ -49,17 +50,18 @@ def worker(rank, mesh, a):
             model = nn.ModuleList([ReLibraMoE(a.dim, a.hidden, a.experts, a.top_k, mesh) for _ in range(a.layers)])
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
             runs[name] = (model, opt, Balancer(model, mesh=mesh, policy=name, optimizer=opt, spare_slots_per_gpu=1),
-                          [], [], [])
+                          [], [], [], [])
         for step in range(a.steps + 1):  # step 0 warms up; policies interleave to share the noise
             routes = [make_routes(kind, step, m, rank, a.tokens, a.layers, a.experts, a.top_k)
                       for m in range(a.micro_batches)]
             xs = [torch.randn(a.tokens, a.dim) for _ in range(a.micro_batches)]
             for name in names:
-                model, opt, bal, step_times, plan_times, imb = runs[name]
+                model, opt, bal, step_times, plan_times, imb, cpu_times = runs[name]
                 dist.barrier()
                 t0 = time.perf_counter()
                 bal.plan_step(routes)
                 t1 = time.perf_counter()
+                c1 = time.process_time()
                 for m, x in enumerate(xs):
                     with bal.micro_batch(m):
                         h = x
@@ -67,17 +69,20 @@ def worker(rank, mesh, a):
                             h = layer(h)
                         h.square().mean().backward()
                 t2 = time.perf_counter()
+                cpu = torch.tensor([time.process_time() - c1], dtype=torch.float64)
                 opt.zero_grad()
                 worst = torch.tensor([t2 - t1, t1 - t0], dtype=torch.float64)
                 dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+                dist.all_reduce(cpu)
                 if step:
                     step_times.append(float(worst[0]))
+                    cpu_times.append(float(cpu))
                     plan_times.append(float(worst[1]))
                     imb.append(bal.metrics()["planned_imbalance"])
         for name in names:
-            _, _, _, step_times, plan_times, imb = runs[name]
+            _, _, _, step_times, plan_times, imb, cpu_times = runs[name]
             rows.append((kind, name, min(step_times), statistics.median(step_times),
-                         statistics.median(plan_times), statistics.mean(imb)))
+                         statistics.median(cpu_times), statistics.median(plan_times), statistics.mean(imb)))
     return rows
 
 
@@ -95,11 +100,12 @@ def main():
     rows = run_world(worker, args=(a,), timeout=1800)[0]
     print(f"ReLibraMoE fwd+bwd per step, gloo CPU, 2 nodes x 2 ranks, dim {a.dim}, hidden {a.hidden}, "
           f"E {a.experts}, top-{a.top_k}, {a.layers} layers, {a.tokens} tokens/rank x {a.micro_batches} micro-batches")
-    print(f"{'routes':8} {'policy':10} {'min s':>8} {'median s':>9} {'min vs static':>14} "
-          f"{'plan s':>8} {'planned imb':>12}")
-    base = {kind: t for kind, name, t, *_ in rows if name == "static"}
-    for kind, name, t, tmed, tp, imb in rows:
-        print(f"{kind:8} {name:10} {t:8.3f} {tmed:9.3f} {t / base[kind]:13.2f}x {tp:8.3f} {imb:12.2f}")
+    print(f"{'routes':8} {'policy':10} {'min s':>8} {'median s':>9} {'min/static':>11} "
+          f"{'cpu s':>7} {'cpu/static':>11} {'plan s':>8} {'planned imb':>12}")
+    base = {kind: (t, c) for kind, name, t, _, c, *_ in rows if name == "static"}
+    for kind, name, t, tmed, c, tp, imb in rows:
+        print(f"{kind:8} {name:10} {t:8.3f} {tmed:9.3f} {t / base[kind][0]:10.2f}x "
+              f"{c:7.3f} {c / base[kind][1]:10.2f}x {tp:8.3f} {imb:12.2f}")
 
 
 if __name__ == "__main__":

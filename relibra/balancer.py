@@ -78,10 +78,14 @@ class Balancer:
         optimizer: its state of expert parameters moves with reorders (None: no state).
         spare_slots_per_gpu: spare slots for replicas (the layers adopt this topology).
         policy_options: keyword options for ``get_policy(name, **policy_options)``.
+        replica_min_gain: replicas of a (micro-batch, layer) whose busiest GPU is less than this
+            fraction below the same placement without replicas are dropped (their tokens go
+            home): no replica traffic when there is nothing worth balancing. 0 keeps every one.
     """
 
     def __init__(self, model: nn.Module, mesh=None, policy: Any = "hybrid", optimizer=None,
-                 spare_slots_per_gpu: int = 1, policy_options: dict | None = None) -> None:
+                 spare_slots_per_gpu: int = 1, policy_options: dict | None = None,
+                 replica_min_gain: float = 0.05) -> None:
         self.layers: list[ReLibraMoE] = [m for m in model.modules() if isinstance(m, ReLibraMoE)]
         if not self.layers:
             raise ValueError("model holds no ReLibraMoE layer")
@@ -92,6 +96,9 @@ class Balancer:
                                  f"layer 0 has {first.num_experts} / {first.top_k}; one Balancer needs one shape")
             if layer.mesh is not mesh and not (mesh is not None and layer.mesh == mesh):
                 raise ValueError(f"MoE layer {i} was built with a different mesh than the Balancer's")
+        if not 0.0 <= float(replica_min_gain) < 1.0:
+            raise ValueError(f"replica_min_gain must be in [0, 1), got {replica_min_gain!r}")
+        self.replica_min_gain = float(replica_min_gain)
         self.mesh, self.optimizer = mesh, optimizer
         self.E, self.K, self.L = first.num_experts, first.top_k, len(self.layers)
         if mesh is None:
@@ -188,6 +195,7 @@ class Balancer:
                 if not isinstance(plan, Plan):
                     raise ValueError(f"policy returned {type(plan).__name__}, not a relibra.Plan")
                 plan.validate(self.topology, loads)
+                plan = self._drop_idle_replicas(plan, loads)
             except Exception as exc:  # noqa: BLE001 - shared with every rank below
                 error = f"policy {self.policy_name!r} failed: {type(exc).__name__}: {exc}"
                 plan = None
@@ -213,6 +221,24 @@ class Balancer:
         self._source_MLGE = source_GMLE.permute(1, 2, 0, 3)
         self._record_metrics(plan, loads, migration, t_plan, time.perf_counter() - t0)
         return plan
+
+    def _drop_idle_replicas(self, plan: Plan, loads: torch.Tensor) -> Plan:
+        """Empty the spare slots of (micro-batch, layer)s where replicas gain < replica_min_gain."""
+        t = self.topology
+        if self.replica_min_gain <= 0 or t.spare_slots_per_gpu == 0:
+            return plan
+        base = Plan.without_replicas(plan.placement, loads, t)
+        busiest, base_busiest = plan.gpu_loads().amax(-1), base.gpu_loads().amax(-1)
+        idle = (plan.replicas() > 0) & (busiest.double() >= base_busiest.double() * (1 - self.replica_min_gain))
+        if not bool(idle.any()):
+            return plan
+        spare, tokens = plan.spare_experts.clone(), plan.slot_tokens.clone()
+        spare[idle] = -1
+        tokens[idle] = base.slot_tokens[idle]
+        out = Plan(t, plan.placement, spare, tokens, plan.intra_node_replicas, plan.policy, dict(plan.info))
+        out.info["replicas_dropped"] = int(plan.replicas()[idle].sum())
+        out.validate(t, loads)
+        return out
 
     def _share_plan(self, plan: Plan | None, error: str, M: int, t_plan: float) -> Plan:
         t = self.topology
