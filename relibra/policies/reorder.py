@@ -13,9 +13,8 @@ Inter-batch expert reordering (ReLibra). From the exact loads of all the step's 
 Replicas inside a node cannot repair a node that is overloaded in one micro-batch, so the
 node objective is per micro-batch, not on the summed load. Spare slots stay empty.
 
-Both searches also start from the previous placement and keep it where it is as good
-(per layer, and per layer and node), so an unchanged load pattern moves nothing even at
-``w = 0``.
+Both stages keep the previous assignment where it scores as well as the search result (per
+layer, and per layer and node), so an unchanged load pattern moves nothing even at ``w = 0``.
 
 Migration: ``migration_weight`` w prices one expert changing home node at ``w`` times the
 layer's mean expert load of the step (tokens), against the objective in tokens; a move between
@@ -72,8 +71,8 @@ def reorder_placement(loads_MLE: torch.Tensor, topology: Topology, previous: Pla
 
 def _search(w_BIM: torch.Tensor, K: int, prev_BI: torch.Tensor | None, unit_B: torch.Tensor | None,
             max_swaps: int) -> torch.Tensor:
-    """Swap search from the longest-first packing and, where one is given, from the previous
-    assignment; per problem the lower ``F`` wins (ties keep the previous start: fewer moves).
+    """Swap search from the longest-first packing; where the previous assignment is as good
+    (``F`` plus move cost, per problem), keep the previous one: no moves.
 
     Items whose previous bin is outside this problem (``-1``) make the previous start
     incomplete; such problems use the packing start alone.
@@ -88,8 +87,7 @@ def _search(w_BIM: torch.Tensor, K: int, prev_BI: torch.Tensor | None, unit_B: t
     if not bool(whole.any()):
         return fresh
     rows = whole.nonzero().squeeze(1)
-    u = None if unit_B is None else unit_B[rows]
-    kept = swap_search(w_BIM[rows], prev_BI[rows], K, None if u is None else prev_BI[rows], u, max_iters=max_swaps)
+    kept = prev_BI[rows]  # searching from it as well doubled reorder's time for little gain
 
     def cost(assign, r):
         f = objective(w_BIM[r], assign, K)
@@ -107,8 +105,12 @@ class ReorderPolicy:
 
     Args:
         migration_weight: price of moving one expert to another node, in units of the
-            layer's mean expert load of the step (float >= 0; 0 ignores the previous
-            placement).
+            layer's mean expert load of the step (float >= 0; 0 prices moves at nothing).
+            Measured on the default trace with the DeepSeek-V3/H200 cost model
+            (``relibra bench --option hybrid.migration_weight=W``) hybrid's step time was
+            17.10 s at 0, 16.42 s at 0.05, 16.67 s at 0.2, 18.94 s at 1 (13.2, 8.5, 6.2,
+            4.1 TB moved per step incl. replicas); the default stays 0 because a non-zero
+            weight also prices the first step's moves away from the contiguous start.
         max_swaps: local-search iterations per stage (int >= 0; 0 keeps the greedy packing).
     """
 
