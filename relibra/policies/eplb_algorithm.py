@@ -47,7 +47,11 @@ __all__ = ["rebalance_experts", "balanced_packing", "replicate_experts", "as_wei
 
 
 def weight_array(weight: Any, name: str = "weight") -> np.ndarray:
-    """``weight [L, E]`` (tensor, ndarray, nested list) as a float64 ndarray, checked finite and >= 0."""
+    """``weight [L, E]`` (tensor, ndarray, nested list) as a float64 ndarray, checked finite and >= 0.
+
+    May share memory with ``weight`` (callers only read it); -0.0 may remain, which
+    compares and divides like 0.0.
+    """
     if isinstance(weight, torch.Tensor):
         if weight.is_complex() or weight.dtype == torch.bool:
             raise ValueError(f"{name} must be a real integer or floating tensor, got dtype {weight.dtype}")
@@ -61,18 +65,20 @@ def weight_array(weight: Any, name: str = "weight") -> np.ndarray:
             raise ValueError(f"{name} must be a real integer or floating tensor, got dtype {weight.dtype}")
     if weight.ndim != 2:
         raise ValueError(f"{name} must have shape [layers, experts], got shape {tuple(weight.shape)}")
-    weight = np.ascontiguousarray(weight, dtype=np.float64)
-    if not np.isfinite(weight).all():
-        raise ValueError(f"{name} contains NaN or inf")
-    if weight.size and weight.min() < 0:
-        layer, expert = (int(i) for i in np.argwhere(weight < 0)[0])
-        raise ValueError(f"{name} has a negative load at layer {layer}, expert {expert}")
-    return weight + 0.0  # a fresh array; -0.0 becomes 0.0
+    weight = np.ascontiguousarray(weight, dtype=np.float64)  # no copy when already so (never written)
+    if weight.size:
+        low, high = weight.min(), weight.max()  # NaN propagates to both
+        if np.isnan(low) or np.isinf(low) or np.isinf(high):
+            raise ValueError(f"{name} contains NaN or inf")
+        if low < 0:
+            layer, expert = (int(i) for i in np.argwhere(weight < 0)[0])
+            raise ValueError(f"{name} has a negative load at layer {layer}, expert {expert}")
+    return weight
 
 
 def as_weight(weight: Any, name: str = "weight") -> torch.Tensor:
     """``weight [L, E]`` (tensor, ndarray, nested list) as float64 CPU, checked finite and >= 0."""
-    return torch.from_numpy(weight_array(weight, name))
+    return torch.from_numpy(weight_array(weight, name) + 0.0)  # a fresh tensor
 
 
 def inverse_perm(perm_BN: np.ndarray) -> np.ndarray:
@@ -94,74 +100,125 @@ def _left_sum(x: np.ndarray) -> np.ndarray:
     return np.cumsum(x, axis=-1)[..., -1]
 
 
-def stable_order_desc(weight_BN: np.ndarray) -> np.ndarray:
-    """``order [B, n]``: each row's indices by descending weight, ties by index (a stable sort).
+def _row_order(weight_BN: np.ndarray, descending: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's indices sorted by weight (>= 0 or +inf), ties by index (a stable sort).
 
-    Fast path: one integer sort per row of keys holding the weight's IEEE bits (of a value
-    >= 0 they order like the value) above the index; a few low mantissa bits make room for
-    the index, so two weights differing only there could come out misordered. The result
-    is checked (exact weights non-increasing along each row) and, in that rare case,
-    replaced by NumPy's stable argsort.
+    Returns ``order [B, n]`` as flat indices into ``weight_BN`` (``b * n + i``) and the
+    sorted weights ``[B, n]``. Short rows use NumPy's stable sort. Long rows take a faster
+    route: one integer sort per row of keys holding the weight's IEEE bits (for values
+    >= 0 they order like the values) above the index. The low mantissa bits make room for
+    the index, so two weights differing only there could come out misordered; the sorted
+    weights are checked and, in that rare case, NumPy's stable sort is used instead.
     """
     B, n = weight_BN.shape
-    if n <= 1:
-        return np.zeros((B, n), dtype=np.int64)
-    idx_bits = int(n - 1).bit_length()
-    bits = (weight_BN + 0.0).view(np.int64)  # + 0.0: -0.0 -> 0.0; finite >= 0 -> [0, 2**63 - 2**52]
-    key = ((np.int64(0x7FF0000000000000) - bits) >> idx_bits) << idx_bits
-    key |= np.arange(n)
-    key.sort(axis=1)
-    order = key & ((1 << idx_bits) - 1)
-    flat = order + (np.arange(B) * n)[:, None]
-    ordered = weight_BN.reshape(-1).take(flat)
-    if not (ordered[:, :-1] >= ordered[:, 1:]).all():
-        order = np.argsort(-weight_BN, axis=1, kind="stable")
+    offsets = (np.arange(B) * n)[:, None]
+    flat_w = weight_BN.reshape(-1)
+    if n > 16:
+        idx_mask = (1 << int(n - 1).bit_length()) - 1
+        key = (weight_BN + 0.0).view(np.int64)  # + 0.0: -0.0 -> 0.0; [0, inf] -> [0, 0x7FF0 << 48]
+        if descending:
+            np.subtract(np.int64(0x7FF0000000000000), key, out=key)
+        key &= ~idx_mask
+        key |= np.arange(n)
+        key.sort(axis=1)
+        key &= idx_mask
+        key += offsets
+        ordered = flat_w.take(key)
+        if (ordered[:, :-1] >= ordered[:, 1:] if descending else ordered[:, :-1] <= ordered[:, 1:]).all():
+            return key, ordered
+    order = np.argsort(-weight_BN if descending else weight_BN, axis=1, kind="stable")
+    order += offsets
+    return order, flat_w.take(order)
+
+
+def stable_order_desc(weight_BN: np.ndarray) -> np.ndarray:
+    """``order [B, n]``: indices by descending weight (>= 0), ties by index (a stable sort)."""
+    order, _ = _row_order(weight_BN, descending=True)
+    order -= (np.arange(weight_BN.shape[0]) * weight_BN.shape[1])[:, None]
     return order
 
 
 def pack_array(weight_BN: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
     """:func:`balanced_packing` on a float64 ndarray (>= 0); returns int64 ndarrays."""
+    slot = pack_slots(weight_BN, num_packs)
+    return np.divmod(slot, weight_BN.shape[1] // num_packs)
+
+
+def pack_slots(weight_BN: np.ndarray, num_packs: int) -> np.ndarray:
+    """Balanced packing as ``slot [B, n] = pack * (n / num_packs) + rank_in_pack`` (int64).
+
+    The sorted items are taken in rounds of ``num_packs``. When every pack of a row holds
+    the same number of items at the start of a round, the greedy usually gives the round's
+    items, heaviest first, to the packs in ascending order of weight (ties by index), one
+    each. It does exactly when every pack served before the last turn ends up strictly
+    heavier than the heaviest pack at the round's start: then at each turn the lightest
+    pack not yet served is the lightest of all (before the last round no pack is full; in
+    the last round served packs are full). Rows where that holds take the round in a few
+    array operations; the others take it item by item (the greedy itself). On
+    DeepSeek-V3's real loads nearly every round of every row is of the first kind.
+    """
     B, n = weight_BN.shape
     if n % num_packs:
         raise ValueError(f"balanced_packing: {n} items do not split evenly into {num_packs} packs")
-    per_pack = n // num_packs
+    P, per_pack = num_packs, n // num_packs
     if per_pack == 1:  # the reference's shortcut: item i in pack i
-        return np.broadcast_to(np.arange(n), (B, n)).copy(), np.zeros((B, n), dtype=np.int64)
-    order = stable_order_desc(weight_BN)  # heaviest first, ties by index
-    order_flat = (order + (np.arange(B) * n)[:, None]).reshape(-1)
-    if num_packs == 1:  # one pack takes every item, in sorted order
-        rank = np.empty(B * n, dtype=np.int64)
-        rank[order_flat] = np.tile(np.arange(n), B)
-        return np.zeros((B, n), dtype=np.int64), rank.reshape(B, n)
-    columns = weight_BN.reshape(-1).take(order_flat).reshape(B, n).T.copy()  # [n, B] packing order
-    # The loop keeps one float per pack: its weight while it has room, +inf once full.
-    key = np.zeros(B * num_packs)
-    key_BP = key.reshape(B, num_packs)
-    count = np.zeros(B * num_packs, dtype=np.int64)
-    base = np.arange(B, dtype=np.int64) * num_packs
+        return np.broadcast_to(np.arange(n), (B, n)).copy()
+    order_flat, ordered = _row_order(weight_BN, descending=True)  # heaviest first, ties by index
+    slot = np.empty(B * n, dtype=np.int64)
+    if P == 1:  # one pack takes every item, in sorted order
+        slot[order_flat] = np.arange(n)
+        return slot.reshape(B, n)
+    # Turn-major layout: arrays [.., P, B] keep B (the long axis) innermost for every op.
+    items = np.ascontiguousarray(ordered.reshape(B, per_pack, P).transpose(1, 2, 0))  # [round, turn, B]
+    del ordered
+    key = np.zeros(P * B)  # key[p * B + b]: weight of pack p of row b; +inf once full
+    key_PB = key.reshape(P, B)
+    count = np.zeros((P, B), dtype=np.int64)  # items per pack; kept for rows out of sync only
+    cols = np.arange(B)
+    slot_of = np.empty((per_pack, P, B), dtype=np.int64)  # slot of each sorted item
     fills = np.zeros(per_pack + 1)
     fills[per_pack - 1] = np.inf  # added with the item that fills a pack
-    sorted_flat = np.empty((n, B), dtype=np.int64)  # base + pack of each sorted item
-    sorted_rank = np.empty((n, B), dtype=np.int64)
-    first = 0
-    if (columns[num_packs - 2] > 0).all():
-        # every row's num_packs - 1 heaviest items are positive: item i lands in empty pack i
-        key_BP[:] = columns[:num_packs].T
-        count[:] = 1
-        sorted_flat[:num_packs] = base + np.arange(num_packs)[:, None]
-        sorted_rank[:num_packs] = 0
-        first = num_packs
-    for i in range(first, n):
-        flat = np.add(key_BP.argmin(axis=1), base, out=sorted_flat[i])  # first minimum wins ties
-        c = count[flat]
-        sorted_rank[i] = c
-        count[flat] = c + 1
-        key[flat] += columns[i] + fills[c]
-    pack_index = np.empty(B * n, dtype=np.int64)
-    rank_in_pack = np.empty(B * n, dtype=np.int64)
-    pack_index[order_flat] = (sorted_flat - base).T.reshape(-1)
-    rank_in_pack[order_flat] = sorted_rank.T.reshape(-1)
-    return pack_index.reshape(B, n), rank_in_pack.reshape(B, n)
+    synced = np.ones(B, dtype=bool)  # every pack holds r items at the start of round r
+    for r in range(per_pack):
+        if r == 0:  # all packs empty (weight 0): in index order
+            perm_PB = np.broadcast_to(np.arange(P)[:, None], (P, B))
+            lightest = key_PB
+        else:
+            perm_PB = np.argsort(key_PB, axis=0, kind="stable")  # packs, lightest first
+            flat = perm_PB * B + cols
+            lightest = key.take(flat)
+        ok = synced.copy()
+        new = lightest + items[r]
+        if r < per_pack - 1:  # served packs (all turns but the last) end heavier than any pack began
+            ok &= lightest[P - 1] < new[: P - 1].min(axis=0)
+        else:
+            new[:] = np.inf  # the last round fills every pack
+        rest = None if ok.all() else np.flatnonzero(~ok)
+        if rest is not None:  # round-start state of the other rows (C order, so views stay views)
+            k, c = key_PB.take(rest, axis=1), count.take(rest, axis=1)
+            c[:, synced[rest]] = r
+        np.multiply(perm_PB, per_pack, out=slot_of[r])
+        slot_of[r] += r
+        if r == 0:
+            key_PB[:] = new
+        else:
+            key[flat] = new
+        if rest is None:
+            continue
+        # the other rows take the round item by item: the greedy itself
+        R = rest.size
+        k_flat, c_flat, cols_R = k.reshape(-1), c.reshape(-1), np.arange(R)
+        for j in range(P):
+            pack = k.argmin(axis=0)  # first minimum: lowest index among ties
+            f = pack * R + cols_R
+            c_f = c_flat[f]
+            slot_of[r, j, rest] = pack * per_pack + c_f
+            c_flat[f] = c_f + 1
+            k_flat[f] += items[r, j, rest] + fills[c_f]
+        key_PB[:, rest], count[:, rest] = k, c
+        synced[rest] = (c == r + 1).all(axis=0)
+    slot[order_flat] = slot_of.transpose(2, 0, 1).reshape(B, n)
+    return slot.reshape(B, n)
 
 
 def balanced_packing(weight_BN: torch.Tensor, num_packs: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -305,8 +362,12 @@ def rebalance_experts(
         num_groups, num_nodes = 1, 1  # global: one group on one node
     phy2log, phyrank, logcnt = _rebalance_hierarchical(weight_LE, num_replicas, num_groups, num_nodes, num_gpus)
     X = max(int(logcnt.max()), 1) if L else 1
-    log2phy = np.full((L, E * X), -1, dtype=np.int64)
-    log2phy[np.arange(L)[:, None], phy2log * X + phyrank] = np.arange(num_replicas)
+    index = phy2log * X
+    index += phyrank
+    del phyrank
+    index += (np.arange(L) * (E * X))[:, None]
+    log2phy = np.full(L * E * X, -1, dtype=np.int64)
+    log2phy[index] = np.arange(num_replicas)
     as_t = torch.from_numpy
     return as_t(phy2log), as_t(log2phy).view(L, E, X), as_t(logcnt)
 
@@ -324,26 +385,32 @@ def _rebalance_hierarchical(
     phy_per_node = num_phy // num_nodes
     phy_per_gpu = num_phy // num_gpus
     B = L * num_nodes
-    log2mlog = group_node_map(weight_LE, num_groups, num_nodes)  # step 1
-    identity = num_groups == num_nodes  # node-major order is expert order
-    mlog2log = log2mlog if identity else inverse_perm(log2mlog)
-    w_mlog = (weight_LE if identity else np.take_along_axis(weight_LE, mlog2log, 1)).reshape(B, per_node)
-    phy2mlog, phyrank, mlogcnt = replicate_array(w_mlog, phy_per_node)  # step 2
-    # node-major slot -> index into the flat [B * per_node] expert arrays
-    phy2flat = phy2mlog + (np.arange(B) * per_node)[:, None]
+    identity = num_groups == num_nodes  # step 1 keeps group g on node g: node-major = expert order
+    if identity:
+        w_mlog = weight_LE.reshape(B, per_node)
+    else:
+        log2mlog = group_node_map(weight_LE, num_groups, num_nodes)  # step 1
+        mlog2log = inverse_perm(log2mlog)
+        w_mlog = np.take_along_axis(weight_LE, mlog2log, 1).reshape(B, per_node)
+    # In-place updates and early ``del``: fewer large temporaries alive at once means less
+    # heap growth per call (fresh pages cost a fault each, which dominates on some VMs).
+    phy2flat, phyrank, mlogcnt = replicate_array(w_mlog, phy_per_node)  # step 2
+    phy2flat += (np.arange(B) * per_node)[:, None]  # flat index = layer * E + node-major expert
     per_copy = (w_mlog / mlogcnt).reshape(-1).take(phy2flat)
-    pack, rank = pack_array(per_copy, num_gpus // num_nodes)  # step 3
-    # slot (in node-major order) each physical expert moves to, then its contents
-    dest = pack * phy_per_gpu + rank + (np.arange(B) * phy_per_node)[:, None]
-    pphy2mlog = np.empty(B * phy_per_node, dtype=np.int64)
-    pphy2mlog[dest] = phy2flat  # flat expert index = layer * E + node-major expert
-    pphyrank = np.empty(B * phy_per_node, dtype=np.int64)
-    pphyrank[dest] = phyrank
-    pphy2mlog = pphy2mlog.reshape(L, num_phy)
+    dest = pack_slots(per_copy, num_gpus // num_nodes)  # step 3: GPU * phy_per_gpu + position
+    del per_copy
+    dest += (np.arange(B) * phy_per_node)[:, None]  # flat, node-major slot each copy moves to
+    pphy2mlog = np.empty((L, num_phy), dtype=np.int64)
+    pphy2mlog.reshape(-1)[dest] = phy2flat
+    del phy2flat
+    pphyrank = np.empty((L, num_phy), dtype=np.int64)
+    pphyrank.reshape(-1)[dest] = phyrank
+    del phyrank, dest
     logcnt = mlogcnt.reshape(L, E)
     if identity:
-        phy2log = pphy2mlog - (np.arange(L) * E)[:, None]
+        phy2log = pphy2mlog
+        phy2log -= (np.arange(L) * E)[:, None]
     else:
         phy2log = mlog2log.reshape(-1).take(pphy2mlog)
         logcnt = np.take_along_axis(logcnt, log2mlog, 1)
-    return phy2log, pphyrank.reshape(L, num_phy), logcnt
+    return phy2log, pphyrank, logcnt
