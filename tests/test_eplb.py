@@ -6,17 +6,19 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import relibra
-from relibra.plan import Placement
+from relibra.plan import Placement, Plan
 from relibra.policies.eplb import EplbPolicy, rebalance_experts
+from relibra.policies.eplb_algorithm import balanced_packing, replicate_experts, stable_order_desc
 
 sys.path.insert(0, str(Path(__file__).parent))
-from eplb_loop_reference import rebalance_experts_loop  # noqa: E402
+from eplb_loop_reference import _pack, _replicate, rebalance_experts_loop  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "deepseek_v3_expert_load"
 VECTOR_W = [[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
@@ -128,6 +130,47 @@ def test_vectorised_equals_loop_reference_real(name, groups):
     assert max_gpu_load(w, got[0], got[2], 64).sum() < 0.8 * static.sum()
 
 
+def test_stable_order_desc_near_ties_and_zeros():
+    """The integer-key sort drops low mantissa bits for the index; its exact check must catch it."""
+    one_up = float(np.nextafter(1.0, 2.0))
+    rows = np.array([[1.0, one_up, 1.0 + 2**-50, 1.0, 0.0, -0.0, 3.0, one_up] * 5,  # 40 items: fast path
+                     [0.0, -0.0] * 20], dtype=np.float64)
+    assert (stable_order_desc(rows) == np.argsort(-rows, axis=1, kind="stable")).all()
+    short = rows[:, :8]  # short rows: NumPy's sort path
+    assert (stable_order_desc(short) == np.argsort(-short, axis=1, kind="stable")).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), packs=st.integers(1, 6), per_pack=st.integers(1, 6),
+       kind=st.sampled_from(["ties", "ints", "skewed", "sorted_halves"]))
+def test_balanced_packing_equals_loop_greedy(seed, packs, per_pack, kind):
+    """Rounds taken in closed form and rows falling back to the item-by-item greedy, mixed."""
+    gen = np.random.default_rng(seed)
+    shape = (5, packs * per_pack)
+    if kind == "ties":
+        w = gen.integers(0, 3, shape).astype(float)
+    elif kind == "ints":
+        w = gen.integers(0, 1000, shape).astype(float)
+    elif kind == "skewed":
+        w = gen.random(shape) ** 4 * 100
+    else:  # per-copy loads: repeated values, as after replication
+        w = np.repeat(gen.integers(1, 50, (5, shape[1] // 2 + 1)).astype(float), 2, axis=1)[:, : shape[1]] / 2
+    pack, rank = balanced_packing(torch.from_numpy(w), packs)
+    for row in range(w.shape[0]):
+        want_pack, want_rank = _pack(w[row].tolist(), packs)
+        assert pack[row].tolist() == want_pack and rank[row].tolist() == want_rank
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 12), extra=st.integers(0, 12))
+def test_replicate_experts_equals_loop(seed, n, extra):
+    w = np.random.default_rng(seed).integers(0, 4, (3, n)).astype(float)
+    phy2log, rank, cnt = replicate_experts(torch.from_numpy(w), n + extra)
+    for row in range(3):
+        want = _replicate(w[row].tolist(), n + extra)
+        assert (phy2log[row].tolist(), rank[row].tolist(), cnt[row].tolist()) == want
+
+
 @pytest.mark.parametrize(
     "weight, args, match",
     [
@@ -167,6 +210,10 @@ def topologies_and_loads(draw):
 
 def check_plan(plan, topo, loads, policy):
     plan.validate(topo, loads)
+    # the one-replica-set fast path splits exactly as Plan.with_spares
+    ref = Plan.with_spares(plan.placement, plan.spare_experts[:1], loads, topo, plan.intra_node_replicas, "eplb")
+    assert torch.equal(plan.slot_tokens, ref.slot_tokens)
+    assert torch.equal(plan.spare_experts, ref.spare_experts)
     assert (plan.logcnt() >= 1).all()
     assert torch.equal(plan.expert_loads(), loads)  # splits conserve every expert's load
     assert (plan.spare_experts == plan.spare_experts[:1]).all()  # one replica set per step

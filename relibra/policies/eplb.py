@@ -35,14 +35,14 @@ from typing import Literal
 
 import torch
 
-from ..plan import Placement, Plan
+from ..plan import Placement, Plan, slot_ranks
 from ..topology import Topology
 from .base import check_loads
 from .eplb_algorithm import rebalance_experts
 from .eplb_placement import place_home_aware
 from .registry import register_policy
 
-__all__ = ["EplbPolicy", "rebalance_experts"]
+__all__ = ["EplbPolicy", "rebalance_experts", "even_split_plan"]
 
 _SOURCES = ("history", "oracle")
 _HISTORIES = ("window", "ema")
@@ -138,8 +138,7 @@ class EplbPolicy:
                 hierarchical,
             )
             placement = Placement.from_home_gpu(home_gpu, topology)
-            plan = Plan.with_spares(placement, spare[None], loads, topology,
-                                    intra_node_replicas=hierarchical, policy="eplb")
+            plan = even_split_plan(placement, spare, loads, topology, intra_node_replicas=hierarchical)
         plan.info.update(eplb_source=self.source, eplb_mode="hierarchical" if hierarchical else "global")
         if self.source == "history":
             self._record(step_LE)
@@ -160,3 +159,33 @@ class EplbPolicy:
             self._ema = step_LE.clone()
         else:
             self._ema = self.ema_decay * self._ema + (1.0 - self.ema_decay) * step_LE
+
+
+def even_split_plan(
+    placement: Placement,
+    spare_LR: torch.Tensor,
+    loads: torch.Tensor,
+    topology: Topology,
+    intra_node_replicas: bool,
+    policy: str = "eplb",
+) -> Plan:
+    """``Plan.with_spares`` for one replica set ``spare_LR [L, R]`` shared by all micro-batches.
+
+    The same plan (even split, :func:`relibra.plan.even_slot_tokens`' rule: copy ``j`` of
+    ``c`` gets ``n // c + (j < n % c)``), but the copy ranks and counts, which do not depend
+    on the micro-batch, are computed once for ``[L, P]`` instead of for every micro-batch.
+    ``loads`` are checked int64 ``[M, L, E]``.
+    """
+    M, L, E = loads.shape
+    G, H, S = topology.num_gpus, topology.home_slots_per_gpu, topology.spare_slots_per_gpu
+    phy2log = torch.cat([placement.home_experts.view(L, G, H), spare_LR.view(L, G, S)], dim=-1).view(L, -1)
+    rank, logcnt = slot_ranks(phy2log, E)  # [L, P], [L, E]
+    safe = phy2log.clamp(min=0)
+    copies = logcnt.gather(1, safe).clamp(min=1)  # [L, P]
+    tokens = loads.gather(2, safe.expand(M, L, -1))  # [M, L, P]
+    share = torch.div(tokens, copies, rounding_mode="floor")
+    tokens -= share * copies  # now n % c
+    share += rank < tokens  # the first n % c copies take one more
+    share.masked_fill_(phy2log < 0, 0)
+    spare = spare_LR.expand(M, L, topology.num_spare_slots).contiguous()
+    return Plan(topology, placement, spare, share, intra_node_replicas, policy)
