@@ -21,14 +21,11 @@ by index; the lightest pack with room is the lowest-numbered among equals; the e
 the highest load per copy is the lowest-numbered among equals. With these rules the public
 test vector (REFERENCE.md) is reproduced exactly.
 
-The reference loops over layers in Python; here each step of a packing or replication
-loop handles all layers (and nodes) at once, so only the loops over items remain. The work
-is done on NumPy arrays (a handful of calls per step on ``[B]`` / ``[B, packs]`` arrays;
-torch's per-call dispatch costs several times more at these sizes), converted from and to
-torch only at the public boundary. Closed forms replace the loop where the greedy admits
-one: one item per pack is the identity, one pack takes everything in sorted order, and the
-first ``packs`` items of a row whose heaviest ``packs - 1`` items are positive land in packs
-``0, 1, ...`` in turn.
+The reference loops over layers in Python; here every step handles all layers (and nodes)
+at once, on NumPy arrays (torch's per-call dispatch costs several times more at these
+sizes; torch only at the public boundary). Packing goes a round of ``packs`` items at a
+time where the greedy provably gives one item to each pack in weight order (see
+:func:`pack_slots`), item by item elsewhere.
 
 Dtype: ``weight`` may be any real integer or floating tensor (or array / nested list); it
 is converted to float64 on the CPU, so integer loads are exact up to 2**53 and every sum is
@@ -100,15 +97,14 @@ def _left_sum(x: np.ndarray) -> np.ndarray:
     return np.cumsum(x, axis=-1)[..., -1]
 
 
-def _row_order(weight_BN: np.ndarray, descending: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's indices sorted by weight (>= 0 or +inf), ties by index (a stable sort).
+def _sorted_desc(weight_BN: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row by descending weight (>= 0), ties by index: a stable sort of ``-weight``.
 
-    Returns ``order [B, n]`` as flat indices into ``weight_BN`` (``b * n + i``) and the
-    sorted weights ``[B, n]``. Short rows use NumPy's stable sort. Long rows take a faster
-    route: one integer sort per row of keys holding the weight's IEEE bits (for values
-    >= 0 they order like the values) above the index. The low mantissa bits make room for
-    the index, so two weights differing only there could come out misordered; the sorted
-    weights are checked and, in that rare case, NumPy's stable sort is used instead.
+    Returns ``order [B, n]`` as flat indices (``b * n + i``) and the sorted weights. Long
+    rows sort integer keys instead, several times faster: the weight's IEEE bits (for
+    values >= 0 they order like the values) with the index in the low mantissa bits. Two
+    weights differing only there could come out misordered, so the sorted weights are
+    checked and, in that rare case, NumPy's stable sort is used instead.
     """
     B, n = weight_BN.shape
     offsets = (np.arange(B) * n)[:, None]
@@ -116,26 +112,24 @@ def _row_order(weight_BN: np.ndarray, descending: bool) -> tuple[np.ndarray, np.
     if n > 16:
         idx_mask = (1 << int(n - 1).bit_length()) - 1
         key = (weight_BN + 0.0).view(np.int64)  # + 0.0: -0.0 -> 0.0; [0, inf] -> [0, 0x7FF0 << 48]
-        if descending:
-            np.subtract(np.int64(0x7FF0000000000000), key, out=key)
+        np.subtract(np.int64(0x7FF0000000000000), key, out=key)  # descending
         key &= ~idx_mask
         key |= np.arange(n)
         key.sort(axis=1)
         key &= idx_mask
         key += offsets
         ordered = flat_w.take(key)
-        if (ordered[:, :-1] >= ordered[:, 1:] if descending else ordered[:, :-1] <= ordered[:, 1:]).all():
+        if (ordered[:, :-1] >= ordered[:, 1:]).all():
             return key, ordered
-    order = np.argsort(-weight_BN if descending else weight_BN, axis=1, kind="stable")
+    order = np.argsort(-weight_BN, axis=1, kind="stable")
     order += offsets
     return order, flat_w.take(order)
 
 
 def stable_order_desc(weight_BN: np.ndarray) -> np.ndarray:
     """``order [B, n]``: indices by descending weight (>= 0), ties by index (a stable sort)."""
-    order, _ = _row_order(weight_BN, descending=True)
-    order -= (np.arange(weight_BN.shape[0]) * weight_BN.shape[1])[:, None]
-    return order
+    order, _ = _sorted_desc(weight_BN)
+    return order - (np.arange(weight_BN.shape[0]) * weight_BN.shape[1])[:, None]
 
 
 def pack_array(weight_BN: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
@@ -163,7 +157,7 @@ def pack_slots(weight_BN: np.ndarray, num_packs: int) -> np.ndarray:
     P, per_pack = num_packs, n // num_packs
     if per_pack == 1:  # the reference's shortcut: item i in pack i
         return np.broadcast_to(np.arange(n), (B, n)).copy()
-    order_flat, ordered = _row_order(weight_BN, descending=True)  # heaviest first, ties by index
+    order_flat, ordered = _sorted_desc(weight_BN)  # heaviest first, ties by index
     slot = np.empty(B * n, dtype=np.int64)
     if P == 1:  # one pack takes every item, in sorted order
         slot[order_flat] = np.arange(n)
@@ -284,9 +278,8 @@ def replicate_array(
     return phy2log, rank, count.reshape(B, n).astype(np.int64)
 
 
-def replicate_experts(
-    weight_BN: torch.Tensor, num_phy: int, max_copies: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def replicate_experts(weight_BN: torch.Tensor, num_phy: int, max_copies: int | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Give ``num_phy - n`` extra slots, one at a time, to the expert with most load per copy.
 
     Args:
