@@ -313,3 +313,58 @@ def test_optimal_split_from_any_start(gpus, homes, spare, seed):
         want = exact_min_max(copies, loads[b].reshape(-1).tolist(), gpus)
         assert int(ld[b].max()) == want
         assert int(level[b]) == want  # the subset formula agrees with max-flow
+
+
+def random_replicas(B, gpus, homes, spare, g):
+    """``[B, gpus*spare]`` random replicas (never on the home GPU, one copy per GPU), -1 empty."""
+    rep = torch.full((B, gpus * spare), -1, dtype=torch.int64)
+    for b in range(B):
+        for k in range(gpus * spare):
+            slot = int(torch.randint(0, gpus * homes, (1,), generator=g))
+            gpu = k // spare
+            if slot // homes != gpu and slot not in rep[b, gpu * spare:k].tolist() and torch.rand(1, generator=g) < 0.8:
+                rep[b, k] = slot
+    return rep
+
+
+@settings(**SETTINGS)
+@given(gpus=st.integers(2, 6), homes=st.integers(1, 3), seed=st.integers(0, 2**31 - 1))
+def test_forest_split_reaches_exact_level(gpus, homes, seed):
+    """The two-sweep split (one spare slot per GPU) is valid and at the max-flow optimum wherever it
+    says ok, and says ok on every problem whose replicas form no cycle; optimal_split targeted at
+    the known level reaches it from the plain loads too."""
+    from relibra.policies._replica_split import best_level, forest_split, optimal_split
+
+    g = torch.Generator().manual_seed(seed)
+    B = 8
+    loads = torch.randint(0, 80, (B, gpus, homes), generator=g) * (torch.rand(B, gpus, homes, generator=g) < 0.7)
+    rep = random_replicas(B, gpus, homes, 1, g)
+    level = best_level(loads, rep, 1)
+    hshare, x, ok = forest_split(loads, rep, level, 1)
+    h2, x2 = loads.clone(), torch.zeros(B, gpus, dtype=torch.int64)
+    optimal_split(h2, rep, x2, 1, level_B=level)
+    for b in range(B):
+        copies = [[s // homes] for s in range(gpus * homes)]
+        parent = {}
+        for k in range(gpus):
+            if rep[b, k] >= 0:
+                copies[int(rep[b, k])].append(k)
+                parent[k] = int(rep[b, k]) // homes
+        want = exact_min_max(copies, loads[b].reshape(-1).tolist(), gpus)
+        assert int(level[b]) == want
+        assert int((h2[b].sum(-1) + x2[b]).max()) == want
+        cyclic = False
+        for start in parent:
+            seen, v = set(), start
+            while v in parent and v not in seen:
+                seen.add(v)
+                v = parent[v]
+            cyclic |= v in seen
+        if not cyclic:
+            assert bool(ok[b])
+        if ok[b]:
+            assert (hshare[b] >= 0).all() and (x[b] >= 0).all()
+            per_slot = hshare[b].reshape(-1).clone()
+            per_slot.scatter_add_(0, rep[b].clamp(min=0), torch.where(rep[b] >= 0, x[b], 0))
+            assert torch.equal(per_slot, loads[b].reshape(-1))
+            assert int((hshare[b].sum(-1) + x[b]).max()) == want

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["greedy_replicas", "best_of_greedy", "GREEDY_VARIANTS", "best_level", "resplit", "optimal_split", "node_problems", "assemble"]
+__all__ = ["greedy_replicas", "best_of_greedy", "GREEDY_VARIANTS", "best_level", "resplit", "tree_split", "forest_split", "optimal_split", "node_problems", "assemble"]
 
 _INF = torch.iinfo(torch.int64).max // 4
 
@@ -258,6 +258,97 @@ def resplit(loads_BGH: torch.Tensor, rep_BK: torch.Tensor, made_BT: torch.Tensor
     return hflat[:, :-1].reshape(B, Gn, H), x[:, :K]
 
 
+def tree_split(loads_BGH: torch.Tensor, rep_BK: torch.Tensor, level_B: torch.Tensor, spare_per_gpu: int,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact split at the known optimum ``level_B`` in two sweeps, for one spare slot per GPU.
+
+    With one spare slot per GPU every GPU receives from at most one donor, so the replicas form
+    a forest (donor -> receiver) unless a chain closes into a cycle. Bottom-up, ``absorb(v)`` =
+    the most tokens GPU ``v`` can take over its parent edge with its subtree at most ``T*``:
+    ``T* - home(v) + sum over v's experts e of min(load_e, sum of absorb(c) over copies of e)``.
+    Top-down, every GPU sheds exactly its excess over ``T*`` (nothing where it is not above
+    ``T*``), expert by expert, copy by copy, each copy within its receiver's ``absorb``. Both
+    sweeps iterate to a fixed point (tree depth + 1 rounds, a few tensor operations each).
+
+    Args:
+        loads_BGH: ``[B, Gn, H]`` home-expert loads (not modified).
+        rep_BK: ``[B, Gn]`` replicas (``spare_per_gpu`` must be 1).
+        level_B: ``[B]`` the exact optimal level (:func:`best_level`).
+    Returns:
+        ``hshare_BGH``, ``x_BK`` and ``ok_B``: True where the split is valid (no negative
+        share) and reaches ``level_B``; other rows (cycles) must be solved another way.
+    """
+    B, Gn, H = loads_BGH.shape
+    if spare_per_gpu != 1:
+        raise ValueError(f"tree_split needs spare_per_gpu == 1, got {spare_per_gpu}")
+    K = Gn
+    w = loads_BGH.reshape(B, Gn * H)
+    exists = rep_BK >= 0
+    rslot = torch.where(exists, rep_BK, Gn * H)
+    T = level_B[:, None]
+    base = T - loads_BGH.sum(-1)  # [B, Gn] room of every GPU before it sheds anything
+    absorb = base
+    for _ in range(Gn + 1):
+        take = torch.zeros(B, Gn * H + 1, dtype=torch.int64).scatter_add_(1, rslot, absorb.clamp(min=0))
+        cap = torch.minimum(w, take[:, :-1])  # [B, Gn*H] most each expert can shed
+        new = base + cap.view(B, Gn, H).sum(-1)
+        if torch.equal(new, absorb):
+            break
+        absorb = new
+    capk = torch.where(exists, absorb.clamp(min=0), 0)  # [B, K] most each copy may take
+    lower = torch.ones(K, K, dtype=torch.bool).tril(-1)
+    same = (rep_BK[:, :, None] == rep_BK[:, None, :]) & exists[:, :, None] & lower
+    before = (same * capk[:, None, :]).sum(-1)  # capacity of earlier copies of the same expert
+    capv = cap.view(B, Gn, H)
+    before_e = capv.cumsum(-1) - capv
+    x = torch.zeros(B, K, dtype=torch.int64)
+    for _ in range(Gn + 1):
+        excess = (x - base).clamp(min=0)  # [B, Gn] what each GPU must shed
+        amt_e = torch.minimum((excess[:, :, None] - before_e).clamp(min=0), capv).view(B, Gn * H)
+        amt_k = torch.cat([amt_e, torch.zeros(B, 1, dtype=torch.int64)], 1).gather(1, rslot)
+        new = torch.minimum((amt_k - before).clamp(min=0), capk)
+        if torch.equal(new, x):
+            break
+        x = new
+    shed = torch.zeros(B, Gn * H + 1, dtype=torch.int64).scatter_add_(1, rslot, x)[:, :-1]
+    hshare = (w - shed).view(B, Gn, H)
+    ok = (hshare >= 0).all(-1).all(-1) & ((hshare.sum(-1) + x).amax(-1) <= level_B)
+    return hshare, x, ok
+
+
+def forest_split(loads_BGH: torch.Tensor, rep_BK: torch.Tensor, level_B: torch.Tensor, spare_per_gpu: int,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`tree_split`, with replica cycles cut: one call over all problems.
+
+    A cycle of replicas (GPU a holds a copy of b's expert, b of a's, ...) carries a
+    circulation that moves no load; cancelling it empties one cycle edge, so some optimal
+    split leaves one copy on the cycle unused. Problems with a cycle are also solved once per
+    cut copy (``Gn`` variants, copy ``j`` removed) and the first variant that reaches the
+    level is kept. Problems with two cycles may still fail (``ok_B`` False).
+    """
+    B, Gn, H = loads_BGH.shape
+    exists = rep_BK >= 0
+    par = torch.cat([torch.where(exists, rep_BK // H, Gn), torch.full((B, 1), Gn, dtype=torch.int64)], 1)
+    anc = par
+    for _ in range(max(1, (Gn - 1).bit_length())):  # ancestor 2**j steps up; Gn = no parent
+        anc = anc.gather(1, anc)
+    cyc = torch.nonzero((anc[:, :Gn] < Gn).any(-1)).squeeze(1)
+    F = cyc.numel()
+    if F == 0:
+        return tree_split(loads_BGH, rep_BK, level_B, spare_per_gpu)
+    cut = rep_BK[cyc].repeat_interleave(Gn, 0)  # [F*Gn, Gn], variant j drops copy j
+    cut.view(F, Gn, Gn).diagonal(dim1=1, dim2=2).fill_(-1)
+    h, x, ok = tree_split(torch.cat([loads_BGH, loads_BGH[cyc].repeat_interleave(Gn, 0)]),
+                          torch.cat([rep_BK, cut]), torch.cat([level_B, level_B[cyc].repeat_interleave(Gn)]),
+                          spare_per_gpu)
+    okv = ok[B:].view(F, Gn)
+    pick = B + torch.arange(F) * Gn + okv.to(torch.int8).argmax(-1)
+    use = okv.any(-1) & ~ok[cyc]
+    src = torch.where(use, pick, cyc)
+    h[cyc], x[cyc], ok[cyc] = h[src], x[src], ok[src]
+    return h[:B], x[:B], ok[:B]
+
+
 def optimal_split(hshare_BGH: torch.Tensor, rep_BK: torch.Tensor, x_BK: torch.Tensor,
                   spare_per_gpu: int, max_rounds: int = 10_000, level_B: torch.Tensor | None = None) -> int:
     """Phase 2: make the split exactly min-max optimal for the replicas in ``rep_BK``.
@@ -282,6 +373,7 @@ def optimal_split(hshare_BGH: torch.Tensor, rep_BK: torch.Tensor, x_BK: torch.Te
         todo &= ld0.amax(-1) > level_B
     rows = torch.nonzero(todo).squeeze(1)
     hflat, x, rep = hflat_all[rows], x_BK[rows], rep_BK[rows]
+    lev = None if level_B is None else level_B[rows][:, None]
     rounds = 0
     while rows.numel() and rounds < max_rounds:
         b_n = rows.numel()
@@ -309,7 +401,11 @@ def optimal_split(hshare_BGH: torch.Tensor, rep_BK: torch.Tensor, x_BK: torch.Te
                 break
             best = torch.where(upd, m, best)
             nxt = torch.where(upd, arg, nxt)
-        cand = (ld == ld.amax(-1, keepdim=True)) & (ld - best >= 2)
+        if lev is None:  # halve the gap between a busiest GPU and the lightest it reaches
+            cand = (ld == ld.amax(-1, keepdim=True)) & (ld - best >= 2)
+        else:  # push from a GPU above the known optimum to one below it, exactly to the optimum
+            cand = (ld > lev) & (best < lev)
+            cand &= ld == torch.where(cand, ld, -1).amax(-1, keepdim=True)
         active = cand.any(-1)
         if not bool(active.all()):
             done = ~active
@@ -317,6 +413,7 @@ def optimal_split(hshare_BGH: torch.Tensor, rep_BK: torch.Tensor, x_BK: torch.Te
             x_BK[rows[done]] = x[done]
             rows, hflat, x, rep, slot = rows[active], hflat[active], x[active], rep[active], slot[active]
             cand, nxt, C, ld = cand[active], nxt[active], C[active], ld[active]
+            lev = None if lev is None else lev[active]
             b_n = rows.numel()
             if b_n == 0:
                 break
@@ -336,7 +433,10 @@ def optimal_split(hshare_BGH: torch.Tensor, rep_BK: torch.Tensor, x_BK: torch.Te
             cur = torch.where(act, nx, cur)
         a = ld.gather(1, u[:, None]).squeeze(1)
         c = ld.gather(1, cur[:, None]).squeeze(1)
-        amt = torch.minimum(bott, (a - c) // 2)
+        if lev is None:
+            amt = torch.minimum(bott, (a - c) // 2)
+        else:
+            amt = torch.minimum(bott, torch.minimum(a - lev[:, 0], lev[:, 0] - c))
         dx = torch.zeros(b_n, K + 1, dtype=torch.int64)
         dh = torch.zeros(b_n, Gn * H + 1, dtype=torch.int64)
         for act, eid in hops:

@@ -24,7 +24,7 @@ import torch
 
 from ..plan import Placement, Plan
 from ..topology import Topology
-from ._replica_split import GREEDY_VARIANTS, assemble, best_of_greedy, greedy_replicas, node_problems, optimal_split, resplit
+from ._replica_split import GREEDY_VARIANTS, assemble, best_of_greedy, forest_split, greedy_replicas, node_problems, optimal_split, resplit
 from .base import check_loads
 from .registry import register_policy
 
@@ -48,11 +48,21 @@ def replicate_on(loads_MLE: torch.Tensor, placement: Placement, topology: Topolo
     start = time.perf_counter()
     hshare = node_problems(loads_MLE, placement.home_experts, N, Gn)
     rep, x, made, level, chain = best_of_greedy(hshare, S, variants)
-    if level is not None:  # start the exact split from the greedy moves replayed at the optimum
+    if level is not None and S == 1:  # exact split in two sweeps over the replica forest
+        loads_BGH = hshare
+        hshare, x, ok = forest_split(loads_BGH, rep, level, S)
+        bad = torch.nonzero(~ok).squeeze(1)
+        if bad.numel():  # two replica cycles in one node: replay and augment these rows
+            h_b, x_b = resplit(loads_BGH[bad], rep[bad], made[bad], level[bad], S, chain[bad])
+            optimal_split(h_b, rep[bad], x_b, S, level_B=level[bad])
+            hshare[bad], x[bad] = h_b, x_b
+        rounds = int(bad.numel())
+    elif level is not None:  # start the exact split from the greedy moves replayed at the optimum
         hshare, x = resplit(hshare, rep, made, level, S, chain)
     else:  # wide nodes: the first rule's own split, made exact by the augmenting rounds
         hshare = hshare - _scatter_x(hshare, rep, x)
-    rounds = optimal_split(hshare, rep, x, S, level_B=level)
+    if level is None or S != 1:
+        rounds = optimal_split(hshare, rep, x, S, level_B=level)
     spare, tokens = assemble(hshare, rep, x, placement.home_experts, M, L, N, S)
     plan = Plan(topology, placement, spare, tokens, intra_node_replicas=True, policy=policy)
     plan.info.update(replicate_seconds=time.perf_counter() - start, split_rounds=rounds)
