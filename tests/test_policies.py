@@ -229,13 +229,24 @@ def test_reorder_beats_static_per_micro_batch(seed):
 
 def test_reorder_migration_weight():
     topo = relibra.Topology(num_nodes=2, gpus_per_node=2, num_experts=16)
+    loads0, loads1 = skewed_loads(3, 2, 16, 0), skewed_loads(3, 2, 16, 5)  # global RNG: draw once
     pol = relibra.get_policy("reorder", migration_weight=1e9)
-    first = pol.plan(skewed_loads(3, 2, 16, 0), topo)
-    assert first.placement.equal(Placement.contiguous(topo, 2))  # starts contiguous, stays
-    second = pol.plan(skewed_loads(3, 2, 16, 5), topo)
-    assert second.placement.equal(first.placement)
+    first = pol.plan(loads0, topo)
+    # the first move away from the contiguous start is free: same plan as at weight 0
     free = relibra.get_policy("reorder", migration_weight=0.0)
-    assert not free.plan(skewed_loads(3, 2, 16, 0), topo).placement.equal(first.placement)
+    assert first.placement.equal(free.plan(loads0, topo).placement)
+    assert not first.placement.equal(Placement.contiguous(topo, 2))
+    second = pol.plan(loads1, topo)
+    assert second.placement.equal(first.placement)  # later moves are priced: a huge weight keeps it
+    assert not free.plan(loads1, topo).placement.equal(first.placement)
+
+
+@pytest.mark.parametrize("name", ["reorder", "hybrid"])
+def test_first_plan_ignores_migration_weight(name):
+    topo = relibra.Topology(num_nodes=4, gpus_per_node=2, num_experts=64, spare_slots_per_gpu=1)
+    loads = skewed_loads(4, 3, 64, 11)
+    plans = [relibra.get_policy(name, migration_weight=w).plan(loads, topo).placement for w in (0.0, 0.5, 1e6)]
+    assert plans[0].equal(plans[1]) and plans[0].equal(plans[2])
 
 
 @pytest.mark.parametrize("name", ["reorder", "hybrid"])

@@ -20,7 +20,9 @@ Migration: ``migration_weight`` w prices one expert changing home node at ``w`` 
 layer's mean expert load of the step (tokens), against the objective in tokens; a move between
 GPUs of one node costs that times ``inter_node_bandwidth / intra_node_bandwidth``. ``w = 0``
 ignores the previous placement; a large ``w`` keeps it. The policy remembers its placement
-between ``plan`` calls (start: contiguous).
+between ``plan`` calls. The first plan of a fresh policy (or after the topology or layer count
+changes) is free: the move away from the contiguous start is a one-time cost amortised over
+training, so that plan ignores ``w`` (ties still keep the contiguous start).
 """
 
 from __future__ import annotations
@@ -106,15 +108,16 @@ class ReorderPolicy:
     Args:
         migration_weight: price of moving one expert to another node, in units of the
             layer's mean expert load of the step (float >= 0; 0 prices moves at nothing).
-            Measured on the default trace with the DeepSeek-V3/H200 cost model
-            (``relibra bench --option hybrid.migration_weight=W``) hybrid's step time was
-            17.10 s at 0, 16.42 s at 0.05, 16.67 s at 0.2, 18.94 s at 1 (13.2, 8.5, 6.2,
-            4.1 TB moved per step incl. replicas); the default stays 0 because a non-zero
-            weight also prices the first step's moves away from the contiguous start.
+            Default 0.5: a later move must lower the step's summed busiest-node load by
+            half a mean expert load. Measured on the default trace (``relibra bench --option
+            hybrid.migration_weight=W --option reorder.migration_weight=W``, steps after the
+            warm-up step, first step free) hybrid's step time was 17.19 s at 0, 16.65-16.70 s
+            for 0.02-0.2, 16.61 s at 0.5 and above (13.3, 7.2, 3.4 TB moved per step incl.
+            replicas); at 0 about 3/4 of the experts move every step.
         max_swaps: local-search iterations per stage (int >= 0; 0 keeps the greedy packing).
     """
 
-    def __init__(self, migration_weight: float = 0.0, max_swaps: int = 200) -> None:
+    def __init__(self, migration_weight: float = 0.5, max_swaps: int = 200) -> None:
         if isinstance(migration_weight, bool) or not isinstance(migration_weight, (int, float)) \
                 or not math.isfinite(migration_weight) or migration_weight < 0:
             raise ValueError(f"reorder option migration_weight must be a finite number >= 0, got {migration_weight!r}")
@@ -129,9 +132,11 @@ class ReorderPolicy:
         """Compute this step's placement and remember it (``loads`` already checked)."""
         L = loads.shape[1]
         prev = self.placement
-        if prev is None or self._topology != topology or prev.num_layers != L:
+        first = prev is None or self._topology != topology or prev.num_layers != L
+        if first:  # the first move away from the contiguous start is free (one-time cost)
             prev = Placement.contiguous(topology, L)
-        placement = reorder_placement(loads, topology, prev, self.migration_weight, self.max_swaps)
+        weight = 0.0 if first else self.migration_weight
+        placement = reorder_placement(loads, topology, prev, weight, self.max_swaps)
         self.placement, self._topology = placement, topology
         return placement
 
