@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .fsdp import edp_plan, fsdp_layers
 from .layer import ReLibraMoE
 from .plan import Placement, Plan
 from .policies import get_policy
@@ -81,11 +82,17 @@ class Balancer:
         replica_min_gain: replicas of a (micro-batch, layer) whose busiest GPU is less than this
             fraction below the same placement without replicas are dropped (their tokens go
             home): no replica traffic when there is nothing worth balancing. 0 keeps every one.
+        edp_mesh: 1-D mesh of the expert-data-parallel replicas (ranks holding the same home
+            slots, e.g. FSDP2 over it, see :mod:`relibra.fsdp`; default: the layers' ``edp_mesh``
+            set by :func:`relibra.fsdp.apply_fsdp`). With more than one replica, EDP rank 0
+            plans the placement on the loads summed over the replicas and broadcasts it; each
+            EP group then splits its own tokens on it (``replicate_on`` if the policy's plan
+            had replicas, no replicas otherwise), so every replica keeps the same homes.
     """
 
     def __init__(self, model: nn.Module, mesh=None, policy: Any = "hybrid", optimizer=None,
                  spare_slots_per_gpu: int = 1, policy_options: dict | None = None,
-                 replica_min_gain: float = 0.05) -> None:
+                 replica_min_gain: float = 0.05, edp_mesh=None) -> None:
         self.layers: list[ReLibraMoE] = [m for m in model.modules() if isinstance(m, ReLibraMoE)]
         if not self.layers:
             raise ValueError("model holds no ReLibraMoE layer")
@@ -107,6 +114,7 @@ class Balancer:
             self.topology = Topology.from_mesh(mesh, self.E, spare_slots_per_gpu,
                                                num_expert_groups=first.topology.num_expert_groups)
         self.group, self.rank = first.ep_group, first.ep_rank
+        self._fsdp, self.edp_group = fsdp_layers(self.layers, edp_mesh)
         for i, layer in enumerate(self.layers):
             layer.set_topology(self.topology)
             layer.moe_layer_index = i
@@ -172,6 +180,11 @@ class Balancer:
             dist.all_reduce(Ms, group=self.group)
             if not error and bool((Ms > 0).all()) and bool((Ms != M + 1).any()):
                 error = f"ranks disagree on the number of micro-batches: {(Ms - 1).tolist()}"
+        if self.edp_group is not None:  # every rank joins, also one with bad routes
+            mm = torch.tensor([M, -M], dtype=torch.int64)
+            dist.all_reduce(mm, op=dist.ReduceOp.MAX, group=self.edp_group)
+            if not error and (int(mm[0]) != M or -int(mm[1]) != M):
+                error = "expert-data-parallel replicas disagree on the number of micro-batches (or one has bad routes)"
         self._agree(error, "Balancer.plan_step: bad routes")
 
         routes = [r.to(torch.int64) for r in routes]
@@ -190,15 +203,27 @@ class Balancer:
         plan, error, t_plan = None, "", 0.0
         if self.rank == 0:
             tp = time.perf_counter()
+            edp_root = self.edp_group is None or dist.get_rank(self.edp_group) == 0
+            plan_loads = loads
+            if self.edp_group is not None:  # placement from the loads of every EDP replica
+                plan_loads = loads.clone()
+                dist.all_reduce(plan_loads, group=self.edp_group)
             try:
-                plan = self.policy.plan(loads.clone(), self.topology)
-                if not isinstance(plan, Plan):
-                    raise ValueError(f"policy returned {type(plan).__name__}, not a relibra.Plan")
-                plan.validate(self.topology, loads)
-                plan = self._drop_idle_replicas(plan, loads)
+                if edp_root:
+                    plan = self.policy.plan(plan_loads.clone(), self.topology)
+                    if not isinstance(plan, Plan):
+                        raise ValueError(f"policy returned {type(plan).__name__}, not a relibra.Plan")
+                    plan.validate(self.topology, plan_loads)
             except Exception as exc:  # noqa: BLE001 - shared with every rank below
                 error = f"policy {self.policy_name!r} failed: {type(exc).__name__}: {exc}"
                 plan = None
+            if self.edp_group is not None:
+                plan, error = edp_plan(plan, error, loads, self.topology, self.policy_name, self.edp_group)
+            if not error:
+                try:
+                    plan = self._drop_idle_replicas(plan, loads)
+                except Exception as exc:  # noqa: BLE001
+                    error, plan = f"policy {self.policy_name!r} failed: {type(exc).__name__}: {exc}", None
             t_plan = time.perf_counter() - tp
         plan = self._share_plan(plan, error, M, t_plan)
         old = self.placement
@@ -310,7 +335,7 @@ class Balancer:
     def _prefetch_replicas(self, ctxs):
         """Fetch the replica weights of every layer in one all-to-all (one per backward too)."""
         idx = [i for i, c in enumerate(ctxs) if c.replica_route is not None]
-        if self.group is None or not idx:
+        if self.group is None or not idx or self._fsdp:  # FSDP: experts unshard in the layer's forward
             return ctxs
         layers = [self.layers[i] for i in idx]
         dtypes = {layer.experts.gate_up_proj.dtype for layer in layers}
