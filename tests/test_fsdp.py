@@ -126,7 +126,33 @@ def _worker(rank, _mesh, runs, references):
         results[name, reduce] = dict(loss=loss_err, weights=w_err, state=s_err, moved=moved, replicas=replicas,
                              keys=sorted(weights) == sorted(ref_weights),
                              placement=bal.placement.home_experts.tolist())
+    results["errors"] = _misuse_errors(dp_mesh, edp_mesh, ep_mesh)
     return results
+
+
+def _misuse_errors(dp_mesh, edp_mesh, ep_mesh) -> list[str]:
+    """Wrappings that cannot work raise ValueError before any collective."""
+    from torch.distributed.fsdp import fully_shard
+
+    from relibra.fsdp import apply_fsdp
+
+    out = []
+    for call in (lambda: apply_fsdp(Net(ep_mesh), edp_mesh, edp_mesh),           # dp != edp * G
+                 lambda: apply_fsdp(Net(ep_mesh), dp_mesh, edp_mesh, expert_shard_dim=0),
+                 lambda: apply_fsdp(Net(None), dp_mesh, edp_mesh)):
+        try:
+            call()
+            out.append("no error")
+        except ValueError as exc:
+            out.append(str(exc))
+    net = Net(ep_mesh)
+    fully_shard(net.moe1.experts, mesh=edp_mesh)
+    try:
+        Balancer(net, mesh=ep_mesh, policy="static")
+        out.append("no error")
+    except ValueError as exc:
+        out.append(str(exc))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +177,12 @@ def test_fsdp_expert_data_parallel_equals_single_process(policy, reduce, results
         assert per_rank[0]["replicas"] + per_rank[2]["replicas"] > 0, f"{policy} made no replica: untested"
     if policy == "rotate":
         assert per_rank[0]["moved"] > 0, "no expert moved: migration under FSDP untested"
+
+
+def test_fsdp_misuse_raises_clear_errors(results):
+    for rank, r in enumerate(results):
+        dp, dim0, no_mesh, experts_only = r["errors"]
+        assert "dp_mesh has 2 ranks" in dp, (rank, dp)
+        assert "expert_shard_dim" in dim0, (rank, dim0)
+        assert "no expert-parallel mesh" in no_mesh, (rank, no_mesh)
+        assert "not layer.experts" in experts_only, (rank, experts_only)
