@@ -1,12 +1,12 @@
 """Planning speed and balance of every policy at the DeepSeek-V3 shape, one CPU thread.
 
-    python benchmarks/planners.py [--steps 3] [--micro-batches 16] [--seed 0] [--data FILE]
+    python benchmarks/planners.py [--steps 3] [--micro-batches 16] [--seed 0] [--concentration 64]
 
 Shape: 58 MoE layers, 256 experts, top-8, 8 nodes x 8 GPUs, 1 spare slot per GPU.
-Loads: a GRPO-like generator around real popularity (``--data``, DeepSeek-V3 SGLang counts):
-each micro-batch holds 4 prompts x 8 responses x 128 tokens; every prompt draws its own expert
-mix ``Dirichlet(concentration * popularity)`` per layer, its tokens are multinomial from it.
-Seeded, so runs repeat.
+Loads: relibra.traces' GRPO generator around DeepSeek-V3's real popularity (SGLang
+``prefill_in4096`` counts shipped in relibra/data): groups of 16 responses share a per-layer
+expert mix ``Dirichlet(concentration * popularity)``, 65,536 tokens per micro-batch. Seeded, so
+runs repeat.
 
 Prints, per policy: ms per step (all micro-batches, reorder included), ms per micro-batch,
 mean and worst imbalance (busiest GPU / mean GPU, over micro-batches and layers), and mean
@@ -18,35 +18,15 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import time
 from pathlib import Path
 
 import torch
 
 import relibra
+from relibra.traces import TraceConfig, generate
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared/data/deepseek_v3_expert_load/prefill_in1024.json"
-
-
-def popularity(path: Path, num_layers: int = 58) -> torch.Tensor:
-    """``[L, E]`` float64 normalised real popularity (dense layers dropped)."""
-    counts = torch.tensor(json.loads(path.read_text())["logical_count"], dtype=torch.float64)
-    counts = counts[counts.sum(-1) > 0][-num_layers:]
-    counts = counts + counts.mean(-1, keepdim=True) * 1e-3  # no expert exactly never chosen
-    return counts / counts.sum(-1, keepdim=True)
-
-
-def grpo_loads(pop_LE: torch.Tensor, steps: int, M: int, seed: int, prompts: int = 4,
-               tokens_per_prompt: int = 8 * 128, top_k: int = 8, concentration: float = 64.0) -> torch.Tensor:
-    """``[steps, M, L, E]`` int64 loads (see module docstring)."""
-    torch.manual_seed(seed)
-    L, E = pop_LE.shape
-    mix = torch.distributions.Dirichlet(pop_LE * concentration).sample((steps, M, prompts))  # [s, M, p, L, E]
-    draws = torch.multinomial(mix.reshape(-1, E), tokens_per_prompt * top_k, replacement=True)
-    counts = torch.zeros(draws.shape[0], E, dtype=torch.int64).scatter_add_(1, draws, torch.ones_like(draws))
-    return counts.view(steps, M, prompts, L, E).sum(2)
 
 
 def loop_reference():
@@ -74,7 +54,9 @@ def run(args) -> list[tuple]:
     torch.set_num_threads(1)
     topo = relibra.Topology(num_nodes=8, gpus_per_node=8, num_experts=256, spare_slots_per_gpu=1,
                             num_expert_groups=8)
-    steps = grpo_loads(popularity(Path(args.data)), args.steps, args.micro_batches, args.seed)
+    trace = TraceConfig(steps=args.steps, micro_batches=args.micro_batches, tokens_per_micro_batch=65536,
+                        concentration=args.concentration, seed=args.seed)
+    steps = torch.from_numpy(generate(trace))
     candidates = [("static", {}), ("reorder", {}), ("replicate", {}), ("hybrid", {})]
     if "eplb" in relibra.available_policies():
         candidates += [("eplb", {"source": "oracle"}), ("eplb", {"source": "history"})]
@@ -129,7 +111,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--micro-batches", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser.add_argument("--concentration", type=float, default=64.0)
     args = parser.parse_args()
     rows = run(args)
     S, M = args.steps, args.micro_batches
