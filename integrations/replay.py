@@ -23,7 +23,7 @@ that finds routes again after padding and shuffling) live in :mod:`relibra.routi
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn

@@ -91,8 +91,6 @@ def _table(results: dict[str, Any]) -> str:
 
 
 def bench(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from .cost import make_config
     from .sim import gap_breakdown, simulate
     from .traces import default_trace_path, load_trace_file

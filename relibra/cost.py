@@ -38,7 +38,7 @@ per-GPU link bandwidths, dense layers and the LM head (``extra_params`` adds the
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 import torch

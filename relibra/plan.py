@@ -25,188 +25,15 @@ slot order, each copy taking ``slot_tokens`` of them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
+from .placement import Placement
+from .slots import as_loads, even_slot_tokens, interleave_slots, slot_ranks
 from .topology import Topology
 
 __all__ = ["Placement", "ReplicaPlan", "Plan", "as_loads", "even_slot_tokens", "slot_ranks"]
-
-
-def as_loads(loads: Any, name: str = "loads", ndim: int = 3) -> torch.Tensor:
-    """Convert ``loads`` (tensor, ndarray or nested list) to an int64 CPU tensor, checking it.
-
-    Raises ValueError naming ``name`` for a wrong rank, a float tensor holding NaN,
-    non-integral or negative values.
-    """
-    if not isinstance(loads, torch.Tensor):
-        try:
-            loads = torch.as_tensor(loads)
-        except Exception as exc:  # pragma: no cover - torch's own message is fine
-            raise ValueError(f"{name} cannot be read as a tensor: {exc}") from exc
-    if loads.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(loads.shape)}")
-    if loads.dtype == torch.bool or loads.is_complex():
-        raise ValueError(f"{name} must hold integer token counts, got dtype {loads.dtype}")
-    if loads.is_floating_point():
-        if torch.isnan(loads).any():
-            raise ValueError(f"{name} contains NaN")
-        if torch.isinf(loads).any():
-            raise ValueError(f"{name} contains inf")
-        if (loads != loads.round()).any():
-            raise ValueError(f"{name} must hold integer token counts, got fractional values")
-    loads = loads.detach().to(device="cpu", dtype=torch.int64)
-    if loads.numel() and int(loads.min()) < 0:
-        idx = tuple(int(i) for i in (loads < 0).nonzero()[0])
-        raise ValueError(f"{name} contains a negative load {int(loads[idx])} at index {idx}")
-    return loads
-
-
-def slot_ranks(phy2log: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank of every physical slot among the copies of its expert, and copies per expert.
-
-    Args:
-        phy2log: ``[..., P]`` int64 logical expert of each slot, -1 for an empty slot.
-        num_experts: E.
-    Returns:
-        ``rank [..., P]`` (0 for the lowest-numbered copy; -1 for empty slots) and
-        ``logcnt [..., E]``.
-    """
-    batch, P = phy2log.shape[:-1], phy2log.shape[-1]
-    flat = phy2log.reshape(-1, P)
-    valid = flat >= 0
-    safe = torch.where(valid, flat, num_experts)  # empty slots count in a dummy column
-    logcnt = torch.zeros(flat.shape[0], num_experts + 1, dtype=torch.int64)
-    logcnt.scatter_add_(1, safe, torch.ones_like(safe))
-    rank = torch.where(valid, 0, -1)
-    # only copies of experts held more than once need a rank above 0; home slots hold every
-    # expert once and spare slots are few, so sort just those (a 1-D sort of a few entries)
-    dup = valid & (logcnt.gather(1, safe) > 1)
-    row, slot = dup.nonzero(as_tuple=True)  # row-major: ascending slot within each row
-    if row.numel():
-        group = row * (num_experts + 1) + flat[row, slot]
-        order = group.argsort(stable=True)  # by (row, expert), then slot
-        g_sorted = group[order]
-        n = g_sorted.numel()
-        new_group = torch.ones(n, dtype=torch.bool)
-        new_group[1:] = g_sorted[1:] != g_sorted[:-1]
-        pos = torch.arange(n)
-        start = torch.cummax(torch.where(new_group, pos, 0), 0).values
-        rank[row[order], slot[order]] = pos - start
-    return rank.reshape(*batch, P), logcnt[:, :num_experts].reshape(*batch, num_experts)
-
-
-def even_slot_tokens(phy2log: torch.Tensor, loads: torch.Tensor) -> torch.Tensor:
-    """Split every expert's load evenly over its copies (EPLB's rule; static's trivially).
-
-    Args:
-        phy2log: ``[..., P]`` logical expert per physical slot, -1 empty.
-        loads: ``[..., E]`` tokens per logical expert.
-    Returns:
-        ``slot_tokens [..., P]``: copy ``j`` of ``c`` gets ``n // c + (j < n % c)`` tokens.
-    """
-    E = loads.shape[-1]
-    rank, logcnt = slot_ranks(phy2log, E)
-    valid = phy2log >= 0
-    safe = torch.where(valid, phy2log, 0)
-    share = torch.where(valid, loads.gather(-1, safe), 0)
-    # only copies of replicated experts split (few): divide on those entries alone
-    idx = (valid & (logcnt.gather(-1, safe) > 1)).nonzero(as_tuple=True)
-    if idx[0].numel():
-        n, c = share[idx], logcnt.gather(-1, safe)[idx]
-        share[idx] = n // c + (rank[idx] < n % c).to(torch.int64)
-    return share
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Home slot of every logical expert, per layer, for a whole step.
-
-    Attributes:
-        home_experts: ``[L, G*H]`` int64, the logical expert in each home slot; home slot
-            ``k`` is on GPU ``k // H``. Each row is a permutation of ``0..E-1``.
-    """
-
-    home_experts: torch.Tensor
-
-    @classmethod
-    def contiguous(cls, topology: Topology, num_layers: int) -> "Placement":
-        """Megatron-LM's fixed placement: GPU g homes experts ``g*H .. g*H+H-1``."""
-        row = torch.arange(topology.num_experts, dtype=torch.int64)
-        return cls(row.expand(num_layers, -1).clone())
-
-    @classmethod
-    def from_home_gpu(cls, home_gpu: torch.Tensor, topology: Topology) -> "Placement":
-        """Build from ``home_gpu [L, E]`` (GPU of each expert); a GPU's homes sorted by id.
-
-        Raises ValueError naming the layer and GPU when a GPU gets more than H homes.
-        """
-        home_gpu = torch.as_tensor(home_gpu, dtype=torch.int64)
-        G, H, E = topology.num_gpus, topology.home_slots_per_gpu, topology.num_experts
-        if home_gpu.dim() != 2 or home_gpu.shape[1] != E:
-            raise ValueError(f"home_gpu must have shape [L, {E}], got {tuple(home_gpu.shape)}")
-        if home_gpu.numel() and (home_gpu.min() < 0 or home_gpu.max() >= G):
-            raise ValueError(f"home_gpu holds a GPU id outside [0, {G})")
-        counts = torch.zeros(home_gpu.shape[0], G, dtype=torch.int64)
-        counts.scatter_add_(1, home_gpu, torch.ones_like(home_gpu))
-        if (counts != H).any():
-            layer, gpu = (int(i) for i in (counts != H).nonzero()[0])
-            raise ValueError(
-                f"layer {layer}: GPU {gpu} is given {int(counts[layer, gpu])} home experts, "
-                f"it has exactly {H} home slots"
-            )
-        key = home_gpu * E + torch.arange(E)
-        return cls(key.argsort(dim=1))
-
-    @property
-    def num_layers(self) -> int:
-        return self.home_experts.shape[0]
-
-    def home_slot(self) -> torch.Tensor:
-        """``[L, E]`` index of each expert's home slot (inverse of ``home_experts``)."""
-        inv = torch.empty_like(self.home_experts)
-        inv.scatter_(1, self.home_experts, torch.arange(self.home_experts.shape[1]).expand_as(inv))
-        return inv
-
-    def home_gpu(self, topology: Topology) -> torch.Tensor:
-        """``[L, E]`` GPU that homes each logical expert."""
-        return self.home_slot() // topology.home_slots_per_gpu
-
-    def validate(self, topology: Topology) -> None:
-        he = self.home_experts
-        E = topology.num_experts
-        if he.dim() != 2 or he.shape[1] != E:
-            raise ValueError(
-                f"placement.home_experts must have shape [L, {E}] "
-                f"({topology.num_gpus} GPUs x {topology.home_slots_per_gpu} home slots), "
-                f"got {tuple(he.shape)}"
-            )
-        if he.dtype != torch.int64:
-            raise ValueError(f"placement.home_experts must be int64, got {he.dtype}")
-        if he.numel() and (he.min() < 0 or he.max() >= E):
-            raise ValueError(f"placement.home_experts holds an expert id outside [0, {E})")
-        counts = torch.zeros(he.shape[0], E, dtype=torch.int64).scatter_add_(1, he, torch.ones_like(he))
-        if (counts != 1).any():
-            layer, expert = (int(i) for i in (counts != 1).nonzero()[0])
-            what = "no home slot (no copy)" if counts[layer, expert] == 0 else f"{int(counts[layer, expert])} home slots"
-            raise ValueError(f"placement, layer {layer}: expert {expert} has {what}")
-
-    def moved_experts(self, other: "Placement", topology: Topology) -> torch.Tensor:
-        """``[L, E]`` bool: experts whose home GPU differs between ``self`` and ``other``."""
-        if other.home_experts.shape != self.home_experts.shape:
-            raise ValueError(
-                f"placements differ in shape: {tuple(self.home_experts.shape)} vs "
-                f"{tuple(other.home_experts.shape)}"
-            )
-        return self.home_gpu(topology) != other.home_gpu(topology)
-
-    def bytes_moved(self, other: "Placement", topology: Topology, bytes_per_expert: float) -> float:
-        """Bytes sent to turn ``other`` into ``self`` (each moved expert costs ``bytes_per_expert``)."""
-        return float(self.moved_experts(other, topology).sum()) * float(bytes_per_expert)
-
-    def equal(self, other: "Placement") -> bool:
-        return torch.equal(self.home_experts, other.home_experts)
 
 
 @dataclass(frozen=True)
@@ -254,7 +81,7 @@ class Plan:
         loads = as_loads(loads)
         M, L, _ = loads.shape
         spare = torch.full((M, L, topology.num_spare_slots), -1, dtype=torch.int64)
-        phy2log = _phy2log(placement.home_experts.expand(M, -1, -1), spare, topology)
+        phy2log = interleave_slots(placement.home_experts.expand(M, -1, -1), spare, topology)
         return cls(topology, placement, spare, even_slot_tokens(phy2log, loads), True, policy)
 
     @classmethod
@@ -271,7 +98,7 @@ class Plan:
         loads = as_loads(loads)
         M, L, _ = loads.shape
         spare_experts = spare_experts.expand(M, L, topology.num_spare_slots).contiguous()
-        phy2log = _phy2log(placement.home_experts.expand(M, -1, -1), spare_experts, topology)
+        phy2log = interleave_slots(placement.home_experts.expand(M, -1, -1), spare_experts, topology)
         return cls(topology, placement, spare_experts, even_slot_tokens(phy2log, loads),
                    intra_node_replicas, policy)
 
@@ -294,7 +121,7 @@ class Plan:
     def phy2log(self) -> torch.Tensor:
         """``[M, L, P]`` logical expert in every physical slot, -1 for an empty spare slot."""
         M = self.num_micro_batches
-        return _phy2log(self.placement.home_experts.expand(M, -1, -1), self.spare_experts, self.topology)
+        return interleave_slots(self.placement.home_experts.expand(M, -1, -1), self.spare_experts, self.topology)
 
     def logcnt(self) -> torch.Tensor:
         """``[M, L, E]`` copies of every logical expert."""
@@ -450,12 +277,3 @@ class Plan:
                 )
         if loads is not None:
             self._check_loads(as_loads(loads))
-
-
-def _phy2log(home_experts_MLK: torch.Tensor, spare_MLR: torch.Tensor, topology: Topology) -> torch.Tensor:
-    """Interleave home ``[M, L, G*H]`` and spare ``[M, L, G*S]`` slots into ``[M, L, P]``."""
-    M, L = spare_MLR.shape[:2]
-    G, H, S = topology.num_gpus, topology.home_slots_per_gpu, topology.spare_slots_per_gpu
-    home = home_experts_MLK.reshape(M, L, G, H)
-    spare = spare_MLR.reshape(M, L, G, S)
-    return torch.cat([home, spare], dim=-1).reshape(M, L, G * (H + S))

@@ -376,7 +376,6 @@ def _rebalance_hierarchical(
     L, E = weight_LE.shape
     per_node = E // num_nodes
     phy_per_node = num_phy // num_nodes
-    phy_per_gpu = num_phy // num_gpus
     B = L * num_nodes
     identity = num_groups == num_nodes  # step 1 keeps group g on node g: node-major = expert order
     if identity:

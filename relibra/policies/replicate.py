@@ -29,7 +29,7 @@ import torch
 
 from ..plan import Placement, Plan
 from ..topology import Topology
-from ._replica_split import GREEDY_VARIANTS, assemble, best_of_greedy, forest_split, greedy_replicas, node_problems, optimal_split, resplit
+from ._replica_split import GREEDY_VARIANTS, assemble, best_of_greedy, forest_split, node_problems, optimal_split, resplit
 from .base import check_loads
 from .registry import register_policy
 
