@@ -77,6 +77,8 @@ def save_trace(path: str | os.PathLike, loads: Any, top_k: int, meta: dict[str, 
 def load_trace(path: str | os.PathLike) -> Trace:
     """Read and validate a trace file; every fault raises ValueError naming the file."""
     where = f"trace file {os.fspath(path)!r}"
+    if os.path.isfile(path) and not zipfile.is_zipfile(path):
+        raise ValueError(f"{where} is not an .npz (zip) archive; write traces with relibra.routing.save_trace")
     try:
         npz = np.load(path, allow_pickle=False)
     except FileNotFoundError:

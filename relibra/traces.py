@@ -45,6 +45,8 @@ from typing import Any
 
 import numpy as np
 
+from .trace_io import load_trace, save_trace
+
 __all__ = ["TraceConfig", "generate", "load_popularity", "derive_popularity", "load_trace_file",
            "save_trace_file", "default_trace_path", "waterfill", "describe", "format_description"]
 
@@ -265,48 +267,16 @@ def format_description(d: dict[str, Any]) -> str:
 
 
 def save_trace_file(path: str, loads: np.ndarray, top_k: int, meta: dict[str, Any] | None = None) -> None:
-    """Write a trace ``.npz`` (``loads`` [S, M, L, E], ``top_k``, ``meta`` as JSON text).
-
-    Uses :func:`relibra.routing.save_trace` when it exists.
-    """
-    try:
-        from .routing import save_trace
-    except (ImportError, AttributeError, ModuleNotFoundError):
-        save_trace = None
-    if save_trace is not None:
-        save_trace(path, loads, top_k, meta=meta)
-        return
-    np.savez_compressed(path, loads=np.asarray(loads), top_k=np.int64(top_k),
-                        meta=np.asarray(json.dumps(meta or {})))
+    """Write a trace ``.npz`` (``loads`` [S, M, L, E], ``top_k``, ``meta``): :func:`relibra.trace_io.save_trace`."""
+    save_trace(path, loads, top_k, meta=meta)
 
 
 def load_trace_file(path: str) -> tuple[np.ndarray, int, dict[str, Any]]:
-    """Read a trace ``.npz``: ``(loads int64 [S, M, L, E], top_k, meta)``.
-
-    Uses :func:`relibra.routing.load_trace` when it exists. Raises ValueError naming the file.
-    """
+    """Read a trace ``.npz`` as ``(loads int64 [S, M, L, E], top_k, meta)``; ValueError names the file."""
     if not os.path.exists(path):
         raise ValueError(f"trace file {path} does not exist")
-    try:
-        from .routing import load_trace
-    except (ImportError, AttributeError, ModuleNotFoundError):
-        load_trace = None
-    if load_trace is not None:
-        tr = load_trace(path)
-        loads = tr.loads.numpy() if hasattr(tr.loads, "numpy") else np.asarray(tr.loads)
-        return loads.astype(np.int64), int(tr.top_k), dict(tr.meta or {})
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if "loads" not in z.files or "top_k" not in z.files:
-                raise ValueError(f"trace file {path} must hold 'loads' and 'top_k', has {z.files}")
-            loads, top_k = z["loads"], int(z["top_k"])
-            meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
-    except (OSError, EOFError) as exc:
-        raise ValueError(f"trace file {path} is not a readable .npz: {exc}") from exc
-    if loads.ndim != 4 or not np.issubdtype(loads.dtype, np.integer) or (loads < 0).any():
-        raise ValueError(f"trace file {path}: loads must be non-negative integers [steps, M, L, E], "
-                         f"got {loads.dtype} {loads.shape}")
-    return loads.astype(np.int64), top_k, meta
+    trace = load_trace(path)
+    return trace.loads.numpy().astype(np.int64), int(trace.top_k), dict(trace.meta or {})
 
 
 def main(argv: list[str] | None = None) -> int:
