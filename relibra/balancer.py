@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .comm import all_gather_flat, all_gather_text, all_reduce_, broadcast_, first_error
 from .fsdp import edp_plan, fsdp_layers
 from .layer import ReLibraMoE
 from .plan import Placement, Plan
@@ -37,14 +38,6 @@ from .replicas import fetch_replicas_many
 from .topology import Topology
 
 __all__ = ["Balancer"]
-
-
-def _all_gather_flat(t: torch.Tensor, world: int, group) -> torch.Tensor:
-    """``[world, *t.shape]`` stack of every rank's ``t`` (one collective)."""
-    out = torch.empty(world * t.shape[0], *t.shape[1:], dtype=t.dtype, device=t.device)
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out, t.contiguous(), group=group)
-    return out.view(world, *t.shape)
 
 
 def _check_routes(routes: Any, L: int, K: int, E: int) -> str:
@@ -148,25 +141,10 @@ class Balancer:
             if error:
                 raise ValueError(f"{what}: {error}")
             return
-        flags = torch.zeros(self.world, dtype=torch.int64)
-        flags[self.rank] = 1 if error else 0
-        dist.all_reduce(flags, group=self.group)
-        if not bool(flags.any()):
-            return
-        src = int(flags.nonzero()[0])
-        text = self._broadcast_text(error, src)
-        raise ValueError(f"{what}: rank {src}: {text} (nothing was changed on any rank)")
-
-    def _broadcast_text(self, text: str, src: int) -> str:
-        payload = text.encode("utf-8", "replace")
-        n = torch.tensor([len(payload)], dtype=torch.int64)
-        gsrc = dist.get_global_rank(self.group, src)
-        dist.broadcast(n, gsrc, group=self.group)
-        buf = torch.zeros(max(int(n), 1), dtype=torch.uint8)
-        if self.rank == src and payload:
-            buf[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-        dist.broadcast(buf, gsrc, group=self.group)
-        return bytes(buf[: int(n)].numpy().tobytes()).decode("utf-8", "replace")
+        found = first_error(error, self.group)
+        if found is not None:
+            src, text = found
+            raise ValueError(f"{what}: rank {src}: {text} (nothing was changed on any rank)")
 
     # ------------------------------------------------------------------ step
     def plan_step(self, routes: Sequence[torch.Tensor]) -> Plan:
@@ -177,12 +155,12 @@ class Balancer:
         if self.group is not None:
             Ms = torch.zeros(self.world, dtype=torch.int64)
             Ms[self.rank] = M + 1  # 0 marks a rank whose routes are bad (it reports why)
-            dist.all_reduce(Ms, group=self.group)
+            all_reduce_(Ms, self.group)
             if not error and bool((Ms > 0).all()) and bool((Ms != M + 1).any()):
                 error = f"ranks disagree on the number of micro-batches: {(Ms - 1).tolist()}"
         if self.edp_group is not None:  # every rank joins, also one with bad routes
             mm = torch.tensor([M, -M], dtype=torch.int64)
-            dist.all_reduce(mm, op=dist.ReduceOp.MAX, group=self.edp_group)
+            all_reduce_(mm, self.edp_group, op=dist.ReduceOp.MAX)
             if not error and (int(mm[0]) != M or -int(mm[1]) != M):
                 error = "expert-data-parallel replicas disagree on the number of micro-batches (or one has bad routes)"
         self._agree(error, "Balancer.plan_step: bad routes")
@@ -197,7 +175,7 @@ class Balancer:
         if self.group is None:
             source_GMLE = local[None]
         else:
-            source_GMLE = _all_gather_flat(local, self.world, self.group)
+            source_GMLE = all_gather_flat(local, self.group)
         loads = source_GMLE.sum(0)
 
         plan, error, t_plan = None, "", 0.0
@@ -207,7 +185,7 @@ class Balancer:
             plan_loads = loads
             if self.edp_group is not None:  # placement from the loads of every EDP replica
                 plan_loads = loads.clone()
-                dist.all_reduce(plan_loads, group=self.edp_group)
+                all_reduce_(plan_loads, self.edp_group)
             try:
                 if edp_root:
                     plan = self.policy.plan(plan_loads.clone(), self.topology)
@@ -277,16 +255,15 @@ class Balancer:
             head[0] = 1 if error else 0
             head[1] = int(plan.intra_node_replicas) if plan is not None else 0
             head[2] = int(t_plan * 1e9)
-        gsrc = dist.get_global_rank(self.group, 0)
-        dist.broadcast(head, gsrc, group=self.group)
+        broadcast_(head, 0, self.group)
         if int(head[0]):
-            text = self._broadcast_text(error, 0)
+            text = all_gather_text(error if self.rank == 0 else "", self.group)[0]
             raise ValueError(f"Balancer.plan_step: {text} (nothing was changed on any rank)")
         body = torch.zeros(sum(sizes), dtype=torch.int64)
         if self.rank == 0:
             body = torch.cat([plan.placement.home_experts.reshape(-1), plan.spare_experts.reshape(-1),
                               plan.slot_tokens.reshape(-1)])
-        dist.broadcast(body, gsrc, group=self.group)
+        broadcast_(body, 0, self.group)
         if self.rank == 0:
             return plan
         he, sp, st = torch.split(body, sizes)
@@ -384,7 +361,7 @@ class Balancer:
             if self.group is None:
                 real = local[..., None]
             else:
-                allr = _all_gather_flat(local, self.world, self.group)
+                allr = all_gather_flat(local, self.group)
                 real = allr.permute(1, 2, 0)
             g = real.double()
             mean = g.mean(-1)

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .comm import broadcast_
 from .layer import ReLibraMoE
 from .plan import Placement, Plan
 from .topology import Topology
@@ -189,7 +190,7 @@ def edp_plan(plan: Plan | None, error: str, loads_MLE: torch.Tensor, topology: T
         if not error:
             buf[1] = int(bool((plan.replicas() > 0).any()))
             buf[2:] = plan.placement.home_experts.reshape(-1)
-    dist.broadcast(buf, dist.get_global_rank(group, 0), group=group)
+    broadcast_(buf, 0, group)
     if int(buf[0]):
         return None, error or f"policy {policy_name!r} failed on expert-data-parallel rank 0"
     try:

@@ -40,6 +40,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 import torch.distributed as dist
 
+from .comm import all_gather_text, comm_device
 from .plan import Placement
 from .topology import Topology
 
@@ -201,30 +202,6 @@ def _collect(tensors_by_layer, optimizer, old, new, topology, world):
         return [], f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc), sig
 
 
-def _comm_device(group) -> torch.device:
-    backend = str(dist.get_backend(group)).lower()
-    if "nccl" in backend and "gloo" not in backend:
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _all_gather_text(text: str, group, device: torch.device) -> list[str]:
-    """Every rank's ``text``, in rank order (two small collectives, no pickle)."""
-    payload = text.encode("utf-8", "replace")
-    world = dist.get_world_size(group)
-    n = torch.tensor([len(payload)], dtype=torch.int64, device=device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n, group=group)
-    m = max(1, max(int(s) for s in sizes))
-    buf = torch.zeros(m, dtype=torch.uint8)
-    if payload:
-        buf[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-    buf = buf.to(device)
-    out = [torch.empty_like(buf) for _ in range(world)]
-    dist.all_gather(out, buf, group=group)
-    return [bytes(o[: int(s)].cpu().numpy().tobytes()).decode("utf-8", "replace") for o, s in zip(out, sizes)]
-
-
 # ---------------------------------------------------------------------------------- checksums
 def _hash_weights(n: int, device: torch.device) -> torch.Tensor:
     idx = torch.arange(min(n, _HASH_BLOCK), dtype=torch.int64, device=device)
@@ -300,11 +277,11 @@ def migrate_experts(
     """
     t0 = time.perf_counter()
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    cdev = _comm_device(group)
+    cdev = comm_device(group)
 
     # 1. validate everywhere before any transfer
     pieces_by_layer, error, sig = _collect(tensors_by_layer, optimizer, old, new, topology, world)
-    texts = _all_gather_text(error.replace("\n", " ") + "\n" + "\n".join(sig), group, cdev)
+    texts = all_gather_text(error.replace("\n", " ") + "\n" + "\n".join(sig), group)
     errors = [t.split("\n", 1)[0] for t in texts]
     for r, e in enumerate(errors):
         if e:
@@ -379,7 +356,7 @@ def migrate_experts(
 
     # 4. every rank's verdict; all or nothing
     if n_transfers:
-        verdicts = _all_gather_text(error.replace("\n", " "), group, cdev)
+        verdicts = all_gather_text(error.replace("\n", " "), group)
         failed = [v for v in verdicts if v]
         if failed:
             raise MigrationError(f"migrate_experts aborted, every rank kept its old experts and placement: "

@@ -1,0 +1,91 @@
+"""Small control-plane collectives shared by the Balancer, migration and FSDP glue.
+
+Every helper here runs on the group's *communication device* (:func:`comm_device`): CUDA for an
+NCCL group (NCCL rejects CPU tensors), CPU otherwise (gloo). Callers build their small tensors on
+CPU, the helpers move them there and back, so planners keep working on CPU tensors.
+
+    comm_device(group)                   -> torch.device
+    all_gather_flat(t [N, ...], group)   -> [G, N, ...] every rank's t, on t's device
+    all_reduce_(t, group, op)            -> t reduced in place (any device)
+    broadcast_(t, src, group)            -> t overwritten with group rank src's t (any device)
+    all_gather_text(text, group)         -> list of G strings (no pickle)
+    first_error(error, group)            -> (rank, text) of the lowest rank with a non-empty error, or None
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["comm_device", "all_gather_flat", "all_reduce_", "broadcast_", "all_gather_text", "first_error"]
+
+
+def comm_device(group) -> torch.device:
+    """Device that collectives of ``group`` need: the current CUDA device for NCCL, else CPU."""
+    backend = str(dist.get_backend(group)).lower()
+    if "nccl" in backend and "gloo" not in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_gather_flat(t: torch.Tensor, group) -> torch.Tensor:
+    """``[G, *t.shape]`` stack of every rank's ``t`` (one collective), on ``t``'s device."""
+    world = dist.get_world_size(group)
+    dev = comm_device(group)
+    src = t.to(dev).contiguous()
+    out = torch.empty(world * src.shape[0], *src.shape[1:], dtype=src.dtype, device=dev)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, src, group=group)
+    return out.view(world, *t.shape).to(t.device)
+
+
+def all_reduce_(t: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """All-reduce ``t`` in place over ``group`` (through the comm device if ``t`` is elsewhere)."""
+    dev = comm_device(group)
+    if t.device == dev:
+        dist.all_reduce(t, op=op, group=group)
+        return t
+    tmp = t.to(dev)
+    dist.all_reduce(tmp, op=op, group=group)
+    return t.copy_(tmp)
+
+
+def broadcast_(t: torch.Tensor, src: int, group) -> torch.Tensor:
+    """Overwrite ``t`` with group rank ``src``'s ``t`` (through the comm device if needed)."""
+    dev = comm_device(group)
+    gsrc = dist.get_global_rank(group, src)
+    if t.device == dev:
+        dist.broadcast(t, gsrc, group=group)
+        return t
+    tmp = t.to(dev)
+    dist.broadcast(tmp, gsrc, group=group)
+    return t.copy_(tmp)
+
+
+def all_gather_text(text: str, group) -> list[str]:
+    """Every rank's ``text``, in rank order (two small collectives, no pickle)."""
+    dev = comm_device(group)
+    payload = text.encode("utf-8", "replace")
+    world = dist.get_world_size(group)
+    n = torch.tensor([len(payload)], dtype=torch.int64, device=dev)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n, group=group)
+    sizes_i = [int(s) for s in sizes]
+    buf = torch.zeros(max(1, max(sizes_i)), dtype=torch.uint8)
+    if payload:
+        buf[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    buf = buf.to(dev)
+    out = [torch.empty_like(buf) for _ in range(world)]
+    dist.all_gather(out, buf, group=group)
+    return [bytes(o[:s].cpu().numpy().tobytes()).decode("utf-8", "replace") for o, s in zip(out, sizes_i)]
+
+
+def first_error(error: str, group) -> tuple[int, str] | None:
+    """``(rank, text)`` of the lowest group rank whose ``error`` is non-empty, None if none.
+
+    Collective: every rank gets the same answer, so all can raise the same exception.
+    """
+    for r, text in enumerate(all_gather_text(error, group)):
+        if text:
+            return r, text
+    return None

@@ -1,0 +1,46 @@
+"""relibra.comm: the control-plane collectives (gloo world) and the NCCL device choice."""
+
+from __future__ import annotations
+
+import torch
+
+from relibra import comm
+from relibra.testing import run_world
+
+
+def _worker(rank, mesh):
+    group = mesh.get_group("gpu")  # 2 ranks per node
+    g = torch.distributed.get_rank(group)
+    out = {}
+    t = torch.full((2, 3), rank, dtype=torch.int64)
+    out["gather"] = comm.all_gather_flat(t, group)
+    r = torch.tensor([rank + 1, -rank], dtype=torch.int64)
+    out["reduce"] = comm.all_reduce_(r, group, op=torch.distributed.ReduceOp.MAX).clone()
+    b = torch.full((3,), 10 * rank, dtype=torch.int64)
+    out["bcast"] = comm.broadcast_(b, 1, group).clone()
+    out["texts"] = comm.all_gather_text("é" * g + f"r{rank}", group)
+    out["none"] = comm.first_error("", group)
+    out["first"] = comm.first_error("bad" if g == 1 else "", group)
+    return out
+
+
+def test_collectives_on_a_gloo_group():
+    res = run_world(_worker, world_size=4, nodes=2, timeout=60)
+    for rank, out in enumerate(res):
+        node = rank // 2
+        peers = [2 * node, 2 * node + 1]
+        assert out["gather"].shape == (2, 2, 3) and out["gather"].device.type == "cpu"
+        assert out["gather"][:, 0, 0].tolist() == peers
+        assert out["reduce"].tolist() == [peers[1] + 1, -peers[0]]
+        assert out["bcast"].tolist() == [10 * peers[1]] * 3
+        assert out["texts"] == [f"r{peers[0]}", f"ér{peers[1]}"]
+        assert out["none"] is None
+        assert out["first"] == (1, "bad")
+
+
+def test_nccl_groups_communicate_on_the_current_cuda_device(monkeypatch):
+    monkeypatch.setattr(comm.dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(comm.torch.cuda, "current_device", lambda: 3)
+    assert comm.comm_device(object()) == torch.device("cuda", 3)
+    monkeypatch.setattr(comm.dist, "get_backend", lambda group=None: "gloo")
+    assert comm.comm_device(object()) == torch.device("cpu")
