@@ -86,7 +86,9 @@ class Balancer:
     def __init__(self, model: nn.Module, mesh=None, policy: Any = "hybrid", optimizer=None,
                  spare_slots_per_gpu: int = 1, policy_options: dict | None = None,
                  replica_min_gain: float = 0.05, edp_mesh=None) -> None:
-        self.layers: list[ReLibraMoE] = [m for m in model.modules() if isinstance(m, ReLibraMoE)]
+        named = [(n, m) for n, m in model.named_modules() if isinstance(m, ReLibraMoE)]
+        self.layers: list[ReLibraMoE] = [m for _, m in named]
+        self._layer_names = [n or "<model>" for n, _ in named]
         if not self.layers:
             raise ValueError("model holds no ReLibraMoE layer")
         first = self.layers[0]
@@ -146,11 +148,31 @@ class Balancer:
             src, text = found
             raise ValueError(f"{what}: rank {src}: {text} (nothing was changed on any rank)")
 
+    def _check_optimizer(self) -> str:
+        """Error text if the optimizer misses an expert parameter ("" if fine or no optimizer).
+
+        A reorder moves the rows of the parameters and of their optimizer state; a parameter
+        the optimizer does not hold would move without its state (silently wrong AdamW moments).
+        """
+        if self.optimizer is None:
+            return ""
+        groups = getattr(self.optimizer, "param_groups", None)
+        if not isinstance(groups, (list, tuple)):
+            return f"optimizer {type(self.optimizer).__name__} has no param_groups list"
+        held = {id(p) for g in groups for p in g.get("params", ())}
+        for l, layer in enumerate(self.layers):
+            for name in ("gate_up_proj", "down_proj"):
+                if id(getattr(layer.experts, name)) not in held:
+                    return (f"the optimizer does not hold MoE layer {l} ({self._layer_names[l]}) "
+                            f"experts.{name}; a reorder would move its weights but not its optimizer "
+                            f"state (build the optimizer from the model's parameters after wrapping)")
+        return ""
+
     # ------------------------------------------------------------------ step
     def plan_step(self, routes: Sequence[torch.Tensor]) -> Plan:
         """Gather the step's loads, plan, validate, migrate (collective; see the module doc)."""
         t0 = time.perf_counter()
-        error = _check_routes(routes, self.L, self.K, self.E)
+        error = _check_routes(routes, self.L, self.K, self.E) or self._check_optimizer()
         M = len(routes) if not error else -1
         if self.group is not None:
             Ms = torch.zeros(self.world, dtype=torch.int64)
@@ -163,7 +185,7 @@ class Balancer:
             all_reduce_(mm, self.edp_group, op=dist.ReduceOp.MAX)
             if not error and (int(mm[0]) != M or -int(mm[1]) != M):
                 error = "expert-data-parallel replicas disagree on the number of micro-batches (or one has bad routes)"
-        self._agree(error, "Balancer.plan_step: bad routes")
+        self._agree(error, "Balancer.plan_step: bad input")
 
         routes = [r.to(torch.int64) for r in routes]
         E = self.E

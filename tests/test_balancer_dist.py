@@ -157,11 +157,16 @@ def _bad_input_worker(rank, mesh):
     cases = [("id", "replicate", bad_id), ("shape", "static", bad_shape), ("dtype", "static", bad_dtype),
              ("count", "static", bad_count), ("raises", _Raises(), lambda: good),
              ("invalid", _Invalid(), lambda: good), ("notaplan", _NotAPlan(), lambda: good)]
+    # rank 2's optimizer misses the second layer's experts: a reorder would strand its state
+    partial = torch.optim.AdamW([p for n, p in model.named_parameters()
+                                 if rank != 2 or not n.startswith("moe2.experts")], lr=1e-2)
+    cases.append(("optimizer", "reorder", lambda: good))
     out = {}
     for case, policy, make in cases:
         if isinstance(policy, str) and policy not in available_policies():
             policy = "static"
-        bal = Balancer(model, mesh=mesh, policy=policy, optimizer=opt, spare_slots_per_gpu=1)
+        bal = Balancer(model, mesh=mesh, policy=policy, optimizer=partial if case == "optimizer" else opt,
+                       spare_slots_per_gpu=1)
         try:
             bal.plan_step(make())
             out[case] = ("no error", "")
@@ -183,7 +188,8 @@ def test_bad_input_fails_on_every_rank_without_hang_or_change():
     expect = {"id": ("rank 1", "not an expert id"), "shape": ("rank 3", "must have shape"),
               "dtype": ("rank 0", "integer expert ids"), "count": ("micro-batches: [2, 2, 1, 2]",),
               "raises": ("boom from a custom policy",), "invalid": ("holds two copies of expert 0",),
-              "notaplan": ("not a relibra.Plan",)}
+              "notaplan": ("not a relibra.Plan",),
+              "optimizer": ("rank 2", "MoE layer 1 (moe2) experts.gate_up_proj", "optimizer state")}
     for case, needles in expect.items():
         outcomes = {r[case] for r in results}
         assert len(outcomes) == 1, f"{case}: ranks raised different errors: {outcomes}"
