@@ -172,6 +172,8 @@ class Balancer:
     def plan_step(self, routes: Sequence[torch.Tensor]) -> Plan:
         """Gather the step's loads, plan, validate, migrate (collective; see the module doc)."""
         t0 = time.perf_counter()
+        # a failed step must not leave the previous step's routes installable by micro_batch
+        self.plan, self._routes, self._offsets_MLE, self._metrics = None, None, None, {}
         error = _check_routes(routes, self.L, self.K, self.E) or self._check_optimizer()
         M = len(routes) if not error else -1
         if self.group is not None:
@@ -313,7 +315,8 @@ class Balancer:
     def micro_batch(self, m: int) -> Iterator[None]:
         """Install micro-batch ``m``'s replica plans and routes in every layer for the block."""
         if self.plan is None:
-            raise RuntimeError("Balancer.micro_batch called before plan_step")
+            raise RuntimeError("Balancer.micro_batch: no plan is installed (plan_step was not called, or the "
+                               "last plan_step failed); call plan_step with this step's routes first")
         if not 0 <= m < self.plan.num_micro_batches:
             raise IndexError(f"micro-batch {m} out of range [0, {self.plan.num_micro_batches})")
         plan = self.plan

@@ -180,6 +180,20 @@ def _bad_input_worker(rank, mesh):
     with bal.micro_batch(0):
         model(data[0][rank][0]).sum().backward()
     out["good_step"] = True
+    # a failed plan_step drops the previous plan: micro_batch must not run on stale routes
+    try:
+        bal.plan_step(bad_id())  # bad on rank 1 only: every rank raises
+    except ValueError:
+        pass
+    else:
+        out["stale"] = "plan_step did not raise"
+        return out
+    try:
+        with bal.micro_batch(0):
+            pass
+        out["stale"] = "micro_batch ran"
+    except RuntimeError as exc:
+        out["stale"] = str(exc)
     return out
 
 
@@ -199,3 +213,5 @@ def test_bad_input_fails_on_every_rank_without_hang_or_change():
             assert needle in msg, f"{case}: {needle!r} not in {msg!r}"
         assert all(r[case + "_unchanged"] for r in results), f"{case}: a weight changed"
     assert all(r["good_step"] for r in results)
+    for rank, r in enumerate(results):
+        assert "no plan is installed" in r["stale"], f"rank {rank}: {r['stale']}"
