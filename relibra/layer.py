@@ -248,8 +248,9 @@ class ReLibraMoE(nn.Module):
                 raise ValueError(f"installed routes have shape {tuple(routes.shape)}, but x holds {T} tokens "
                                  f"(need [{T}, {self.top_k}])")
         elif routes is not None:
-            routes = check_routes(routes.reshape(-1, routes.shape[-1]) if routes.dim() > 2 else routes,
-                                  T, self.top_k, self.num_experts)
+            if isinstance(routes, torch.Tensor) and routes.dim() > 2:  # [B, S, K] like x [B, S, D]
+                routes = routes.reshape(-1, routes.shape[-1])
+            routes = check_routes(routes, T, self.top_k, self.num_experts, device=x.device)
         ids_TK, w_TK = self.gate(x_TD, routes)
         out = self._routed(x_TD, ids_TK, w_TK, ctx, from_ctx)
         if self.shared_expert is not None:

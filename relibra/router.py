@@ -23,13 +23,17 @@ __all__ = ["Router", "check_routes"]
 
 
 def check_routes(routes_TK: torch.Tensor, num_tokens: int, top_k: int, num_experts: int,
-                 name: str = "routes") -> torch.Tensor:
+                 name: str = "routes", device: torch.device | str | None = None) -> torch.Tensor:
     """Validate replayed routes ``[T, K]`` (ids in ``-1..E-1``); return them as int64.
 
-    Raises ValueError naming ``name`` for a wrong type, dtype, shape or expert id.
+    Raises ValueError naming ``name`` for a wrong type, device (when ``device`` is given, e.g.
+    the tokens' device), dtype, shape or expert id.
     """
     if not isinstance(routes_TK, torch.Tensor):
         raise ValueError(f"{name} must be a tensor [T, top_k], got {type(routes_TK).__name__}")
+    if device is not None and routes_TK.device != torch.device(device):
+        raise ValueError(f"{name} is on {routes_TK.device}, but the tokens are on {torch.device(device)}; "
+                         f"move {name} to the tokens' device")
     if routes_TK.is_floating_point() or routes_TK.is_complex() or routes_TK.dtype == torch.bool:
         raise ValueError(f"{name} must hold integer expert ids, got dtype {routes_TK.dtype}")
     if tuple(routes_TK.shape) != (num_tokens, top_k):

@@ -73,6 +73,8 @@ def test_replayed_routes_are_used_and_router_still_learns():
     (torch.tensor([[0, 8]] * 3), "not an expert id"),
     (torch.zeros(3, 3, dtype=torch.int64), "must have shape"),
     (torch.zeros(3, 2), "integer expert ids"),
+    ([[0, 1]] * 3, "routes must be a tensor"),
+    (torch.zeros(3, 2, dtype=torch.int64, device="meta"), "routes is on meta, but the tokens are on cpu"),
 ])
 def test_bad_routes_raise_value_error(bad, match):
     layer = ReLibraMoE(8, 6, 8, 2)
