@@ -43,6 +43,7 @@ move only from a busiest GPU, so copies keep their home tokens where moving buys
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 __all__ = ["greedy_replicas", "best_of_greedy", "GREEDY_VARIANTS", "best_level", "resplit", "tree_split", "forest_split", "optimal_split", "node_problems", "assemble"]
@@ -79,7 +80,9 @@ def greedy_replicas(hshare_BGH: torch.Tensor, spare_per_gpu: int, equalise_B: to
     - ``best_fit_B``: copy the donor's coolest home expert that can carry the whole move
       (instead of its hottest), keeping hot experts for later rounds.
 
-    ``target_B`` (``[B]``) replaces ``T = ceil(node mean)``.
+    ``target_B`` (``[B]``) replaces ``T = ceil(node mean)``. Ties go to the lowest GPU / slot.
+    Runs in numpy on problem-last arrays (``[Gn, B]``): reductions over a node's few GPUs are
+    then elementwise passes over ``B``, several times cheaper than torch's small-row kernels.
 
     Returns:
         ``rep_BK`` (local home slot copied into each spare slot, -1 empty), ``x_BK``
@@ -89,61 +92,92 @@ def greedy_replicas(hshare_BGH: torch.Tensor, spare_per_gpu: int, equalise_B: to
     B, Gn, H = hshare_BGH.shape
     S = spare_per_gpu
     K = Gn * S
-    rep = torch.full((B, K), -1, dtype=torch.int64)
-    x = torch.zeros(B, K, dtype=torch.int64)
-    made = torch.full((B, K), -1, dtype=torch.int64)
-    if S == 0 or Gn == 1 or B == 0:
-        return rep, x, made
-    ld = hshare_BGH.sum(-1)  # [B, Gn]
-    target = (ld.sum(-1) + Gn - 1) // Gn if target_B is None else target_B  # [B]
-    equalise = None if equalise_B is None else equalise_B[:, None]
-    best_fit = None if best_fit_B is None or not bool(best_fit_B.any()) else best_fit_B[:, None]
-    # one extra column in each state tensor absorbs the writes of finished problems
-    rep_x = torch.full((B, K + 1), -1, dtype=torch.int64)
-    x_x = torch.zeros(B, K + 1, dtype=torch.int64)
-    used = torch.zeros(B, Gn + 1, dtype=torch.int64)  # filled spare slots per GPU
-    # (home slot, GPU) that may not take a replica: the home GPU itself, then every copy made
-    holds = torch.zeros(B, Gn * H, Gn, dtype=torch.bool)
-    holds[:, torch.arange(Gn * H), torch.arange(Gn * H) // H] = True
-    holds = torch.cat([holds.view(B, Gn * H * Gn), torch.zeros(B, 1, dtype=torch.bool)], 1)
-    full = torch.zeros(B, Gn, dtype=torch.bool)
-    hflat = hshare_BGH.view(B, Gn * H)
-    offsets = (torch.arange(H)[:, None] * Gn + torch.arange(Gn)).view(1, H * Gn)  # [1, H*Gn]
-    ar_h = torch.arange(H)
+    rep = np.full((K, B), -1, np.int64)
+    x = np.zeros((K, B), np.int64)
+    made = np.full((K, B), -1, np.int64)
+    if S > 0 and Gn > 1 and B > 0:
+        h = np.ascontiguousarray(hshare_BGH.numpy().reshape(B, Gn * H).T)  # [Gn*H, B]
+        _greedy_np(h, S, rep, x, made, None if equalise_B is None else equalise_B.numpy(),
+                   None if best_fit_B is None else best_fit_B.numpy(), None if target_B is None else target_B.numpy())
+        hshare_BGH.copy_(torch.from_numpy(np.ascontiguousarray(h.T)).view(B, Gn, H))
+    return tuple(torch.from_numpy(np.ascontiguousarray(a.T)) for a in (rep, x, made))
+
+
+def _greedy_np(h: np.ndarray, S: int, rep: np.ndarray, x: np.ndarray, made: np.ndarray,
+               equalise: np.ndarray | None, best_fit: np.ndarray | None, target: np.ndarray | None) -> None:
+    """:func:`greedy_replicas` on ``h [Gn*H, B]``; fills ``rep``/``x``/``made`` (``[K, B]``) in place."""
+    GH, B = h.shape
+    K = rep.shape[0]
+    Gn = K // S
+    H = GH // Gn
+    ld = h.reshape(Gn, H, B).sum(1)  # [Gn, B]
+    if target is None:
+        target = (ld.sum(0) + Gn - 1) // Gn
+    equalise = equalise if equalise is not None and equalise.any() else None
+    best_fit = best_fit if best_fit is not None and best_fit.any() else None
+    # argmax / argmin over GPUs as one max / min of (load << sh | GPU code): ties to the lowest GPU
+    sh = (Gn - 1).bit_length()
+    P = 1 << sh
+    enc = int(ld.sum(0).max()) < (1 << (61 - sh))
+    g_col = np.arange(Gn)[:, None]
+    up_col = (P - 1) - g_col
+    big = np.iinfo(np.int64).max
+    arB = np.arange(B)
+    h_col = np.arange(H)[:, None]
+    hf = h.reshape(-1)
+    if S > 1:  # (home slot, GPU) that may not take a replica: the home GPU, then every copy made
+        holds = np.zeros((GH, Gn, B), bool)
+        holds[np.arange(GH), np.arange(GH) // H] = True
+        holdf = holds.reshape(-1)
+    used = np.zeros((Gn, B), np.int64)
+    full = np.zeros((Gn, B), bool)
     for t in range(K):
-        donor = ld.argmax(-1, keepdim=True)  # [B, 1]
-        slots = donor * H + ar_h  # [B, H] local home slots of the donor
-        share = hflat.gather(1, slots)  # [B, H]
-        blocked = holds.gather(1, donor * (H * Gn) + offsets).view(B, H, Gn) | full[:, None, :]
-        rload, recv = ld[:, None, :].masked_fill(blocked, _INF).min(-1)  # [B, H]
-        dl = ld.gather(1, donor)
-        room = torch.minimum(dl - target[:, None], target[:, None] - rload)
+        if enc:
+            m = ((ld << sh) | up_col).max(0)
+            donor, dl = (P - 1) - (m & (P - 1)), m >> sh
+        else:
+            donor = ld.argmax(0)
+            dl = ld[donor, arB]
+        slots = donor * H + h_col  # [H, B]
+        share = hf.take(slots * B + arB)
+        if S == 1:  # a GPU holding a copy is full: one receiver for all the donor's experts
+            blocked = full | (g_col == donor)  # [Gn, B]
+        else:
+            blocked = holdf.take((slots[:, None, :] * Gn + g_col) * B + arB) | full  # [H, Gn, B]
+        if enc:
+            rmin = np.where(blocked, big, (ld << sh) | g_col).min(-2)  # [H, B] or [B]
+            recv, rload = rmin & (P - 1), rmin >> sh
+        else:
+            masked = np.where(blocked, big, ld)
+            recv = masked.argmin(-2)
+            rload = np.take_along_axis(masked, recv[..., None, :], -2)[..., 0, :]
+        if S == 1:
+            recv, rload = np.broadcast_to(recv, (H, B)), rload[None]
+        room = np.minimum(dl - target, target - rload)
         if equalise is not None:
-            room = torch.where(equalise, torch.minimum(dl - target[:, None], (dl - rload) // 2), room)
-        amt_j = torch.minimum(share, room)  # [B, H]
-        key = share.masked_fill(amt_j <= 0, -1)
+            room = np.where(equalise, np.minimum(dl - target, (dl - rload) // 2), room)
+        amt_j = np.minimum(share, room)  # [H, B]
+        key = np.where(amt_j > 0, share, -1)
         if best_fit is not None:  # smallest share covering the whole move, else the hottest
-            key = torch.where(best_fit & (share >= room) & (key > 0), _INF - share, key)
-        best_key, j = key.max(-1, keepdim=True)
-        active = best_key > 0  # [B, 1]
-        if not bool(active.any()):
+            key = np.where(best_fit & (share >= room) & (key > 0), _INF - share, key)
+        j = key.argmax(0)
+        a = np.flatnonzero(key[j, arB] > 0)
+        if a.size == 0:
             break
-        amt = amt_j.gather(1, j).clamp_(min=0)
-        r = torch.where(active, recv.gather(1, j), Gn)
-        slot = donor * H + j
-        k = torch.where(active, r * S + used.gather(1, r), K)
-        made[:, t] = k.squeeze(1).masked_fill(~active.squeeze(1), -1)
-        rep_x.scatter_(1, k, slot)
-        x_x.scatter_(1, k, amt)
-        holds.scatter_(1, torch.where(active, slot * Gn + r, Gn * H * Gn), True)
-        used.scatter_add_(1, r, active.to(torch.int64))
-        full = used[:, :Gn] >= S
-        hflat.scatter_add_(1, slot, -amt)
-        ld.scatter_add_(1, donor, -amt)
-        ld.scatter_add_(1, r.clamp(max=Gn - 1), amt)
-    rep.copy_(rep_x[:, :K])
-    x.copy_(x_x[:, :K])
-    return rep, x, made
+        ja, da = j[a], donor[a]
+        ra, amt = recv[ja, a], amt_j[ja, a]
+        slot = da * H + ja
+        k = ra * S + used[ra, a]
+        made[t, a] = k
+        rep[k, a] = slot
+        x[k, a] = amt
+        if S > 1:
+            holds[slot, ra, a] = True
+        used[ra, a] += 1
+        full[ra, a] = used[ra, a] >= S
+        h[slot, a] -= amt
+        ld[da, a] -= amt
+        ld[ra, a] += amt
 
 
 #: greedy rules tried side by side: (equalise, best_fit), see :func:`greedy_replicas`
@@ -184,37 +218,29 @@ def best_level(loads_BGH: torch.Tensor, rep_BK: torch.Tensor, spare_per_gpu: int
 
     ``max over GPU subsets U of ceil((fixed(U) + replicated experts wholly in U) / |U|)``;
     enumerates the ``2**Gn`` subsets, so returns None for more than 10 GPUs per node.
+    Every home expert adds its load at the GPU set of its copies (home GPU and replicas); a
+    sum over subsets (``Gn`` in-place passes over ``[B, 2**Gn]``) gives every ``U``'s load.
     """
     B, Gn, H = loads_BGH.shape
     K = Gn * spare_per_gpu
     if Gn > 10 or K == 0 or B == 0:
         return None
-    flat = loads_BGH.reshape(B, Gn * H)
-    exists = rep_BK >= 0
-    slot = rep_BK.clamp(min=0)
-    replicated = torch.zeros(B, Gn * H + 1, dtype=torch.bool)
-    replicated.scatter_(1, torch.where(exists, slot, Gn * H), True)
-    fixed = torch.where(replicated[:, :-1], 0, flat).view(B, Gn, H).sum(-1)  # [B, Gn]
-    bit = 1 << (torch.arange(K) // spare_per_gpu)  # [K] bit of each spare slot's GPU
-    same = (rep_BK[:, :, None] == rep_BK[:, None, :]) & exists[:, :, None]  # [B, K, K] (incl. self)
-    # GPUs holding a copy of record k's expert (at most one copy per GPU, so the sum is an OR)
-    mask = ((same * bit).sum(-1) | (1 << (slot // H))).to(torch.int32)  # [B, K]
-    first = same.to(torch.int8).argmax(-1) == torch.arange(K)  # count each expert once
-    w = torch.where(exists & first, flat.gather(1, slot), 0).to(torch.float64)  # [B, K]
-    # meet in the middle: U = (low GPUs, high GPUs); a copy set is inside U iff both halves are
-    lo = Gn // 2
-    sub_lo = torch.arange(1 << lo, dtype=torch.int32)
-    sub_hi = torch.arange(1 << (Gn - lo), dtype=torch.int32)
-    in_lo = ((mask & ((1 << lo) - 1))[:, :, None] & ~sub_lo) == 0  # [B, K, 2^lo]
-    in_hi = ((mask >> lo)[:, :, None] & ~sub_hi) == 0  # [B, K, 2^hi]
-    inside = torch.bmm(in_hi.to(torch.float64).transpose(1, 2), in_lo * w[:, :, None])  # [B, 2^hi, 2^lo]
-    bits_lo = ((sub_lo[:, None] >> torch.arange(lo, dtype=torch.int32)) & 1).to(torch.float64)  # [2^lo, lo]
-    bits_hi = ((sub_hi[:, None] >> torch.arange(Gn - lo, dtype=torch.int32)) & 1).to(torch.float64)
-    fixed = fixed.to(torch.float64)
-    total = inside + (fixed[:, :lo] @ bits_lo.T)[:, None, :] + (fixed[:, lo:] @ bits_hi.T)[:, :, None]
-    size = bits_hi.sum(-1)[:, None] + bits_lo.sum(-1)[None, :]  # [2^hi, 2^lo]; U = 0 has size 0
-    level = torch.where(size > 0, torch.floor((total + size - 1) / size.clamp(min=1)), 0)  # exact below 2**40
-    return level.amax((1, 2)).to(torch.int64)
+    GH = Gn * H
+    rep = rep_BK.numpy()
+    b, k = np.nonzero(rep >= 0)
+    # GPUs holding a copy of each home slot (at most one copy per GPU, so the sum is an OR)
+    copies = np.bincount(b * GH + rep[b, k], weights=1 << (k // spare_per_gpu), minlength=B * GH)
+    mask = copies.astype(np.int64).reshape(B, GH) | (1 << (np.arange(GH) // H))
+    f = np.bincount((mask * B + np.arange(B)[:, None]).ravel(), weights=loads_BGH.numpy().reshape(-1),
+                    minlength=B << Gn)  # [2**Gn, B] float64: exact below 2**53
+    for i in range(Gn):  # f[U] = sum over m inside U of f[m]
+        v = f.reshape(-1, 2, B << i)
+        v[:, 1] += v[:, 0]
+    size = np.bitwise_count(np.arange(1, 1 << Gn)) if hasattr(np, "bitwise_count") else \
+        np.array([bin(u).count("1") for u in range(1, 1 << Gn)])
+    # ceil is monotone and f/|U| is never within rounding of an integer it is not
+    f = f.reshape(1 << Gn, B)[1:] / size[:, None]
+    return torch.from_numpy(np.ceil(f.max(0)).astype(np.int64))
 
 
 def resplit(loads_BGH: torch.Tensor, rep_BK: torch.Tensor, made_BT: torch.Tensor, level_B: torch.Tensor,
@@ -281,39 +307,60 @@ def tree_split(loads_BGH: torch.Tensor, rep_BK: torch.Tensor, level_B: torch.Ten
     B, Gn, H = loads_BGH.shape
     if spare_per_gpu != 1:
         raise ValueError(f"tree_split needs spare_per_gpu == 1, got {spare_per_gpu}")
-    K = Gn
-    w = loads_BGH.reshape(B, Gn * H)
-    exists = rep_BK >= 0
-    rslot = torch.where(exists, rep_BK, Gn * H)
-    T = level_B[:, None]
-    base = T - loads_BGH.sum(-1)  # [B, Gn] room of every GPU before it sheds anything
+    h, x, ok = _tree_np(_cols(loads_BGH.reshape(B, Gn * H)), _cols(rep_BK), level_B.numpy())
+    return _rows(h).view(B, Gn, H), _rows(x), torch.from_numpy(ok)
+
+
+def _cols(t_BX: torch.Tensor) -> np.ndarray:
+    """``[B, X]`` tensor -> ``[X, B]`` contiguous numpy array (problem-last)."""
+    return np.ascontiguousarray(t_BX.numpy().T)
+
+
+def _rows(a_XB: np.ndarray) -> torch.Tensor:
+    """``[X, B]`` numpy array -> ``[B, X]`` contiguous tensor."""
+    return torch.from_numpy(np.ascontiguousarray(a_XB.T))
+
+
+def _scatter_slots(rslot_KB: np.ndarray, v_KB: np.ndarray, rows: int) -> np.ndarray:
+    """``[rows, B]``: ``v`` summed into row ``rslot`` of its column (int64, exact below 2**53)."""
+    B = rslot_KB.shape[1]
+    out = np.bincount((rslot_KB * B + np.arange(B)).ravel(), weights=v_KB.ravel(), minlength=rows * B)
+    return out.astype(np.int64).reshape(rows, B)
+
+
+def _tree_np(w: np.ndarray, rep: np.ndarray, T: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`tree_split` on problem-last arrays: ``w [Gn*H, B]``, ``rep [Gn, B]``, ``T [B]``."""
+    GH, B = w.shape
+    Gn = rep.shape[0]
+    H = GH // Gn
+    exists = rep >= 0
+    rslot = np.where(exists, rep, GH)
+    base = T - w.reshape(Gn, H, B).sum(1)  # [Gn, B] room of every GPU before it sheds anything
     absorb = base
     for _ in range(Gn + 1):
-        take = torch.zeros(B, Gn * H + 1, dtype=torch.int64).scatter_add_(1, rslot, absorb.clamp(min=0))
-        cap = torch.minimum(w, take[:, :-1])  # [B, Gn*H] most each expert can shed
-        new = base + cap.view(B, Gn, H).sum(-1)
-        if torch.equal(new, absorb):
+        cap = np.minimum(w, _scatter_slots(rslot, np.maximum(absorb, 0), GH + 1)[:GH])  # most each expert sheds
+        new = base + cap.reshape(Gn, H, B).sum(1)
+        if np.array_equal(new, absorb):
             break
         absorb = new
-    capk = torch.where(exists, absorb.clamp(min=0), 0)  # [B, K] most each copy may take
-    lower = torch.ones(K, K, dtype=torch.bool).tril(-1)
-    same = (rep_BK[:, :, None] == rep_BK[:, None, :]) & exists[:, :, None] & lower
-    before = (same * capk[:, None, :]).sum(-1)  # capacity of earlier copies of the same expert
-    capv = cap.view(B, Gn, H)
-    before_e = capv.cumsum(-1) - capv
-    x = torch.zeros(B, K, dtype=torch.int64)
+    capk = np.where(exists, np.maximum(absorb, 0), 0)  # [Gn, B] most each copy may take
+    lower = np.tri(Gn, Gn, -1, dtype=bool)[:, :, None]
+    before = ((rep[:, None] == rep[None]) & exists[:, None] & lower) * capk[None]
+    before = before.sum(1)  # capacity of earlier copies of the same expert
+    capv = cap.reshape(Gn, H, B)
+    before_e = capv.cumsum(1) - capv
+    x = np.zeros((Gn, B), np.int64)
+    amt_e = np.zeros((GH + 1, B), np.int64)
     for _ in range(Gn + 1):
-        excess = (x - base).clamp(min=0)  # [B, Gn] what each GPU must shed
-        amt_e = torch.minimum((excess[:, :, None] - before_e).clamp(min=0), capv).view(B, Gn * H)
-        amt_k = torch.cat([amt_e, torch.zeros(B, 1, dtype=torch.int64)], 1).gather(1, rslot)
-        new = torch.minimum((amt_k - before).clamp(min=0), capk)
-        if torch.equal(new, x):
+        excess = np.maximum(x - base, 0)  # [Gn, B] what each GPU must shed
+        amt_e[:GH] = np.minimum(np.maximum(excess[:, None] - before_e, 0), capv).reshape(GH, B)
+        new = np.minimum(np.maximum(np.take_along_axis(amt_e, rslot, 0) - before, 0), capk)
+        if np.array_equal(new, x):
             break
         x = new
-    shed = torch.zeros(B, Gn * H + 1, dtype=torch.int64).scatter_add_(1, rslot, x)[:, :-1]
-    hshare = (w - shed).view(B, Gn, H)
-    ok = (hshare >= 0).all(-1).all(-1) & ((hshare.sum(-1) + x).amax(-1) <= level_B)
-    return hshare, x, ok
+    h = w - _scatter_slots(rslot, x, GH + 1)[:GH]
+    ok = (h >= 0).all(0) & ((h.reshape(Gn, H, B).sum(1) + x).max(0) <= T)
+    return h, x, ok
 
 
 def forest_split(loads_BGH: torch.Tensor, rep_BK: torch.Tensor, level_B: torch.Tensor, spare_per_gpu: int,
@@ -323,30 +370,35 @@ def forest_split(loads_BGH: torch.Tensor, rep_BK: torch.Tensor, level_B: torch.T
     A cycle of replicas (GPU a holds a copy of b's expert, b of a's, ...) carries a
     circulation that moves no load; cancelling it empties one cycle edge, so some optimal
     split leaves one copy on the cycle unused. Problems with a cycle are also solved once per
-    cut copy (``Gn`` variants, copy ``j`` removed) and the first variant that reaches the
+    copy on a cycle (that copy removed) and the first variant that reaches the
     level is kept. Problems with two cycles may still fail (``ok_B`` False).
     """
     B, Gn, H = loads_BGH.shape
-    exists = rep_BK >= 0
-    par = torch.cat([torch.where(exists, rep_BK // H, Gn), torch.full((B, 1), Gn, dtype=torch.int64)], 1)
-    anc = par
-    for _ in range(max(1, (Gn - 1).bit_length())):  # ancestor 2**j steps up; Gn = no parent
-        anc = anc.gather(1, anc)
-    cyc = torch.nonzero((anc[:, :Gn] < Gn).any(-1)).squeeze(1)
-    F = cyc.numel()
-    if F == 0:
-        return tree_split(loads_BGH, rep_BK, level_B, spare_per_gpu)
-    cut = rep_BK[cyc].repeat_interleave(Gn, 0)  # [F*Gn, Gn], variant j drops copy j
-    cut.view(F, Gn, Gn).diagonal(dim1=1, dim2=2).fill_(-1)
-    h, x, ok = tree_split(torch.cat([loads_BGH, loads_BGH[cyc].repeat_interleave(Gn, 0)]),
-                          torch.cat([rep_BK, cut]), torch.cat([level_B, level_B[cyc].repeat_interleave(Gn)]),
-                          spare_per_gpu)
-    okv = ok[B:].view(F, Gn)
-    pick = B + torch.arange(F) * Gn + okv.to(torch.int8).argmax(-1)
-    use = okv.any(-1) & ~ok[cyc]
-    src = torch.where(use, pick, cyc)
-    h[cyc], x[cyc], ok[cyc] = h[src], x[src], ok[src]
-    return h[:B], x[:B], ok[:B]
+    if spare_per_gpu != 1:
+        raise ValueError(f"forest_split needs spare_per_gpu == 1, got {spare_per_gpu}")
+    w, rep, T = _cols(loads_BGH.reshape(B, Gn * H)), _cols(rep_BK), level_B.numpy()
+    arB = np.arange(B)
+    anc = np.concatenate([np.where(rep >= 0, rep // H, Gn), np.full((1, B), Gn)])  # parent GPU, Gn = none
+    for _ in range(max(1, (Gn - 1).bit_length())):  # ancestor 2**j steps up
+        anc = anc[anc, arB]
+    on_cycle = np.zeros((Gn + 1, B), bool)  # after Gn steps up every path sits on its cycle
+    on_cycle[anc[:Gn], arB] = True
+    cyc_f, cut_g = np.nonzero(on_cycle[:Gn].T)  # (problem, cycle GPU) pairs, by problem then GPU
+    if cyc_f.size:  # one variant per cycle edge: the copy on that GPU dropped
+        cut = rep[:, cyc_f]
+        cut[cut_g, np.arange(cyc_f.size)] = -1
+        w = np.concatenate([w, w[:, cyc_f]], 1)
+        rep = np.concatenate([rep, cut], 1)
+        T = np.concatenate([T, T[cyc_f]])
+    h, x, ok = _tree_np(w, rep, T)
+    if cyc_f.size:  # the first variant of each problem that reaches the level, unless it already did
+        good = np.flatnonzero(ok[B:])
+        first = good[np.unique(cyc_f[good], return_index=True)[1]]
+        dst = cyc_f[first]
+        keep = ~ok[dst]
+        dst, src = dst[keep], B + first[keep]
+        h[:, dst], x[:, dst], ok[dst] = h[:, src], x[:, src], ok[src]
+    return _rows(h[:, :B]).view(B, Gn, H), _rows(x[:, :B]), torch.from_numpy(ok[:B].copy())
 
 
 def optimal_split(hshare_BGH: torch.Tensor, rep_BK: torch.Tensor, x_BK: torch.Tensor,
