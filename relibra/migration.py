@@ -21,6 +21,9 @@ slot on its rank is a local permutation. The move is a transaction:
    every rank raises the same ``ValueError`` before any transfer if any rank is wrong.
 2. Each sender packs the rows it sends to a peer into one byte buffer (every piece 16-byte
    aligned) plus one checksum per piece ``(weighted byte sum, float64 sum of the values)``.
+   Every rank packs all its buffers first and the ranks agree (one ``all_reduce``) that all
+   packed before any transfer is posted, so a rank failing to pack cannot leave its peers
+   waiting on a receive; they all raise :class:`MigrationError` with nothing changed.
 3. Receivers receive into fresh staging buffers and recompute the checksums.
 4. ``all_gather`` of every rank's verdict. All good: the new local tensors are built, then
    written in place with ``copy_`` (parameter identity, and so the optimizer, is preserved).
@@ -40,7 +43,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 import torch.distributed as dist
 
-from .comm import all_gather_text, comm_device
+from .comm import all_gather_text, all_reduce_, comm_device, first_error
 from .plan import Placement
 from .topology import Topology
 
@@ -311,11 +314,11 @@ def migrate_experts(
         return out, off
 
     max_row = max((pc.row_nbytes for ps in pieces_by_layer for pc in ps), default=1)
-    weights = _hash_weights(max(max_row, 1), device)
     ops, recv, bytes_sent, bytes_recv = [], {}, 0, 0
     error = ""
-    try:
+    try:  # pack every send buffer and allocate every receive buffer before posting anything
         with torch.no_grad():
+            weights = _hash_weights(max(max_row, 1), device)
             for q in range(world):
                 if q == rank:
                     continue
@@ -338,6 +341,16 @@ def migrate_experts(
                     ops += [dist.P2POp(dist.irecv, rbuf, peer, group, tag=0),
                             dist.P2POp(dist.irecv, rsums, peer, group, tag=1)]
                     bytes_recv += rbuf.numel() + rsums.numel() * 8
+    except Exception as exc:  # noqa: BLE001 - shared below, before any rank posts a transfer
+        error = f"packing failed on rank {rank}: {type(exc).__name__}: {exc}"
+    if n_transfers:  # all ranks agree (same moves): post the transfers only if every rank packed
+        flag = all_reduce_(torch.tensor([1 if error else 0], dtype=torch.int64), group)
+        if int(flag[0]):
+            found = first_error(error.replace("\n", " "), group)
+            raise MigrationError(f"migrate_experts aborted before any transfer, every rank kept its old "
+                                 f"experts and placement: {found[1] if found else 'a rank failed to pack'}")
+    try:
+        with torch.no_grad():
             # 3. transfer into fresh staging buffers
             if ops:
                 for work in dist.batch_isend_irecv(ops):

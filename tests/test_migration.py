@@ -280,3 +280,33 @@ def test_corrupted_transfer_fails_on_every_rank_and_changes_nothing():
 @pytest.mark.distributed
 def test_bad_input_fails_on_every_rank_before_any_transfer():
     run_world(_worker_bad_input, world_size=WORLD, nodes=2, timeout=90)
+
+
+def _worker_pack_fails(rank: int, mesh) -> None:
+    import relibra.migration as migration
+
+    old, new, _ = _placements()
+    params, opt = _make(rank, old)
+    _train_then_grad(params, opt, old, rank)
+    snap = _snapshot(params, opt)
+    real = migration._checksums
+    if rank == 2:  # rank 2 sends in layer 1: its packing raises before it could post anything
+        def boom(*args, **kwargs):
+            raise RuntimeError("out of memory while packing")
+        migration._checksums = boom
+    try:
+        with pytest.raises(MigrationError, match="packing failed on rank 2: RuntimeError: out of memory") as info:
+            migrate_experts(params, opt, old, new, TOPO)
+    finally:
+        migration._checksums = real
+    assert "before any transfer" in str(info.value)
+    _same_everywhere(str(info.value))
+    _assert_unchanged(params, opt, snap)
+    logical = _gather_logical(_pieces(params, opt), old)
+    migrate_experts(params, opt, old, new, TOPO)
+    _assert_rows(params, opt, logical, new, rank)
+
+
+@pytest.mark.distributed
+def test_a_rank_failing_to_pack_fails_every_rank_without_hang_or_change():
+    run_world(_worker_pack_fails, world_size=WORLD, nodes=2, timeout=60)
