@@ -131,6 +131,7 @@ def _greedy_np(h: np.ndarray, S: int, rep: np.ndarray, x: np.ndarray, made: np.n
         holdf = holds.reshape(-1)
     used = np.zeros((Gn, B), np.int64)
     full = np.zeros((Gn, B), bool)
+    usedf, fullf, ldf = used.reshape(-1), full.reshape(-1), ld.reshape(-1)
     for t in range(K):
         if enc:
             m = ((ld << sh) | up_col).max(0)
@@ -140,7 +141,8 @@ def _greedy_np(h: np.ndarray, S: int, rep: np.ndarray, x: np.ndarray, made: np.n
             dl = ld[donor, arB]
         slots = donor * H + h_col  # [H, B]
         share = hf.take(slots * B + arB)
-        if S == 1:  # a GPU holding a copy is full: one receiver for all the donor's experts
+        one = S == 1 and best_fit is None  # one receiver for all the donor's experts
+        if S == 1:  # a GPU holding a copy is full
             blocked = full | (g_col == donor)  # [Gn, B]
         else:
             blocked = holdf.take((slots[:, None, :] * Gn + g_col) * B + arB) | full  # [H, Gn, B]
@@ -151,33 +153,44 @@ def _greedy_np(h: np.ndarray, S: int, rep: np.ndarray, x: np.ndarray, made: np.n
             masked = np.where(blocked, big, ld)
             recv = masked.argmin(-2)
             rload = np.take_along_axis(masked, recv[..., None, :], -2)[..., 0, :]
-        if S == 1:
+        if S == 1 and not one:
             recv, rload = np.broadcast_to(recv, (H, B)), rload[None]
         room = np.minimum(dl - target, target - rload)
         if equalise is not None:
             room = np.where(equalise, np.minimum(dl - target, (dl - rload) // 2), room)
-        amt_j = np.minimum(share, room)  # [H, B]
-        key = np.where(amt_j > 0, share, -1)
-        if best_fit is not None:  # smallest share covering the whole move, else the hottest
-            key = np.where(best_fit & (share >= room) & (key > 0), _INF - share, key)
-        j = key.argmax(0)
-        a = np.flatnonzero(key[j, arB] > 0)
-        if a.size == 0:
-            break
+        if one:  # the hottest expert, as far as the room allows
+            j = share.argmax(0)
+            amt = np.minimum(share[j, arB], room)
+            a = np.flatnonzero(amt > 0)
+            if a.size == 0:
+                break
+            ra, amt = recv[a], amt[a]
+        else:
+            amt_j = np.minimum(share, room)  # [H, B]
+            key = np.where(amt_j > 0, share, -1)
+            if best_fit is not None:  # smallest share covering the whole move, else the hottest
+                key = np.where(best_fit & (share >= room) & (key > 0), _INF - share, key)
+            j = key.argmax(0)
+            a = np.flatnonzero(key[j, arB] > 0)
+            if a.size == 0:
+                break
+            ra, amt = recv[j[a], a], amt_j[j[a], a]
         ja, da = j[a], donor[a]
-        ra, amt = recv[ja, a], amt_j[ja, a]
+        ria = ra * B + a
         slot = da * H + ja
-        k = ra * S + used[ra, a]
+        k = ra * S + usedf[ria]
         made[t, a] = k
         rep[k, a] = slot
         x[k, a] = amt
         if S > 1:
             holds[slot, ra, a] = True
-        used[ra, a] += 1
-        full[ra, a] = used[ra, a] >= S
-        h[slot, a] -= amt
-        ld[da, a] -= amt
-        ld[ra, a] += amt
+        usedf[ria] += 1
+        fullf[ria] = usedf[ria] >= S
+        i = slot * B + a
+        hf[i] = hf[i] - amt
+        i = da * B + a
+        ldf[i] = ldf[i] - amt
+        ldf[ria] = ldf[ria] + amt
 
 
 #: greedy rules tried side by side: (equalise, best_fit), see :func:`greedy_replicas`
@@ -321,44 +334,41 @@ def _rows(a_XB: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a_XB.T))
 
 
-def _scatter_slots(rslot_KB: np.ndarray, v_KB: np.ndarray, rows: int) -> np.ndarray:
-    """``[rows, B]``: ``v`` summed into row ``rslot`` of its column (int64, exact below 2**53)."""
-    B = rslot_KB.shape[1]
-    out = np.bincount((rslot_KB * B + np.arange(B)).ravel(), weights=v_KB.ravel(), minlength=rows * B)
-    return out.astype(np.int64).reshape(rows, B)
-
-
 def _tree_np(w: np.ndarray, rep: np.ndarray, T: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`tree_split` on problem-last arrays: ``w [Gn*H, B]``, ``rep [Gn, B]``, ``T [B]``."""
     GH, B = w.shape
     Gn = rep.shape[0]
     H = GH // Gn
     exists = rep >= 0
-    rslot = np.where(exists, rep, GH)
+    ridx = (np.where(exists, rep, GH) * B + np.arange(B)).ravel()  # flat (home slot, problem) of each copy
+
+    def to_slots(v_GB: np.ndarray) -> np.ndarray:  # [Gn*H, B]: per-copy values summed by home slot
+        out = np.bincount(ridx, weights=v_GB.ravel(), minlength=(GH + 1) * B)[:GH * B]
+        return out.astype(np.int64).reshape(GH, B)  # exact below 2**53
+
     base = T - w.reshape(Gn, H, B).sum(1)  # [Gn, B] room of every GPU before it sheds anything
     absorb = base
     for _ in range(Gn + 1):
-        cap = np.minimum(w, _scatter_slots(rslot, np.maximum(absorb, 0), GH + 1)[:GH])  # most each expert sheds
+        cap = np.minimum(w, to_slots(np.maximum(absorb, 0)))  # [Gn*H, B] most each expert sheds
         new = base + cap.reshape(Gn, H, B).sum(1)
         if np.array_equal(new, absorb):
             break
         absorb = new
     capk = np.where(exists, np.maximum(absorb, 0), 0)  # [Gn, B] most each copy may take
     lower = np.tri(Gn, Gn, -1, dtype=bool)[:, :, None]
-    before = ((rep[:, None] == rep[None]) & exists[:, None] & lower) * capk[None]
-    before = before.sum(1)  # capacity of earlier copies of the same expert
+    before = (((rep[:, None] == rep[None]) & exists[:, None] & lower) * capk[None]).sum(1)
     capv = cap.reshape(Gn, H, B)
-    before_e = capv.cumsum(1) - capv
+    before_e = capv.cumsum(1) - capv  # capacity of the GPU's earlier experts
     x = np.zeros((Gn, B), np.int64)
-    amt_e = np.zeros((GH + 1, B), np.int64)
+    amt_e = np.zeros((GH + 1) * B, np.int64)
     for _ in range(Gn + 1):
         excess = np.maximum(x - base, 0)  # [Gn, B] what each GPU must shed
-        amt_e[:GH] = np.minimum(np.maximum(excess[:, None] - before_e, 0), capv).reshape(GH, B)
-        new = np.minimum(np.maximum(np.take_along_axis(amt_e, rslot, 0) - before, 0), capk)
+        amt_e[:GH * B] = np.minimum(np.maximum(excess[:, None] - before_e, 0), capv).ravel()
+        new = np.minimum(np.maximum(amt_e.take(ridx).reshape(Gn, B) - before, 0), capk)
         if np.array_equal(new, x):
             break
         x = new
-    h = w - _scatter_slots(rslot, x, GH + 1)[:GH]
+    h = w - to_slots(x)
     ok = (h >= 0).all(0) & ((h.reshape(Gn, H, B).sum(1) + x).max(0) <= T)
     return h, x, ok
 
