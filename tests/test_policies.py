@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import relibra
-from relibra.plan import Placement
+from relibra.plan import Placement, Plan
 from relibra.policies.replicate import replicate_on
 
 BUILTINS = [p for p in ("static", "eplb", "reorder", "replicate", "hybrid") if p in relibra.available_policies()]
@@ -379,3 +379,38 @@ def test_forest_split_reaches_exact_level(gpus, homes, seed):
             per_slot.scatter_add_(0, rep[b].clamp(min=0), torch.where(rep[b] >= 0, x[b], 0))
             assert torch.equal(per_slot, loads[b].reshape(-1))
             assert int((hshare[b].sum(-1) + x[b]).max()) == want
+
+
+# ------------------------------------------------------------------ incremental reorder search
+@settings(**SETTINGS)
+@given(bins=st.integers(1, 4), per_bin=st.integers(1, 4), M=st.integers(1, 3), weight=st.sampled_from([0.0, 0.01, 0.3, 2.0]),
+       seed=st.integers(0, 2**31 - 1))
+def test_incremental_search_never_worse_than_keeping(bins, per_bin, M, weight, seed):
+    """From the previous assignment, F + move_cost x moves never rises, and bin sizes hold."""
+    from relibra.policies._packing import objective, swap_search
+
+    g = torch.Generator().manual_seed(seed)
+    B, I = 5, bins * per_bin
+    w = (torch.randint(0, 100, (B, I, M), generator=g) * (torch.rand(B, I, M, generator=g) < 0.6)).double()
+    prev = torch.stack([torch.randperm(I, generator=g) % bins for _ in range(B)])
+    cost = w.sum((1, 2)) / I * weight
+    new = swap_search(w, prev, bins, prev, cost, max_iters=50, per_move=True)
+    assert (torch.nn.functional.one_hot(new, bins).sum(1) == per_bin).all()
+    kept = objective(w, prev, bins)
+    assert (objective(w, new, bins) + cost * (new != prev).sum(-1) <= kept * (1 + 1e-12)).all()
+
+
+@pytest.mark.parametrize("weight", [0.005, 0.05, 0.5])
+def test_reorder_incremental_step_never_worse_than_keeping(weight):
+    """A later step's node objective plus the priced node moves never exceeds keeping the placement."""
+    topo = relibra.Topology(num_nodes=4, gpus_per_node=2, num_experts=64)
+    pol = relibra.get_policy("reorder", migration_weight=weight)
+    prev = pol.plan(skewed_loads(4, 3, 64, 0), topo)
+    loads = skewed_loads(4, 3, 64, 9)
+    new = pol.plan(loads, topo)
+    kept = Plan.without_replicas(prev.placement, loads, topo)
+    unit = loads.double().sum((0, 2)) / 64 * weight  # [L]
+    node_moves = (new.placement.home_gpu(topo) // 2 != prev.placement.home_gpu(topo) // 2).sum(-1)
+    assert (node_objective(new) + unit * node_moves <= node_objective(kept) * (1 + 1e-12)).all()
+    if weight <= 0.05:
+        assert node_moves.sum() > 0  # and it does move: the new prompts leave the old placement imbalanced

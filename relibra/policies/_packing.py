@@ -79,13 +79,20 @@ def greedy_pack(w_BIM: torch.Tensor, num_bins: int, prev_BI: torch.Tensor | None
 
 def swap_search(w_BIM: torch.Tensor, assign_BI: torch.Tensor, num_bins: int,
                 prev_BI: torch.Tensor | None = None, move_cost_B: torch.Tensor | None = None,
-                max_iters: int = 200, candidates: int = 2) -> torch.Tensor:
+                max_iters: int = 200, candidates: int = 2, per_move: bool = False,
+                busiest: int = 1) -> torch.Tensor:
     """Local search: swap item pairs between bins while ``F`` drops.
 
     Each iteration, per problem: ``p`` = the bin that is the busiest with the most load over
-    the micro-batches where it is the busiest; ``q`` = the ``candidates`` bins lightest over
-    those micro-batches; every pair (item of ``p``, item of ``q``) is scored exactly and the
-    best strictly improving swap is applied. Problems stop independently.
+    the micro-batches where it is the busiest (``busiest > 1``: that many such bins, by that
+    load); ``q`` = the ``candidates`` bins lightest over the micro-batches where ``p`` is the
+    busiest; every pair (item of ``p``, item of ``q``) is scored exactly and the best strictly
+    improving swap is applied. Problems stop independently.
+
+    ``per_move=True`` (the incremental search of ``reorder``, started from ``prev_BI``): a swap
+    qualifies when its gain in ``sum_m max_k`` exceeds ``move_cost`` times the moves it adds,
+    and among those the best gain per added move (at least one) is applied, so the cheapest
+    balance comes first. Either way every applied swap lowers ``F`` plus the move cost.
 
     Returns:
         the improved ``assign_BI`` (a new tensor); every bin keeps its item count.
@@ -96,62 +103,82 @@ def swap_search(w_BIM: torch.Tensor, assign_BI: torch.Tensor, num_bins: int,
         return assign_BI.clone()
     cap = I // K
     Q = min(candidates, K - 1)
+    P = min(busiest, K)
+    R = P * Q  # candidate (p, q) bin pairs per problem
     assign = assign_BI.clone()
     rows = torch.arange(B)
     active = torch.ones(B, dtype=torch.bool)
+    ids = torch.arange(I)
+    # integer loads whose per-problem total stays below 2**24 are summed exactly in float32
+    # (every partial sum is an integer no larger than that total): half the memory traffic
+    exact32 = w_BIM.dtype == torch.float64 and bool((w_BIM.sum((1, 2)) < 2**24).all()) \
+        and bool((w_BIM == w_BIM.round()).all()) and bool((w_BIM >= 0).all())
+    work = torch.float32 if exact32 else w_BIM.dtype
     for _ in range(max_iters):
         b = rows[active]
-        if b.numel() == 0:
+        nb = b.numel()
+        if nb == 0:
             break
         w = w_BIM[b]  # [b, I, M]
         a_b = assign[b]
         load = bin_loads(w, a_b, K)  # [b, M, K]
         mx, arg = load.max(-1)  # [b, M]
         is_max = torch.nn.functional.one_hot(arg, K).to(load.dtype)  # [b, M, K]
-        p = (is_max * load).sum(1).argmax(-1)  # [b]
-        wm = is_max.gather(2, p[:, None, None].expand(-1, M, 1)).squeeze(2)  # [b, M] micro-batches p leads
-        light = (load * wm[:, :, None]).sum(1)  # [b, K]
-        light.scatter_(1, p[:, None], _BIG)
-        qs = light.argsort(dim=-1, stable=True)[:, :Q]  # [b, Q]
-        # items of p and of each q, in index order: [b, cap]
-        key = torch.where(a_b == p[:, None], torch.arange(I), I + torch.arange(I))
-        items_p = key.argsort(dim=-1, stable=True)[:, :cap]
-        key_q = torch.where(a_b[:, None, :] == qs[:, :, None], torch.arange(I), I + torch.arange(I))
-        items_q = key_q.argsort(dim=-1, stable=True)[:, :, :cap]  # [b, Q, cap]
-        wp = w.gather(1, items_p[:, :, None].expand(-1, -1, M))  # [b, cap, M]
-        wq = w.gather(1, items_q.reshape(-1, Q * cap)[:, :, None].expand(-1, -1, M)).view(-1, Q, cap, M)
-        # busiest bin other than p and q, per micro-batch: [b, Q, M]
-        others = load[:, None, :, :].expand(-1, Q, -1, -1).clone()
-        others.scatter_(3, p[:, None, None, None].expand(-1, Q, M, 1), -_BIG)
-        others.scatter_(3, qs[:, :, None, None].expand(-1, -1, M, 1), -_BIG)
-        other_max = others.amax(-1)
-        lp = load.gather(2, p[:, None, None].expand(-1, M, 1)).squeeze(2)  # [b, M]
-        lq = load.gather(2, qs[:, None, :].expand(-1, M, -1)).transpose(1, 2)  # [b, Q, M]
-        d = wq[:, :, None, :, :] - wp[:, None, :, None, :]  # [b, Q, cap_p, cap_q, M] (q item in, p item out)
-        new_p = lp[:, None, None, None, :] + d
-        new_q = lq[:, :, None, None, :] - d
-        new = torch.maximum(torch.maximum(new_p, new_q), other_max[:, :, None, None, :]).sum(-1)
-        gain = mx.sum(-1)[:, None, None, None] - new  # [b, Q, cap, cap]
+        lead = (is_max * load).sum(1)  # [b, K]
+        ps = lead.argsort(dim=-1, descending=True, stable=True)[:, :P]  # [b, P]
+        wm = is_max.gather(2, ps[:, None, :].expand(-1, M, -1))  # [b, M, P] micro-batches each p leads
+        light = torch.einsum("bmk,bmp->bpk", load, wm)  # [b, P, K]
+        light.scatter_(2, ps[:, :, None], _BIG)
+        qs = light.argsort(dim=-1, stable=True)[:, :, :Q]  # [b, P, Q]
+        p = ps[:, :, None].expand(-1, -1, Q).reshape(nb, R)  # [b, R]
+        q = qs.reshape(nb, R)
+        # items of every p and q, in index order: [b, R, cap]
+        items_p = torch.where(a_b[:, None, :] == p[:, :, None], ids, I + ids).argsort(dim=-1, stable=True)[:, :, :cap]
+        items_q = torch.where(a_b[:, None, :] == q[:, :, None], ids, I + ids).argsort(dim=-1, stable=True)[:, :, :cap]
+        wp = w.gather(1, items_p.reshape(nb, R * cap)[:, :, None].expand(-1, -1, M)).view(nb, R, cap, M).to(work)
+        wq = w.gather(1, items_q.reshape(nb, R * cap)[:, :, None].expand(-1, -1, M)).view(nb, R, cap, M).to(work)
+        # busiest bin other than p and q, per micro-batch: [b, R, M]
+        others = load[:, None, :, :].expand(-1, R, -1, -1).clone()
+        others.scatter_(3, p[:, :, None, None].expand(-1, -1, M, 1), -_BIG)
+        others.scatter_(3, q[:, :, None, None].expand(-1, -1, M, 1), -_BIG)
+        other_max = others.amax(-1).to(work)
+        lp = load.gather(2, p[:, None, :].expand(-1, M, -1)).transpose(1, 2).to(work)  # [b, R, M]
+        lq = load.gather(2, q[:, None, :].expand(-1, M, -1)).transpose(1, 2).to(work)  # [b, R, M]
+        # after swapping p's item i for q's item j: p = lp - wp[i] + wq[j], q = lq - wq[j] + wp[i]
+        new = (lp[:, :, None, :] - wp)[:, :, :, None, :] + wq[:, :, None, :, :]  # [b, R, cap_p, cap_q, M]
+        new_q = (lq[:, :, None, :] - wq)[:, :, None, :, :] + wp[:, :, :, None, :]
+        torch.maximum(new, new_q, out=new)
+        del new_q
+        torch.maximum(new, other_max[:, :, None, None, :], out=new)
+        new = new.sum(-1).to(torch.float64)  # [b, R, cap, cap]
+        gain = mx.sum(-1)[:, None, None, None] - new  # [b, R, cap, cap]
+        scale = mx.sum(-1).abs().clamp(min=1.0)
         if prev_BI is not None:
             prev = prev_BI[b]
-            pp = prev.gather(1, items_p)  # [b, cap]
-            pq = prev.gather(1, items_q.reshape(-1, Q * cap)).view(-1, Q, cap)
-            moved_before = (pp != p[:, None])[:, None, :, None].to(w.dtype) + (pq != qs[:, :, None])[:, :, None, :]
-            moved_after = (pp[:, None, :, None] != qs[:, :, None, None]).to(w.dtype) + (pq[:, :, None, :] != p[:, None, None, None])
-            gain = gain - move_cost_B[b][:, None, None, None] * (moved_after - moved_before)
-        flat = gain.reshape(b.numel(), -1)
-        best, idx = flat.max(-1)
-        scale = mx.sum(-1).abs().clamp(min=1.0)
+            pp = prev.gather(1, items_p.reshape(nb, -1)).view(nb, R, cap)
+            pq = prev.gather(1, items_q.reshape(nb, -1)).view(nb, R, cap)
+            moved_before = (pp != p[:, :, None])[:, :, :, None].to(w.dtype) + (pq != q[:, :, None])[:, :, None, :]
+            moved_after = (pp[:, :, :, None] != q[:, :, None, None]).to(w.dtype) + (pq[:, :, None, :] != p[:, :, None, None])
+            added = moved_after - moved_before  # [b, R, cap, cap] in {-2..2}
+            gain = gain - move_cost_B[b][:, None, None, None] * added
+        if per_move and prev_BI is not None:  # rank qualifying swaps by gain per added move
+            raw = gain + move_cost_B[b][:, None, None, None] * added
+            rank = torch.where(gain > 1e-9 * scale[:, None, None, None], raw / added.clamp(min=1.0), -_BIG)
+            _, idx = rank.reshape(nb, -1).max(-1)
+            best = gain.reshape(nb, -1).gather(1, idx[:, None]).squeeze(1)
+        else:
+            best, idx = gain.reshape(nb, -1).max(-1)
         ok = best > 1e-9 * scale
         if not bool(ok.any()):
             break
-        qi, rem = idx // (cap * cap), idx % (cap * cap)
+        ri, rem = idx // (cap * cap), idx % (cap * cap)
         ip, iq = rem // cap, rem % cap
-        item_p = items_p.gather(1, ip[:, None]).squeeze(1)
-        item_q = items_q[torch.arange(b.numel()), qi].gather(1, iq[:, None]).squeeze(1)
-        q = qs.gather(1, qi[:, None]).squeeze(1)
+        nr = torch.arange(nb)
+        item_p = items_p[nr, ri].gather(1, ip[:, None]).squeeze(1)
+        item_q = items_q[nr, ri].gather(1, iq[:, None]).squeeze(1)
+        bp, bq = p[nr, ri], q[nr, ri]
         sel = b[ok]
-        assign[sel, item_p[ok]] = q[ok]
-        assign[sel, item_q[ok]] = p[ok]
+        assign[sel, item_p[ok]] = bq[ok]
+        assign[sel, item_q[ok]] = bp[ok]
         active[b[~ok]] = False
     return assign

@@ -31,7 +31,7 @@ class HybridPolicy:
         max_swaps: as for ``reorder``.
     """
 
-    def __init__(self, migration_weight: float = 0.5, max_swaps: int = 200) -> None:
+    def __init__(self, migration_weight: float = 0.02, max_swaps: int = 200) -> None:
         self.reorder = ReorderPolicy(migration_weight=migration_weight, max_swaps=max_swaps)
 
     @property
