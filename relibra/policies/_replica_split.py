@@ -43,6 +43,8 @@ move only from a busiest GPU, so copies keep their home tokens where moving buys
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -115,46 +117,38 @@ def _greedy_np(h: np.ndarray, S: int, rep: np.ndarray, x: np.ndarray, made: np.n
         target = (ld.sum(0) + Gn - 1) // Gn
     equalise = equalise if equalise is not None and equalise.any() else None
     best_fit = best_fit if best_fit is not None and best_fit.any() else None
-    # argmax / argmin over GPUs as one max / min of (load << sh | GPU code): ties to the lowest GPU
+    # argmax / argmin over GPUs as one max / min of (load << sh | GPU code), ties to the lowest
+    # GPU, kept up to date in place: ``hi`` for the donor, ``lo`` for the receiver (a full GPU
+    # reads ``big`` there). The donor need not be excluded as receiver: were it the lightest
+    # free GPU, every free GPU would be as heavy as the busiest and no move would have room.
     sh = (Gn - 1).bit_length()
     P = 1 << sh
-    enc = int(ld.sum(0).max()) < (1 << (61 - sh))
+    if int(ld.sum(0).max()) >= 1 << (60 - sh):
+        raise ValueError(f"replicate: a node's load reaches 2**{60 - sh} tokens; loads that large are not supported")
     g_col = np.arange(Gn)[:, None]
-    up_col = (P - 1) - g_col
-    big = np.iinfo(np.int64).max
+    hi = (ld << sh) | ((P - 1) - g_col)  # [Gn, B]
+    lo = (ld << sh) | g_col
+    big = 1 << 62
+    hif, lof = hi.reshape(-1), lo.reshape(-1)
     arB = np.arange(B)
-    h_col = np.arange(H)[:, None]
+    hB = np.arange(H)[:, None] * B + arB  # [H, B]
     hf = h.reshape(-1)
     if S > 1:  # (home slot, GPU) that may not take a replica: the home GPU, then every copy made
         holds = np.zeros((GH, Gn, B), bool)
         holds[np.arange(GH), np.arange(GH) // H] = True
         holdf = holds.reshape(-1)
-    used = np.zeros((Gn, B), np.int64)
-    full = np.zeros((Gn, B), bool)
-    usedf, fullf, ldf = used.reshape(-1), full.reshape(-1), ld.reshape(-1)
+    usedf = np.zeros(Gn * B, np.int64)
+    one = S == 1 and best_fit is None  # one receiver for all the donor's experts
     for t in range(K):
-        if enc:
-            m = ((ld << sh) | up_col).max(0)
-            donor, dl = (P - 1) - (m & (P - 1)), m >> sh
+        m = hi.max(0)
+        donor, dl = (P - 1) - (m & (P - 1)), m >> sh
+        share = hf.take(donor * (H * B) + hB)  # [H, B]
+        if S == 1:
+            rmin = lo.min(0)
         else:
-            donor = ld.argmax(0)
-            dl = ld[donor, arB]
-        slots = donor * H + h_col  # [H, B]
-        share = hf.take(slots * B + arB)
-        one = S == 1 and best_fit is None  # one receiver for all the donor's experts
-        if S == 1:  # a GPU holding a copy is full
-            blocked = full | (g_col == donor)  # [Gn, B]
-        else:
-            blocked = holdf.take((slots[:, None, :] * Gn + g_col) * B + arB) | full  # [H, Gn, B]
-        if enc:
-            rmin = np.where(blocked, big, (ld << sh) | g_col).min(-2)  # [H, B] or [B]
-            recv, rload = rmin & (P - 1), rmin >> sh
-        else:
-            masked = np.where(blocked, big, ld)
-            recv = masked.argmin(-2)
-            rload = np.take_along_axis(masked, recv[..., None, :], -2)[..., 0, :]
-        if S == 1 and not one:
-            recv, rload = np.broadcast_to(recv, (H, B)), rload[None]
+            blocked = holdf.take(((donor * H + np.arange(H)[:, None])[:, None, :] * Gn + g_col) * B + arB)
+            rmin = np.where(blocked, big, lo).min(1)  # [H, B]
+        recv, rload = rmin & (P - 1), rmin >> sh
         room = np.minimum(dl - target, target - rload)
         if equalise is not None:
             room = np.where(equalise, np.minimum(dl - target, (dl - rload) // 2), room)
@@ -166,6 +160,8 @@ def _greedy_np(h: np.ndarray, S: int, rep: np.ndarray, x: np.ndarray, made: np.n
                 break
             ra, amt = recv[a], amt[a]
         else:
+            if S == 1:
+                recv, room = np.broadcast_to(recv, (H, B)), np.broadcast_to(room, (H, B))
             amt_j = np.minimum(share, room)  # [H, B]
             key = np.where(amt_j > 0, share, -1)
             if best_fit is not None:  # smallest share covering the whole move, else the hottest
@@ -185,12 +181,14 @@ def _greedy_np(h: np.ndarray, S: int, rep: np.ndarray, x: np.ndarray, made: np.n
         if S > 1:
             holds[slot, ra, a] = True
         usedf[ria] += 1
-        fullf[ria] = usedf[ria] >= S
         i = slot * B + a
         hf[i] = hf[i] - amt
         i = da * B + a
-        ldf[i] = ldf[i] - amt
-        ldf[ria] = ldf[ria] + amt
+        d = amt << sh
+        hif[i] = hif[i] - d
+        lof[i] = lof[i] - d
+        hif[ria] = hif[ria] + d
+        lof[ria] = np.where(usedf[ria] >= S, big, lof[ria] + d)
 
 
 #: greedy rules tried side by side: (equalise, best_fit), see :func:`greedy_replicas`
@@ -244,16 +242,24 @@ def best_level(loads_BGH: torch.Tensor, rep_BK: torch.Tensor, spare_per_gpu: int
     # GPUs holding a copy of each home slot (at most one copy per GPU, so the sum is an OR)
     copies = np.bincount(b * GH + rep[b, k], weights=1 << (k // spare_per_gpu), minlength=B * GH)
     mask = copies.astype(np.int64).reshape(B, GH) | (1 << (np.arange(GH) // H))
-    f = np.bincount((mask * B + np.arange(B)[:, None]).ravel(), weights=loads_BGH.numpy().reshape(-1),
-                    minlength=B << Gn)  # [2**Gn, B] float64: exact below 2**53
+    w = loads_BGH.numpy().reshape(B, GH)
+    dtype = np.int32 if int(w.sum(1).max()) < 2**31 else np.int64  # int32: half the memory traffic
+    f = np.zeros((1 << Gn) * B, dtype)  # [2**Gn, B]: load whose copies span exactly U
+    np.add.at(f, (mask * B + np.arange(B)[:, None]).ravel(), w.ravel().astype(dtype))
     for i in range(Gn):  # f[U] = sum over m inside U of f[m]
         v = f.reshape(-1, 2, B << i)
         v[:, 1] += v[:, 0]
-    size = np.bitwise_count(np.arange(1, 1 << Gn)) if hasattr(np, "bitwise_count") else \
-        np.array([bin(u).count("1") for u in range(1, 1 << Gn)])
-    # ceil is monotone and f/|U| is never within rounding of an integer it is not
-    f = f.reshape(1 << Gn, B)[1:] / size[:, None]
-    return torch.from_numpy(np.ceil(f.max(0)).astype(np.int64))
+    f = f.reshape(1 << Gn, B)
+    # ceil(x / s) is monotone in x: the best U of each size s is the heaviest one
+    heaviest = np.stack([f[rows].max(0) for rows in _subsets_by_size(Gn)])  # [Gn, B]
+    return torch.from_numpy((-(-heaviest // np.arange(1, Gn + 1)[:, None])).max(0).astype(np.int64))
+
+
+@functools.lru_cache(maxsize=None)
+def _subsets_by_size(Gn: int) -> tuple[np.ndarray, ...]:
+    """Bit masks over ``Gn`` GPUs grouped by size: entry ``s - 1`` holds the subsets of size ``s``."""
+    size = np.array([bin(u).count("1") for u in range(1 << Gn)])
+    return tuple(np.flatnonzero(size == s) for s in range(1, Gn + 1))
 
 
 def resplit(loads_BGH: torch.Tensor, rep_BK: torch.Tensor, made_BT: torch.Tensor, level_B: torch.Tensor,
