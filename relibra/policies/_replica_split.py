@@ -385,9 +385,9 @@ def forest_split(loads_BGH: torch.Tensor, rep_BK: torch.Tensor, level_B: torch.T
 
     A cycle of replicas (GPU a holds a copy of b's expert, b of a's, ...) carries a
     circulation that moves no load; cancelling it empties one cycle edge, so some optimal
-    split leaves one copy on the cycle unused. Problems with a cycle are also solved once per
-    copy on a cycle (that copy removed) and the first variant that reaches the
-    level is kept. Problems with two cycles may still fail (``ok_B`` False).
+    split leaves one copy on the cycle unused. Problems with a cycle that the plain sweeps
+    do not solve are solved again once per copy on a cycle (that copy removed) and the first
+    variant that reaches the level is kept. Problems with two cycles may still fail (``ok_B`` False).
     """
     B, Gn, H = loads_BGH.shape
     if spare_per_gpu != 1:
@@ -397,24 +397,20 @@ def forest_split(loads_BGH: torch.Tensor, rep_BK: torch.Tensor, level_B: torch.T
     anc = np.concatenate([np.where(rep >= 0, rep // H, Gn), np.full((1, B), Gn)])  # parent GPU, Gn = none
     for _ in range(max(1, (Gn - 1).bit_length())):  # ancestor 2**j steps up
         anc = anc[anc, arB]
+    h, x, ok = _tree_np(w, rep, T)
     on_cycle = np.zeros((Gn + 1, B), bool)  # after Gn steps up every path sits on its cycle
     on_cycle[anc[:Gn], arB] = True
+    on_cycle[:, ok] = False  # a cycle often carries no flow anyway: solved already
     cyc_f, cut_g = np.nonzero(on_cycle[:Gn].T)  # (problem, cycle GPU) pairs, by problem then GPU
     if cyc_f.size:  # one variant per cycle edge: the copy on that GPU dropped
         cut = rep[:, cyc_f]
         cut[cut_g, np.arange(cyc_f.size)] = -1
-        w = np.concatenate([w, w[:, cyc_f]], 1)
-        rep = np.concatenate([rep, cut], 1)
-        T = np.concatenate([T, T[cyc_f]])
-    h, x, ok = _tree_np(w, rep, T)
-    if cyc_f.size:  # the first variant of each problem that reaches the level, unless it already did
-        good = np.flatnonzero(ok[B:])
+        h_v, x_v, ok_v = _tree_np(w[:, cyc_f], cut, T[cyc_f])
+        good = np.flatnonzero(ok_v)  # the first variant of each problem that reaches the level
         first = good[np.unique(cyc_f[good], return_index=True)[1]]
         dst = cyc_f[first]
-        keep = ~ok[dst]
-        dst, src = dst[keep], B + first[keep]
-        h[:, dst], x[:, dst], ok[dst] = h[:, src], x[:, src], ok[src]
-    return _rows(h[:, :B]).view(B, Gn, H), _rows(x[:, :B]), torch.from_numpy(ok[:B].copy())
+        h[:, dst], x[:, dst], ok[dst] = h_v[:, first], x_v[:, first], True
+    return _rows(h).view(B, Gn, H), _rows(x), torch.from_numpy(ok)
 
 
 def optimal_split(hshare_BGH: torch.Tensor, rep_BK: torch.Tensor, x_BK: torch.Tensor,
