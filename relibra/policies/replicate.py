@@ -51,7 +51,23 @@ def replicate_on(loads_MLE: torch.Tensor, placement: Placement, topology: Topolo
     placement.validate(topology)
     N, Gn, S = topology.num_nodes, topology.gpus_per_node, topology.spare_slots_per_gpu
     start = time.perf_counter()
-    hshare = node_problems(loads_MLE, placement.home_experts, N, Gn)
+    hshare_all = node_problems(loads_MLE, placement.home_experts, N, Gn)
+    chunks = [_solve(h_c, S, variants) for h_c in hshare_all.split(PROBLEMS_PER_PASS)]
+    hshare, rep, x = (torch.cat([c[i] for c in chunks]) for i in range(3))
+    spare, tokens = assemble(hshare, rep, x, placement.home_experts, M, L, N, S)
+    plan = Plan(topology, placement, spare, tokens, intra_node_replicas=True, policy=policy)
+    plan.info.update(replicate_seconds=time.perf_counter() - start, split_rounds=sum(c[3] for c in chunks))
+    return plan
+
+
+#: (micro-batch, layer, node) problems solved per pass: one micro-batch of the DeepSeek-V3 shape
+#: is 464; much larger passes fall out of the cache (best_level builds ``[2**Gn, 2 * problems]``)
+PROBLEMS_PER_PASS = 2048
+
+
+def _solve(hshare: torch.Tensor, S: int, variants: tuple[tuple[bool, bool], ...]
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Replicas and exact split of ``hshare [B, Gn, H]`` problems: ``(hshare, rep, x, rounds)``."""
     rep, x, made, level, chain = best_of_greedy(hshare, S, variants)
     if level is not None and S == 1:  # exact split in two sweeps over the replica forest
         loads_BGH = hshare
@@ -61,17 +77,12 @@ def replicate_on(loads_MLE: torch.Tensor, placement: Placement, topology: Topolo
             h_b, x_b = resplit(loads_BGH[bad], rep[bad], made[bad], level[bad], S, chain[bad])
             optimal_split(h_b, rep[bad], x_b, S, level_B=level[bad])
             hshare[bad], x[bad] = h_b, x_b
-        rounds = int(bad.numel())
-    elif level is not None:  # start the exact split from the greedy moves replayed at the optimum
+        return hshare, rep, x, int(bad.numel())
+    if level is not None:  # start the exact split from the greedy moves replayed at the optimum
         hshare, x = resplit(hshare, rep, made, level, S, chain)
     else:  # wide nodes: the first rule's own split, made exact by the augmenting rounds
         hshare = hshare - _scatter_x(hshare, rep, x)
-    if level is None or S != 1:
-        rounds = optimal_split(hshare, rep, x, S, level_B=level)
-    spare, tokens = assemble(hshare, rep, x, placement.home_experts, M, L, N, S)
-    plan = Plan(topology, placement, spare, tokens, intra_node_replicas=True, policy=policy)
-    plan.info.update(replicate_seconds=time.perf_counter() - start, split_rounds=rounds)
-    return plan
+    return hshare, rep, x, optimal_split(hshare, rep, x, S, level_B=level)
 
 
 def _scatter_x(hshare_BGH: torch.Tensor, rep_BK: torch.Tensor, x_BK: torch.Tensor) -> torch.Tensor:
