@@ -534,10 +534,9 @@ def assemble(hshare_BGH: torch.Tensor, rep_BK: torch.Tensor, x_BK: torch.Tensor,
     B, Gn, H = hshare_BGH.shape
     K = Gn * S
     rep = torch.where(x_BK > 0, rep_BK, -1)
-    node_base = (torch.arange(B) % N) * (Gn * H)  # first home slot of the node, [B]
-    home_flat = home_experts_LK.expand(M, L, -1).reshape(M * L, N * Gn * H)
-    home_b = home_flat.repeat_interleave(N, dim=0)  # [B, G*H]
-    logical = home_b.gather(1, (node_base[:, None] + rep.clamp(min=0)))
+    b = torch.arange(B)
+    first = ((b // N) % L) * (N * Gn * H) + (b % N) * (Gn * H)  # flat placement index of the node's slot 0
+    logical = home_experts_LK.reshape(-1)[first[:, None] + rep.clamp(min=0)]
     spare = torch.where(rep >= 0, logical, -1).reshape(M, L, N * K)
     tokens = torch.cat([hshare_BGH, x_BK.view(B, Gn, S)], -1).reshape(M, L, N * Gn * (H + S))
     return spare, tokens
