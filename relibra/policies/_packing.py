@@ -163,22 +163,47 @@ def swap_search(w_BIM: torch.Tensor, assign_BI: torch.Tensor, num_bins: int,
             gain = gain - move_cost_B[b][:, None, None, None] * added
         if per_move and prev_BI is not None:  # rank qualifying swaps by gain per added move
             raw = gain + move_cost_B[b][:, None, None, None] * added
-            rank = torch.where(gain > 1e-9 * scale[:, None, None, None], raw / added.clamp(min=1.0), -_BIG)
-            _, idx = rank.reshape(nb, -1).max(-1)
-            best = gain.reshape(nb, -1).gather(1, idx[:, None]).squeeze(1)
+            key = torch.where(gain > 1e-9 * scale[:, None, None, None], raw / added.clamp(min=1.0), -_BIG)
         else:
-            best, idx = gain.reshape(nb, -1).max(-1)
-        ok = best > 1e-9 * scale
+            key = gain
+        key_r, idx_r = key.reshape(nb, R, -1).max(-1)  # [b, R] best swap of every pair
+        gain_r = gain.reshape(nb, R, -1).gather(2, idx_r[:, :, None]).squeeze(2)
+        ri = key_r.argmax(-1)
+        nr = torch.arange(nb)
+        ok = gain_r[nr, ri] > 1e-9 * scale
         if not bool(ok.any()):
             break
-        ri, rem = idx // (cap * cap), idx % (cap * cap)
-        ip, iq = rem // cap, rem % cap
-        nr = torch.arange(nb)
-        item_p = items_p[nr, ri].gather(1, ip[:, None]).squeeze(1)
-        item_q = items_q[nr, ri].gather(1, iq[:, None]).squeeze(1)
         bp, bq = p[nr, ri], q[nr, ri]
         sel = b[ok]
+        item_p, item_q = _pair_items(items_p, items_q, ri, idx_r[nr, ri], cap)
         assign[sel, item_p[ok]] = bq[ok]
         assign[sel, item_q[ok]] = bp[ok]
         active[b[~ok]] = False
+        if per_move and prev_BI is not None and R > 1:
+            # also the best swap of another pair on four other bins, kept only if it lowers
+            # F + move cost further (exact check: the two swaps interact through the max)
+            apart = (p != bp[:, None]) & (p != bq[:, None]) & (q != bp[:, None]) & (q != bq[:, None])
+            cand = apart & (gain_r > 1e-9 * scale[:, None]) & ok[:, None]
+            has = cand.any(-1)
+            if bool(has.any()):
+                h = has.nonzero().squeeze(1)
+                r2 = torch.where(cand, key_r, -_BIG).argmax(-1)[h]
+                i2p, i2q = _pair_items(items_p[h], items_q[h], r2, idx_r[h, r2], cap)
+                bb = b[h]
+                trial = assign[bb].clone()
+                hr = torch.arange(h.numel())
+                trial[hr, i2p] = q[h, r2]
+                trial[hr, i2q] = p[h, r2]
+                cost, pv = move_cost_B[bb], prev_BI[bb]
+                before = objective(w_BIM[bb], assign[bb], K) + cost * (assign[bb] != pv).sum(-1)
+                after = objective(w_BIM[bb], trial, K) + cost * (trial != pv).sum(-1)
+                keep = after < before - 1e-9 * scale[h]
+                assign[bb[keep]] = trial[keep]
     return assign
+
+
+def _pair_items(items_p: torch.Tensor, items_q: torch.Tensor, r: torch.Tensor, idx: torch.Tensor,
+                cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Items ``[b]`` of the swap ``idx`` (flat over ``cap x cap``) of pair ``r`` ``[b]``."""
+    nr = torch.arange(r.numel())
+    return items_p[nr, r, idx // cap], items_q[nr, r, idx % cap]
