@@ -364,13 +364,14 @@ def _tree_np(w: np.ndarray, rep: np.ndarray, T: np.ndarray) -> tuple[np.ndarray,
     lower = np.tri(Gn, Gn, -1, dtype=bool)[:, :, None]
     before = (((rep[:, None] == rep[None]) & exists[:, None] & lower) * capk[None]).sum(1)
     capv = cap.reshape(Gn, H, B)
-    before_e = capv.cumsum(1) - capv  # capacity of the GPU's earlier experts
+    before_e = (capv.cumsum(1) - capv).reshape(-1)  # capacity of the GPU's earlier experts
+    at = np.minimum(ridx, GH * B - 1)  # per copy, from here on: its expert's slot (any, if none)
+    before_e, cap_k = before_e.take(at).reshape(Gn, B), cap.reshape(-1).take(at).reshape(Gn, B)
+    home_flat = (np.minimum(ridx.reshape(Gn, B) // (H * B), Gn - 1) * B + np.arange(B)).ravel()  # (home GPU, problem)
     x = np.zeros((Gn, B), np.int64)
-    amt_e = np.zeros((GH + 1) * B, np.int64)
     for _ in range(Gn + 1):
-        excess = np.maximum(x - base, 0)  # [Gn, B] what each GPU must shed
-        amt_e[:GH * B] = np.minimum(np.maximum(excess[:, None] - before_e, 0), capv).ravel()
-        new = np.minimum(np.maximum(amt_e.take(ridx).reshape(Gn, B) - before, 0), capk)
+        excess = np.maximum(x - base, 0).reshape(-1).take(home_flat).reshape(Gn, B)  # the home GPU's excess
+        new = np.minimum(np.maximum(np.minimum(np.maximum(excess - before_e, 0), cap_k) - before, 0), capk)
         if np.array_equal(new, x):
             break
         x = new
