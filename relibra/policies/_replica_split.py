@@ -210,18 +210,27 @@ def best_of_greedy(loads_BGH: torch.Tensor, spare_per_gpu: int,
         :func:`best_level` does not enumerate: more than 10 GPUs per node) and ``chain_B``
         (the winner lets receivers end above target; for :func:`resplit`).
     """
-    B = loads_BGH.shape[0]
-    V = len(variants)
-    flags = torch.tensor(variants, dtype=torch.bool)  # [V, 2]
-    rows = loads_BGH.repeat(V, 1, 1)  # [V*B, Gn, H], variant-major
-    rep, x, made = greedy_replicas(rows, spare_per_gpu, flags[:, 0].repeat_interleave(B),
-                                   flags[:, 1].repeat_interleave(B))
-    level = best_level(loads_BGH.repeat(V, 1, 1), rep, spare_per_gpu) if V > 1 else None
+    B, Gn, H = loads_BGH.shape
+    rep, x, made, level, chain = _best_of_greedy_np(_cols(loads_BGH.reshape(B, Gn * H)), Gn, spare_per_gpu, variants)
+    return _rows(rep), _rows(x), _rows(made), None if level is None else torch.from_numpy(level), torch.from_numpy(chain)
+
+
+def _best_of_greedy_np(w: np.ndarray, Gn: int, S: int, variants: tuple[tuple[bool, bool], ...]):
+    """:func:`best_of_greedy` on ``w [Gn*H, B]``: ``rep``, ``x``, ``made`` (``[K, B]``), ``level``, ``chain``."""
+    GH, B = w.shape
+    V, K = len(variants), Gn * S
+    flags = np.array(variants, dtype=bool).reshape(V, 2)
+    rep = np.full((K, V * B), -1, np.int64)
+    x = np.zeros((K, V * B), np.int64)
+    made = np.full((K, V * B), -1, np.int64)
+    if S > 0 and Gn > 1 and B > 0:  # variant-major columns
+        _greedy_np(np.tile(w, V), S, rep, x, made, flags[:, 0].repeat(B), flags[:, 1].repeat(B), None)
+    level = _best_level_np(np.tile(w, V), rep, Gn, S) if V > 1 else None
     if level is None:  # no exact score: keep the first rule
-        return rep[:B], x[:B], made[:B], best_level(loads_BGH, rep[:B], spare_per_gpu), flags[0, 0].expand(B)
-    win = level.view(V, B).argmin(0)  # first minimum
-    pick = win * B + torch.arange(B)
-    return rep[pick], x[pick], made[pick], level[pick], flags[win, 0]
+        return rep[:, :B], x[:, :B], made[:, :B], _best_level_np(w, rep[:, :B], Gn, S), flags[0, 0].repeat(B)
+    win = level.reshape(V, B).argmin(0)  # first minimum
+    pick = win * B + np.arange(B)
+    return rep[:, pick], x[:, pick], made[:, pick], level[pick], flags[win, 0]
 
 
 def best_level(loads_BGH: torch.Tensor, rep_BK: torch.Tensor, spare_per_gpu: int) -> torch.Tensor | None:
@@ -233,26 +242,31 @@ def best_level(loads_BGH: torch.Tensor, rep_BK: torch.Tensor, spare_per_gpu: int
     sum over subsets (``Gn`` in-place passes over ``[B, 2**Gn]``) gives every ``U``'s load.
     """
     B, Gn, H = loads_BGH.shape
-    K = Gn * spare_per_gpu
-    if Gn > 10 or K == 0 or B == 0:
+    level = _best_level_np(_cols(loads_BGH.reshape(B, Gn * H)), _cols(rep_BK), Gn, spare_per_gpu)
+    return None if level is None else torch.from_numpy(level)
+
+
+def _best_level_np(w: np.ndarray, rep: np.ndarray, Gn: int, S: int) -> np.ndarray | None:
+    """:func:`best_level` on ``w [Gn*H, B]``, ``rep [K, B]``."""
+    GH, B = w.shape
+    H = GH // Gn
+    if Gn > 10 or S == 0 or B == 0:
         return None
-    GH = Gn * H
-    rep = rep_BK.numpy()
-    b, k = np.nonzero(rep >= 0)
+    arB = np.arange(B)
+    k, b = np.nonzero(rep >= 0)
     # GPUs holding a copy of each home slot (at most one copy per GPU, so the sum is an OR)
-    copies = np.bincount(b * GH + rep[b, k], weights=1 << (k // spare_per_gpu), minlength=B * GH)
-    mask = copies.astype(np.int64).reshape(B, GH) | (1 << (np.arange(GH) // H))
-    w = loads_BGH.numpy().reshape(B, GH)
-    dtype = np.int32 if int(w.sum(1).max()) < 2**31 else np.int64  # int32: half the memory traffic
+    copies = np.bincount(rep[k, b] * B + b, weights=1 << (k // S), minlength=GH * B)
+    mask = copies.astype(np.int64).reshape(GH, B) | (1 << (np.arange(GH) // H))[:, None]
+    dtype = np.int32 if int(w.sum(0).max()) < 2**31 else np.int64  # int32: half the memory traffic
     f = np.zeros((1 << Gn) * B, dtype)  # [2**Gn, B]: load whose copies span exactly U
-    np.add.at(f, (mask * B + np.arange(B)[:, None]).ravel(), w.ravel().astype(dtype))
+    np.add.at(f, (mask * B + arB).ravel(), w.ravel().astype(dtype))
     for i in range(Gn):  # f[U] = sum over m inside U of f[m]
         v = f.reshape(-1, 2, B << i)
         v[:, 1] += v[:, 0]
     f = f.reshape(1 << Gn, B)
     # ceil(x / s) is monotone in x: the best U of each size s is the heaviest one
     heaviest = np.stack([f[rows].max(0) for rows in _subsets_by_size(Gn)])  # [Gn, B]
-    return torch.from_numpy((-(-heaviest // np.arange(1, Gn + 1)[:, None])).max(0).astype(np.int64))
+    return (-(-heaviest // np.arange(1, Gn + 1)[:, None])).max(0).astype(np.int64)
 
 
 @functools.lru_cache(maxsize=None)
@@ -393,7 +407,15 @@ def forest_split(loads_BGH: torch.Tensor, rep_BK: torch.Tensor, level_B: torch.T
     B, Gn, H = loads_BGH.shape
     if spare_per_gpu != 1:
         raise ValueError(f"forest_split needs spare_per_gpu == 1, got {spare_per_gpu}")
-    w, rep, T = _cols(loads_BGH.reshape(B, Gn * H)), _cols(rep_BK), level_B.numpy()
+    h, x, ok = _forest_np(_cols(loads_BGH.reshape(B, Gn * H)), _cols(rep_BK), level_B.numpy())
+    return _rows(h).view(B, Gn, H), _rows(x), torch.from_numpy(ok)
+
+
+def _forest_np(w: np.ndarray, rep: np.ndarray, T: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`forest_split` on ``w [Gn*H, B]``, ``rep [Gn, B]``, ``T [B]``: ``h``, ``x``, ``ok``."""
+    GH, B = w.shape
+    Gn = rep.shape[0]
+    H = GH // Gn
     arB = np.arange(B)
     anc = np.concatenate([np.where(rep >= 0, rep // H, Gn), np.full((1, B), Gn)])  # parent GPU, Gn = none
     for _ in range(max(1, (Gn - 1).bit_length())):  # ancestor 2**j steps up
@@ -411,7 +433,7 @@ def forest_split(loads_BGH: torch.Tensor, rep_BK: torch.Tensor, level_B: torch.T
         first = good[np.unique(cyc_f[good], return_index=True)[1]]
         dst = cyc_f[first]
         h[:, dst], x[:, dst], ok[dst] = h_v[:, first], x_v[:, first], True
-    return _rows(h).view(B, Gn, H), _rows(x), torch.from_numpy(ok)
+    return h, x, ok
 
 
 def optimal_split(hshare_BGH: torch.Tensor, rep_BK: torch.Tensor, x_BK: torch.Tensor,

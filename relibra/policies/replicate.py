@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
 from ..plan import Placement, Plan
 from ..topology import Topology
-from ._replica_split import GREEDY_VARIANTS, assemble, best_of_greedy, forest_split, node_problems, optimal_split, resplit
+from ._replica_split import (GREEDY_VARIANTS, _best_of_greedy_np, _cols, _forest_np, _rows, assemble, node_problems,
+                             optimal_split, resplit)
 from .base import check_loads
 from .registry import register_policy
 
@@ -68,16 +70,21 @@ PROBLEMS_PER_PASS = 2048
 def _solve(hshare: torch.Tensor, S: int, variants: tuple[tuple[bool, bool], ...]
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Replicas and exact split of ``hshare [B, Gn, H]`` problems: ``(hshare, rep, x, rounds)``."""
-    rep, x, made, level, chain = best_of_greedy(hshare, S, variants)
+    B, Gn, H = hshare.shape
+    w = _cols(hshare.reshape(B, Gn * H))
+    rep, x, made, level, chain = _best_of_greedy_np(w, Gn, S, variants)
     if level is not None and S == 1:  # exact split in two sweeps over the replica forest
-        loads_BGH = hshare
-        hshare, x, ok = forest_split(loads_BGH, rep, level, S)
-        bad = torch.nonzero(~ok).squeeze(1)
+        h, x, ok = _forest_np(w, rep, level)
+        h, rep, x = _rows(h).view(B, Gn, H), _rows(rep), _rows(x)
+        bad = torch.from_numpy(np.flatnonzero(~ok))
         if bad.numel():  # two replica cycles in one node: replay and augment these rows
-            h_b, x_b = resplit(loads_BGH[bad], rep[bad], made[bad], level[bad], S, chain[bad])
-            optimal_split(h_b, rep[bad], x_b, S, level_B=level[bad])
-            hshare[bad], x[bad] = h_b, x_b
-        return hshare, rep, x, int(bad.numel())
+            level_b = torch.from_numpy(level)[bad]
+            h_b, x_b = resplit(hshare[bad], rep[bad], _rows(made)[bad], level_b, S, torch.from_numpy(chain)[bad])
+            optimal_split(h_b, rep[bad], x_b, S, level_B=level_b)
+            h[bad], x[bad] = h_b, x_b
+        return h, rep, x, int(bad.numel())
+    rep, x, made, chain = _rows(rep), _rows(x), _rows(made), torch.from_numpy(chain)
+    level = None if level is None else torch.from_numpy(level)
     if level is not None:  # start the exact split from the greedy moves replayed at the optimum
         hshare, x = resplit(hshare, rep, made, level, S, chain)
     else:  # wide nodes: the first rule's own split, made exact by the augmenting rounds
