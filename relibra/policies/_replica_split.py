@@ -1,6 +1,10 @@
 """Intra-node replication: choose spare-slot replicas and an optimal integer token split.
 
-Pure tensor functions, vectorised over every (micro-batch, layer, node) problem at once.
+Pure functions, vectorised over every (micro-batch, layer, node) problem at once. The public
+functions take and return torch tensors ``[B, ...]``; the hot paths (greedy, exact level, forest
+split) run in numpy on problem-last arrays ``[..., B]`` (``_*_np``): a node has only a few GPUs,
+so reductions over them become elementwise passes over ``B``, and numpy's per-call cost on
+these small arrays is a fraction of torch's.
 
 Legend (see :mod:`relibra.topology`):
 
@@ -26,9 +30,9 @@ rule whose replicas have the lower exact optimal level.
 
 Phase 2a (:func:`best_level`, :func:`resplit`): the exact optimal busiest-GPU load ``T*`` for
 the chosen replicas, ``max over GPU subsets U of ceil((fixed(U) + experts with every copy in
-U) / |U|)`` (enumerated meet-in-the-middle: two half-node masks and one batched matmul, up to
-10 GPUs per node), then the greedy moves replayed with ``T*`` as target. On real-shaped loads
-this start is already optimal everywhere.
+U) / |U|)`` (a sum over all ``2**Gn`` subsets, up to 10 GPUs per node). With one spare slot
+per GPU, :func:`forest_split` then reaches ``T*`` in two sweeps; otherwise the greedy moves are
+replayed with ``T*`` as target (:func:`resplit`) as the start for 2b.
 
 Phase 2b (:func:`optimal_split`): the exact integer min-max split for the chosen replicas,
 run only where 2a did not reach ``T*`` (or with no ``T*`` for wider nodes).

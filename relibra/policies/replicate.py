@@ -16,9 +16,10 @@ Cost: ``2 * Gn * S`` greedy rounds, one subset enumeration (the exact optimal le
 with one spare slot per GPU the two-sweep forest split (:func:`~relibra.policies._replica_split.
 forest_split`, about ``2 * (depth + 1)`` rounds) and augmenting rounds only for the rare node
 with two replica cycles; otherwise augmenting rounds aimed at the known level. Every round is a
-fixed number of tensor operations over all ``M * L * N`` problems, so one micro-batch per call
-pays the same Python/torch overhead as a whole step (about 24 ms vs 26 ms per micro-batch at
-the DeepSeek-V3 shape on one thread of the shared development box).
+fixed number of numpy operations over a pass of up to :data:`PROBLEMS_PER_PASS` problems, so the
+cost is mostly per-operation overhead: one micro-batch per call (464 problems at the
+DeepSeek-V3 shape) costs about 6-9 ms of CPU, a whole step about 5-8 ms per micro-batch, on one
+thread of the shared development box (``python benchmarks/planners.py``).
 """
 
 from __future__ import annotations
