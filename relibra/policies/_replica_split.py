@@ -127,8 +127,9 @@ def _greedy_np(h: np.ndarray, S: int, rep: np.ndarray, x: np.ndarray, made: np.n
     # free GPU, every free GPU would be as heavy as the busiest and no move would have room.
     sh = (Gn - 1).bit_length()
     P = 1 << sh
-    if int(ld.sum(0).max()) >= 1 << (60 - sh):
-        raise ValueError(f"replicate: a node's load reaches 2**{60 - sh} tokens; loads that large are not supported")
+    limit = 60 - max(sh, (H - 1).bit_length())  # keys (load << bits | code) stay below 2**61
+    if int(ld.sum(0).max()) >= 1 << limit:
+        raise ValueError(f"replicate: a node's load reaches 2**{limit} tokens; loads that large are not supported")
     g_col = np.arange(Gn)[:, None]
     hi = (ld << sh) | ((P - 1) - g_col)  # [Gn, B]
     lo = (ld << sh) | g_col
@@ -136,6 +137,9 @@ def _greedy_np(h: np.ndarray, S: int, rep: np.ndarray, x: np.ndarray, made: np.n
     hif, lof = hi.reshape(-1), lo.reshape(-1)
     arB = np.arange(B)
     hB = np.arange(H)[:, None] * B + arB  # [H, B]
+    hs = (H - 1).bit_length()  # the same (value << hs | code) trick over the donor's experts
+    HP = 1 << hs
+    h_up = (HP - 1) - np.arange(H)[:, None]
     hf = h.reshape(-1)
     if S > 1:  # (home slot, GPU) that may not take a replica: the home GPU, then every copy made
         holds = np.zeros((GH, Gn, B), bool)
@@ -155,10 +159,11 @@ def _greedy_np(h: np.ndarray, S: int, rep: np.ndarray, x: np.ndarray, made: np.n
         recv, rload = rmin & (P - 1), rmin >> sh
         room = np.minimum(dl - target, target - rload)
         if equalise is not None:
-            room = np.where(equalise, np.minimum(dl - target, (dl - rload) // 2), room)
-        if one:  # the hottest expert, as far as the room allows
-            j = share.argmax(0)
-            amt = np.minimum(share[j, arB], room)
+            room = np.where(equalise, np.minimum(dl - target, (dl - rload) >> 1), room)  # >> 1: floor halving
+        if one:  # the hottest expert (the lowest slot among equals), as far as the room allows
+            top = ((share << hs) | h_up).max(0)
+            j = (HP - 1) - (top & (HP - 1))
+            amt = np.minimum(top >> hs, room)
             a = np.flatnonzero(amt > 0)
             if a.size == 0:
                 break
