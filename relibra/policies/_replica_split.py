@@ -157,9 +157,10 @@ def _greedy_np(h: np.ndarray, S: int, rep: np.ndarray, x: np.ndarray, made: np.n
             blocked = holdf.take(((donor * H + np.arange(H)[:, None])[:, None, :] * Gn + g_col) * B + arB)
             rmin = np.where(blocked, big, lo).min(1)  # [H, B]
         recv, rload = rmin & (P - 1), rmin >> sh
-        room = np.minimum(dl - target, target - rload)
+        over = dl - target
+        room = np.minimum(over, target - rload)
         if equalise is not None:
-            room = np.where(equalise, np.minimum(dl - target, (dl - rload) >> 1), room)  # >> 1: floor halving
+            room = np.where(equalise, np.minimum(over, (dl - rload) >> 1), room)  # >> 1: floor halving
         if one:  # the hottest expert (the lowest slot among equals), as far as the room allows
             top = ((share << hs) | h_up).max(0)
             j = (HP - 1) - (top & (HP - 1))
@@ -183,13 +184,10 @@ def _greedy_np(h: np.ndarray, S: int, rep: np.ndarray, x: np.ndarray, made: np.n
         ja, da = j[a], donor[a]
         ria = ra * B + a
         slot = da * H + ja
-        k = ra * S + usedf[ria]
+        k = ra if S == 1 else ra * S + usedf[ria]  # the receiver's next free spare slot
         made[t, a] = k
         rep[k, a] = slot
         x[k, a] = amt
-        if S > 1:
-            holds[slot, ra, a] = True
-        usedf[ria] += 1
         i = slot * B + a
         hf[i] = hf[i] - amt
         i = da * B + a
@@ -197,7 +195,12 @@ def _greedy_np(h: np.ndarray, S: int, rep: np.ndarray, x: np.ndarray, made: np.n
         hif[i] = hif[i] - d
         lof[i] = lof[i] - d
         hif[ria] = hif[ria] + d
-        lof[ria] = np.where(usedf[ria] >= S, big, lof[ria] + d)
+        if S == 1:  # the receiver is full now
+            lof[ria] = big
+        else:
+            holds[slot, ra, a] = True
+            usedf[ria] += 1
+            lof[ria] = np.where(usedf[ria] >= S, big, lof[ria] + d)
 
 
 #: greedy rules tried side by side: (equalise, best_fit), see :func:`greedy_replicas`
