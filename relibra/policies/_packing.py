@@ -114,6 +114,10 @@ def swap_search(w_BIM: torch.Tensor, assign_BI: torch.Tensor, num_bins: int,
     exact32 = w_BIM.dtype == torch.float64 and bool((w_BIM.sum((1, 2)) < 2**24).all()) \
         and bool((w_BIM == w_BIM.round()).all()) and bool((w_BIM >= 0).all())
     work = torch.float32 if exact32 else w_BIM.dtype
+    # the [b, R, M, cap, cap] scores reuse two buffers: a fresh multi-MB tensor every round
+    # costs more in first-touch page faults than the arithmetic
+    buf_new = torch.empty(B, R, M, cap, cap, dtype=work)
+    buf_q = torch.empty(B, R, M, cap, cap, dtype=work)
     for _ in range(max_iters):
         b = rows[active]
         nb = b.numel()
@@ -144,13 +148,17 @@ def swap_search(w_BIM: torch.Tensor, assign_BI: torch.Tensor, num_bins: int,
         other_max = others.amax(-1).to(work)
         lp = load.gather(2, p[:, None, :].expand(-1, M, -1)).transpose(1, 2).to(work)  # [b, R, M]
         lq = load.gather(2, q[:, None, :].expand(-1, M, -1)).transpose(1, 2).to(work)  # [b, R, M]
-        # after swapping p's item i for q's item j: p = lp - wp[i] + wq[j], q = lq - wq[j] + wp[i]
-        new = (lp[:, :, None, :] - wp)[:, :, :, None, :] + wq[:, :, None, :, :]  # [b, R, cap_p, cap_q, M]
-        new_q = (lq[:, :, None, :] - wq)[:, :, None, :, :] + wp[:, :, :, None, :]
+        # after swapping p's item i for q's item j: p = lp - wp[i] + wq[j], q = lq - wq[j] + wp[i];
+        # laid out [b, R, M, cap_p, cap_q] so the sum over micro-batches runs on whole rows
+        wpT, wqT = wp.transpose(2, 3).contiguous(), wq.transpose(2, 3).contiguous()  # [b, R, M, cap]
+        rest_p = (lp[:, :, :, None] - wpT).contiguous()  # [b, R, M, cap] (lp is a strided view)
+        rest_q = (lq[:, :, :, None] - wqT).contiguous()
+        new, new_q = buf_new[:nb], buf_q[:nb]  # [b, R, M, cap_p, cap_q]
+        torch.add(rest_p[:, :, :, :, None], wqT[:, :, :, None, :], out=new)
+        torch.add(rest_q[:, :, :, None, :], wpT[:, :, :, :, None], out=new_q)
         torch.maximum(new, new_q, out=new)
-        del new_q
-        torch.maximum(new, other_max[:, :, None, None, :], out=new)
-        new = new.sum(-1).to(torch.float64)  # [b, R, cap, cap]
+        torch.maximum(new, other_max[:, :, :, None, None], out=new)
+        new = new.sum(2).to(torch.float64)  # [b, R, cap, cap]
         gain = mx.sum(-1)[:, None, None, None] - new  # [b, R, cap, cap]
         scale = mx.sum(-1).abs().clamp(min=1.0)
         if prev_BI is not None:
