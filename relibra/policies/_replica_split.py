@@ -383,7 +383,7 @@ def _tree_np(w: np.ndarray, rep: np.ndarray, T: np.ndarray) -> tuple[np.ndarray,
     for _ in range(Gn + 1):
         cap = np.minimum(w, to_slots(np.maximum(absorb, 0)))  # [Gn*H, B] most each expert sheds
         new = base + cap.reshape(Gn, H, B).sum(1)
-        if np.array_equal(new, absorb):
+        if not (new != absorb).any():
             break
         absorb = new
     capk = np.where(exists, np.maximum(absorb, 0), 0)  # [Gn, B] most each copy may take
@@ -398,7 +398,7 @@ def _tree_np(w: np.ndarray, rep: np.ndarray, T: np.ndarray) -> tuple[np.ndarray,
     for _ in range(Gn + 1):
         excess = np.maximum(x - base, 0).reshape(-1).take(home_flat).reshape(Gn, B)  # the home GPU's excess
         new = np.minimum(np.maximum(np.minimum(np.maximum(excess - before_e, 0), cap_k) - before, 0), capk)
-        if np.array_equal(new, x):
+        if not (new != x).any():
             break
         x = new
     h = w - to_slots(x)
