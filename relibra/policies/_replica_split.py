@@ -567,11 +567,19 @@ def assemble(hshare_BGH: torch.Tensor, rep_BK: torch.Tensor, x_BK: torch.Tensor,
         ``spare_experts [M, L, G*S]`` (logical expert, -1 empty) and ``slot_tokens [M, L, P]``.
     """
     B, Gn, H = hshare_BGH.shape
-    K = Gn * S
-    rep = torch.where(x_BK > 0, rep_BK, -1)
-    b = torch.arange(B)
-    first = ((b // N) % L) * (N * Gn * H) + (b % N) * (Gn * H)  # flat placement index of the node's slot 0
-    logical = home_experts_LK.reshape(-1)[first[:, None] + rep.clamp(min=0)]
-    spare = torch.where(rep >= 0, logical, -1).reshape(M, L, N * K)
-    tokens = torch.cat([hshare_BGH, x_BK.view(B, Gn, S)], -1).reshape(M, L, N * Gn * (H + S))
-    return spare, tokens
+    return _assemble_np(_cols(hshare_BGH.reshape(B, Gn * H)), _cols(rep_BK), _cols(x_BK), home_experts_LK, M, L, N, Gn, S)
+
+
+def _assemble_np(h: np.ndarray, rep: np.ndarray, x: np.ndarray, home_experts_LK: torch.Tensor,
+                 M: int, L: int, N: int, Gn: int, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`assemble` from problem-last arrays ``h [Gn*H, B]``, ``rep [K, B]``, ``x [K, B]``."""
+    GH, B = h.shape
+    K, H = rep.shape[0], GH // Gn
+    rep = np.where(x > 0, rep, -1)
+    b = np.arange(B)
+    first = ((b // N) % L) * (N * GH) + (b % N) * GH  # flat placement index of the node's slot 0
+    logical = home_experts_LK.numpy().reshape(-1).take(first + np.maximum(rep, 0))
+    spare = np.ascontiguousarray(np.where(rep >= 0, logical, -1).T).reshape(M, L, N * K)
+    tokens = np.concatenate([h.reshape(Gn, H, B), x.reshape(Gn, S, B)], 1)  # [Gn, H + S, B]
+    tokens = np.ascontiguousarray(tokens.transpose(2, 0, 1)).reshape(M, L, N * Gn * (H + S))
+    return torch.from_numpy(spare), torch.from_numpy(tokens)

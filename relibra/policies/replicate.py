@@ -31,7 +31,7 @@ import torch
 
 from ..plan import Placement, Plan
 from ..topology import Topology
-from ._replica_split import (GREEDY_VARIANTS, _best_of_greedy_np, _cols, _forest_np, _rows, assemble, node_problems,
+from ._replica_split import (GREEDY_VARIANTS, _assemble_np, _best_of_greedy_np, _cols, _forest_np, _rows, node_problems,
                              optimal_split, resplit)
 from .base import check_loads
 from .registry import register_policy
@@ -56,8 +56,8 @@ def replicate_on(loads_MLE: torch.Tensor, placement: Placement, topology: Topolo
     start = time.perf_counter()
     hshare_all = node_problems(loads_MLE, placement.home_experts, N, Gn)
     chunks = [_solve(h_c, S, variants) for h_c in hshare_all.split(PROBLEMS_PER_PASS)]
-    hshare, rep, x = (torch.cat([c[i] for c in chunks]) for i in range(3))
-    spare, tokens = assemble(hshare, rep, x, placement.home_experts, M, L, N, S)
+    h, rep, x = chunks[0][:3] if len(chunks) == 1 else (np.concatenate([c[i] for c in chunks], 1) for i in range(3))
+    spare, tokens = _assemble_np(h, rep, x, placement.home_experts, M, L, N, Gn, S)
     plan = Plan(topology, placement, spare, tokens, intra_node_replicas=True, policy=policy)
     plan.info.update(replicate_seconds=time.perf_counter() - start, split_rounds=sum(c[3] for c in chunks))
     return plan
@@ -69,28 +69,33 @@ PROBLEMS_PER_PASS = 2048
 
 
 def _solve(hshare: torch.Tensor, S: int, variants: tuple[tuple[bool, bool], ...]
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Replicas and exact split of ``hshare [B, Gn, H]`` problems: ``(hshare, rep, x, rounds)``."""
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Replicas and exact split of ``hshare [B, Gn, H]`` problems.
+
+    Returns problem-last numpy arrays ``h [Gn*H, B]`` (tokens each home copy keeps), ``rep [K, B]``,
+    ``x [K, B]`` and the number of augmenting rounds.
+    """
     B, Gn, H = hshare.shape
     w = _cols(hshare.reshape(B, Gn * H))
     rep, x, made, level, chain = _best_of_greedy_np(w, Gn, S, variants)
     if level is not None and S == 1:  # exact split in two sweeps over the replica forest
         h, x, ok = _forest_np(w, rep, level)
-        h, rep, x = _rows(h).view(B, Gn, H), _rows(rep), _rows(x)
-        bad = torch.from_numpy(np.flatnonzero(~ok))
-        if bad.numel():  # two replica cycles in one node: replay and augment these rows
-            level_b = torch.from_numpy(level)[bad]
-            h_b, x_b = resplit(hshare[bad], rep[bad], _rows(made)[bad], level_b, S, torch.from_numpy(chain)[bad])
-            optimal_split(h_b, rep[bad], x_b, S, level_B=level_b)
-            h[bad], x[bad] = h_b, x_b
-        return h, rep, x, int(bad.numel())
+        bad = np.flatnonzero(~ok)
+        if bad.size:  # two replica cycles in one node: replay and augment these rows
+            bad_t = torch.from_numpy(bad)
+            rep_b, level_b = _rows(rep[:, bad]), torch.from_numpy(level[bad])
+            h_b, x_b = resplit(hshare[bad_t], rep_b, _rows(made[:, bad]), level_b, S, torch.from_numpy(chain[bad]))
+            optimal_split(h_b, rep_b, x_b, S, level_B=level_b)
+            h[:, bad], x[:, bad] = _cols(h_b.reshape(bad.size, Gn * H)), _cols(x_b)
+        return h, rep, x, int(bad.size)
     rep, x, made, chain = _rows(rep), _rows(x), _rows(made), torch.from_numpy(chain)
     level = None if level is None else torch.from_numpy(level)
     if level is not None:  # start the exact split from the greedy moves replayed at the optimum
         hshare, x = resplit(hshare, rep, made, level, S, chain)
     else:  # wide nodes: the first rule's own split, made exact by the augmenting rounds
         hshare = hshare - _scatter_x(hshare, rep, x)
-    return hshare, rep, x, optimal_split(hshare, rep, x, S, level_B=level)
+    rounds = optimal_split(hshare, rep, x, S, level_B=level)
+    return _cols(hshare.reshape(B, Gn * H)), _cols(rep), _cols(x), rounds
 
 
 def _scatter_x(hshare_BGH: torch.Tensor, rep_BK: torch.Tensor, x_BK: torch.Tensor) -> torch.Tensor:
