@@ -250,11 +250,14 @@ def test_first_plan_ignores_migration_weight(name):
 
 
 @pytest.mark.parametrize("name", ["reorder", "hybrid"])
-def test_reorder_same_loads_again_moves_nothing(name):
-    """The search also starts from the previous placement and keeps it when it is as good."""
+@pytest.mark.parametrize("weight", [0.0, 0.02, 0.5])
+@pytest.mark.parametrize("seed", [2, 3, 4])
+def test_reorder_same_loads_again_moves_nothing(name, weight, seed):
+    """The same loads again: the fresh search (w = 0) keeps the previous placement when it is as
+    good, and the incremental search (w > 0) finds no improving swap from it."""
     topo = relibra.Topology(num_nodes=4, gpus_per_node=2, num_experts=64, spare_slots_per_gpu=1)
-    loads = skewed_loads(4, 3, 64, 3)
-    pol = relibra.get_policy(name, migration_weight=0.0)
+    loads = skewed_loads(4, 3, 64, seed)
+    pol = relibra.get_policy(name, migration_weight=weight)
     first = pol.plan(loads, topo).placement
     assert not first.equal(Placement.contiguous(topo, 3))
     assert pol.plan(loads, topo).placement.equal(first)

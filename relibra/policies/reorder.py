@@ -129,13 +129,18 @@ def _assemble(gpu_BI: torch.Tensor, experts: torch.Tensor, topology: Topology) -
 
 
 def _search(w_BIM: torch.Tensor, K: int, prev_BI: torch.Tensor | None, max_swaps: int) -> torch.Tensor:
-    """Fresh search (``w = 0``): swap search from the longest-first packing; where the previous
+    """Fresh search (``w = 0``): swap search from the longest-first packing (then over the
+    incremental search's bin pairs as well); where the previous
     assignment scores as well (``F``, per problem), keep the previous one: no moves.
 
     Items whose previous bin is outside this problem (``-1``) make the previous assignment
     incomplete; such problems take the search result.
     """
     fresh = swap_search(w_BIM, greedy_pack(w_BIM, K), K, max_iters=max_swaps)
+    # polish over the incremental search's bin pairs too, so that a later step with the same
+    # loads finds no improving swap there and moves nothing at any weight
+    fresh = swap_search(w_BIM, fresh, K, max_iters=max_swaps, busiest=_INCREMENTAL_PAIRS["busiest"],
+                        candidates=max(2, _INCREMENTAL_PAIRS["candidates"]))
     if prev_BI is None:
         return fresh
     B, I, _ = w_BIM.shape
