@@ -6,7 +6,7 @@ stay in their expert's home node (fast links), and the split is the exact intege
 split for the chosen replicas (see :mod:`relibra.policies._replica_split`).
 
 Replica choice: two greedy rules run side by side on every (micro-batch, layer, node) problem
-(:data:`~relibra.policies._replica_split.GREEDY_VARIANTS`): the direct rule (busiest GPU copies
+(:data:`~relibra.policies._replica_greedy.GREEDY_VARIANTS`): the direct rule (busiest GPU copies
 its hottest expert to the lightest GPU, filling it at most to the node mean) and the chain rule
 (the receiver may go above the mean and pass its own experts on, so a node with few light GPUs
 routes load through medium ones). Each rule's replicas are scored by their exact optimal level
@@ -31,8 +31,8 @@ import torch
 
 from ..plan import Placement, Plan
 from ..topology import Topology
-from ._replica_split import (GREEDY_VARIANTS, _assemble_np, _best_of_greedy_np, _cols, _forest_np, _rows, node_problems,
-                             optimal_split, resplit)
+from ._replica_greedy import GREEDY_VARIANTS, _best_of_greedy_np, _cols, _rows, node_problems
+from ._replica_split import _assemble_np, _forest_np, optimal_split, resplit
 from .base import check_loads
 from .registry import register_policy
 
@@ -45,7 +45,7 @@ def replicate_on(loads_MLE: torch.Tensor, placement: Placement, topology: Topolo
 
     The busiest GPU of every micro-batch and layer is never above the same placement without
     replicas. Deterministic. ``variants``: the greedy rules (equalise, best_fit) tried side by
-    side, best kept per problem (see :func:`~relibra.policies._replica_split.greedy_replicas`).
+    side, best kept per problem (see :func:`~relibra.policies._replica_greedy.greedy_replicas`).
     """
     loads_MLE = check_loads(loads_MLE, topology)
     M, L, _ = loads_MLE.shape
