@@ -173,36 +173,30 @@ def pack_slots(weight_BN: np.ndarray, num_packs: int) -> np.ndarray:
     fills = np.zeros(per_pack + 1)
     fills[per_pack - 1] = np.inf  # added with the item that fills a pack
     synced = np.ones(B, dtype=bool)  # every pack holds r items at the start of round r
-    all_synced = True
-    slot_table = np.arange(P) * per_pack + np.arange(per_pack)[:, None]  # [round, pack]
     for r in range(per_pack):
         if r == 0:  # all packs empty (weight 0): in index order
             perm_PB = np.broadcast_to(np.arange(P)[:, None], (P, B))
             lightest = key_PB
         else:
             perm_PB = np.argsort(key_PB, axis=0, kind="stable")  # packs, lightest first
-        last = r == per_pack - 1
-        if 0 < r < per_pack - 1:
             flat = perm_PB * B + cols
             lightest = key.take(flat)
-        if not last:  # served packs (all turns but the last) end heavier than any pack began
-            new = lightest + items[r]
-            ok = lightest[P - 1] < new[: P - 1].min(axis=0)
-            if not all_synced:
-                ok &= synced
-        else:  # the last round fills every pack: pack weights are no longer needed
-            ok = synced
-        rest = None if (all_synced if last else ok.all()) else np.flatnonzero(~ok)
+        ok = synced.copy()
+        new = lightest + items[r]
+        if r < per_pack - 1:  # served packs (all turns but the last) end heavier than any pack began
+            ok &= lightest[P - 1] < new[: P - 1].min(axis=0)
+        else:
+            new[:] = np.inf  # the last round fills every pack
+        rest = None if ok.all() else np.flatnonzero(~ok)
         if rest is not None:  # round-start state of the other rows (C order, so views stay views)
             k, c = key_PB.take(rest, axis=1), count.take(rest, axis=1)
             c[:, synced[rest]] = r
-        np.take(slot_table[r], perm_PB, out=slot_of[r])  # pack * per_pack + r
-        if last:
-            pass
-        elif r == 0:
+        np.multiply(perm_PB, per_pack, out=slot_of[r])
+        slot_of[r] += r
+        if r == 0:
             key_PB[:] = new
         else:
-            key.put(flat, new)
+            key[flat] = new
         if rest is None:
             continue
         # the other rows take the round item by item: the greedy itself
@@ -217,7 +211,6 @@ def pack_slots(weight_BN: np.ndarray, num_packs: int) -> np.ndarray:
             k_flat[f] += items[r, j, rest] + fills[c_f]
         key_PB[:, rest], count[:, rest] = k, c
         synced[rest] = (c == r + 1).all(axis=0)
-        all_synced = bool(synced.all())
     slot[order_flat] = slot_of.transpose(2, 0, 1).reshape(B, n)
     return slot.reshape(B, n)
 
@@ -261,15 +254,7 @@ def replicate_array(
     capped = max_copies is not None
     if capped and max_copies <= 1:
         score[:] = -np.inf
-    if not capped:  # take / put (cheaper than fancy indexing); ranks kept as float copies
-        ranks_f = np.empty((extra, B))
-        for i in range(extra):
-            flat = np.add(score_BN.argmax(axis=1), base, out=picks[i])  # first maximum wins ties
-            c = np.add(count.take(flat, out=ranks_f[i]), 1.0)
-            count.put(flat, c)
-            score.put(flat, np.divide(weight_flat.take(flat), c, out=c))
-        ranks = ranks_f.astype(np.int64)
-    for i in range(extra if capped else 0):
+    for i in range(extra):
         flat = np.add(score_BN.argmax(axis=1), base, out=picks[i])  # first maximum wins ties
         c = count[flat]
         if not capped:
