@@ -49,6 +49,11 @@ class SlotTable:
     spare_experts_R: torch.Tensor
     has_replicas: bool
 
+    def to(self, device) -> "SlotTable":
+        """The same table on ``device`` (one copy per tensor; a no-op where it already is)."""
+        return SlotTable(self.copy_slots_EX.to(device), self.copy_ends_EX.to(device),
+                         self.spare_experts_R.to(device), self.has_replicas)
+
 
 def slot_table(home_experts_K: torch.Tensor, topology: Topology, spare_experts_R: torch.Tensor | None = None,
                slot_tokens_P: torch.Tensor | None = None, device=None) -> SlotTable:
@@ -71,8 +76,7 @@ def slot_table(home_experts_K: torch.Tensor, topology: Topology, spare_experts_R
     else:
         tok = torch.where(copy_slots >= 0, slot_tokens_P[copy_slots.clamp(min=0)], 0)
         ends = tok.cumsum(1)
-    return SlotTable(copy_slots.to(device), ends.to(device), spare_experts_R.to(device),
-                     bool((spare_experts_R >= 0).any()))
+    return SlotTable(copy_slots, ends, spare_experts_R, bool((spare_experts_R >= 0).any())).to(device)
 
 
 @dataclass(frozen=True)

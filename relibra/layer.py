@@ -214,7 +214,9 @@ class ReLibraMoE(nn.Module):
         the Balancer); with it the dispatch skips its counts exchange.
         """
         dev = self.gate.weight.device
-        table = _dispatch.slot_table(self.home_experts_K, self.topology, spare_experts_R, slot_tokens_P, dev)
+        # Built and counted on the host, then moved once: split_counts reads it on the host.
+        table = _dispatch.slot_table(self.home_experts_K.cpu(), self.topology, spare_experts_R.cpu(),
+                                     slot_tokens_P.cpu())
         route = None
         if table.has_replicas:
             route = replica_route(self.home_experts_K, spare_experts_R, self.topology, self.ep_rank, intra_node)
@@ -224,6 +226,7 @@ class ReLibraMoE(nn.Module):
             SL = self.topology.slots_per_gpu
             counts = _dispatch.split_counts(table, source_loads_GE, SL)
             recv = counts[:, self.ep_rank * SL:(self.ep_rank + 1) * SL].tolist()
+        table = table.to(dev)
         return LayerMicroBatch(table, None if routes_TK is None else routes_TK.to(dev), off, route, index, recv)
 
     def replica_group(self, route: ReplicaRoute):
