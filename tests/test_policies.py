@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import relibra
 from relibra.plan import Placement, Plan
+from relibra.policies._replica_greedy import GREEDY_VARIANTS
 from relibra.policies.replicate import replicate_on
 
 BUILTINS = [p for p in ("static", "eplb", "reorder", "replicate", "hybrid") if p in relibra.available_policies()]
@@ -164,6 +165,38 @@ def test_replicate_chains_through_medium_gpus():
     assert int(both.gpu_loads().max()) <= 600  # node mean is 520
     both.validate(topo, loads)
     assert_split_optimal(both, loads, topo)
+
+
+def test_replicate_overshoot_frees_the_donor_slot():
+    """A real node of the default trace (micro-batch 0, layer 40): GPU 0 holds an expert of
+    39,892 tokens, GPU 4 is 1,811 above the mean and every other GPU is light. Filling the light
+    GPUs only up to the mean leaves no receiver for GPU 4 (18,010 stays). The overshoot rule lets
+    GPU 0 give past its excess while its own slot is free, then GPU 0 takes GPU 4's expert: the
+    node reaches its mean (16,199)."""
+    home = [[39892, 149, 1508, 43], [10104, 342, 609, 290], [8821, 1015, 965, 1066], [9305, 453, 1970, 500],
+            [2099, 3170, 1141, 11600], [3356, 689, 5073, 2503], [534, 5162, 5296, 1571], [1907, 3077, 3076, 2302]]
+    topo = relibra.Topology(num_nodes=1, gpus_per_node=8, num_experts=32, spare_slots_per_gpu=1)
+    loads = torch.tensor(home).view(1, 1, 32)
+    placement = Placement.contiguous(topo, 1)
+    old_rules = replicate_on(loads, placement, topo, variants=((False, False), (True, False)))
+    plan = replicate_on(loads, placement, topo)
+    mean = -(-sum(map(sum, home)) // 8)
+    assert int(old_rules.gpu_loads().max()) == 18010
+    assert int(plan.gpu_loads().max()) == mean == 16199
+    plan.validate(topo, loads)
+    assert_split_optimal(plan, loads, topo)
+
+
+@settings(**SETTINGS)
+@given(case=cases(max_nodes=2, max_gpus=4))
+def test_best_of_rules_never_worse_than_any_rule_alone(case):
+    topo, loads = case
+    placement = Placement.contiguous(topo, loads.shape[1])
+    best = replicate_on(loads, placement, topo)
+    best.validate(topo, loads)
+    for rule in GREEDY_VARIANTS:
+        alone = replicate_on(loads, placement, topo, variants=(rule,))
+        assert (best.gpu_loads().amax(-1) <= alone.gpu_loads().amax(-1)).all(), rule
 
 
 @settings(**SETTINGS)

@@ -31,7 +31,7 @@ def random_problems(B: int, Gn: int, H: int, seed: int, scale: int = 1) -> torch
     return loads.to(torch.int64) * scale
 
 
-def greedy_reference(h: list[list[int]], S: int, equalise: bool, best_fit: bool):
+def greedy_reference(h: list[list[int]], S: int, equalise: bool, best_fit: bool, overshoot: bool = False):
     """The documented greedy rule, one problem, plain Python (ties to the lowest GPU / slot)."""
     Gn, H = len(h), len(h[0])
     h = [row[:] for row in h]
@@ -49,6 +49,8 @@ def greedy_reference(h: list[list[int]], S: int, equalise: bool, best_fit: bool)
                 continue
             r = min(free, key=lambda g: (ld[g], g))
             room = min(ld[donor] - T, (ld[donor] - ld[r]) // 2 if equalise else T - ld[r])
+            if overshoot and used[donor] < S and ld[donor] > T:  # past the excess: donor slot free
+                room = T - ld[r]
             amt = min(share, room)
             key = share if amt > 0 else -1
             if best_fit and key > 0 and share >= room:
@@ -76,10 +78,12 @@ def test_greedy_matches_per_problem_reference(Gn, H, S, seed):
     g = torch.Generator().manual_seed(seed + 100)
     equalise = torch.rand(B, generator=g) < 0.5
     best_fit = torch.rand(B, generator=g) < (0.0 if seed == 0 else 0.5)  # seed 0: the fast S == 1 path
+    overshoot = torch.rand(B, generator=g) < 0.5
     hshare = loads.clone()
-    rep, x, made = greedy_replicas(hshare, S, equalise, best_fit)
+    rep, x, made = greedy_replicas(hshare, S, equalise, best_fit, overshoot_B=overshoot)
     for b in range(B):
-        h_ref, rep_ref, x_ref, made_ref = greedy_reference(loads[b].tolist(), S, bool(equalise[b]), bool(best_fit[b]))
+        h_ref, rep_ref, x_ref, made_ref = greedy_reference(loads[b].tolist(), S, bool(equalise[b]), bool(best_fit[b]),
+                                                           bool(overshoot[b]))
         assert rep[b].tolist() == rep_ref, b
         assert x[b].tolist() == x_ref, b
         assert made[b].tolist() == made_ref, b

@@ -21,12 +21,13 @@ One problem is one node of one layer of one micro-batch. Its state:
 
 Phase 1 (greedy, :func:`greedy_replicas`), at most K rounds: every problem takes its busiest
 GPU, its hottest home expert that has a free receiver, and copies it onto the least loaded GPU
-of the node with a free spare slot that does not already hold it, moving
-``min(share, donor - T, T - receiver)`` tokens, ``T = ceil(node mean)`` (the direct rule).
-The chain rule moves ``min(share, donor - T, (donor - receiver) // 2)``: with one spare slot
-per GPU, a node with fewer light GPUs than heavy ones only balances by routing load through
-medium GPUs. :func:`best_of_greedy` runs both on every problem and keeps, per problem, the
-rule whose replicas have the lower exact optimal level.
+of the node with a free spare slot that does not already hold it. The overshoot rule (tried
+first) moves ``min(share, T - receiver)``, ``T = ceil(node mean)``, while the donor's own spare
+slot is free, so the donor may end below ``T`` and take a replica from another busy GPU later;
+the direct rule moves ``min(share, donor - T, T - receiver)``; the chain rule
+``min(share, donor - T, (donor - receiver) // 2)`` routes load through medium GPUs.
+:func:`best_of_greedy` keeps, per problem, the rule whose replicas have the lowest exact
+optimal level, running the later rules only where the first misses ``T``.
 
 Phase 2a (:func:`best_level`, :func:`resplit`): the exact optimal busiest-GPU load ``T*`` for
 the chosen replicas, ``max over GPU subsets U of ceil((fixed(U) + experts with every copy in

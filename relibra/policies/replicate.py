@@ -5,21 +5,24 @@ only the spare slots and the token split change from one micro-batch to the next
 stay in their expert's home node (fast links), and the split is the exact integer min-max
 split for the chosen replicas (see :mod:`relibra.policies._replica_split`).
 
-Replica choice: two greedy rules run side by side on every (micro-batch, layer, node) problem
-(:data:`~relibra.policies._replica_greedy.GREEDY_VARIANTS`): the direct rule (busiest GPU copies
-its hottest expert to the lightest GPU, filling it at most to the node mean) and the chain rule
-(the receiver may go above the mean and pass its own experts on, so a node with few light GPUs
-routes load through medium ones). Each rule's replicas are scored by their exact optimal level
-and the better one kept per problem, so the result is never worse than the direct rule alone.
+Replica choice: greedy rules (:data:`~relibra.policies._replica_greedy.GREEDY_VARIANTS`), tried
+in order on every (micro-batch, layer, node) problem. First the overshoot rule: the busiest GPU
+copies its hottest expert to the lightest GPU and fills it up to the node mean, past its own
+excess while its own spare slot is still free, so a donor can end below the mean and take a
+replica from a second busy GPU (a node with one very hot GPU needs every light GPU as well as
+the donor's own slot for the next one). Only where that misses the lower bound ``ceil(node
+mean)`` (about 0.05 % of the default trace's problems) do the direct rule (the receiver at most
+to the mean) and the chain rule (the receiver may go above the mean and pass its own experts
+on) run too. Each rule's replicas are scored by their exact optimal level and the best kept
+per problem (ties to the earlier rule), so the result is never worse than any rule alone.
 
-Cost: ``2 * Gn * S`` greedy rounds, one subset enumeration (the exact optimal level), then
+Cost: ``Gn * S`` greedy rounds, one subset enumeration (the exact optimal level), then
 with one spare slot per GPU the two-sweep forest split (:func:`~relibra.policies._replica_split.
 forest_split`, about ``2 * (depth + 1)`` rounds) and augmenting rounds only for the rare node
 with two replica cycles; otherwise augmenting rounds aimed at the known level. Every round is a
 fixed number of numpy operations over a pass of up to :data:`PROBLEMS_PER_PASS` problems, so the
-cost is mostly per-operation overhead: one micro-batch per call (464 problems at the
-DeepSeek-V3 shape) costs about 6-9 ms of CPU, a whole step about 5-8 ms per micro-batch, on one
-thread of the shared development box (``python benchmarks/planners.py``).
+cost is mostly per-operation overhead: see the README for the measured ms per micro-batch at
+the DeepSeek-V3 shape (``python benchmarks/planners.py``).
 """
 
 from __future__ import annotations
@@ -40,12 +43,12 @@ __all__ = ["ReplicatePolicy", "replicate_on"]
 
 
 def replicate_on(loads_MLE: torch.Tensor, placement: Placement, topology: Topology,
-                 policy: str = "replicate", variants: tuple[tuple[bool, bool], ...] = GREEDY_VARIANTS) -> Plan:
+                 policy: str = "replicate", variants: tuple[tuple[bool, ...], ...] = GREEDY_VARIANTS) -> Plan:
     """Plan intra-node replicas and the optimal split of ``loads_MLE [M, L, E]`` on ``placement``.
 
     The busiest GPU of every micro-batch and layer is never above the same placement without
-    replicas. Deterministic. ``variants``: the greedy rules (equalise, best_fit) tried side by
-    side, best kept per problem (see :func:`~relibra.policies._replica_greedy.greedy_replicas`).
+    replicas. Deterministic. ``variants``: the greedy rules ``(equalise, best_fit[, overshoot])``
+    tried in order, best kept per problem (see :func:`~relibra.policies._replica_greedy.best_of_greedy`).
     """
     loads_MLE = check_loads(loads_MLE, topology)
     M, L, _ = loads_MLE.shape
@@ -68,7 +71,7 @@ def replicate_on(loads_MLE: torch.Tensor, placement: Placement, topology: Topolo
 PROBLEMS_PER_PASS = 2048
 
 
-def _solve(hshare: torch.Tensor, S: int, variants: tuple[tuple[bool, bool], ...]
+def _solve(hshare: torch.Tensor, S: int, variants: tuple[tuple[bool, ...], ...]
            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Replicas and exact split of ``hshare [B, Gn, H]`` problems.
 
