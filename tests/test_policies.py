@@ -436,6 +436,54 @@ def test_incremental_search_never_worse_than_keeping(bins, per_bin, M, weight, s
     assert (objective(w, new, bins) + cost * (new != prev).sum(-1) <= kept * (1 + 1e-12)).all()
 
 
+@settings(**SETTINGS)
+@given(bins=st.integers(1, 4), per_bin=st.integers(1, 4), M=st.integers(1, 3), weight=st.sampled_from([0.0, 0.01, 0.3, 2.0]),
+       seed=st.integers(0, 2**31 - 1))
+def test_overload_search_never_raises_overload_plus_moves(bins, per_bin, M, weight, seed):
+    """The overload descent: overload + move_cost x moves never rises, bin sizes hold, and the
+    reorder node stage built on it never ends above keeping the previous assignment in F + cost."""
+    from relibra.policies._packing import objective, overload_objective, swap_search
+    from relibra.policies.reorder import _incremental_nodes
+
+    g = torch.Generator().manual_seed(seed)
+    B, I = 5, bins * per_bin
+    w = (torch.randint(0, 100, (B, I, M), generator=g) * (torch.rand(B, I, M, generator=g) < 0.6)).double()
+    prev = torch.stack([torch.randperm(I, generator=g) % bins for _ in range(B)])
+    cost = w.sum((1, 2)) / I * weight
+    new = swap_search(w, prev, bins, prev, cost, max_iters=50, per_move=True, overload=True, busiest=2, candidates=2)
+    assert (torch.nn.functional.one_hot(new, bins).sum(1) == per_bin).all()
+    assert (overload_objective(w, new, bins) + cost * (new != prev).sum(-1) <= overload_objective(w, prev, bins)).all()
+    node = _incremental_nodes(w, prev, bins, cost, 50)
+    assert (torch.nn.functional.one_hot(node, bins).sum(1) == per_bin).all()
+    assert (objective(w, node, bins) + cost * (node != prev).sum(-1) <= objective(w, prev, bins)).all()
+
+
+def test_overload_objective_by_hand():
+    from relibra.policies._packing import overload_objective
+
+    # 2 bins, 2 micro-batches: bin loads [[7, 2], [4, 5]], means rounded down 4 and 4
+    w = torch.tensor([[[5.0, 1.0], [2.0, 3.0], [2.0, 2.0], [0.0, 3.0]]])
+    assign = torch.tensor([[0, 0, 1, 1]])  # bin 0: (5+2, 1+3) = (7, 4); bin 1: (2, 5)
+    assert float(overload_objective(w, assign, 2)) == (7 - 4) + (5 - 4)
+
+
+def test_overload_descent_passes_a_plateau_the_max_search_stalls_on():
+    """Four bins of two items, three micro-batches: from the previous assignment no single swap
+    lowers the busiest bin of any micro-batch by more than its price (ties for the maximum), so
+    the F search moves nothing; descending the overload first finds 74 -> 69 for 3 moves."""
+    from relibra.policies._packing import objective, swap_search
+    from relibra.policies.reorder import _INCREMENTAL_PAIRS, _incremental_nodes
+
+    loads = [[0, 7, 4, 13, 2, 16, 18, 6], [13, 12, 1, 11, 4, 5, 17, 8], [1, 1, 19, 11, 15, 12, 13, 8]]
+    w = torch.tensor(loads, dtype=torch.float64).T[None]  # [1, I=8, M=3]
+    prev = (torch.arange(8) % 4)[None]
+    unit = torch.tensor([0.5])
+    assert torch.equal(swap_search(w, prev, 4, prev, unit, per_move=True, **_INCREMENTAL_PAIRS), prev)
+    node = _incremental_nodes(w, prev, 4, unit, 200)
+    assert float(objective(w, prev, 4)) == 74 and float(objective(w, node, 4)) == 69
+    assert int((node != prev).sum()) == 3
+
+
 @pytest.mark.parametrize("weight", [0.005, 0.05, 0.5])
 def test_reorder_incremental_step_never_worse_than_keeping(weight):
     """A later step's node objective plus the priced node moves never exceeds keeping the placement."""

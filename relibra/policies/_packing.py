@@ -15,13 +15,19 @@ Objective of an assignment, per problem::
 ``bin_load[m, k]`` is the load of bin ``k`` in micro-batch ``m``. A bin that is the busiest in
 one micro-batch cannot borrow from a bin that is idle in another, so ``F`` (not the load summed
 over micro-batches) is what the step time follows.
+
+``F`` is flat where several bins tie for the maximum of a micro-batch: lowering one of them
+gains nothing until all are lowered, so a swap search against ``F`` stalls there. The overload
+objective (``overload=True``) ``sum_m sum_k max(0, bin_load[m, k] - floor(mean_k bin_load[m, k]))``
+rewards lowering any bin above its micro-batch's mean; ``reorder`` descends it first, then
+polishes against ``F``.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["greedy_pack", "swap_search", "objective"]
+__all__ = ["greedy_pack", "swap_search", "objective", "overload_objective"]
 
 _BIG = float("inf")
 
@@ -29,6 +35,14 @@ _BIG = float("inf")
 def objective(w_BIM: torch.Tensor, assign_BI: torch.Tensor, num_bins: int) -> torch.Tensor:
     """``[B]`` sum over micro-batches of the busiest bin (float64)."""
     return bin_loads(w_BIM, assign_BI, num_bins).amax(-1).sum(-1)
+
+
+def overload_objective(w_BIM: torch.Tensor, assign_BI: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """``[B]`` sum over micro-batches and bins of the load above the micro-batch's mean bin load
+    (rounded down, so integer loads score exactly)."""
+    load = bin_loads(w_BIM, assign_BI, num_bins)
+    mean = torch.div(load.sum(-1, keepdim=True), num_bins, rounding_mode="floor")
+    return (load - mean).clamp(min=0).sum((1, 2))
 
 
 def bin_loads(w_BIM: torch.Tensor, assign_BI: torch.Tensor, num_bins: int) -> torch.Tensor:
@@ -80,7 +94,7 @@ def greedy_pack(w_BIM: torch.Tensor, num_bins: int, prev_BI: torch.Tensor | None
 def swap_search(w_BIM: torch.Tensor, assign_BI: torch.Tensor, num_bins: int,
                 prev_BI: torch.Tensor | None = None, move_cost_B: torch.Tensor | None = None,
                 max_iters: int = 200, candidates: int = 2, per_move: bool = False,
-                busiest: int = 1) -> torch.Tensor:
+                busiest: int = 1, overload: bool = False) -> torch.Tensor:
     """Local search: swap item pairs between bins while ``F`` drops.
 
     Each iteration, per problem: ``p`` = the bin that is the busiest with the most load over
@@ -93,6 +107,9 @@ def swap_search(w_BIM: torch.Tensor, assign_BI: torch.Tensor, num_bins: int,
     qualifies when its gain in ``sum_m max_k`` exceeds ``move_cost`` times the moves it adds,
     and among those the best gain per added move (at least one) is applied, so the cheapest
     balance comes first. Either way every applied swap lowers ``F`` plus the move cost.
+
+    ``overload=True`` scores swaps by :func:`overload_objective` instead of ``F`` (same bin
+    pairs, same move pricing): every applied swap lowers the overload plus the move cost.
 
     Returns:
         the improved ``assign_BI`` (a new tensor); every bin keeps its item count.
@@ -148,18 +165,32 @@ def swap_search(w_BIM: torch.Tensor, assign_BI: torch.Tensor, num_bins: int,
         other_max = others.amax(-1).to(work)
         lp = load.gather(2, p[:, None, :].expand(-1, M, -1)).transpose(1, 2).to(work)  # [b, R, M]
         lq = load.gather(2, q[:, None, :].expand(-1, M, -1)).transpose(1, 2).to(work)  # [b, R, M]
-        # after swapping p's item i for q's item j: p = lp - wp[i] + wq[j], q = lq - wq[j] + wp[i];
-        # laid out [b, R, M, cap_p, cap_q] so the sum over micro-batches runs on whole rows
         wpT, wqT = wp.transpose(2, 3).contiguous(), wq.transpose(2, 3).contiguous()  # [b, R, M, cap]
         rest_p = (lp[:, :, :, None] - wpT).contiguous()  # [b, R, M, cap] (lp is a strided view)
         rest_q = (lq[:, :, :, None] - wqT).contiguous()
         new, new_q = buf_new[:nb], buf_q[:nb]  # [b, R, M, cap_p, cap_q]
-        torch.add(rest_p[:, :, :, :, None], wqT[:, :, :, None, :], out=new)
-        torch.add(rest_q[:, :, :, None, :], wpT[:, :, :, :, None], out=new_q)
-        torch.maximum(new, new_q, out=new)
-        torch.maximum(new, other_max[:, :, :, None, None], out=new)
-        new = new.sum(2).to(torch.float64)  # [b, R, cap, cap]
-        gain = mx.sum(-1)[:, None, None, None] - new  # [b, R, cap, cap]
+        if overload:
+            # sum over micro-batches of p's and q's load above t = floor(mean bin load): with
+            # x = p_new - t and s = p + q - 2t (a swap keeps p + q), relu(x) + relu(s - x) =
+            # max(relu(s), x, s - x). Integer loads stay integers, so float32 sums stay exact.
+            t = torch.div(load.sum(-1), K, rounding_mode="floor").to(work)[:, None, :]  # [b, 1, M]
+            s_ = lp + lq - 2 * t  # [b, R, M]
+            torch.add((rest_p - t[..., None])[:, :, :, :, None], wqT[:, :, :, None, :], out=new)
+            torch.sub(s_[:, :, :, None, None], new, out=new_q)
+            torch.maximum(new, new_q, out=new)
+            torch.maximum(new, s_.clamp(min=0)[:, :, :, None, None], out=new)
+            new = new.sum(2).to(torch.float64)
+            cur = ((lp - t).clamp(min=0) + (lq - t).clamp(min=0)).sum(-1).to(torch.float64)  # [b, R]
+            gain = cur[:, :, None, None] - new
+        else:
+            # after swapping p's item i for q's item j: p = lp - wp[i] + wq[j], q = lq - wq[j] + wp[i];
+            # laid out [b, R, M, cap_p, cap_q] so the sum over micro-batches runs on whole rows
+            torch.add(rest_p[:, :, :, :, None], wqT[:, :, :, None, :], out=new)
+            torch.add(rest_q[:, :, :, None, :], wpT[:, :, :, :, None], out=new_q)
+            torch.maximum(new, new_q, out=new)
+            torch.maximum(new, other_max[:, :, :, None, None], out=new)
+            new = new.sum(2).to(torch.float64)  # [b, R, cap, cap]
+            gain = mx.sum(-1)[:, None, None, None] - new  # [b, R, cap, cap]
         scale = mx.sum(-1).abs().clamp(min=1.0)
         if prev_BI is not None:
             prev = prev_BI[b]
@@ -187,7 +218,26 @@ def swap_search(w_BIM: torch.Tensor, assign_BI: torch.Tensor, num_bins: int,
         assign[sel, item_p[ok]] = bq[ok]
         assign[sel, item_q[ok]] = bp[ok]
         active[b[~ok]] = False
-        if per_move and prev_BI is not None and R > 1:
+        if overload and R > 1:
+            # the overload objective sums over bins against per-micro-batch means that swaps do
+            # not change, so swaps on disjoint bin pairs add up exactly: also apply, best key
+            # first, every other pair's best qualifying swap whose two bins are untouched so far
+            used = torch.zeros(nb, K, dtype=torch.bool)
+            used[nr, bp] = True
+            used[nr, bq] = True
+            order = key_r.argsort(dim=-1, descending=True, stable=True)
+            for rank in range(R):
+                r2 = order[:, rank]
+                p2, q2 = p[nr, r2], q[nr, r2]
+                can = ok & (r2 != ri) & (gain_r[nr, r2] > 1e-9 * scale) & ~used[nr, p2] & ~used[nr, q2]
+                if not bool(can.any()):
+                    continue
+                i2p, i2q = _pair_items(items_p, items_q, r2, idx_r[nr, r2], cap)
+                assign[b[can], i2p[can]] = q2[can]
+                assign[b[can], i2q[can]] = p2[can]
+                used[nr[can], p2[can]] = True
+                used[nr[can], q2[can]] = True
+        elif per_move and prev_BI is not None and R > 1:
             # also the best swap of another pair on four other bins, kept only if it lowers
             # F + move cost further (exact check: the two swaps interact through the max)
             apart = (p != bp[:, None]) & (p != bq[:, None]) & (q != bp[:, None]) & (q != bq[:, None])
@@ -203,8 +253,9 @@ def swap_search(w_BIM: torch.Tensor, assign_BI: torch.Tensor, num_bins: int,
                 trial[hr, i2p] = q[h, r2]
                 trial[hr, i2q] = p[h, r2]
                 cost, pv = move_cost_B[bb], prev_BI[bb]
-                before = objective(w_BIM[bb], assign[bb], K) + cost * (assign[bb] != pv).sum(-1)
-                after = objective(w_BIM[bb], trial, K) + cost * (trial != pv).sum(-1)
+                score = overload_objective if overload else objective
+                before = score(w_BIM[bb], assign[bb], K) + cost * (assign[bb] != pv).sum(-1)
+                after = score(w_BIM[bb], trial, K) + cost * (trial != pv).sum(-1)
                 keep = after < before - 1e-9 * scale[h]
                 assign[bb[keep]] = trial[keep]
     return assign
