@@ -89,6 +89,8 @@ SHAPES = [  # L, E, R, groups, nodes, gpus
     (6, 64, 80, 1, 4, 16),    # one group: global
     (2, 24, 24, 4, 2, 4),     # no redundant slots
     (2, 8, 16, 8, 8, 8),      # one expert and two slots per GPU
+    (3, 8, 8, 4, 2, 8),       # one slot per GPU: the reference's identity shortcut
+    (3, 16, 32, 4, 2, 2),     # one GPU per node: copies in sorted order
 ]
 
 
@@ -128,6 +130,107 @@ def test_vectorised_equals_loop_reference_real(name, groups):
     # and far better than the contiguous placement without replicas
     static = w.view(58, 64, 4).sum(-1).amax(-1)
     assert max_gpu_load(w, got[0], got[2], 64).sum() < 0.8 * static.sum()
+
+
+def test_rebalance_near_ties_fall_back_to_the_exact_sort(monkeypatch):
+    """Loads that differ only in low mantissa bits: the fast integer key misorders, the check catches it."""
+    import relibra.policies.eplb_algorithm as alg
+
+    calls = []
+    exact_sort = alg._sorted_desc
+    monkeypatch.setattr(alg, "_sorted_desc", lambda w: calls.append(w.shape) or exact_sort(w))
+    up = [float(np.nextafter(1.0, 2.0) + 0), float(np.nextafter(np.nextafter(1.0, 2.0), 2.0))]
+    w = torch.tensor([[1.0, up[0], up[1], 1.0, 3.0, 2.0, up[1], 1.0] * 4] * 3, dtype=torch.float64)
+    for args in ((40, 4, 2, 8), (40, 1, 1, 8)):
+        got = rebalance_experts(w, *args)
+        want = rebalance_experts_loop(w, *args)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert calls  # the exact sort ran
+
+
+def _loop_slots(w_BN: np.ndarray, packs: int) -> list[list[int]]:
+    per_pack = w_BN.shape[1] // packs
+    return [[p * per_pack + r for p, r in zip(*_pack(row.tolist(), packs))] for row in w_BN]
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), packs=st.integers(2, 6), per_pack=st.integers(2, 6),
+       kind=st.sampled_from(["ties", "ints", "skewed", "zeros"]))
+def test_pack_rounds_equals_loop_greedy(seed, packs, per_pack, kind):
+    """Round-at-a-time packing of sorted rows, unclean rows redone by pack_slots: the greedy's slots."""
+    from relibra.policies.eplb_algorithm import _pack_rounds
+
+    gen = np.random.default_rng(seed)
+    shape = (6, packs * per_pack)
+    if kind == "ties":
+        w = gen.integers(0, 3, shape).astype(float)
+    elif kind == "ints":
+        w = gen.integers(0, 1000, shape).astype(float)
+    elif kind == "skewed":
+        w = gen.random(shape) ** 4 * 100
+    else:
+        w = gen.integers(0, 1000, shape).astype(float)
+        w[:, gen.integers(0, shape[1])] = 0.0
+    w = -np.sort(-w, axis=1)
+    assert _pack_rounds(w, packs).tolist() == _loop_slots(w, packs)
+
+
+@pytest.mark.parametrize("few_items", [4096, 0])  # unclean rows one by one, or all through pack_slots
+def test_pack_rounds_redoes_only_unclean_rows(monkeypatch, few_items):
+    """Rows with a round where a served pack does not end above the heaviest start are redone exactly."""
+    import relibra.policies.eplb_algorithm as alg
+
+    monkeypatch.setattr(alg, "_FEW_ITEMS", few_items)
+    rows = []
+    general, one_by_one = alg.pack_slots, alg._greedy_sorted
+    monkeypatch.setattr(alg, "pack_slots", lambda w, p: rows.extend(w.tolist()) or general(w, p))
+    monkeypatch.setattr(alg, "_greedy_sorted", lambda w, p: rows.append(w) or one_by_one(w, p))
+    w = np.array([
+        [10.0, 9.0, 1.0, 1.0, 1.0, 1.0],  # round 1: 9 + 1 only ties 10
+        [6.0, 5.0, 4.0, 3.0, 2.0, 1.0],  # clean
+        [10.0, 1.0, 1.0, 1.0, 1.0, 1.0],  # pack 1 takes 1, 1
+        [0.0] * 6,  # round 0: pack 0 takes the second 0 too
+        [10.0, 9.0, 2.0, 1.0, 0.5, 0.25],  # clean
+    ])
+    assert alg._pack_rounds(w, 2).tolist() == _loop_slots(w, 2)
+    assert rows == w[[0, 2, 3]].tolist()
+    rows.clear()
+    assert alg._pack_rounds(w[[1, 4]], 2).tolist() == _loop_slots(w[[1, 4]], 2)
+    assert alg._pack_rounds(w[:, :4], 2).tolist() == _loop_slots(w[:, :4], 2)  # 2 rounds: only round 0 checked
+    assert rows == w[[3], :4].tolist()
+    got = rebalance_experts(torch.from_numpy(w), 6, 1, 1, 2)
+    want = rebalance_experts_loop(torch.from_numpy(w), 6, 1, 1, 2)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), packs=st.integers(1, 6), per_pack=st.integers(1, 6))
+def test_greedy_sorted_equals_loop_greedy(seed, packs, per_pack):
+    from relibra.policies.eplb_algorithm import _greedy_sorted
+
+    w = -np.sort(-np.random.default_rng(seed).integers(0, 4, (1, packs * per_pack)).astype(float), axis=1)
+    assert [_greedy_sorted(w[0].tolist(), packs)] == _loop_slots(w, packs)
+
+
+@pytest.mark.parametrize("case", ["negative zero", "needs grad", "strided", "float32", "int64"])
+def test_weight_forms_agree(case):
+    """The float64 tensor fast path and the checked conversion give the same plans."""
+    w = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(3)).double()
+    if case == "negative zero":
+        w[0, :3] = -0.0
+        x = w
+    elif case == "needs grad":
+        x = w.clone().requires_grad_(True)
+    elif case == "strided":
+        x = torch.cat([w, w], 1)[:, ::2]
+        w = x.contiguous()
+    elif case == "float32":
+        x = w.float()
+    else:
+        x = w.long()
+    got = rebalance_experts(x, 24, 4, 2, 8)
+    want = rebalance_experts_loop(w.abs(), 24, 4, 2, 8)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 def test_stable_order_desc_near_ties_and_zeros():

@@ -23,9 +23,18 @@ test vector (REFERENCE.md) is reproduced exactly.
 
 The reference loops over layers in Python; here every step handles all layers (and nodes)
 at once, on NumPy arrays (torch's per-call dispatch costs several times more at these
-sizes; torch only at the public boundary). Packing goes a round of ``packs`` items at a
-time where the greedy provably gives one item to each pack in weight order (see
-:func:`pack_slots`), item by item elsewhere.
+sizes; torch only at the public boundary). Step 2 is one ``argmax`` and a few ``[B]``-vector
+operations per extra slot. Step 3 sorts every node's copies once (an integer key made of
+the loads' bits, checked), then packs a round of ``G / N`` copies at a time, one argsort per
+round, where the greedy provably gives one copy to each GPU in load order (see
+:func:`_pack_rounds`; other rows, rare on real loads, go to :func:`pack_slots`). Every
+physical copy is named by one integer, ``flat expert * X + copy rank``, which is also its
+index in ``log2phy``, so the outputs are two scatters.
+
+Speed at DeepSeek-V3's shape is set less by arithmetic than by memory: each pass over a
+``[B, R]`` array costs tens of microseconds when the cache is cold (as it is right after
+other work), so the code keeps passes and fresh arrays few; ``benchmarks/eplb.py`` measures
+it that way (interleaved with the loop reference).
 
 Dtype: ``weight`` may be any real integer or floating tensor (or array / nested list); it
 is converted to float64 on the CPU, so integer loads are exact up to 2**53 and every sum is
@@ -35,6 +44,7 @@ sums above 2**24 tokens: on such loads ties can break differently). Results are 
 
 from __future__ import annotations
 
+import heapq
 from typing import Any
 
 import numpy as np
@@ -43,13 +53,27 @@ import torch
 __all__ = ["rebalance_experts", "balanced_packing", "replicate_experts", "as_weight"]
 
 
+_FINITE_BITS = np.uint64(0x7FF0000000000000)  # bits of +inf: finite values >= +0.0 lie below
+_INF_BITS = np.int64(0x7FF0000000000000)
+
+
 def weight_array(weight: Any, name: str = "weight") -> np.ndarray:
     """``weight [L, E]`` (tensor, ndarray, nested list) as a float64 ndarray, checked finite and >= 0.
 
-    May share memory with ``weight`` (callers only read it); -0.0 may remain, which
-    compares and divides like 0.0.
+    May share memory with ``weight`` (callers only read it). -0.0 comes back as +0.0.
     """
     if isinstance(weight, torch.Tensor):
+        # Fast path (the common call: a float64 CPU tensor): one reduction over the raw bits
+        # checks everything, since finite values >= +0.0 are exactly the bit patterns below
+        # +inf's (negatives, -0.0, NaN and inf all lie above). Anything else takes the
+        # checked conversion below.
+        try:
+            fast = weight.numpy()
+        except Exception:  # not viewable (needs grad, on a device, ...): the checked path says why
+            fast = None
+        if (fast is not None and fast.dtype == np.float64 and fast.ndim == 2 and fast.size
+                and fast.flags.c_contiguous and fast.view(np.uint64).max() < _FINITE_BITS):
+            return fast
         if weight.is_complex() or weight.dtype == torch.bool:
             raise ValueError(f"{name} must be a real integer or floating tensor, got dtype {weight.dtype}")
         weight = weight.detach().to(device="cpu", dtype=torch.float64).numpy()
@@ -70,6 +94,8 @@ def weight_array(weight: Any, name: str = "weight") -> np.ndarray:
         if low < 0:
             layer, expert = (int(i) for i in np.argwhere(weight < 0)[0])
             raise ValueError(f"{name} has a negative load at layer {layer}, expert {expert}")
+        if low == 0 and np.signbit(weight).any():
+            weight = weight + 0.0  # -0.0 -> +0.0: the sort keys below read the sign bit
     return weight
 
 
@@ -353,56 +379,222 @@ def rebalance_experts(
     _check_sizes(L, E, num_replicas, num_groups, num_nodes, num_gpus)
     if num_groups % num_nodes:
         num_groups, num_nodes = 1, 1  # global: one group on one node
-    phy2log, phyrank, logcnt = _rebalance_hierarchical(weight_LE, num_replicas, num_groups, num_nodes, num_gpus)
-    X = max(int(logcnt.max()), 1) if L else 1
-    index = phy2log * X
-    index += phyrank
-    del phyrank
-    index += (np.arange(L) * (E * X))[:, None]
-    log2phy = np.full(L * E * X, -1, dtype=np.int64)
-    log2phy[index] = np.arange(num_replicas)
+    if L == 0:
+        empty = torch.zeros(0, num_replicas, dtype=torch.int64)
+        return empty, torch.zeros(0, E, 1, dtype=torch.int64), torch.zeros(0, E, dtype=torch.int64)
+    phy2log, log2phy, logcnt = _rebalance(weight_LE, num_replicas, num_groups, num_nodes, num_gpus)
     as_t = torch.from_numpy
-    return as_t(phy2log), as_t(log2phy).view(L, E, X), as_t(logcnt)
+    return as_t(phy2log), as_t(log2phy), as_t(logcnt)
 
 
-def _rebalance_hierarchical(
+def _replicate_flat(
+    w_flat: np.ndarray, B: int, n: int, extra: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Step 2 for ``B`` rows of ``n`` experts (``w_flat [B*n]``), uncapped.
+
+    Returns ``score [B*n]`` (final load per copy, ``w / cnt``), ``cnt [B*n]`` (int64
+    copies), ``picks [extra, B]`` (flat expert given the ``i``-th extra slot) and
+    ``after [extra, B]`` (its copies after that pick, i.e. the new copy's rank + 1).
+    Each pick is a handful of operations on ``[B]`` vectors plus one ``argmax``.
+    """
+    base = np.arange(0, B * n, n)
+    score = w_flat.copy()
+    score_BN = score.reshape(B, n)
+    cnt = np.ones(B * n, dtype=np.int64)
+    picks = np.empty((extra, B), dtype=np.int64)
+    after = np.empty((extra, B), dtype=np.int64)
+    for i in range(extra):
+        flat = score_BN.argmax(axis=1, out=picks[i])  # first maximum: lowest expert among ties
+        flat += base
+        c = np.add(cnt[flat], 1, out=after[i])
+        cnt[flat] = c
+        score[flat] = w_flat[flat] / c  # exact int -> float64: divides like the reference
+    return score, cnt, picks, after
+
+
+def _order_copies(score: np.ndarray, picks: np.ndarray, B: int, n: int, R: int) -> np.ndarray:
+    """``src [B, R]``: every row's physical experts by descending load per copy, ties by slot.
+
+    Slot ``s < n`` is expert ``s``'s first copy, slot ``n + i`` the ``i``-th extra copy
+    (``picks [R - n, B]``); ``src`` holds flat slots ``b * R + s``. This is the integer
+    key of :func:`_sorted_desc` built straight from the loads' bits, so it may misorder
+    loads that differ only in their lowest bits: the caller checks the loads it gathers
+    (:func:`_rows_descending`) and else sorts again with :func:`_sorted_desc`.
+    """
+    sbits = score.view(np.int64)  # loads are >= +0.0 (see weight_array): bits order like values
+    key = np.empty((B, R), dtype=np.int64)
+    np.subtract(_INF_BITS, sbits.reshape(B, n), out=key[:, :n])  # descending
+    key[:, n:] = (_INF_BITS - sbits[picks]).T
+    idx_mask = (1 << (R - 1).bit_length()) - 1
+    key &= ~idx_mask
+    key |= np.arange(R)
+    key.sort(axis=1)
+    key &= idx_mask
+    key += np.arange(0, B * R, R)[:, None]
+    return key
+
+
+def _rows_descending(x_BN: np.ndarray) -> bool:
+    """Whether every row of ``x_BN`` (C-contiguous) is non-increasing."""
+    n = x_BN.shape[1]
+    flat = x_BN.reshape(-1)
+    ok = flat[:-1] >= flat[1:]  # contiguous: cheaper than comparing two strided views
+    ok[n - 1 :: n] = True  # pairs across row boundaries
+    return bool(ok.all())
+
+
+def _pack_rounds(ordered: np.ndarray, num_packs: int) -> np.ndarray:
+    """Longest-first packing of rows already sorted heaviest first: ``slot [B, n]``.
+
+    ``slot = pack * (n / num_packs) + rank in pack`` of the ``j``-th heaviest item, as
+    :func:`pack_slots` gives it. Packs a round of ``num_packs`` items at a time for all
+    rows, then redoes with :func:`pack_slots` the (few) rows where some round was not
+    provably "clean". In a clean round every pack holds the same number of items at its
+    start and the greedy gives the round's items, heaviest first, to the packs in
+    ascending order of load (ties by index), one each: it does exactly when every pack
+    served before the last turn ends up strictly heavier than the heaviest pack at the
+    round's start (see :func:`pack_slots`). The last round is always clean (each pack has
+    one place left). The checks are made at the end: first the sufficient one that every
+    pack ends a round heavier than the heaviest began it (the next round's lightest
+    against this round's heaviest: ``[B]`` vectors), and only if some row fails it the
+    exact one.
+    """
+    B, n = ordered.shape
+    P = num_packs
+    per_pack = n // P
+    items = ordered.reshape(B, per_pack, P)  # [row, round, turn]
+    slot = np.empty((B, per_pack, P), dtype=np.int64)
+    slot[:, 0, :] = np.arange(P)
+    load = items[:, 0, :].copy()  # [B, P] by pack
+    load_flat = load.reshape(-1)
+    offsets = np.arange(0, B * P, P)[:, None]
+    exact = [(0.0, items[:, 0, : P - 1])]  # (heaviest at the start, served packs at the end)
+    heaviest = [0.0]
+    lightest_next = []  # lightest pack at the start of the next round
+    for r in range(1, per_pack):
+        perm = load.argsort(axis=1, kind="stable")  # packs, lightest first
+        slot[:, r, :] = perm
+        if r == per_pack - 1:
+            lightest_next.append(load_flat.take(perm[:, 0] + offsets[:, 0]))
+            break
+        flat = perm + offsets
+        lightest = load_flat[flat]
+        lightest_next.append(lightest[:, 0])
+        heaviest.append(lightest[:, P - 1])
+        new = lightest + items[:, r, :]
+        exact.append((lightest[:, P - 1 :], new[:, : P - 1]))
+        load_flat[flat] = new
+    slot *= per_pack
+    slot += np.arange(per_pack)[:, None]  # + rank in pack: the round
+    slot = slot.reshape(B, n)
+    if all(np.less(h, l).all() for h, l in zip(heaviest, lightest_next)):
+        return slot
+    clean = np.ones(B, dtype=bool)
+    for start, end in exact:
+        clean &= np.less(start, end).all(axis=1)
+    rows = np.flatnonzero(~clean)
+    if rows.size * n <= _FEW_ITEMS:  # usually one row or two: cheaper one by one
+        for row in rows.tolist():
+            slot[row] = _greedy_sorted(ordered[row].tolist(), P)
+    else:
+        slot[rows] = pack_slots(ordered[rows], P)  # sorted rows: its stable sort keeps the order
+    return slot
+
+
+_FEW_ITEMS = 4096  # unclean rows up to this many items in all take the per-row greedy
+
+
+def _greedy_sorted(items: list[float], num_packs: int) -> list[int]:
+    """The greedy itself for one row sorted heaviest first: ``slot`` of each item.
+
+    A heap of ``(load, pack)`` over the packs with room pops the lightest, ties by index;
+    loads add up in item order, as in the reference.
+    """
+    per_pack = len(items) // num_packs
+    heap = [(0.0, p) for p in range(num_packs)]
+    count = [0] * num_packs
+    slot = []
+    for w in items:
+        load, p = heapq.heappop(heap)
+        slot.append(p * per_pack + count[p])
+        count[p] += 1
+        if count[p] < per_pack:
+            heapq.heappush(heap, (load + w, p))
+    return slot
+
+
+def _rebalance(
     weight_LE: np.ndarray, num_phy: int, num_groups: int, num_nodes: int, num_gpus: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The three steps for all layers; returns ``phy2log [L, R]``, ``phyrank [L, R]``, ``logcnt [L, E]``.
+    """The three steps for all layers; returns ``phy2log [L, R]``, ``log2phy [L, E, X]``, ``logcnt [L, E]``.
 
-    Rows ``B = L * num_nodes`` are (layer, node) pairs; gathers and scatters go through flat
-    indices (``np.take`` / ``put``), several times cheaper than 2-D fancy indexing.
+    Rows ``B = L * num_nodes`` are (layer, node) pairs. Experts are named by their flat
+    index ``layer * E + node-major index`` throughout, and every physical slot by a code
+    ``flat expert * X + copy rank``, which is also its flat index in ``log2phy``
+    (when groups stay in place); so the outputs are two scatters at the end. Gathers and
+    scatters go through flat indices, cheaper than 2-D fancy indexing. Few large arrays
+    are alive at once (``del``): fresh pages cost a fault each, and on some machines
+    that dominates.
     """
     L, E = weight_LE.shape
-    per_node = E // num_nodes
-    phy_per_node = num_phy // num_nodes
-    B = L * num_nodes
-    identity = num_groups == num_nodes  # step 1 keeps group g on node g: node-major = expert order
+    N = num_nodes
+    n, R_node, B = E // N, num_phy // N, L * N
+    extra = R_node - n
+    P = num_gpus // N  # GPUs (packs) per node
+    per_gpu = R_node // P
+    identity = num_groups == N  # step 1 keeps group g on node g: node-major = expert order
     if identity:
-        w_mlog = weight_LE.reshape(B, per_node)
+        w_flat = weight_LE.reshape(-1)
     else:
-        log2mlog = group_node_map(weight_LE, num_groups, num_nodes)  # step 1
+        log2mlog = group_node_map(weight_LE, num_groups, N)  # step 1
         mlog2log = inverse_perm(log2mlog)
-        w_mlog = np.take_along_axis(weight_LE, mlog2log, 1).reshape(B, per_node)
-    # In-place updates and early ``del``: fewer large temporaries alive at once means less
-    # heap growth per call (fresh pages cost a fault each, which dominates on some VMs).
-    phy2flat, phyrank, mlogcnt = replicate_array(w_mlog, phy_per_node)  # step 2
-    phy2flat += (np.arange(B) * per_node)[:, None]  # flat index = layer * E + node-major expert
-    per_copy = (w_mlog / mlogcnt).reshape(-1).take(phy2flat)
-    dest = pack_slots(per_copy, num_gpus // num_nodes)  # step 3: GPU * phy_per_gpu + position
-    del per_copy
-    dest += (np.arange(B) * phy_per_node)[:, None]  # flat, node-major slot each copy moves to
-    pphy2mlog = np.empty((L, num_phy), dtype=np.int64)
-    pphy2mlog.reshape(-1)[dest] = phy2flat
-    del phy2flat
-    pphyrank = np.empty((L, num_phy), dtype=np.int64)
-    pphyrank.reshape(-1)[dest] = phyrank
-    del phyrank, dest
-    logcnt = mlogcnt.reshape(L, E)
-    if identity:
-        phy2log = pphy2mlog
-        phy2log -= (np.arange(L) * E)[:, None]
+        w_flat = np.take_along_axis(weight_LE, mlog2log, 1).reshape(-1)
+    score, cnt, picks, after = _replicate_flat(w_flat, B, n, extra)  # step 2
+    X = int(cnt.max())
+    code = np.empty((B, R_node), dtype=np.int64)  # flat expert * X + copy rank, by slot
+    np.add((np.arange(0, B * n * X, n * X))[:, None], np.arange(0, n * X, X), out=code[:, :n])
+    picks_code = picks * X
+    picks_code += after
+    picks_code -= 1
+    code[:, n:] = picks_code.T
+    del picks_code
+    # step 3: physical experts by load per copy (``cs``: their codes, heaviest first), then
+    # packed onto the node's GPUs (``dest``: flat slot b * R_node + GPU * per_gpu + position)
+    if per_gpu == 1:  # one copy per GPU: the reference keeps slot order, no sort
+        cs, ordered = code, None
+        es = cs // X  # flat experts
     else:
-        phy2log = mlog2log.reshape(-1).take(pphy2mlog)
+        cs = code.reshape(-1).take(_order_copies(score, picks, B, n, R_node))  # heaviest copy first
+        es = cs // X
+        ordered = score.take(es)
+        if not _rows_descending(ordered):  # the fast key dropped a bit that mattered: sort exactly
+            src, ordered = _sorted_desc(np.concatenate([score.reshape(B, n), score[picks].T], axis=1))
+            cs = code.reshape(-1).take(src)
+            es = cs // X
+            del src
+    del code, score
+    if per_gpu == 1 or P == 1:  # copy j to slot j (one GPU per node: in sorted order)
+        dest = np.arange(B * R_node).reshape(B, R_node)
+    else:
+        dest = _pack_rounds(ordered, P)
+        dest += np.arange(0, B * R_node, R_node)[:, None]
+    del ordered
+    phy2log = np.empty((L, num_phy), dtype=np.int64)
+    if identity:
+        phy2log.reshape(-1)[dest] = es
+        phy2log -= (np.arange(L) * E)[:, None]
+        index = cs
+    else:
+        log_local = mlog2log.reshape(-1).take(es)
+        phy2log.reshape(-1)[dest] = log_local
+        index = cs - es * X  # copy rank
+        index += (log_local + (es // E) * E) * X
+    del es
+    dest -= np.repeat(np.arange(0, L * num_phy, num_phy), N)[:, None]  # slot within the layer
+    log2phy = np.full(L * E * X, -1, dtype=np.int64)
+    log2phy[index] = dest
+    logcnt = cnt.reshape(L, E)
+    if not identity:
         logcnt = np.take_along_axis(logcnt, log2mlog, 1)
-    return phy2log, pphyrank, logcnt
+    return phy2log, log2phy.reshape(L, E, X), logcnt
+
