@@ -25,6 +25,8 @@ polishes against ``F``.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 __all__ = ["greedy_pack", "swap_search", "objective", "overload_objective"]
@@ -94,7 +96,8 @@ def greedy_pack(w_BIM: torch.Tensor, num_bins: int, prev_BI: torch.Tensor | None
 def swap_search(w_BIM: torch.Tensor, assign_BI: torch.Tensor, num_bins: int,
                 prev_BI: torch.Tensor | None = None, move_cost_B: torch.Tensor | None = None,
                 max_iters: int = 200, candidates: int = 2, per_move: bool = False,
-                busiest: int = 1, overload: bool = False) -> torch.Tensor:
+                busiest: int = 1, overload: bool = False,
+                price_items: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Local search: swap item pairs between bins while ``F`` drops.
 
     Each iteration, per problem: ``p`` = the bin that is the busiest with the most load over
@@ -110,6 +113,12 @@ def swap_search(w_BIM: torch.Tensor, assign_BI: torch.Tensor, num_bins: int,
 
     ``overload=True`` scores swaps by :func:`overload_objective` instead of ``F`` (same bin
     pairs, same move pricing): every applied swap lowers the overload plus the move cost.
+
+    ``price_items`` (with ``prev_BI``): called with the current assignment at the start of every
+    round, returns the ``[B, I]`` price of each item leaving its previous bin, replacing
+    ``move_cost_B``; prices may thus depend on the moves so far (``reorder`` raises them on
+    GPUs that already send many experts). Every applied swap lowers the objective plus the
+    moves priced in its round.
 
     Returns:
         the improved ``assign_BI`` (a new tensor); every bin keeps its item count.
@@ -136,11 +145,13 @@ def swap_search(w_BIM: torch.Tensor, assign_BI: torch.Tensor, num_bins: int,
     buf_new = torch.empty(B, R, M, cap, cap, dtype=work)
     buf_q = torch.empty(B, R, M, cap, cap, dtype=work)
     for _ in range(max_iters):
+        if prev_BI is not None:  # [B, I] price of every item leaving its previous bin
+            item_cost = move_cost_B[:, None].expand(B, I) if price_items is None else price_items(assign)
         b = rows[active]
         nb = b.numel()
         if nb == 0:
             break
-        w = w_BIM[b]  # [b, I, M]
+        w = w_BIM if nb == B else w_BIM[b]  # [b, I, M] (no copy while every problem is active)
         a_b = assign[b]
         load = bin_loads(w, a_b, K)  # [b, M, K]
         mx, arg = load.max(-1)  # [b, M]
@@ -196,12 +207,17 @@ def swap_search(w_BIM: torch.Tensor, assign_BI: torch.Tensor, num_bins: int,
             prev = prev_BI[b]
             pp = prev.gather(1, items_p.reshape(nb, -1)).view(nb, R, cap)
             pq = prev.gather(1, items_q.reshape(nb, -1)).view(nb, R, cap)
-            moved_before = (pp != p[:, :, None])[:, :, :, None].to(w.dtype) + (pq != q[:, :, None])[:, :, None, :]
-            moved_after = (pp[:, :, :, None] != q[:, :, None, None]).to(w.dtype) + (pq[:, :, None, :] != p[:, :, None, None])
-            added = moved_after - moved_before  # [b, R, cap, cap] in {-2..2}
-            gain = gain - move_cost_B[b][:, None, None, None] * added
+            # moves each swap adds, per side: item i of p goes to q, item j of q goes to p
+            add_p = (pp != q[:, :, None]).to(w.dtype) - (pp != p[:, :, None]).to(w.dtype)  # [b, R, cap]
+            add_q = (pq != p[:, :, None]).to(w.dtype) - (pq != q[:, :, None]).to(w.dtype)
+            added = add_p[:, :, :, None] + add_q[:, :, None, :]  # [b, R, cap, cap] in {-2..2}
+            cost = item_cost[b]  # [b, I]
+            cp = cost.gather(1, items_p.reshape(nb, -1)).view(nb, R, cap) * add_p
+            cq = cost.gather(1, items_q.reshape(nb, -1)).view(nb, R, cap) * add_q
+            move = cp[:, :, :, None] + cq[:, :, None, :]  # [b, R, cap, cap] price of the added moves
+            gain = gain - move
         if per_move and prev_BI is not None:  # rank qualifying swaps by gain per added move
-            raw = gain + move_cost_B[b][:, None, None, None] * added
+            raw = gain + move
             key = torch.where(gain > 1e-9 * scale[:, None, None, None], raw / added.clamp(min=1.0), -_BIG)
         else:
             key = gain
@@ -252,10 +268,10 @@ def swap_search(w_BIM: torch.Tensor, assign_BI: torch.Tensor, num_bins: int,
                 hr = torch.arange(h.numel())
                 trial[hr, i2p] = q[h, r2]
                 trial[hr, i2q] = p[h, r2]
-                cost, pv = move_cost_B[bb], prev_BI[bb]
+                cost, pv = item_cost[bb], prev_BI[bb]
                 score = overload_objective if overload else objective
-                before = score(w_BIM[bb], assign[bb], K) + cost * (assign[bb] != pv).sum(-1)
-                after = score(w_BIM[bb], trial, K) + cost * (trial != pv).sum(-1)
+                before = score(w_BIM[bb], assign[bb], K) + (cost * (assign[bb] != pv)).sum(-1)
+                after = score(w_BIM[bb], trial, K) + (cost * (trial != pv)).sum(-1)
                 keep = after < before - 1e-9 * scale[h]
                 assign[bb[keep]] = trial[keep]
     return assign

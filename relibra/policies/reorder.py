@@ -21,8 +21,10 @@ remembers its placement between ``plan`` calls.
 - ``w > 0`` (later steps): incremental search from the previous placement. Stage 1 swaps expert
   pairs between nodes, first against the overload objective (every node's load above its
   micro-batch's mean, summed: smooth where several nodes tie for the busiest, where swaps
-  against ``F`` stall), then against ``F``; stage 2 swaps between GPUs of a node (an expert
-  that arrived on a node starts on the GPU freed by one that left it). A swap is applied only
+  against ``F`` stall), then against ``F``; the overload stage raises the move price on GPUs
+  that already send more experts than the mean, because the busiest sender sets the migration
+  time. Stage 2 swaps between GPUs of a node; an expert that arrived on a node stays on the GPU
+  freed by one that left it, so every GPU receives as many experts as it sends. A swap is applied only
   when its gain exceeds its move cost, the best gain per moved expert first, one swap per
   problem per round, at most ``max_swaps`` rounds per search, all layers at once. Stage 1 keeps
   a layer's previous nodes unless ``F + cost`` drops below keeping them, and a large ``w``
@@ -52,20 +54,27 @@ __all__ = ["ReorderPolicy", "reorder_placement"]
 # incremental search: swaps between each of the 2 busiest bins and the bin lightest where it
 # leads (default trace: lower objective than 1 x 2 at the same cost; 2 x 2 or 1 x 7 cost 2-4x)
 _INCREMENTAL_PAIRS = dict(busiest=2, candidates=1)
-# overload descent before it (default trace, one measured step: hybrid +4.8 % over ideal against
-# +5.5 % for the max objective alone; a price of 1.5-2 x the move cost did best, 3 x kept
-# too much imbalance): swaps between each of the 2 most loaded nodes and the 2 lightest there
-_OVERLOAD_PAIRS = dict(busiest=2, candidates=2)
+# overload descent before it, swaps between each of the 2 most loaded nodes and the node lightest
+# where it leads, moves priced at 2 x the move cost (1.5-2 x did best, 3 x kept too much
+# imbalance), at most 60 rounds (the default trace converges in fewer; at 16 micro-batches the
+# last rounds move little). Default trace and seeds 1-2, hybrid's gap to ideal: +5.5 % with the
+# max objective alone, +4.5-4.7 % with this; 2 x 2 pairs reach +4.3-4.4 % but plan a 16 micro-batch
+# step in 1.1 s instead of 0.8 s (``python benchmarks/planners.py``)
+_OVERLOAD_PAIRS = dict(busiest=2, candidates=1)
 _OVERLOAD_MOVE_PRICE = 2.0
-# fresh search: rounds of the incremental node search at the policy's weight (1-2 usually suffice)
+_OVERLOAD_ROUNDS = 60
+# fresh search: rounds of the incremental search at the policy's weight (1-2 usually suffice)
 _SETTLE_ROUNDS = 8
-
+# how steeply the node stage's move price rises on GPUs sending more experts than the mean
+# (default trace and seeds 1-2, 2 x 2 pairs: gap to ideal 4.8 % at 0, 4.5 % at 3, 4.4 % at 10
+# and at 30)
+_SPREAD = 10.0
 
 def reorder_placement(loads_MLE: torch.Tensor, topology: Topology, previous: Placement | None = None,
                       migration_weight: float = 0.0, max_swaps: int = 200, settle_weight: float = 0.0) -> Placement:
     """New home placement for ``loads_MLE [M, L, E]`` (see module docstring). Deterministic.
 
-    ``settle_weight`` (fresh search only, ``migration_weight = 0``): repeat the incremental node
+    ``settle_weight`` (fresh search only, ``migration_weight = 0``): repeat the incremental
     search at that weight from the result until it moves nothing (at most ``_SETTLE_ROUNDS``),
     so that the same loads planned again at that weight keep the placement.
     """
@@ -77,20 +86,19 @@ def reorder_placement(loads_MLE: torch.Tensor, topology: Topology, previous: Pla
     prev_gpu = previous.home_gpu(topology) if previous is not None else None  # [L, E]
     # 1. experts -> nodes
     node = _search(w_LEM, N, prev_gpu // Gn if previous is not None else None, max_swaps)
-    if settle_weight > 0:  # every round lowers F + priced moves, so this stops
-        unit = w_LEM.sum((1, 2)) / E * settle_weight
-        for _ in range(_SETTLE_ROUNDS):
-            settled = _incremental_nodes(w_LEM, node, N, unit, max_swaps)
-            if torch.equal(settled, node):
-                break
-            node = settled
     # 2. experts -> GPUs inside each node: items of (layer, node) in expert-id order
     experts, w_BIM = _node_items(w_LEM, node, N)
     prev_local = None
     if previous is not None:
         prev_local = _local(prev_gpu, experts, N, Gn)
     gpu = _search(w_BIM, Gn, prev_local, max_swaps)
-    return _assemble(gpu, experts, topology)
+    placement = _assemble(gpu, experts, topology)
+    for _ in range(_SETTLE_ROUNDS if settle_weight > 0 else 0):
+        settled = _incremental(loads_MLE, topology, placement, settle_weight, max_swaps)
+        if settled.equal(placement):
+            break
+        placement = settled
+    return placement
 
 
 def _incremental(loads_MLE: torch.Tensor, topology: Topology, previous: Placement, migration_weight: float,
@@ -103,7 +111,7 @@ def _incremental(loads_MLE: torch.Tensor, topology: Topology, previous: Placemen
     prev_gpu = previous.home_gpu(topology)  # [L, E]
     prev_node = prev_gpu // Gn
     unit = w_LEM.sum((1, 2)) / E * migration_weight  # [L] cost of one inter-node move
-    node = _incremental_nodes(w_LEM, prev_node, N, unit, max_swaps)
+    node = _incremental_nodes(w_LEM, prev_node, N, unit, max_swaps, prev_gpu, topology.num_gpus)
     # an expert that arrives on a node takes the GPU freed by one that left it (same count per
     # (layer, node)): pair them in (layer, node, expert id) order
     start_gpu = prev_gpu.clone()
@@ -119,13 +127,19 @@ def _incremental(loads_MLE: torch.Tensor, topology: Topology, previous: Placemen
     prev_local = _local(prev_gpu, experts, N, Gn)  # -1: arrived from another node
     ratio = topology.inter_node_bandwidth / topology.intra_node_bandwidth
     intra_unit = (unit * ratio).repeat_interleave(N)
-    gpu = swap_search(w_BIM, start_local, Gn, prev_local, intra_unit, max_iters=max_swaps, per_move=True,
-                      **_INCREMENTAL_PAIRS)
+    # an arrival stays on the GPU its partner left: that GPU then sends and receives one expert,
+    # and the node stage spread the senders. Its price (more than the problem's whole load, which
+    # bounds any gain) keeps every swap from moving it; the others are priced as intra moves.
+    arrived = prev_local < 0
+    fixed = (w_BIM.sum((1, 2)) + 1.0)[:, None]
+    prices = torch.where(arrived, fixed, intra_unit[:, None])
+    gpu = swap_search(w_BIM, start_local, Gn, torch.where(arrived, start_local, prev_local), intra_unit,
+                      max_iters=max_swaps, per_move=True, price_items=lambda assign: prices, **_INCREMENTAL_PAIRS)
     return _assemble(gpu, experts, topology)
 
 
 def _incremental_nodes(w_LEM: torch.Tensor, prev_node: torch.Tensor, N: int, unit: torch.Tensor,
-                       max_swaps: int) -> torch.Tensor:
+                       max_swaps: int, prev_gpu: torch.Tensor | None = None, num_gpus: int = 0) -> torch.Tensor:
     """Stage 1 of the incremental search: ``[L, E]`` node of every expert, from ``prev_node``.
 
     Swaps that lower the busiest node of a micro-batch stall when several nodes tie for the
@@ -135,12 +149,33 @@ def _incremental_nodes(w_LEM: torch.Tensor, prev_node: torch.Tensor, N: int, uni
     step-time objective ``F`` (sum over micro-batches of the busiest node) at ``unit``. Each
     layer keeps the previous assignment unless ``F + unit * moves`` drops below its ``F``.
     """
-    node = swap_search(w_LEM, prev_node, N, prev_node, unit * _OVERLOAD_MOVE_PRICE, max_iters=max_swaps,
-                       per_move=True, overload=True, **_OVERLOAD_PAIRS)
+    price = None if prev_gpu is None else _spread_prices(prev_node, prev_gpu, num_gpus, unit * _OVERLOAD_MOVE_PRICE)
+    node = swap_search(w_LEM, prev_node, N, prev_node, unit * _OVERLOAD_MOVE_PRICE, max_iters=min(max_swaps, _OVERLOAD_ROUNDS),
+                       per_move=True, overload=True, price_items=price, **_OVERLOAD_PAIRS)
     node = swap_search(w_LEM, node, N, prev_node, unit, max_iters=max_swaps, per_move=True, **_INCREMENTAL_PAIRS)
     priced = objective(w_LEM, node, N) + unit * (node != prev_node).sum(-1)
     keep = priced >= objective(w_LEM, prev_node, N)
     return torch.where(keep[:, None], prev_node, node)
+
+
+def _spread_prices(prev_node: torch.Tensor, prev_gpu: torch.Tensor, num_gpus: int, unit: torch.Tensor):
+    """Move prices ``[L, E]`` that rise on GPUs already sending more experts than the mean.
+
+    Moved experts leave from their home GPU (and, paired with the arrivals, the same GPU
+    receives as many), and the slowest GPU sets the migration time: a GPU ``c`` departures
+    above the mean ``m`` (over all layers) prices its experts at ``unit * (1 + _SPREAD * c /
+    (m + 1))``; at or below the mean, at ``unit``.
+    """
+    gpu = prev_gpu.reshape(-1)
+
+    def price(assign: torch.Tensor) -> torch.Tensor:
+        moved = (assign != prev_node).reshape(-1).to(unit.dtype)
+        count = torch.zeros(num_gpus, dtype=unit.dtype).scatter_add_(0, gpu, moved)
+        mean = count.mean()
+        factor = 1.0 + _SPREAD * (count - mean).clamp(min=0) / (mean + 1.0)
+        return unit[:, None] * factor[prev_gpu]
+
+    return price
 
 
 def _node_items(w_LEM: torch.Tensor, node_LE: torch.Tensor, N: int) -> tuple[torch.Tensor, torch.Tensor]:
