@@ -188,10 +188,10 @@ def best_of_greedy(loads_BGH: torch.Tensor, spare_per_gpu: int,
     """The best greedy rule of ``variants`` per problem.
 
     "Best" is the exact optimal level (:func:`best_level`) of each rule's replicas; ties keep
-    the earlier rule, so the result is deterministic and never worse than any rule alone. Rules
-    run lazily: a later rule only on the problems whose best level so far is above the lower
-    bound ``ceil(node load / Gn)`` (no rule can beat a problem that reached it), which gives
-    the same result as running every rule everywhere.
+    the earlier rule, so the result is deterministic and never worse than any rule alone. The
+    later rules run (together, in one greedy pass) only on the problems where the first rule's
+    level is above the lower bound ``ceil(node load / Gn)`` (no rule can beat a problem that
+    reached it), which gives the same result as running every rule everywhere.
 
     Args:
         loads_BGH: ``[B, Gn, H]`` home-expert loads (not modified).
@@ -206,41 +206,47 @@ def best_of_greedy(loads_BGH: torch.Tensor, spare_per_gpu: int,
     return _rows(rep), _rows(x), _rows(made), None if level is None else torch.from_numpy(level), torch.from_numpy(chain)
 
 
-def _run_rule(w: np.ndarray, Gn: int, S: int, flags: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One greedy rule (``flags``: equalise, best_fit, overshoot) on ``w [Gn*H, B]``: ``rep, x, made [K, B]``."""
+def _run_rules(w: np.ndarray, Gn: int, S: int, flags: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Greedy rules on ``w [Gn*H, B]``, one pass: ``flags [V, 3]`` (equalise, best_fit, overshoot)
+    per rule; returns ``rep, x, made [K, V*B]``, rule-major columns."""
     GH, B = w.shape
-    K = Gn * S
-    rep = np.full((K, B), -1, np.int64)
-    x = np.zeros((K, B), np.int64)
-    made = np.full((K, B), -1, np.int64)
+    V, K = len(flags), Gn * S
+    rep = np.full((K, V * B), -1, np.int64)
+    x = np.zeros((K, V * B), np.int64)
+    made = np.full((K, V * B), -1, np.int64)
     if S > 0 and Gn > 1 and B > 0:
-        on = np.ones(B, bool)
-        _greedy_np(w.copy(), S, rep, x, made, on & flags[0], on & flags[1], None, on & flags[2])
+        _greedy_np(np.tile(w, V), S, rep, x, made, flags[:, 0].repeat(B), flags[:, 1].repeat(B), None,
+                   flags[:, 2].repeat(B))
     return rep, x, made
 
 
 def _best_of_greedy_np(w: np.ndarray, Gn: int, S: int, variants: tuple[tuple[bool, ...], ...]):
-    """:func:`best_of_greedy` on ``w [Gn*H, B]``: ``rep``, ``x``, ``made`` (``[K, B]``), ``level``, ``chain``."""
+    """:func:`best_of_greedy` on ``w [Gn*H, B]``: ``rep``, ``x``, ``made`` (``[K, B]``), ``level``, ``chain``.
+
+    The first rule runs on every problem; the others together (one greedy pass over their
+    columns) on the problems whose level misses the lower bound.
+    """
     GH, B = w.shape
     flags = np.array([tuple(v) + (False,) * (3 - len(v)) for v in variants], dtype=bool).reshape(-1, 3)
-    rep, x, made = _run_rule(w, Gn, S, flags[0])
+    rep, x, made = _run_rules(w, Gn, S, flags[:1])
     chain = np.full(B, flags[0, 0])
     level = _best_level_np(w, rep, Gn, S)
     if level is None or len(flags) == 1:  # no exact score (wide nodes): keep the first rule
         return rep, x, made, level, chain
     bound = -(-w.sum(0) // Gn)  # ceil(node load / Gn): no split goes below it
     todo = np.flatnonzero(level > bound)
-    for f in flags[1:]:
-        if todo.size == 0:
-            break
-        wt = w[:, todo]
-        rep_t, x_t, made_t = _run_rule(wt, Gn, S, f)
-        level_t = _best_level_np(wt, rep_t, Gn, S)
-        better = level_t < level[todo]
-        cols = todo[better]
-        rep[:, cols], x[:, cols], made[:, cols] = rep_t[:, better], x_t[:, better], made_t[:, better]
-        level[cols], chain[cols] = level_t[better], f[0]
-        todo = todo[level[todo] > bound[todo]]
+    if todo.size == 0:
+        return rep, x, made, level, chain
+    V, T = len(flags) - 1, todo.size
+    wt = w[:, todo]
+    rep_t, x_t, made_t = _run_rules(wt, Gn, S, flags[1:])
+    level_t = _best_level_np(np.tile(wt, V), rep_t, Gn, S).reshape(V, T)
+    win = level_t.argmin(0)  # first minimum among the later rules
+    pick = win * T + np.arange(T)
+    better = level_t[win, np.arange(T)] < level[todo]  # ties keep the first rule
+    cols, pick = todo[better], pick[better]
+    rep[:, cols], x[:, cols], made[:, cols] = rep_t[:, pick], x_t[:, pick], made_t[:, pick]
+    level[cols], chain[cols] = level_t.reshape(-1)[pick], flags[1 + win[better], 0]
     return rep, x, made, level, chain
 
 
