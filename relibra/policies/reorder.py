@@ -242,8 +242,8 @@ class ReorderPolicy:
             Default 0.02, chosen on the default trace with the incremental search (``relibra
             bench --policies reorder,hybrid,ideal --option hybrid.migration_weight=W --option
             reorder.migration_weight=W``, first step free, one warm-up step): hybrid's gap to
-            ideal was +13.3 % at 0 (about 3/4 of the experts move every step), +6.8-7.1 % for
-            0.005-0.05, +9.4 % at 0.5 (almost nothing moves). See the README for the sweep.
+            ideal is +11.6 % at 0 (most experts move every step), +4.6 % for 0.005-0.02,
+            +5.0 % at 0.05, +8.5 % at 0.5 (almost nothing moves). See the README for the sweep.
         max_swaps: local-search rounds per stage (int >= 0; 0 keeps the greedy packing, or the
             previous placement for ``w > 0``).
     """
