@@ -148,6 +148,18 @@ def test_rebalance_near_ties_fall_back_to_the_exact_sort(monkeypatch):
     assert calls  # the exact sort ran
 
 
+def _pack_weights(gen: np.random.Generator, shape: tuple[int, int], kind: str) -> np.ndarray:
+    """Item weights ``[rows, items]`` for the packing tests: ties, skewed floats, per-copy loads
+    (``sorted_halves``: repeated halves, as after replication), otherwise integers."""
+    if kind == "ties":
+        return gen.integers(0, 3, shape).astype(float)
+    if kind == "skewed":
+        return gen.random(shape) ** 4 * 100
+    if kind == "sorted_halves":
+        return np.repeat(gen.integers(1, 50, (shape[0], shape[1] // 2 + 1)).astype(float), 2, axis=1)[:, : shape[1]] / 2
+    return gen.integers(0, 1000, shape).astype(float)
+
+
 def _loop_slots(w_BN: np.ndarray, packs: int) -> list[list[int]]:
     per_pack = w_BN.shape[1] // packs
     return [[p * per_pack + r for p, r in zip(*_pack(row.tolist(), packs))] for row in w_BN]
@@ -160,16 +172,9 @@ def test_pack_rounds_equals_loop_greedy(seed, packs, per_pack, kind):
     """Round-at-a-time packing of sorted rows, unclean rows redone by pack_slots: the greedy's slots."""
     from relibra.policies.eplb_algorithm import _pack_rounds
 
-    gen = np.random.default_rng(seed)
-    shape = (6, packs * per_pack)
-    if kind == "ties":
-        w = gen.integers(0, 3, shape).astype(float)
-    elif kind == "ints":
-        w = gen.integers(0, 1000, shape).astype(float)
-    elif kind == "skewed":
-        w = gen.random(shape) ** 4 * 100
-    else:
-        w = gen.integers(0, 1000, shape).astype(float)
+    gen, shape = np.random.default_rng(seed), (6, packs * per_pack)
+    w = _pack_weights(gen, shape, kind)
+    if kind == "zeros":
         w[:, gen.integers(0, shape[1])] = 0.0
     w = -np.sort(-w, axis=1)
     assert _pack_rounds(w, packs).tolist() == _loop_slots(w, packs)
@@ -248,16 +253,8 @@ def test_stable_order_desc_near_ties_and_zeros():
        kind=st.sampled_from(["ties", "ints", "skewed", "sorted_halves"]))
 def test_balanced_packing_equals_loop_greedy(seed, packs, per_pack, kind):
     """Rounds taken in closed form and rows falling back to the item-by-item greedy, mixed."""
-    gen = np.random.default_rng(seed)
     shape = (5, packs * per_pack)
-    if kind == "ties":
-        w = gen.integers(0, 3, shape).astype(float)
-    elif kind == "ints":
-        w = gen.integers(0, 1000, shape).astype(float)
-    elif kind == "skewed":
-        w = gen.random(shape) ** 4 * 100
-    else:  # per-copy loads: repeated values, as after replication
-        w = np.repeat(gen.integers(1, 50, (5, shape[1] // 2 + 1)).astype(float), 2, axis=1)[:, : shape[1]] / 2
+    w = _pack_weights(np.random.default_rng(seed), shape, kind)
     pack, rank = balanced_packing(torch.from_numpy(w), packs)
     for row in range(w.shape[0]):
         want_pack, want_rank = _pack(w[row].tolist(), packs)
