@@ -23,9 +23,11 @@ It is a model, not a measurement. Per micro-batch and MoE layer, forward plus ba
    sends its accumulated gradient back (``replica_grad_bytes`` per param). A home GPU sends
    each replicated expert once (broadcast tree); a GPU receives every replica it hosts. The
    tier is intra-node when the replica sits in its home node, else inter-node.
-   ``replica_overlap`` of it hides behind compute. A replica kept for the next micro-batch
-   costs nothing more (gradients accumulate in place), so a per-step replica set (EPLB)
-   pays once a step.
+   ``replica_overlap`` of it hides behind compute. With ``replica_reuse`` = 1 (default, the
+   method's design) a replica kept in its slot for the next micro-batch costs nothing more
+   (gradients accumulate in place), so a per-step replica set (EPLB) pays once a step; with
+   ``replica_reuse`` = 0 every filled slot is fetched and its gradient returned every
+   micro-batch, which is what ``ReLibraMoE`` does today (fractions in between pay that share).
 5. Reorder: every expert whose home GPU changes moves weights and optimizer state
    (``state_bytes_per_param`` = 16) once a step; per GPU in and out counts on the tier of
    the move; ``reorder_overlap`` of it hides behind rollout.
@@ -81,7 +83,8 @@ class CostConfig:
     balanced), ``attn_width`` (heads x head dim, for the attention score flops),
     ``attn_context`` (mean causal context per token), ``extra_params`` (dense layers, head).
     Cluster: ``peak_flops`` per GPU, ``mfu`` (effective fraction of peak), bandwidths in bytes/s
-    per GPU per direction. Knobs: ``backward_factor``, byte sizes and overlap fractions in [0, 1].
+    per GPU per direction. Knobs: ``backward_factor``, byte sizes, overlap fractions in [0, 1] and
+    ``replica_reuse`` in [0, 1] (the share of a kept replica's traffic that is saved).
     """
 
     hidden: int = 7168
@@ -106,6 +109,7 @@ class CostConfig:
     replica_overlap: float = 0.5
     state_bytes_per_param: float = 16.0
     reorder_overlap: float = 0.5
+    replica_reuse: float = 1.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -118,7 +122,7 @@ class CostConfig:
                      "intra_node_bandwidth", "inter_node_bandwidth"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"CostConfig.{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("mfu", "a2a_overlap", "replica_overlap", "reorder_overlap"):
+        for name in ("mfu", "a2a_overlap", "replica_overlap", "reorder_overlap", "replica_reuse"):
             if getattr(self, name) > 1:
                 raise ValueError(f"CostConfig.{name} is a fraction in [0, 1], got {getattr(self, name)!r}")
 
@@ -250,7 +254,8 @@ def replica_seconds(plan: Plan, cfg: CostConfig) -> tuple[torch.Tensor, float]:
     """``[M, L]`` seconds of replica weight copies and gradient reductions (net of overlap), bytes.
 
     A slot whose expert changes between micro-batches costs a weight copy for the newcomer and
-    a gradient reduction for the leaver; the last micro-batch's replicas reduce at step end.
+    a gradient reduction for the leaver; the last micro-batch's replicas reduce at step end. A
+    slot that keeps its expert pays ``1 - replica_reuse`` of both.
     """
     t = plan.topology
     spare = plan.spare_experts
@@ -260,8 +265,10 @@ def replica_seconds(plan: Plan, cfg: CostConfig) -> tuple[torch.Tensor, float]:
     empty = torch.full((1, L, R), -1, dtype=spare.dtype)
     prev = torch.cat([empty, spare[:-1]], 0)
     nxt = torch.cat([spare[1:], empty], 0)
-    arrive = (spare >= 0) & (spare != prev)
-    leave = (spare >= 0) & (spare != nxt)
+    filled = (spare >= 0).to(torch.float64)
+    keep = 1.0 - cfg.replica_reuse  # share of a kept replica's copy / reduction still paid
+    arrive = torch.where(spare != prev, filled, filled * keep)
+    leave = torch.where(spare != nxt, filled, filled * keep)
     home_gpu = plan.placement.home_gpu(t)  # [L, E]
     slot_gpu = torch.arange(R) // t.spare_slots_per_gpu
     e_home = home_gpu.expand(M, -1, -1).gather(2, spare.clamp(min=0))  # [M, L, R]
@@ -273,11 +280,11 @@ def replica_seconds(plan: Plan, cfg: CostConfig) -> tuple[torch.Tensor, float]:
         count += float(moving.sum()) * b
         per_tier = []
         for tier in (intra, ~intra):
-            m = (moving & tier).to(torch.float64)
+            m = moving * tier  # [M, L, R] share of a copy each slot pays
             recv = torch.zeros(M, L, t.num_gpus, dtype=torch.float64).scatter_add_(2, slot_gpu.expand(M, L, R), m)
             # the home GPU sends each expert once (broadcast tree), however many replicas
-            has = torch.zeros(M, L, t.num_experts, dtype=torch.float64).scatter_add_(2, spare.clamp(min=0), m)
-            has = (has > 0).to(torch.float64)
+            has = torch.zeros(M, L, t.num_experts, dtype=torch.float64).scatter_reduce_(
+                2, spare.clamp(min=0), m, reduce="amax")
             send = torch.zeros(M, L, t.num_gpus, dtype=torch.float64).scatter_add_(2, home_gpu.expand(M, -1, -1), has)
             per_tier.append((send * b, recv * b))
         (si, ri), (so, ro) = per_tier

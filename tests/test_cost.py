@@ -64,6 +64,12 @@ def test_replica_copies_and_gradient_reduce_intra_node():
     assert cost.replica_s == pytest.approx(6.0)
     half = step_cost(plan, loads, CostConfig(**{**CFG.to_dict(), "replica_overlap": 0.5}))
     assert half.replica_s == pytest.approx(3.0)
+    # without reuse (what ReLibraMoE does today) the kept replica is fetched and reduced in both
+    # micro-batches; half reuse pays half of the second micro-batch's fetch and first reduction
+    none = step_cost(plan, loads, CostConfig(**{**CFG.to_dict(), "replica_reuse": 0.0}))
+    assert none.replica_bytes == pytest.approx(1200.0) and none.replica_s == pytest.approx(12.0)
+    part = step_cost(plan, loads, CostConfig(**{**CFG.to_dict(), "replica_reuse": 0.5}))
+    assert part.replica_bytes == pytest.approx(900.0) and part.replica_s == pytest.approx(9.0)
 
 
 def test_reorder_moves_state_over_inter_node_links():
