@@ -238,7 +238,7 @@ class Balancer:
                 migration = self._permute_local(old, plan.placement)
             else:
                 migration = migrate_experts(tensors, self.optimizer, old, plan.placement, self.topology,
-                                            group=self.group)
+                                            group=self.group, agree_group=self.edp_group)
             for l, layer in enumerate(self.layers):
                 layer._set_home_experts(plan.placement.home_experts[l])
         self.plan, self._routes = plan, routes

@@ -29,6 +29,11 @@ slot on its rank is a local permutation. The move is a transaction:
    written in place with ``copy_`` (parameter identity, and so the optimizer, is preserved).
    Otherwise every rank raises the same :class:`MigrationError` and nothing was changed.
 
+With ``agree_group`` (the expert-data-parallel replicas of this rank, which run the same
+migration in their own expert-parallel groups on other shards of the same experts), every
+verdict of steps 1, 2 and 4 is also agreed over that group: if any replica's migration fails,
+every replica raises and none commits, so the shards never end up under different placements.
+
 The caller switches its placement only after :func:`migrate_experts` returned.
 """
 
@@ -243,6 +248,35 @@ def _first_mismatch(sent: torch.Tensor, got: torch.Tensor) -> int:
 
 
 # ---------------------------------------------------------------------------------- migrate
+def _input_fault(texts: list[str], world: int) -> str:
+    """The first fault in every rank's step-1 text (error line, then signature lines), or ""."""
+    for r, t in enumerate(texts):
+        e = t.split("\n", 1)[0]
+        if e:
+            return f"migrate_experts: rank {r}: {e} (no expert was moved on any rank)"
+    sigs = [t.split("\n")[1:] for t in texts]
+    for r in range(1, world):
+        for a, b in zip_longest(sigs[0], sigs[r], fillvalue="<nothing>"):
+            if a != b:
+                return (f"migrate_experts: ranks disagree before any transfer: rank 0 has "
+                        f"'{a}', rank {r} has '{b}' (no expert was moved on any rank)")
+    return ""
+
+
+def _agree(verdict: str, agree_group, exc_type: type[Exception]) -> None:
+    """Raise ``exc_type`` on every rank if this rank's ``verdict`` (already the same within the
+    expert-parallel group) or that of any rank of ``agree_group`` is non-empty."""
+    if agree_group is not None:
+        found = first_error(verdict, agree_group)
+        if found is not None:
+            r, text = found
+            if not verdict:  # heard from another replica
+                text = f"{text} (raised on expert-data-parallel replica {r}; this replica kept its experts too)"
+            raise exc_type(text)
+    elif verdict:
+        raise exc_type(verdict)
+
+
 def migrate_experts(
     tensors_by_layer: Sequence[Sequence[torch.Tensor]],
     optimizer: torch.optim.Optimizer | None,
@@ -251,6 +285,7 @@ def migrate_experts(
     topology: Topology,
     group: dist.ProcessGroup | None = None,
     *,
+    agree_group: dist.ProcessGroup | None = None,
     _corrupt: Callable[[int, dict[int, torch.Tensor]], None] | None = None,
 ) -> MigrationReport:
     """Move home experts from ``old`` to ``new`` placement: rows, grads and optimizer state.
@@ -267,6 +302,9 @@ def migrate_experts(
         old, new: placements ``[L, E]`` of the same L layers.
         topology: the expert-parallel topology (``num_gpus`` must equal the group size).
         group: the expert-parallel process group.
+        agree_group: optional group whose ranks must reach the same verdict (this rank's
+            expert-data-parallel replicas, each migrating its own shards); every rank of it
+            must call :func:`migrate_experts` with the same placements.
         _corrupt: test hook, called as ``_corrupt(rank, {src_rank: received uint8 buffer})``
             after receiving and before verifying.
     Returns:
@@ -285,16 +323,7 @@ def migrate_experts(
     # 1. validate everywhere before any transfer
     pieces_by_layer, error, sig = _collect(tensors_by_layer, optimizer, old, new, topology, world)
     texts = all_gather_text(error.replace("\n", " ") + "\n" + "\n".join(sig), group)
-    errors = [t.split("\n", 1)[0] for t in texts]
-    for r, e in enumerate(errors):
-        if e:
-            raise ValueError(f"migrate_experts: rank {r}: {e} (no expert was moved on any rank)")
-    sigs = [t.split("\n")[1:] for t in texts]
-    for r in range(1, world):
-        for a, b in zip_longest(sigs[0], sigs[r], fillvalue="<nothing>"):
-            if a != b:
-                raise ValueError(f"migrate_experts: ranks disagree before any transfer: rank 0 has "
-                                 f"'{a}', rank {r} has '{b}' (no expert was moved on any rank)")
+    _agree(_input_fault(texts, world), agree_group, ValueError)
 
     L, H = old.num_layers, topology.home_slots_per_gpu
     moves = tuple(tuple(plan_moves(old, new, topology, l)) for l in range(L))
@@ -347,8 +376,9 @@ def migrate_experts(
         flag = all_reduce_(torch.tensor([1 if error else 0], dtype=torch.int64), group)
         if int(flag[0]):
             found = first_error(error.replace("\n", " "), group)
-            raise MigrationError(f"migrate_experts aborted before any transfer, every rank kept its old "
-                                 f"experts and placement: {found[1] if found else 'a rank failed to pack'}")
+            # raises here, after telling the expert-data-parallel replicas (if any)
+            _agree(f"migrate_experts aborted before any transfer, every rank kept its old experts and "
+                   f"placement: {found[1] if found else 'a rank failed to pack'}", agree_group, MigrationError)
     try:
         with torch.no_grad():
             # 3. transfer into fresh staging buffers
@@ -367,15 +397,17 @@ def migrate_experts(
     except Exception as exc:  # a failed transfer: share the reason, do not commit
         error = f"transfer failed on rank {rank}: {type(exc).__name__}: {exc}"
 
-    # 4. every rank's verdict; all or nothing
+    # 4. every rank's verdict; all or nothing (also over the expert-data-parallel replicas)
+    verdict = ""
     if n_transfers:
         verdicts = all_gather_text(error.replace("\n", " "), group)
         failed = [v for v in verdicts if v]
         if failed:
-            raise MigrationError(f"migrate_experts aborted, every rank kept its old experts and placement: "
-                                 f"{failed[0]}" + (f" (and {len(failed) - 1} more ranks failed)" if len(failed) > 1 else ""))
+            verdict = (f"migrate_experts aborted, every rank kept its old experts and placement: "
+                       f"{failed[0]}" + (f" (and {len(failed) - 1} more ranks failed)" if len(failed) > 1 else ""))
     elif error:  # cannot happen without transfers; keep ranks consistent anyway
-        raise MigrationError(error)
+        verdict = error
+    _agree(verdict, agree_group, MigrationError)
 
     # 5. stage new local tensors, then commit in place
     staged: list[tuple[torch.Tensor, torch.Tensor]] = []

@@ -310,3 +310,60 @@ def _worker_pack_fails(rank: int, mesh) -> None:
 @pytest.mark.distributed
 def test_a_rank_failing_to_pack_fails_every_rank_without_hang_or_change():
     run_world(_worker_pack_fails, world_size=WORLD, nodes=2, timeout=60)
+
+
+# ------------------------------------------------------------------ expert-data-parallel replicas
+TOPO_EP2 = Topology(num_nodes=1, gpus_per_node=2, num_experts=E)   # one EP group: 2 ranks, H = 4
+
+
+def _worker_edp_verdict(rank: int, mesh) -> None:
+    """World 4 as edp 2 x ep 2: ranks {0, 1} and {2, 3} are two expert-parallel groups holding
+    other shards (here: other values) of the same experts; {0, 2} and {1, 3} are the replicas.
+    A corrupted transfer inside group {0, 1} only must abort the migration on all four ranks."""
+    ranks = {"ep0": [0, 1], "ep1": [2, 3], "edp0": [0, 2], "edp1": [1, 3]}
+    groups = {k: dist.new_group(v) for k, v in ranks.items()}  # every rank creates every group
+    ep, edp = groups["ep0" if rank < 2 else "ep1"], groups["edp0" if rank % 2 == 0 else "edp1"]
+    ep_rank, HH = rank % 2, TOPO_EP2.home_slots_per_gpu
+    g = torch.Generator().manual_seed(5)
+    old, new = (Placement(torch.stack([torch.randperm(E, generator=g) for _ in range(L)])) for _ in range(2))
+    full = _logical(10 + rank // 2)  # the two EP groups hold different shards
+    params = [[torch.nn.Parameter(full[l][i][old.home_experts[l, ep_rank * HH:(ep_rank + 1) * HH]].clone())
+               for i in range(len(SHAPES))] for l in range(L)]
+    opt = torch.optim.AdamW([p for ps in params for p in ps], lr=0.1)
+    sum((p * p).sum() for ps in params for p in ps).backward()
+    opt.step()  # rows, grads and AdamW moments all differ by expert
+    snap = _snapshot(params, opt)
+
+    def flip(r, received):
+        if rank == 1:  # global rank 1 only: group {2, 3} sees clean transfers
+            for buf in received.values():
+                buf[0] ^= 0x01
+
+    with pytest.raises(MigrationError, match="arrived corrupted on rank 1") as info:
+        migrate_experts(params, opt, old, new, TOPO_EP2, group=ep, agree_group=edp, _corrupt=flip)
+    if rank in (2, 3):  # their own transfers were clean: they heard it from their replica
+        assert "raised on expert-data-parallel replica" in str(info.value)
+    _assert_unchanged(params, opt, snap)
+    # without corruption every group commits: rows, grads and moments follow the new placement
+    logical = [[[_gather_group(t, old.home_experts[l], ep) for t in kinds] for kinds in per_param]
+               for l, per_param in enumerate(_pieces(params, opt))]
+    migrate_experts(params, opt, old, new, TOPO_EP2, group=ep, agree_group=edp)
+    want = [new.home_experts[l, ep_rank * HH:(ep_rank + 1) * HH] for l in range(L)]
+    for l, per_param in enumerate(_pieces(params, opt)):
+        for i, kinds in enumerate(per_param):
+            for k, t in enumerate(kinds):
+                assert torch.equal(t, logical[l][i][k][want[l]]), (rank, l, i, k)
+
+
+def _gather_group(t: torch.Tensor, home_experts: torch.Tensor, group) -> torch.Tensor:
+    """Full ``[E, ...]`` logical tensor from the rows of the 2 ranks of ``group`` (exact)."""
+    parts = [torch.empty_like(t) for _ in range(2)]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    full = torch.empty(E, *t.shape[1:], dtype=t.dtype)
+    full[home_experts] = torch.cat(parts)
+    return full
+
+
+@pytest.mark.distributed
+def test_migration_failure_in_one_expert_parallel_group_aborts_every_replica():
+    run_world(_worker_edp_verdict, world_size=WORLD, nodes=2, timeout=90)
