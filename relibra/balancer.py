@@ -35,6 +35,7 @@ from .layer import ReLibraMoE
 from .plan import Placement, Plan
 from .policies import get_policy
 from .replicas import fetch_replicas_many
+from .routing import route_fault
 from .topology import Topology
 
 __all__ = ["Balancer"]
@@ -45,19 +46,9 @@ def _check_routes(routes: Any, L: int, K: int, E: int) -> str:
     if not isinstance(routes, (list, tuple)) or not routes:
         return f"routes must be a non-empty list of int tensors [T_m, {L}, {K}], got {type(routes).__name__}"
     for m, r in enumerate(routes):
-        if not isinstance(r, torch.Tensor):
-            return f"routes[{m}] must be a tensor [T, {L}, {K}], got {type(r).__name__}"
-        if r.is_floating_point() or r.is_complex() or r.dtype == torch.bool:
-            return f"routes[{m}] must hold integer expert ids, got dtype {r.dtype}"
-        if r.dim() != 3 or tuple(r.shape[1:]) != (L, K):
-            return (f"routes[{m}] must have shape [T, {L}, {K}] (tokens, moe layers, top_k), "
-                    f"got {tuple(r.shape)}")
-        if r.numel():
-            bad = (r < -1) | (r >= E)
-            if bool(bad.any()):
-                t, l, k = (int(i) for i in bad.nonzero()[0])
-                return (f"routes[{m}][{t}, {l}, {k}] = {int(r[t, l, k])} is not an expert id in "
-                        f"[0, {E}) (or -1 for padding)")
+        fault = route_fault(r, (None, L, K), E, f"routes[{m}]")
+        if fault:
+            return fault
     return ""
 
 

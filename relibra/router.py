@@ -19,6 +19,8 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
+from .routing import route_fault
+
 __all__ = ["Router", "check_routes"]
 
 
@@ -27,26 +29,16 @@ def check_routes(routes_TK: torch.Tensor, num_tokens: int, top_k: int, num_exper
     """Validate replayed routes ``[T, K]`` (ids in ``-1..E-1``); return them as int64.
 
     Raises ValueError naming ``name`` for a wrong type, device (when ``device`` is given, e.g.
-    the tokens' device), dtype, shape or expert id.
+    the tokens' device), dtype, shape or expert id (:func:`relibra.routing.route_fault`).
     """
-    if not isinstance(routes_TK, torch.Tensor):
-        raise ValueError(f"{name} must be a tensor [T, top_k], got {type(routes_TK).__name__}")
-    if device is not None and routes_TK.device != torch.device(device):
-        raise ValueError(f"{name} is on {routes_TK.device}, but the tokens are on {torch.device(device)}; "
-                         f"move {name} to the tokens' device")
-    if routes_TK.is_floating_point() or routes_TK.is_complex() or routes_TK.dtype == torch.bool:
-        raise ValueError(f"{name} must hold integer expert ids, got dtype {routes_TK.dtype}")
-    if tuple(routes_TK.shape) != (num_tokens, top_k):
-        raise ValueError(f"{name} must have shape [{num_tokens}, {top_k}] (tokens, top_k), "
-                         f"got {tuple(routes_TK.shape)}")
-    routes_TK = routes_TK.to(torch.int64)
-    if routes_TK.numel():
-        bad = (routes_TK < -1) | (routes_TK >= num_experts)
-        if bool(bad.any()):
-            t, k = (int(i) for i in bad.nonzero()[0])
-            raise ValueError(f"{name}[{t}, {k}] = {int(routes_TK[t, k])} is not an expert id "
-                             f"in [0, {num_experts}) (or -1 for padding)")
-    return routes_TK
+    if isinstance(routes_TK, torch.Tensor) and device is not None and routes_TK.device != torch.device(device):
+        fault = (f"{name} is on {routes_TK.device}, but the tokens are on {torch.device(device)}; "
+                 f"move {name} to the tokens' device")
+    else:
+        fault = route_fault(routes_TK, (num_tokens, top_k), num_experts, name)
+    if fault:
+        raise ValueError(fault)
+    return routes_TK.to(torch.int64)
 
 
 class Router(nn.Module):

@@ -43,6 +43,7 @@ __all__ = [
     "micro_batch_loads",
     "micro_batch_rank_loads",
     "routes_for_micro_batch",
+    "route_fault",
     "PAD",
 ]
 
@@ -100,6 +101,31 @@ def _check_ids(routes: torch.Tensor, num_experts: int, name: str, layer_ids: Seq
         raise ValueError(
             f"{name}: expert id {value} at {where} is out of range [0, {num_experts}) (-1 is padding)"
         )
+
+
+def route_fault(routes: Any, shape: tuple[int | None, ...], num_experts: int, name: str = "routes") -> str:
+    """Why ``routes`` are not a tensor of expert ids, or "" if they are.
+
+    ``shape``: the expected sizes, ``None`` where any size goes (e.g. ``(None, L, K)`` for
+    ``[tokens, moe layers, top_k]``). Ids must lie in ``-1..num_experts-1`` (-1 is padding).
+    Returns the text, naming ``name``, the dtype, the shape or the first bad id with its index,
+    so that distributed callers can agree on it before raising.
+    """
+    dims = "[" + ", ".join("T" if n is None else str(n) for n in shape) + "]"
+    if not isinstance(routes, torch.Tensor):
+        return f"{name} must be a tensor {dims}, got {type(routes).__name__}"
+    if routes.is_floating_point() or routes.is_complex() or routes.dtype == torch.bool:
+        return f"{name} must hold integer expert ids, got dtype {routes.dtype}"
+    if routes.dim() != len(shape) or any(n is not None and int(d) != n for d, n in zip(routes.shape, shape)):
+        return f"{name} must have shape {dims}, got {tuple(routes.shape)}"
+    if routes.numel():
+        ids = routes if routes.is_signed() else routes.to(torch.int64)  # uint8 (verl): -1 would wrap
+        bad = (ids < PAD) | (ids >= num_experts)
+        if bool(bad.any()):
+            idx = tuple(int(i) for i in bad.nonzero()[0])
+            return (f"{name}[{', '.join(map(str, idx))}] = {int(ids[idx])} is not an expert id in "
+                    f"[0, {num_experts}) (or -1 for padding)")
+    return ""
 
 
 def _check_num_experts(num_experts: int) -> None:

@@ -215,3 +215,23 @@ def test_bad_input_fails_on_every_rank_without_hang_or_change():
     assert all(r["good_step"] for r in results)
     for rank, r in enumerate(results):
         assert "no plan is installed" in r["stale"], f"rank {rank}: {r['stale']}"
+
+
+def test_verl_uint8_routes_plan_and_run_like_int64():
+    """verl ships routed experts as uint8: the Balancer takes them as they are (ids compared
+    without wrapping -1 to 255), with the same plan and outputs as int64 routes."""
+    torch.manual_seed(0)
+    net = Net(None)
+    data = step_data(0, M)
+    results = []
+    for dtype in (torch.int64, torch.uint8):
+        bal = Balancer(net, None, "hybrid", spare_slots_per_gpu=1)
+        plan = bal.plan_step([data[m][0][1].to(dtype) for m in range(M)])
+        outs = []
+        for m in range(M):
+            with bal.micro_batch(m), torch.no_grad():
+                outs.append(net(data[m][0][0]))
+        results.append((plan, outs))
+    (p64, o64), (p8, o8) = results
+    assert p64.placement.equal(p8.placement) and torch.equal(p64.slot_tokens, p8.slot_tokens)
+    assert all(torch.equal(a, b) for a, b in zip(o64, o8))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import base64
 import json
 import random
@@ -396,3 +398,25 @@ def test_trace_file_not_npz_and_bad_save(tmp_path):
         save_trace(tmp_path / "x.npz", torch.ones(1, 1, 1, 2, dtype=torch.int64), top_k=True)
     with pytest.raises(ValueError, match=r"JSON-serialisable"):
         save_trace(tmp_path / "x.npz", torch.ones(1, 1, 1, 2, dtype=torch.int64), top_k=1, meta={"a": object()})
+
+
+@pytest.mark.parametrize("routes,match", [
+    ([[0, 1]], r"routes must be a tensor \[T, 3, 2\], got list"),
+    (torch.zeros(4, 3, 2), r"routes must hold integer expert ids, got dtype torch.float32"),
+    (torch.zeros(4, 2, 2, dtype=torch.int64), r"routes must have shape \[T, 3, 2\], got \(4, 2, 2\)"),
+    (torch.zeros(4, 3, dtype=torch.int64), r"routes must have shape \[T, 3, 2\], got \(4, 3\)"),
+    (torch.tensor([[[0, 1]] * 3, [[0, 1], [2, 8], [0, -2]]]), r"routes\[1, 1, 1\] = 8 is not an expert id in \[0, 8\)"),
+    (torch.tensor([[[0, 1]] * 3, [[0, 1], [2, 3], [0, -2]]]), r"routes\[1, 2, 1\] = -2 is not an expert id"),
+])
+def test_route_fault_names_the_first_fault(routes, match):
+    from relibra.routing import route_fault
+
+    assert re.search(match, route_fault(routes, (None, 3, 2), 8))
+
+
+def test_route_fault_accepts_ids_padding_and_any_token_count():
+    from relibra.routing import route_fault
+
+    for T in (0, 1, 5):
+        assert route_fault(torch.full((T, 3, 2), -1, dtype=torch.int32), (None, 3, 2), 8) == ""
+    assert route_fault(torch.tensor([[7, 0]], dtype=torch.uint8), (1, 2), 8) == ""
