@@ -10,7 +10,6 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from relibra import ReLibraMoE
-from relibra.balancer import Balancer
 
 D, I, E, K, WORLD = 8, 6, 8, 2, 4
 

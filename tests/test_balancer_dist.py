@@ -13,7 +13,7 @@ import torch.distributed as dist
 from relibra import available_policies
 from relibra.balancer import Balancer
 from relibra.plan import Plan
-from relibra.testing import WorldError, run_world
+from relibra.testing import run_world
 
 from _moe_world import Net, allreduce_dense_grads, logical_grads, logical_state, max_err, step_data
 

@@ -17,9 +17,9 @@ import torch.distributed as dist
 
 from relibra.balancer import Balancer
 from relibra.plan import Placement, Plan
-from relibra.testing import WorldError, run_world
+from relibra.testing import run_world
 
-from _moe_world import E, Net, step_data
+from _moe_world import Net, step_data
 
 STEPS, M = 3, 2
 POLICIES = ("static", "replicate", "hybrid", "rotate")

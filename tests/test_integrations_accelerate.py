@@ -7,10 +7,8 @@ import socket
 import subprocess
 import sys
 import textwrap
-import types
 
 import pytest
-import torch
 import yaml
 
 from relibra.integrations.launcher import rewrite_argv, split_config
