@@ -458,6 +458,35 @@ def test_overload_search_never_raises_overload_plus_moves(bins, per_bin, M, weig
     assert (objective(w, node, bins) + cost * (node != prev).sum(-1) <= objective(w, prev, bins)).all()
 
 
+@settings(**SETTINGS)
+@given(bins=st.integers(2, 4), per_bin=st.integers(1, 4), M=st.integers(1, 3), overload=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_search_with_rising_prices_stops_and_never_worsens(bins, per_bin, M, overload, seed):
+    """Prices that rise with the moves made so far (as reorder's spreading does) cannot make the
+    search cycle: it stops on its own, and objective + base price x moves never rises."""
+    from relibra.policies._packing import objective, overload_objective, swap_search
+
+    g = torch.Generator().manual_seed(seed)
+    B, I = 4, bins * per_bin
+    w = torch.randint(0, 50, (B, I, M), generator=g).double()
+    prev = torch.stack([torch.randperm(I, generator=g) % bins for _ in range(B)])
+    base = w.sum((1, 2)) / I * 0.05
+    owner = torch.arange(I) % 3  # items share 3 "GPUs"; moving one raises its GPU's price
+    rounds = []
+
+    def price(assign):
+        rounds.append(1)
+        moved = (assign != prev).double()
+        per_owner = torch.zeros(B, 3, dtype=torch.float64).scatter_add_(1, owner.expand(B, I), moved)
+        return base[:, None] * (1.0 + 4.0 * per_owner.gather(1, owner.expand(B, I)))
+
+    new = swap_search(w, prev, bins, prev, base, max_iters=500, per_move=True, overload=overload,
+                      busiest=2, candidates=2, price_items=price)
+    assert len(rounds) < 500
+    score = overload_objective if overload else objective
+    assert (score(w, new, bins) + base * (new != prev).sum(-1) <= score(w, prev, bins) * (1 + 1e-12) + 1e-9).all()
+
+
 def test_overload_objective_by_hand():
     from relibra.policies._packing import overload_objective
 

@@ -115,10 +115,11 @@ def swap_search(w_BIM: torch.Tensor, assign_BI: torch.Tensor, num_bins: int,
     pairs, same move pricing): every applied swap lowers the overload plus the move cost.
 
     ``price_items`` (with ``prev_BI``): called with the current assignment at the start of every
-    round, returns the ``[B, I]`` price of each item leaving its previous bin, replacing
-    ``move_cost_B``; prices may thus depend on the moves so far (``reorder`` raises them on
-    GPUs that already send many experts). Every applied swap lowers the objective plus the
-    moves priced in its round.
+    round, returns the ``[B, I]`` price of each item leaving its previous bin (at least
+    ``move_cost_B``); prices may thus depend on the moves so far (``reorder`` raises them on
+    GPUs that already send many experts). An item returning to its previous bin saves only
+    ``move_cost_B``, so every applied swap lowers the objective plus ``move_cost_B`` times the
+    moves, and the search cannot cycle as prices change.
 
     Returns:
         the improved ``assign_BI`` (a new tensor); every bin keeps its item count.
@@ -211,9 +212,12 @@ def swap_search(w_BIM: torch.Tensor, assign_BI: torch.Tensor, num_bins: int,
             add_p = (pp != q[:, :, None]).to(w.dtype) - (pp != p[:, :, None]).to(w.dtype)  # [b, R, cap]
             add_q = (pq != p[:, :, None]).to(w.dtype) - (pq != q[:, :, None]).to(w.dtype)
             added = add_p[:, :, :, None] + add_q[:, :, None, :]  # [b, R, cap, cap] in {-2..2}
-            cost = item_cost[b]  # [b, I]
-            cp = cost.gather(1, items_p.reshape(nb, -1)).view(nb, R, cap) * add_p
-            cq = cost.gather(1, items_q.reshape(nb, -1)).view(nb, R, cap) * add_q
+            # an item leaving its previous bin pays its price; one returning saves only the
+            # base price (prices may have risen since it left: saving them would undo moves
+            # in cycles), so every applied swap lowers objective + base price x moves
+            cost, base = item_cost[b], move_cost_B[b][:, None, None].to(w.dtype)  # [b, I], [b, 1, 1]
+            cp = torch.where(add_p > 0, cost.gather(1, items_p.reshape(nb, -1)).view(nb, R, cap), base) * add_p
+            cq = torch.where(add_q > 0, cost.gather(1, items_q.reshape(nb, -1)).view(nb, R, cap), base) * add_q
             move = cp[:, :, :, None] + cq[:, :, None, :]  # [b, R, cap, cap] price of the added moves
             gain = gain - move
         if per_move and prev_BI is not None:  # rank qualifying swaps by gain per added move
@@ -268,10 +272,11 @@ def swap_search(w_BIM: torch.Tensor, assign_BI: torch.Tensor, num_bins: int,
                 hr = torch.arange(h.numel())
                 trial[hr, i2p] = q[h, r2]
                 trial[hr, i2q] = p[h, r2]
-                cost, pv = item_cost[bb], prev_BI[bb]
+                cost, base, pv = item_cost[bb], move_cost_B[bb].to(w_BIM.dtype), prev_BI[bb]
                 score = overload_objective if overload else objective
-                before = score(w_BIM[bb], assign[bb], K) + (cost * (assign[bb] != pv)).sum(-1)
-                after = score(w_BIM[bb], trial, K) + (cost * (trial != pv)).sum(-1)
+                was, now = assign[bb] != pv, trial != pv
+                before = score(w_BIM[bb], assign[bb], K) + base * (was & ~now).sum(-1)
+                after = score(w_BIM[bb], trial, K) + (cost * (now & ~was)).sum(-1)
                 keep = after < before - 1e-9 * scale[h]
                 assign[bb[keep]] = trial[keep]
     return assign

@@ -56,18 +56,18 @@ __all__ = ["ReorderPolicy", "reorder_placement"]
 _INCREMENTAL_PAIRS = dict(busiest=2, candidates=1)
 # overload descent before it, swaps between each of the 2 most loaded nodes and the node lightest
 # where it leads, moves priced at 2 x the move cost (1.5-2 x did best, 3 x kept too much
-# imbalance), at most 60 rounds (the default trace converges in fewer; at 16 micro-batches the
-# last rounds move little). Default trace and seeds 1-2, hybrid's gap to ideal: +5.5 % with the
-# max objective alone, +4.5-4.7 % with this; 2 x 2 pairs reach +4.3-4.4 % but plan a 16 micro-batch
-# step in 1.1 s instead of 0.8 s (``python benchmarks/planners.py``)
+# imbalance), at most 60 rounds (it converges in ~20 on the default trace). Default trace and
+# seeds 1-2, hybrid's gap to ideal: +5.5 % with the max objective alone, +4.5-4.8 % with this;
+# 2 x 2 pairs reach +4.5 % on all three but plan a 16 micro-batch step in 0.9 s instead of 0.5 s
+# (``python benchmarks/planners.py``)
 _OVERLOAD_PAIRS = dict(busiest=2, candidates=1)
 _OVERLOAD_MOVE_PRICE = 2.0
 _OVERLOAD_ROUNDS = 60
 # fresh search: rounds of the incremental search at the policy's weight (1-2 usually suffice)
 _SETTLE_ROUNDS = 8
 # how steeply the node stage's move price rises on GPUs sending more experts than the mean
-# (default trace and seeds 1-2, 2 x 2 pairs: gap to ideal 4.8 % at 0, 4.5 % at 3, 4.4 % at 10
-# and at 30)
+# (default trace and seeds 1-2, mean gap to ideal: 4.66 % at 3, 4.62 % at 10, 4.65 % at 30,
+# 4.61 % at 100; 4.93 % without spreading)
 _SPREAD = 10.0
 
 def reorder_placement(loads_MLE: torch.Tensor, topology: Topology, previous: Placement | None = None,
