@@ -33,7 +33,9 @@ remembers its placement between ``plan`` calls.
   keeps the previous assignment where it scores as well (so unchanged loads move nothing).
 - The first plan of a fresh policy (or after the topology or layer count changes) is free: the
   move away from the contiguous start is a one-time cost amortised over training, so that plan
-  is the fresh search whatever ``w`` (ties still keep the contiguous start).
+  is the fresh search whatever ``w`` (ties still keep the contiguous start), then settled: for
+  ``w > 0`` the incremental search at ``w`` runs from it until it moves nothing, so the same
+  loads planned again keep the placement (this can only lower the node objective).
 """
 
 from __future__ import annotations
