@@ -151,8 +151,9 @@ def _incremental_nodes(w_LEM: torch.Tensor, prev_node: torch.Tensor, N: int, uni
     step-time objective ``F`` (sum over micro-batches of the busiest node) at ``unit``. Each
     layer keeps the previous assignment unless ``F + unit * moves`` drops below its ``F``.
     """
-    price = None if prev_gpu is None else _spread_prices(prev_node, prev_gpu, num_gpus, unit * _OVERLOAD_MOVE_PRICE)
-    node = swap_search(w_LEM, prev_node, N, prev_node, unit * _OVERLOAD_MOVE_PRICE, max_iters=min(max_swaps, _OVERLOAD_ROUNDS),
+    base = unit * _OVERLOAD_MOVE_PRICE
+    price = None if prev_gpu is None else _spread_prices(prev_node, prev_gpu, num_gpus, base)
+    node = swap_search(w_LEM, prev_node, N, prev_node, base, max_iters=min(max_swaps, _OVERLOAD_ROUNDS),
                        per_move=True, overload=True, price_items=price, **_OVERLOAD_PAIRS)
     node = swap_search(w_LEM, node, N, prev_node, unit, max_iters=max_swaps, per_move=True, **_INCREMENTAL_PAIRS)
     priced = objective(w_LEM, node, N) + unit * (node != prev_node).sum(-1)
