@@ -170,11 +170,6 @@ def swap_search(w_BIM: torch.Tensor, assign_BI: torch.Tensor, num_bins: int,
         items_q = torch.where(a_b[:, None, :] == q[:, :, None], ids, I + ids).argsort(dim=-1, stable=True)[:, :, :cap]
         wp = w.gather(1, items_p.reshape(nb, R * cap)[:, :, None].expand(-1, -1, M)).view(nb, R, cap, M).to(work)
         wq = w.gather(1, items_q.reshape(nb, R * cap)[:, :, None].expand(-1, -1, M)).view(nb, R, cap, M).to(work)
-        # busiest bin other than p and q, per micro-batch: [b, R, M]
-        others = load[:, None, :, :].expand(-1, R, -1, -1).clone()
-        others.scatter_(3, p[:, :, None, None].expand(-1, -1, M, 1), -_BIG)
-        others.scatter_(3, q[:, :, None, None].expand(-1, -1, M, 1), -_BIG)
-        other_max = others.amax(-1).to(work)
         lp = load.gather(2, p[:, None, :].expand(-1, M, -1)).transpose(1, 2).to(work)  # [b, R, M]
         lq = load.gather(2, q[:, None, :].expand(-1, M, -1)).transpose(1, 2).to(work)  # [b, R, M]
         wpT, wqT = wp.transpose(2, 3).contiguous(), wq.transpose(2, 3).contiguous()  # [b, R, M, cap]
@@ -197,6 +192,10 @@ def swap_search(w_BIM: torch.Tensor, assign_BI: torch.Tensor, num_bins: int,
         else:
             # after swapping p's item i for q's item j: p = lp - wp[i] + wq[j], q = lq - wq[j] + wp[i];
             # laid out [b, R, M, cap_p, cap_q] so the sum over micro-batches runs on whole rows
+            others = load[:, None, :, :].expand(-1, R, -1, -1).clone()  # busiest bin but p, q: [b, R, M]
+            others.scatter_(3, p[:, :, None, None].expand(-1, -1, M, 1), -_BIG)
+            others.scatter_(3, q[:, :, None, None].expand(-1, -1, M, 1), -_BIG)
+            other_max = others.amax(-1).to(work)
             torch.add(rest_p[:, :, :, :, None], wqT[:, :, :, None, :], out=new)
             torch.add(rest_q[:, :, :, None, :], wpT[:, :, :, :, None], out=new_q)
             torch.maximum(new, new_q, out=new)
