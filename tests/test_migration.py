@@ -87,8 +87,8 @@ def _loss(params, coef, ids_by_layer) -> torch.Tensor:
     return total
 
 
-def _local_ids(placement: Placement, rank: int) -> list[torch.Tensor]:
-    return [placement.home_experts[l, rank * H:(rank + 1) * H] for l in range(L)]
+def _local_ids(placement: Placement, rank: int, h: int = H) -> list[torch.Tensor]:
+    return [placement.home_experts[l, rank * h:(rank + 1) * h] for l in range(L)]
 
 
 def _make(rank: int, placement: Placement, ep_mesh=None):
@@ -122,16 +122,16 @@ def _pieces(params, opt):
              for p in ps] for ps in params]
 
 
-def _gather_logical(local_pieces, placement: Placement):
-    """Full logical tensors [E, ...] of every piece, from every rank's rows (exact)."""
+def _gather_logical(local_pieces, placement: Placement, group=None, size: int = WORLD):
+    """Full logical tensors [E, ...] of every piece, from the rows of every rank of ``group`` (exact)."""
     out = []
     for l, per_param in enumerate(local_pieces):
         row = []
         for kinds in per_param:
             fulls = []
             for t in kinds:
-                parts = [torch.empty_like(t) for _ in range(WORLD)]
-                dist.all_gather(parts, t.contiguous())
+                parts = [torch.empty_like(t) for _ in range(size)]
+                dist.all_gather(parts, t.contiguous(), group=group)
                 full = torch.empty(E, *t.shape[1:], dtype=t.dtype)
                 full[placement.home_experts[l]] = torch.cat(parts)
                 fulls.append(full)
@@ -140,12 +140,21 @@ def _gather_logical(local_pieces, placement: Placement):
     return out
 
 
-def _assert_rows(params, opt, logical, placement, rank):
-    ids = _local_ids(placement, rank)
+def _assert_rows(params, opt, logical, placement, rank, h: int = H):
+    ids = _local_ids(placement, rank, h)
     for l, per_param in enumerate(_pieces(params, opt)):
         for i, kinds in enumerate(per_param):
             for k, t in enumerate(kinds):
                 assert torch.equal(t, logical[l][i][k][ids[l]]), (rank, l, i, k)
+
+
+def _assert_clean_migration(params, opt, old, new, rank, group=None, topology=TOPO, **kwargs):
+    """After a failed attempt the group is still in step: the same migration now succeeds and
+    every row, grad and moment follows ``new``."""
+    size, h = topology.num_gpus, topology.home_slots_per_gpu
+    logical = _gather_logical(_pieces(params, opt), old, group, size)
+    migrate_experts(params, opt, old, new, topology, group=group, **kwargs)
+    _assert_rows(params, opt, logical, new, rank if group is None else dist.get_rank(group), h)
 
 
 def _snapshot(params, opt):
@@ -228,9 +237,7 @@ def _worker_corrupt(rank: int, mesh) -> None:
     _same_everywhere(str(info.value))
     _assert_unchanged(params, opt, snap)
     # the group is still in step: the same migration without corruption succeeds
-    logical = _gather_logical(_pieces(params, opt), old)
-    migrate_experts(params, opt, old, new, TOPO)
-    _assert_rows(params, opt, logical, new, rank)
+    _assert_clean_migration(params, opt, old, new, rank)
 
 
 def _worker_bad_input(rank: int, mesh) -> None:
@@ -261,9 +268,7 @@ def _worker_bad_input(rank: int, mesh) -> None:
             migrate_experts(tensors, optim, old, target, TOPO)
         _same_everywhere(str(info.value))
         _assert_unchanged(params, opt, snap)
-    logical = _gather_logical(_pieces(params, opt), old)
-    migrate_experts(params, opt, old, new, TOPO)
-    _assert_rows(params, opt, logical, new, rank)
+    _assert_clean_migration(params, opt, old, new, rank)
 
 
 # ------------------------------------------------------------------------------ tests
@@ -302,9 +307,7 @@ def _worker_pack_fails(rank: int, mesh) -> None:
     assert "before any transfer" in str(info.value)
     _same_everywhere(str(info.value))
     _assert_unchanged(params, opt, snap)
-    logical = _gather_logical(_pieces(params, opt), old)
-    migrate_experts(params, opt, old, new, TOPO)
-    _assert_rows(params, opt, logical, new, rank)
+    _assert_clean_migration(params, opt, old, new, rank)
 
 
 @pytest.mark.distributed
@@ -323,12 +326,11 @@ def _worker_edp_verdict(rank: int, mesh) -> None:
     ranks = {"ep0": [0, 1], "ep1": [2, 3], "edp0": [0, 2], "edp1": [1, 3]}
     groups = {k: dist.new_group(v) for k, v in ranks.items()}  # every rank creates every group
     ep, edp = groups["ep0" if rank < 2 else "ep1"], groups["edp0" if rank % 2 == 0 else "edp1"]
-    ep_rank, HH = rank % 2, TOPO_EP2.home_slots_per_gpu
     g = torch.Generator().manual_seed(5)
     old, new = (Placement(torch.stack([torch.randperm(E, generator=g) for _ in range(L)])) for _ in range(2))
     full = _logical(10 + rank // 2)  # the two EP groups hold different shards
-    params = [[torch.nn.Parameter(full[l][i][old.home_experts[l, ep_rank * HH:(ep_rank + 1) * HH]].clone())
-               for i in range(len(SHAPES))] for l in range(L)]
+    ids = _local_ids(old, rank % 2, TOPO_EP2.home_slots_per_gpu)
+    params = [[torch.nn.Parameter(full[l][i][ids[l]].clone()) for i in range(len(SHAPES))] for l in range(L)]
     opt = torch.optim.AdamW([p for ps in params for p in ps], lr=0.1)
     sum((p * p).sum() for ps in params for p in ps).backward()
     opt.step()  # rows, grads and AdamW moments all differ by expert
@@ -345,23 +347,7 @@ def _worker_edp_verdict(rank: int, mesh) -> None:
         assert "raised on expert-data-parallel replica" in str(info.value)
     _assert_unchanged(params, opt, snap)
     # without corruption every group commits: rows, grads and moments follow the new placement
-    logical = [[[_gather_group(t, old.home_experts[l], ep) for t in kinds] for kinds in per_param]
-               for l, per_param in enumerate(_pieces(params, opt))]
-    migrate_experts(params, opt, old, new, TOPO_EP2, group=ep, agree_group=edp)
-    want = [new.home_experts[l, ep_rank * HH:(ep_rank + 1) * HH] for l in range(L)]
-    for l, per_param in enumerate(_pieces(params, opt)):
-        for i, kinds in enumerate(per_param):
-            for k, t in enumerate(kinds):
-                assert torch.equal(t, logical[l][i][k][want[l]]), (rank, l, i, k)
-
-
-def _gather_group(t: torch.Tensor, home_experts: torch.Tensor, group) -> torch.Tensor:
-    """Full ``[E, ...]`` logical tensor from the rows of the 2 ranks of ``group`` (exact)."""
-    parts = [torch.empty_like(t) for _ in range(2)]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    full = torch.empty(E, *t.shape[1:], dtype=t.dtype)
-    full[home_experts] = torch.cat(parts)
-    return full
+    _assert_clean_migration(params, opt, old, new, rank, group=ep, topology=TOPO_EP2, agree_group=edp)
 
 
 @pytest.mark.distributed
