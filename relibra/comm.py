@@ -83,9 +83,13 @@ def all_gather_text(text: str, group) -> list[str]:
 def first_error(error: str, group) -> tuple[int, str] | None:
     """``(rank, text)`` of the lowest group rank whose ``error`` is non-empty, None if none.
 
-    Collective: every rank gets the same answer, so all can raise the same exception.
+    Collective: every rank gets the same answer, so all can raise the same exception. One
+    small all-reduce when no rank has an error; the text travels only when one has.
     """
-    for r, text in enumerate(all_gather_text(error, group)):
-        if text:
-            return r, text
-    return None
+    world = dist.get_world_size(group)
+    first = torch.tensor([dist.get_rank(group) if error else world], dtype=torch.int64)
+    all_reduce_(first, group, op=dist.ReduceOp.MIN)
+    rank = int(first)
+    if rank == world:
+        return None
+    return rank, all_gather_text(error, group)[rank]
