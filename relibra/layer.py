@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 from . import dispatch as _dispatch
 from .replicas import ReplicaRoute, fetch_replicas, replica_route
-from .router import Router, check_routes
+from .comm import first_error
+from .router import Router, routes_fault
 from .topology import Topology
 
 __all__ = ["ReLibraMoE", "Experts", "LayerMicroBatch"]
@@ -148,6 +149,13 @@ class ReLibraMoE(nn.Module):
     ``forward(x, routes=None)``: ``x [T, D]`` or ``[B, S, D]`` (this rank's tokens); ``routes``
     ``[T, K]`` replayed expert ids (R3, -1 = none) replace the router's choice while the gate
     weights stay the live scores at those ids. Returns the shape of ``x``.
+
+    Bad input to ``forward`` (``x``'s width or device, routes that do not fit ``x``) raises
+    ValueError on every rank of the expert-parallel group, naming the rank, before any
+    collective of the dispatch: one small all-reduce per call agrees on the verdict, so the
+    other ranks do not wait in the dispatch until the process group's timeout.
+    ``agree_input_errors=False`` skips it (one collective and, on GPU, one host sync less per
+    layer and micro-batch); the bad rank then raises alone.
     """
 
     def __init__(self, dim: int, hidden_dim: int, num_experts: int, top_k: int, mesh=None, *,
@@ -155,8 +163,9 @@ class ReLibraMoE(nn.Module):
                  route_scale: float = 1.0, num_expert_groups: int = 1, topk_groups: int | None = None,
                  score_correction_bias: bool = False, shared_expert_hidden_dim: int | None = None,
                  shared_expert_gate: bool = False, spare_slots_per_gpu: int = 0, dtype=None,
-                 device=None) -> None:
+                 device=None, agree_input_errors: bool = True) -> None:
         super().__init__()
+        self.agree_input_errors = agree_input_errors
         self.dim, self.hidden_dim, self.num_experts, self.top_k = dim, hidden_dim, num_experts, top_k
         self.mesh = mesh
         self.gate = Router(dim, num_experts, top_k, score_func=score_func, norm_topk_prob=norm_topk_prob,
@@ -238,22 +247,22 @@ class ReLibraMoE(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, routes: torch.Tensor | None = None) -> torch.Tensor:
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x must end in dim={self.dim}, got shape {tuple(x.shape)}")
+        ctx = self._micro_batch
+        fault = self._input_fault(x, routes, ctx)
+        if self.ep_group is not None and self.agree_input_errors:
+            found = first_error(fault, self.ep_group)  # before any collective of the dispatch
+            if found is not None:
+                layer = "" if self.moe_layer_index is None else f" (MoE layer {self.moe_layer_index})"
+                raise ValueError(f"ReLibraMoE{layer}: bad input on expert-parallel rank {found[0]}: {found[1]}")
+        elif fault:
+            raise ValueError(fault)
         shape = x.shape
         x_TD = x.reshape(-1, self.dim)
-        T = x_TD.shape[0]
-        ctx = self._micro_batch
         from_ctx = routes is None and ctx is not None and ctx.routes_TK is not None
         if from_ctx:
             routes = ctx.routes_TK
-            if routes.shape != (T, self.top_k):
-                raise ValueError(f"installed routes have shape {tuple(routes.shape)}, but x holds {T} tokens "
-                                 f"(need [{T}, {self.top_k}])")
         elif routes is not None:
-            if isinstance(routes, torch.Tensor) and routes.dim() > 2:  # [B, S, K] like x [B, S, D]
-                routes = routes.reshape(-1, routes.shape[-1])
-            routes = check_routes(routes, T, self.top_k, self.num_experts, device=x.device)
+            routes = routes.reshape(-1, routes.shape[-1]).to(torch.int64)
         ids_TK, w_TK = self.gate(x_TD, routes)
         out = self._routed(x_TD, ids_TK, w_TK, ctx, from_ctx)
         if self.shared_expert is not None:
@@ -262,6 +271,31 @@ class ReLibraMoE(nn.Module):
                 shared = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared
             out = out + shared
         return out.reshape(shape)
+
+    def _input_fault(self, x, routes, ctx: LayerMicroBatch | None) -> str:
+        """Why this rank cannot run ``forward(x, routes)``, or "" (no communication).
+
+        Checks what would otherwise fail on this rank alone, after or inside a collective:
+        ``x``'s type, width and device, and the routes (passed, or installed by the
+        Balancer) against ``x``'s token count.
+        """
+        if not isinstance(x, torch.Tensor):
+            return f"x must be a tensor [..., {self.dim}], got {type(x).__name__}"
+        if x.dim() == 0 or x.shape[-1] != self.dim:
+            return f"x must end in dim={self.dim}, got shape {tuple(x.shape)}"
+        if x.device != self.gate.weight.device:
+            return f"x is on {x.device}, but the layer's weights are on {self.gate.weight.device}"
+        T = x.numel() // self.dim
+        if routes is None and ctx is not None and ctx.routes_TK is not None:
+            if tuple(ctx.routes_TK.shape) != (T, self.top_k):
+                return (f"installed routes have shape {tuple(ctx.routes_TK.shape)}, but x holds {T} tokens "
+                        f"(need [{T}, {self.top_k}])")
+            return ""
+        if routes is not None:
+            if isinstance(routes, torch.Tensor) and routes.dim() > 2:  # [B, S, K] like x [B, S, D]
+                routes = routes.reshape(-1, routes.shape[-1])
+            return routes_fault(routes, T, self.top_k, self.num_experts, device=x.device)
+        return ""
 
     def _routed(self, x_TD, ids_TK, w_TK, ctx, from_ctx) -> torch.Tensor:
         t = self.topology

@@ -21,21 +21,29 @@ import torch.nn as nn
 
 from .routing import route_fault
 
-__all__ = ["Router", "check_routes"]
+__all__ = ["Router", "check_routes", "routes_fault"]
+
+
+def routes_fault(routes_TK, num_tokens: int, top_k: int, num_experts: int, name: str = "routes",
+                 device: torch.device | str | None = None) -> str:
+    """Why ``routes_TK`` are not replayed routes ``[T, K]`` for these tokens, or "" if they are.
+
+    The text names ``name`` and the wrong type, device (when ``device`` is given, e.g. the
+    tokens' device), dtype, shape or expert id (:func:`relibra.routing.route_fault`).
+    """
+    if isinstance(routes_TK, torch.Tensor) and device is not None and routes_TK.device != torch.device(device):
+        return (f"{name} is on {routes_TK.device}, but the tokens are on {torch.device(device)}; "
+                f"move {name} to the tokens' device")
+    return route_fault(routes_TK, (num_tokens, top_k), num_experts, name)
 
 
 def check_routes(routes_TK: torch.Tensor, num_tokens: int, top_k: int, num_experts: int,
                  name: str = "routes", device: torch.device | str | None = None) -> torch.Tensor:
     """Validate replayed routes ``[T, K]`` (ids in ``-1..E-1``); return them as int64.
 
-    Raises ValueError naming ``name`` for a wrong type, device (when ``device`` is given, e.g.
-    the tokens' device), dtype, shape or expert id (:func:`relibra.routing.route_fault`).
+    Raises ValueError with :func:`routes_fault`'s text.
     """
-    if isinstance(routes_TK, torch.Tensor) and device is not None and routes_TK.device != torch.device(device):
-        fault = (f"{name} is on {routes_TK.device}, but the tokens are on {torch.device(device)}; "
-                 f"move {name} to the tokens' device")
-    else:
-        fault = route_fault(routes_TK, (num_tokens, top_k), num_experts, name)
+    fault = routes_fault(routes_TK, num_tokens, top_k, num_experts, name, device)
     if fault:
         raise ValueError(fault)
     return routes_TK.to(torch.int64)

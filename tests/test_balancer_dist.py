@@ -131,6 +131,14 @@ class _NotAPlan:
         return {"not": "a plan"}
 
 
+def _outcome(run) -> tuple[str, str]:
+    try:
+        run()
+        return ("no error", "")
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        return (type(exc).__name__, str(exc))
+
+
 def _bad_input_worker(rank, mesh):
     torch.manual_seed(0)
     model = Net(mesh)
@@ -180,6 +188,24 @@ def _bad_input_worker(rank, mesh):
     with bal.micro_batch(0):
         model(data[0][rank][0]).sum().backward()
     out["good_step"] = True
+    # bad input to forward on one rank: every rank raises the same error before the dispatch
+    bal = Balancer(model, mesh=mesh, policy="replicate", optimizer=opt, spare_slots_per_gpu=1)
+    bal.plan_step(good)
+    x0 = data[0][rank][0]
+    ids = good[0][:, 0].clone()
+    if rank == 3:
+        ids[0, 1] = 99
+    forward_cases = {
+        "fwd_tokens": lambda: model(x0[:-1] if rank == 1 else x0),  # fewer tokens than its routes
+        "fwd_width": lambda: model.moe1(torch.zeros(len(x0), 9) if rank == 0 else x0),
+    }
+    for case, run in forward_cases.items():
+        with bal.micro_batch(0):
+            out[case] = _outcome(run)
+    out["fwd_routes"] = _outcome(lambda: model.moe1(x0, routes=ids))  # no plan installed
+    with bal.micro_batch(0):  # and the world still runs
+        model(x0).sum().backward()
+    out["fwd_good"] = True
     # a failed plan_step drops the previous plan: micro_batch must not run on stale routes
     try:
         bal.plan_step(bad_id())  # bad on rank 1 only: every rank raises
@@ -213,6 +239,15 @@ def test_bad_input_fails_on_every_rank_without_hang_or_change():
             assert needle in msg, f"{case}: {needle!r} not in {msg!r}"
         assert all(r[case + "_unchanged"] for r in results), f"{case}: a weight changed"
     assert all(r["good_step"] for r in results)
+    forward = {"fwd_tokens": ("MoE layer 0", "rank 1", "installed routes have shape (7, 2), but x holds 6 tokens"),
+               "fwd_width": ("rank 0", "x must end in dim=8, got shape (6, 9)"),
+               "fwd_routes": ("rank 3", "routes[0, 1] = 99 is not an expert id")}
+    for case, needles in forward.items():
+        outcomes = {r[case] for r in results}
+        assert len(outcomes) == 1, f"{case}: ranks raised different errors: {outcomes}"
+        kind, msg = outcomes.pop()
+        assert kind == "ValueError" and all(n in msg for n in needles), (case, kind, msg)
+    assert all(r["fwd_good"] for r in results)
     for rank, r in enumerate(results):
         assert "no plan is installed" in r["stale"], f"rank {rank}: {r['stale']}"
 
