@@ -21,6 +21,7 @@ def _worker(rank, mesh):
     out["texts"] = comm.all_gather_text("é" * g + f"r{rank}", group)
     out["none"] = comm.first_error("", group)
     out["first"] = comm.first_error("bad" if g == 1 else "", group)
+    out["lowest"] = comm.first_error(f"bad on {g}", group)  # every rank has one: the lowest wins
     return out
 
 
@@ -36,6 +37,7 @@ def test_collectives_on_a_gloo_group():
         assert out["texts"] == [f"r{peers[0]}", f"ér{peers[1]}"]
         assert out["none"] is None
         assert out["first"] == (1, "bad")
+        assert out["lowest"] == (0, "bad on 0")
 
 
 def test_nccl_groups_communicate_on_the_current_cuda_device(monkeypatch):
