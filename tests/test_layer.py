@@ -82,6 +82,18 @@ def test_bad_routes_raise_value_error(bad, match):
         layer(torch.randn(3, 8), bad)
 
 
+@pytest.mark.parametrize("bad,match", [
+    (torch.randn(3, 7), r"x must end in dim=8, got shape \(3, 7\)"),
+    (torch.tensor(1.0), r"x must end in dim=8, got shape \(\)"),
+    (torch.empty(3, 8, device="meta"), "x is on meta, but the layer's weights are on cpu"),
+    ([[0.0] * 8] * 3, "x must be a tensor"),
+])
+def test_bad_tokens_raise_value_error(bad, match):
+    layer = ReLibraMoE(8, 6, 8, 2)
+    with pytest.raises(ValueError, match=match):
+        layer(bad)
+
+
 def test_state_dict_round_trip_uses_transformers_names():
     torch.manual_seed(3)
     a, b = ReLibraMoE(8, 6, 8, 2), ReLibraMoE(8, 6, 8, 2)
