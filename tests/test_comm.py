@@ -46,3 +46,7 @@ def test_nccl_groups_communicate_on_the_current_cuda_device(monkeypatch):
     assert comm.comm_device(object()) == torch.device("cuda", 3)
     monkeypatch.setattr(comm.dist, "get_backend", lambda group=None: "gloo")
     assert comm.comm_device(object()) == torch.device("cpu")
+    # a group with both backends sends CPU tensors through gloo: control-plane agreement
+    # (e.g. ReLibraMoE's input check) then never waits for the GPU
+    monkeypatch.setattr(comm.dist, "get_backend", lambda group=None: "cpu:gloo,cuda:nccl")
+    assert comm.comm_device(object()) == torch.device("cpu")
