@@ -148,6 +148,27 @@ def test_rebalance_near_ties_fall_back_to_the_exact_sort(monkeypatch):
     assert calls  # the exact sort ran
 
 
+def test_sort_slots_resorts_only_the_rows_the_fast_key_misorders(monkeypatch):
+    """Values that differ only in the key's dropped low bits: those rows, and only those, are
+    sorted again exactly; every row ends as the exact stable descending sort."""
+    import relibra.policies.eplb_algorithm as alg
+
+    gen = np.random.default_rng(5)
+    vals = gen.integers(1, 1000, (64, 40)).astype(float) / 3.0
+    up = np.nextafter(vals[[7, 40], 5], np.inf)  # one ulp: below the flat-slot bits of the key
+    vals[[7, 40], 9] = up  # slot 9 is heavier than slot 5 by an ulp
+    vals[[7, 40], 5] = np.nextafter(up, -np.inf)
+    calls = []
+    exact = alg._sorted_desc
+    monkeypatch.setattr(alg, "_sorted_desc", lambda w: calls.append(w.shape[0]) or exact(w))
+    flat_slot = np.arange(vals.size).reshape(vals.shape)
+    src, ordered = alg._sort_slots(vals, flat_slot)
+    want = np.argsort(-vals, axis=1, kind="stable") + np.arange(0, vals.size, 40)[:, None]
+    assert src.tolist() == want.tolist()
+    assert ordered.tolist() == vals.reshape(-1)[want].tolist()
+    assert calls == [2]  # rows 7 and 40 only
+
+
 def _pack_weights(gen: np.random.Generator, shape: tuple[int, int], kind: str) -> np.ndarray:
     """Item weights ``[rows, items]`` for the packing tests: ties, skewed floats, per-copy loads
     (``sorted_halves``: repeated halves, as after replication), otherwise integers."""

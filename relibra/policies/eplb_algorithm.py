@@ -44,6 +44,7 @@ sums above 2**24 tokens: on such loads ties can break differently). Results are 
 
 from __future__ import annotations
 
+import functools
 import heapq
 from typing import Any
 
@@ -412,28 +413,6 @@ def _replicate_flat(
     return score, cnt, picks, after
 
 
-def _order_copies(score: np.ndarray, picks: np.ndarray, B: int, n: int, R: int) -> np.ndarray:
-    """``src [B, R]``: every row's physical experts by descending load per copy, ties by slot.
-
-    Slot ``s < n`` is expert ``s``'s first copy, slot ``n + i`` the ``i``-th extra copy
-    (``picks [R - n, B]``); ``src`` holds flat slots ``b * R + s``. This is the integer
-    key of :func:`_sorted_desc` built straight from the loads' bits, so it may misorder
-    loads that differ only in their lowest bits: the caller checks the loads it gathers
-    (:func:`_rows_descending`) and else sorts again with :func:`_sorted_desc`.
-    """
-    sbits = score.view(np.int64)  # loads are >= +0.0 (see weight_array): bits order like values
-    key = np.empty((B, R), dtype=np.int64)
-    np.subtract(_INF_BITS, sbits.reshape(B, n), out=key[:, :n])  # descending
-    key[:, n:] = (_INF_BITS - sbits[picks]).T
-    idx_mask = (1 << (R - 1).bit_length()) - 1
-    key &= ~idx_mask
-    key |= np.arange(R)
-    key.sort(axis=1)
-    key &= idx_mask
-    key += np.arange(0, B * R, R)[:, None]
-    return key
-
-
 def _rows_descending(x_BN: np.ndarray) -> bool:
     """Whether every row of ``x_BN`` (C-contiguous) is non-increasing."""
     n = x_BN.shape[1]
@@ -443,62 +422,73 @@ def _rows_descending(x_BN: np.ndarray) -> bool:
     return bool(ok.all())
 
 
-def _pack_rounds(ordered: np.ndarray, num_packs: int) -> np.ndarray:
+def _pack_rounds(ordered: np.ndarray, num_packs: int, base: np.ndarray | None = None) -> np.ndarray:
     """Longest-first packing of rows already sorted heaviest first: ``slot [B, n]``.
 
     ``slot = pack * (n / num_packs) + rank in pack`` of the ``j``-th heaviest item, as
-    :func:`pack_slots` gives it. Packs a round of ``num_packs`` items at a time for all
-    rows, then redoes with :func:`pack_slots` the (few) rows where some round was not
-    provably "clean". In a clean round every pack holds the same number of items at its
-    start and the greedy gives the round's items, heaviest first, to the packs in
-    ascending order of load (ties by index), one each: it does exactly when every pack
-    served before the last turn ends up strictly heavier than the heaviest pack at the
-    round's start (see :func:`pack_slots`). The last round is always clean (each pack has
-    one place left). The checks are made at the end: first the sufficient one that every
-    pack ends a round heavier than the heaviest began it (the next round's lightest
-    against this round's heaviest: ``[B]`` vectors), and only if some row fails it the
-    exact one.
+    :func:`pack_slots` gives it; with ``base [B, n]`` (each row's offset plus the item's
+    round, i.e. its rank in the pack: see :func:`_frame`) the slot is ``pack * (n /
+    num_packs) + base``. Packs a round of ``num_packs`` items at a time for all rows, then
+    redoes with :func:`pack_slots` the (few) rows where some round was not provably "clean".
+    In a clean round every pack holds the same number of items at its start and the greedy
+    gives the round's items, heaviest first, to the packs in ascending order of load (ties
+    by index), one each: it does exactly when every pack served before the last turn ends
+    up strictly heavier than the heaviest pack at the round's start (see :func:`pack_slots`).
+    The last round is always clean (each pack has one place left). The checks are made at
+    the end: first the sufficient one that every pack ends a round heavier than the heaviest
+    began it (the next round's lightest against this round's heaviest: ``[B]`` vectors), and
+    only if some row fails it the exact one.
     """
     B, n = ordered.shape
     P = num_packs
     per_pack = n // P
     items = ordered.reshape(B, per_pack, P)  # [row, round, turn]
-    slot = np.empty((B, per_pack, P), dtype=np.int64)
-    slot[:, 0, :] = np.arange(P)
+    pack = np.empty((B, per_pack, P), dtype=np.int64)  # pack of each item
+    pack[:, 0, :] = np.arange(P)  # round 0: item p to (empty) pack p
     load = items[:, 0, :].copy()  # [B, P] by pack
     load_flat = load.reshape(-1)
-    offsets = np.arange(0, B * P, P)[:, None]
+    offsets = _row_offsets(B, P)
     exact = [(0.0, items[:, 0, : P - 1])]  # (heaviest at the start, served packs at the end)
     heaviest = [0.0]
     lightest_next = []  # lightest pack at the start of the next round
     for r in range(1, per_pack):
         perm = load.argsort(axis=1, kind="stable")  # packs, lightest first
-        slot[:, r, :] = perm
-        if r == per_pack - 1:
-            lightest_next.append(load_flat.take(perm[:, 0] + offsets[:, 0]))
-            break
-        flat = perm + offsets
-        lightest = load_flat[flat]
+        pack[:, r, :] = perm
+        perm += offsets  # flat
+        lightest = load_flat.take(perm)
         lightest_next.append(lightest[:, 0])
+        if r == per_pack - 1:
+            break
         heaviest.append(lightest[:, P - 1])
         new = lightest + items[:, r, :]
         exact.append((lightest[:, P - 1 :], new[:, : P - 1]))
-        load_flat[flat] = new
+        load_flat[perm] = new
+    slot = pack.reshape(B, n)
     slot *= per_pack
-    slot += np.arange(per_pack)[:, None]  # + rank in pack: the round
-    slot = slot.reshape(B, n)
+    if base is None:
+        base = np.repeat(np.arange(per_pack), P)
+    slot += base
     if all(np.less(h, l).all() for h, l in zip(heaviest, lightest_next)):
         return slot
     clean = np.ones(B, dtype=bool)
     for start, end in exact:
         clean &= np.less(start, end).all(axis=1)
     rows = np.flatnonzero(~clean)
+    offset = base[rows, :1] if base.ndim == 2 else 0  # the rows' offsets (round 0 adds nothing)
     if rows.size * n <= _FEW_ITEMS:  # usually one row or two: cheaper one by one
-        for row in rows.tolist():
-            slot[row] = _greedy_sorted(ordered[row].tolist(), P)
+        redone = np.array([_greedy_sorted(ordered[row].tolist(), P) for row in rows.tolist()], dtype=np.int64)
+        slot[rows] = redone.reshape(rows.size, n) + offset
     else:
-        slot[rows] = pack_slots(ordered[rows], P)  # sorted rows: its stable sort keeps the order
+        slot[rows] = pack_slots(ordered[rows], P) + offset  # sorted rows: its stable sort keeps the order
     return slot
+
+
+@functools.lru_cache(maxsize=8)
+def _row_offsets(B: int, P: int) -> np.ndarray:
+    """``[B, P]`` first flat index of each row (``b * P``), cached read-only."""
+    offsets = np.repeat(np.arange(0, B * P, P), P).reshape(B, P)
+    offsets.flags.writeable = False
+    return offsets
 
 
 _FEW_ITEMS = 4096  # unclean rows up to this many items in all take the per-row greedy
@@ -523,18 +513,71 @@ def _greedy_sorted(items: list[float], num_packs: int) -> list[int]:
     return slot
 
 
+@functools.lru_cache(maxsize=8)
+def _frame(L: int, N: int, n: int, R: int, P: int) -> dict[str, np.ndarray]:
+    """Index constants of one problem shape, cached read-only. Rows ``b = layer * N + node``.
+
+    ``slot [B, R]`` flat slot ``b * R + s``; ``row_R [B, 1]`` = ``b * R``; ``layer_R [B, 1]``
+    the row's layer's first flat slot (``layer * N * R``); ``home_flat [B, n]`` flat expert
+    ``b * n + s``; ``home_local [B, n]`` expert within the layer (``node * n + s``);
+    ``layer_E [B]`` the row's layer's first flat expert (``layer * N * n``); ``pack_base
+    [B, R]`` what :func:`_pack_rounds` adds to ``GPU * per_gpu`` (``b * R`` + the sorted
+    copy's round, i.e. its place on its GPU).
+    """
+    B = L * N
+    frame = {
+        "slot": np.arange(B * R).reshape(B, R),
+        "row_R": np.arange(0, B * R, R)[:, None],
+        "layer_R": np.repeat(np.arange(0, L * N * R, N * R), N)[:, None],
+        "home_flat": np.arange(B * n).reshape(B, n),
+        "home_local": np.tile(np.arange(N * n).reshape(N, n), (L, 1)),
+        "layer_E": np.repeat(np.arange(0, L * N * n, N * n), N),
+        "pack_base": np.arange(0, B * R, R)[:, None] + np.repeat(np.arange(R // P), P),
+    }
+    for array in frame.values():
+        array.flags.writeable = False
+    return frame
+
+
+def _sort_slots(vals: np.ndarray, flat_slot: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every row of ``vals [B, R]`` (>= +0.0) heaviest first, ties by slot: ``(src, ordered)``.
+
+    ``src [B, R]`` holds flat slots ``b * R + s`` (``flat_slot``), ``ordered`` their values.
+    One integer sort: the values' bits, complemented for descending order, with the flat
+    slot in the low bits (which orders ties by slot, the row part being constant). Values
+    that differ only in those low bits could come out misordered: the gathered values are
+    checked and the (rare) rows where that happened are sorted again exactly with
+    :func:`_sorted_desc`.
+    """
+    B, R = vals.shape
+    mask = (1 << int(flat_slot.size - 1).bit_length()) - 1
+    key = np.subtract(_INF_BITS, vals.view(np.int64))  # descending
+    key &= ~mask
+    key |= flat_slot
+    key.sort(axis=1)
+    key &= mask
+    ordered = vals.reshape(-1).take(key)
+    if not _rows_descending(ordered):
+        rows = np.flatnonzero(~(ordered[:, :-1] >= ordered[:, 1:]).all(axis=1))
+        src, ordered[rows] = _sorted_desc(vals[rows])
+        key[rows] = src + (rows * R - np.arange(0, rows.size * R, R))[:, None]  # sub-array rows -> rows
+    return key, ordered
+
+
 def _rebalance(
     weight_LE: np.ndarray, num_phy: int, num_groups: int, num_nodes: int, num_gpus: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The three steps for all layers; returns ``phy2log [L, R]``, ``log2phy [L, E, X]``, ``logcnt [L, E]``.
 
-    Rows ``B = L * num_nodes`` are (layer, node) pairs. Experts are named by their flat
-    index ``layer * E + node-major index`` throughout, and every physical slot by a code
-    ``flat expert * X + copy rank``, which is also its flat index in ``log2phy``
-    (when groups stay in place); so the outputs are two scatters at the end. Gathers and
-    scatters go through flat indices, cheaper than 2-D fancy indexing. Few large arrays
-    are alive at once (``del``): fresh pages cost a fault each, and on some machines
-    that dominates.
+    Rows ``B = L * num_nodes`` are (layer, node) pairs with ``n`` experts (in node-major
+    order) and ``R_node`` physical slots each: slot ``s < n`` holds expert ``s``'s first
+    copy, slot ``n + i`` the ``i``-th extra copy given out in step 2. Step 3 sorts each
+    row's slots by load per copy and packs them, which gives every slot's destination
+    (``dest``, flat ``b * R_node + GPU * per_gpu + position``). Every copy is named by a
+    code ``flat expert * X + copy rank``, which is also its flat index in ``log2phy``
+    (when groups stay in place), so the outputs are two scatters. Gathers and scatters go
+    through flat indices, cheaper than 2-D fancy indexing; index constants are cached per
+    shape (:func:`_frame`).
     """
     L, E = weight_LE.shape
     N = num_nodes
@@ -542,6 +585,7 @@ def _rebalance(
     extra = R_node - n
     P = num_gpus // N  # GPUs (packs) per node
     per_gpu = R_node // P
+    frame = _frame(L, N, n, R_node, P)
     identity = num_groups == N  # step 1 keeps group g on node g: node-major = expert order
     if identity:
         w_flat = weight_LE.reshape(-1)
@@ -551,50 +595,48 @@ def _rebalance(
         w_flat = np.take_along_axis(weight_LE, mlog2log, 1).reshape(-1)
     score, cnt, picks, after = _replicate_flat(w_flat, B, n, extra)  # step 2
     X = int(cnt.max())
-    code = np.empty((B, R_node), dtype=np.int64)  # flat expert * X + copy rank, by slot
-    np.add((np.arange(0, B * n * X, n * X))[:, None], np.arange(0, n * X, X), out=code[:, :n])
-    picks_code = picks * X
-    picks_code += after
-    picks_code -= 1
-    code[:, n:] = picks_code.T
-    del picks_code
-    # step 3: physical experts by load per copy (``cs``: their codes, heaviest first), then
-    # packed onto the node's GPUs (``dest``: flat slot b * R_node + GPU * per_gpu + position)
+    code = np.empty((B, R_node), dtype=np.int64)  # of every slot
+    np.multiply(frame["home_flat"], X, out=code[:, :n])
+    extra_code = picks * X
+    extra_code += after
+    extra_code -= 1
+    code[:, n:] = extra_code.T
+    # step 3: ``src`` the slots by load per copy (flat, heaviest first; None: slot order)
+    # and ``dest`` their destinations
+    src = None
     if per_gpu == 1:  # one copy per GPU: the reference keeps slot order, no sort
-        cs, ordered = code, None
-        es = cs // X  # flat experts
+        dest = frame["slot"]
     else:
-        cs = code.reshape(-1).take(_order_copies(score, picks, B, n, R_node))  # heaviest copy first
-        es = cs // X
-        ordered = score.take(es)
-        if not _rows_descending(ordered):  # the fast key dropped a bit that mattered: sort exactly
-            src, ordered = _sorted_desc(np.concatenate([score.reshape(B, n), score[picks].T], axis=1))
-            cs = code.reshape(-1).take(src)
-            es = cs // X
-            del src
-    del code, score
-    if per_gpu == 1 or P == 1:  # copy j to slot j (one GPU per node: in sorted order)
-        dest = np.arange(B * R_node).reshape(B, R_node)
-    else:
-        dest = _pack_rounds(ordered, P)
-        dest += np.arange(0, B * R_node, R_node)[:, None]
-    del ordered
+        vals = np.empty((B, R_node))
+        vals[:, :n] = score.reshape(B, n)
+        vals[:, n:] = score.take(picks).T
+        src, ordered = _sort_slots(vals, frame["slot"])
+        del vals
+        if P == 1:  # one GPU per node: copies in sorted order
+            dest = frame["slot"]
+        else:
+            dest = _pack_rounds(ordered, P, frame["pack_base"])
+        del ordered
+    copies = code if src is None else code.reshape(-1).take(src)
+    del code
     phy2log = np.empty((L, num_phy), dtype=np.int64)
     if identity:
-        phy2log.reshape(-1)[dest] = es
-        phy2log -= (np.arange(L) * E)[:, None]
-        index = cs
+        local = np.empty((B, R_node), dtype=np.int64)  # expert within the layer, of every slot
+        local[:, :n] = frame["home_local"]
+        local[:, n:] = (picks - frame["layer_E"]).T
+        phy2log.reshape(-1)[dest] = local if src is None else local.reshape(-1).take(src)
+        del local
+        index = copies
     else:
+        es = copies // X  # flat node-major experts
         log_local = mlog2log.reshape(-1).take(es)
         phy2log.reshape(-1)[dest] = log_local
-        index = cs - es * X  # copy rank
+        index = copies - es * X  # copy rank
         index += (log_local + (es // E) * E) * X
-    del es
-    dest -= np.repeat(np.arange(0, L * num_phy, num_phy), N)[:, None]  # slot within the layer
+        del es
     log2phy = np.full(L * E * X, -1, dtype=np.int64)
-    log2phy[index] = dest
+    log2phy[index] = dest - frame["layer_R"]  # slot within the layer
     logcnt = cnt.reshape(L, E)
     if not identity:
         logcnt = np.take_along_axis(logcnt, log2mlog, 1)
     return phy2log, log2phy.reshape(L, E, X), logcnt
-
