@@ -25,7 +25,7 @@ The reference loops over layers in Python; here every step handles all layers (a
 at once, on NumPy arrays (torch's per-call dispatch costs several times more at these
 sizes; torch only at the public boundary). Step 2 is one ``argmax`` and a few ``[B]``-vector
 operations per extra slot. Step 3 sorts every node's copies once (an integer key made of
-the loads' bits, checked), then packs a round of ``G / N`` copies at a time, one argsort per
+the loads' bits and the flat slot, checked; :func:`_sort_slots`), then packs a round of ``G / N`` copies at a time, one argsort per
 round, where the greedy provably gives one copy to each GPU in load order (see
 :func:`_pack_rounds`; other rows, rare on real loads, go to :func:`pack_slots`). Every
 physical copy is named by one integer, ``flat expert * X + copy rank``, which is also its
@@ -33,8 +33,9 @@ index in ``log2phy``, so the outputs are two scatters.
 
 Speed at DeepSeek-V3's shape is set less by arithmetic than by memory: each pass over a
 ``[B, R]`` array costs tens of microseconds when the cache is cold (as it is right after
-other work), so the code keeps passes and fresh arrays few; ``benchmarks/eplb.py`` measures
-it that way (interleaved with the loop reference).
+other work), so the code keeps passes and fresh arrays few and caches index constants per
+shape (:func:`_frame`); ``benchmarks/eplb.py`` measures it both cold (interleaved with the
+loop reference) and back-to-back.
 
 Dtype: ``weight`` may be any real integer or floating tensor (or array / nested list); it
 is converted to float64 on the CPU, so integer loads are exact up to 2**53 and every sum is
