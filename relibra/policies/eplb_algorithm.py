@@ -518,7 +518,7 @@ def _greedy_sorted(items: list[float], num_packs: int) -> list[int]:
 def _frame(L: int, N: int, n: int, R: int, P: int) -> dict[str, np.ndarray]:
     """Index constants of one problem shape, cached read-only. Rows ``b = layer * N + node``.
 
-    ``slot [B, R]`` flat slot ``b * R + s``; ``row_R [B, 1]`` = ``b * R``; ``layer_R [B, 1]``
+    ``slot [B, R]`` flat slot ``b * R + s``; ``layer_R [B, 1]``
     the row's layer's first flat slot (``layer * N * R``); ``home_flat [B, n]`` flat expert
     ``b * n + s``; ``home_local [B, n]`` expert within the layer (``node * n + s``);
     ``layer_E [B]`` the row's layer's first flat expert (``layer * N * n``); ``pack_base
@@ -528,7 +528,6 @@ def _frame(L: int, N: int, n: int, R: int, P: int) -> dict[str, np.ndarray]:
     B = L * N
     frame = {
         "slot": np.arange(B * R).reshape(B, R),
-        "row_R": np.arange(0, B * R, R)[:, None],
         "layer_R": np.repeat(np.arange(0, L * N * R, N * R), N)[:, None],
         "home_flat": np.arange(B * n).reshape(B, n),
         "home_local": np.tile(np.arange(N * n).reshape(N, n), (L, 1)),
