@@ -118,10 +118,17 @@ def tree_split(loads_BGH: torch.Tensor, rep_BK: torch.Tensor, level_B: torch.Ten
         ``hshare_BGH``, ``x_BK`` and ``ok_B``: True where the split is valid (no negative
         share) and reaches ``level_B``; other rows (cycles) must be solved another way.
     """
+    return _on_problem_last(_tree_np, "tree_split", loads_BGH, rep_BK, level_B, spare_per_gpu)
+
+
+def _on_problem_last(split_np, name: str, loads_BGH: torch.Tensor, rep_BK: torch.Tensor, level_B: torch.Tensor,
+                     spare_per_gpu: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run a one-spare-slot sweep ``split_np(w [Gn*H, B], rep [Gn, B], T [B])`` on problem-first
+    tensors: ``(hshare [B, Gn, H], x [B, Gn], ok [B])``."""
     B, Gn, H = loads_BGH.shape
     if spare_per_gpu != 1:
-        raise ValueError(f"tree_split needs spare_per_gpu == 1, got {spare_per_gpu}")
-    h, x, ok = _tree_np(_cols(loads_BGH.reshape(B, Gn * H)), _cols(rep_BK), level_B.numpy())
+        raise ValueError(f"{name} needs spare_per_gpu == 1, got {spare_per_gpu}")
+    h, x, ok = split_np(_cols(loads_BGH.reshape(B, Gn * H)), _cols(rep_BK), level_B.numpy())
     return _rows(h).view(B, Gn, H), _rows(x), torch.from_numpy(ok)
 
 
@@ -175,11 +182,7 @@ def forest_split(loads_BGH: torch.Tensor, rep_BK: torch.Tensor, level_B: torch.T
     do not solve are solved again once per copy on a cycle (that copy removed) and the first
     variant that reaches the level is kept. Problems with two cycles may still fail (``ok_B`` False).
     """
-    B, Gn, H = loads_BGH.shape
-    if spare_per_gpu != 1:
-        raise ValueError(f"forest_split needs spare_per_gpu == 1, got {spare_per_gpu}")
-    h, x, ok = _forest_np(_cols(loads_BGH.reshape(B, Gn * H)), _cols(rep_BK), level_B.numpy())
-    return _rows(h).view(B, Gn, H), _rows(x), torch.from_numpy(ok)
+    return _on_problem_last(_forest_np, "forest_split", loads_BGH, rep_BK, level_B, spare_per_gpu)
 
 
 def _forest_np(w: np.ndarray, rep: np.ndarray, T: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
