@@ -248,7 +248,8 @@ class ReLibraMoE(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, routes: torch.Tensor | None = None) -> torch.Tensor:
         ctx = self._micro_batch
-        fault = self._input_fault(x, routes, ctx)
+        from_ctx = routes is None and ctx is not None and ctx.routes_TK is not None
+        fault = self._input_fault(x, routes, ctx.routes_TK if from_ctx else None)
         if self.ep_group is not None and self.agree_input_errors:
             found = first_error(fault, self.ep_group)  # before any collective of the dispatch
             if found is not None:
@@ -258,7 +259,6 @@ class ReLibraMoE(nn.Module):
             raise ValueError(fault)
         shape = x.shape
         x_TD = x.reshape(-1, self.dim)
-        from_ctx = routes is None and ctx is not None and ctx.routes_TK is not None
         if from_ctx:
             routes = ctx.routes_TK
         elif routes is not None:
@@ -272,12 +272,12 @@ class ReLibraMoE(nn.Module):
             out = out + shared
         return out.reshape(shape)
 
-    def _input_fault(self, x, routes, ctx: LayerMicroBatch | None) -> str:
+    def _input_fault(self, x, routes, installed_TK: torch.Tensor | None) -> str:
         """Why this rank cannot run ``forward(x, routes)``, or "" (no communication).
 
         Checks what would otherwise fail on this rank alone, after or inside a collective:
-        ``x``'s type, width and device, and the routes (passed, or installed by the
-        Balancer) against ``x``'s token count.
+        ``x``'s type, width and device, and the routes (``installed_TK`` by the Balancer when
+        they replace ``routes``, else the passed ones) against ``x``'s token count.
         """
         if not isinstance(x, torch.Tensor):
             return f"x must be a tensor [..., {self.dim}], got {type(x).__name__}"
@@ -286,9 +286,9 @@ class ReLibraMoE(nn.Module):
         if x.device != self.gate.weight.device:
             return f"x is on {x.device}, but the layer's weights are on {self.gate.weight.device}"
         T = x.numel() // self.dim
-        if routes is None and ctx is not None and ctx.routes_TK is not None:
-            if tuple(ctx.routes_TK.shape) != (T, self.top_k):
-                return (f"installed routes have shape {tuple(ctx.routes_TK.shape)}, but x holds {T} tokens "
+        if installed_TK is not None:
+            if tuple(installed_TK.shape) != (T, self.top_k):
+                return (f"installed routes have shape {tuple(installed_TK.shape)}, but x holds {T} tokens "
                         f"(need [{T}, {self.top_k}])")
             return ""
         if routes is not None:
