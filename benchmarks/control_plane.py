@@ -3,7 +3,7 @@
     python benchmarks/control_plane.py [--calls 200 --batches 5 --worlds 2 4]
 
 ``ReLibraMoE.forward`` agrees its input verdict over the expert-parallel group with
-:func:`relibra.comm.first_error` (one all-reduce when no rank has an error), so a bad input on
+:func:`relibra.runtime.comm.first_error` (one all-reduce when no rank has an error), so a bad input on
 one rank raises on all. This prints, per world size (gloo ranks on this machine, a flat
 group), microseconds per call: ``first_error`` with no error (the cost every forward pays),
 with an error on the last rank (the all-reduce plus the text exchange), and a bare
@@ -18,7 +18,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from relibra.comm import first_error
+from relibra.runtime.comm import first_error
 from relibra.testing import run_world
 
 

@@ -7,7 +7,7 @@ Shape: DeepSeek-V3, 58 MoE layers x 256 experts, 8 nodes x 8 GPUs, 320 physical 
 one group (the reference's fallback). Loads: the real SGLang counts of DeepSeek-V3
 (``--data``, default ``../shared/data/deepseek_v3_expert_load/prefill_in1024.json``; dense
 rows dropped); when that file is absent, the package's shipped popularity
-(``relibra/data``) times 8M token copies, rounded.
+(``relibra/sim/data``) times 8M token copies, rounded.
 
 Method: one thread; the loop reference (``tests/eplb_loop_reference.py``) and the
 vectorised function run interleaved, one call each per repeat, and each reports its best
@@ -47,7 +47,7 @@ def real_weight(path: Path) -> tuple[torch.Tensor, str]:
     if path.exists():
         counts = np.asarray(json.loads(path.read_text())["logical_count"], dtype=np.float64)
         return torch.from_numpy(counts[counts.sum(1) > 0].copy()), f"real loads {path.name}"
-    from relibra.traces import load_popularity
+    from relibra.sim.traces import load_popularity
 
     pop = load_popularity("prefill_in4096")
     return torch.from_numpy(np.round(pop * 8e6)), "shipped popularity prefill_in4096 x 8M (no real file)"

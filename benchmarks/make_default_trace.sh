@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates relibra/data/default_trace.npz, the trace `relibra bench` uses without --trace.
+# Regenerates relibra/sim/data/default_trace.npz, the trace `relibra bench` uses without --trace.
 # DeepSeek-V3 popularity of the prefill_in4096 workload (real), GRPO groups of 16 responses per
 # prompt, Dirichlet concentration 512 per layer, 131072 tokens per micro-batch (2048 per GPU on
 # 64 GPUs), 8 micro-batches per step, 2 steps (one warm-up, one measured), seed 0. Kept small
@@ -9,11 +9,11 @@
 # (the eplb-oracle row) cannot move load between nodes and stays ~1.8x behind hybrid at every
 # concentration; global EPLB (eplb-oracle-global) is ~1.2x behind at 512 (1.5x at 128, 1.16x at
 # 1024; benchmarks/sim_regimes.py). Realism trade-off: at 512 a micro-batch's load correlates
-# 0.94 with the long-run popularity, Qwen3-235B measured 0.57 per batch (relibra.traces.describe);
+# 0.94 with the long-run popularity, Qwen3-235B measured 0.57 per batch (relibra.sim.traces.describe);
 # concentration ~32 matches that, and there hybrid's lead over both EPLBs is larger.
 # Add --derive-from ../shared/data/deepseek_v3_expert_load to rebuild the popularity file too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m relibra.traces --out relibra/data/default_trace.npz \
+python -m relibra.sim.traces --out relibra/sim/data/default_trace.npz \
   --steps 2 --micro-batches 8 --tokens-per-micro-batch 131072 \
   --group-size 16 --concentration 512 --workload prefill_in4096 --seed 0 "$@"

@@ -3,8 +3,8 @@
     python benchmarks/planners.py [--steps 3] [--micro-batches 16] [--seed 0] [--concentration 64]
 
 Shape: 58 MoE layers, 256 experts, top-8, 8 nodes x 8 GPUs, 1 spare slot per GPU.
-Loads: relibra.traces' GRPO generator around DeepSeek-V3's real popularity (SGLang
-``prefill_in4096`` counts shipped in relibra/data): groups of 16 responses share a per-layer
+Loads: relibra.sim.traces' GRPO generator around DeepSeek-V3's real popularity (SGLang
+``prefill_in4096`` counts shipped in relibra/sim/data): groups of 16 responses share a per-layer
 expert mix ``Dirichlet(concentration * popularity)``, 65,536 tokens per micro-batch. Seeded, so
 runs repeat.
 
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import relibra
-from relibra.traces import TraceConfig, generate
+from relibra.sim.traces import TraceConfig, generate
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,10 +4,10 @@
         [--concentrations 16,64,256,1024,4096] [--group-sizes 4,16] [--spare-slots 1,2]
         [--four-node-concentrations 64,256,1024] [--option hybrid.migration_weight=0.5] [--seed 0]
 
-Every row generates its own GRPO trace (relibra.traces, DeepSeek-V3 prefill_in4096 popularity,
+Every row generates its own GRPO trace (relibra.sim.traces, DeepSeek-V3 prefill_in4096 popularity,
 ``--steps`` steps of ``--micro-batches`` micro-batches, ``--tokens-per-gpu`` tokens per GPU per
 micro-batch, one warm-up step) and simulates static, eplb-oracle (EPLB's own hierarchical
-choice), eplb-oracle-global, hybrid and ideal with relibra.cost's DeepSeek-V3 / H100 model.
+choice), eplb-oracle-global, hybrid and ideal with relibra.sim.cost's DeepSeek-V3 / H100 model.
 Defaults: 8 nodes x 8 GPUs; the extra 4-node rows keep the tokens per GPU.
 
 Columns: ``x static``, ``x eplb-or``, ``x eplb-gl``: hybrid's speedup over those rows;
@@ -17,7 +17,7 @@ micro-batches x layers; then hybrid's gap split by part, each in % of ideal's st
 ideal's uniform traffic), ``repl`` (replica weight copies and gradient reductions), ``migr``
 (reorder's expert moves, net of overlap); they add up to ``gap``. ``r1``/``r4``: realism of the
 trace, correlation of 1- and 4-micro-batch loads with the long-run popularity (Qwen3-235B
-measured 0.57 and 0.71; relibra.traces.describe). One CPU thread (planning timed on one).
+measured 0.57 and 0.71; relibra.sim.traces.describe). One CPU thread (planning timed on one).
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ import time
 import torch
 
 from relibra.cli import parse_options
-from relibra.cost import make_config
+from relibra.sim.cost import make_config
 from relibra.sim import gap_breakdown, simulate
-from relibra.traces import TraceConfig, describe, generate, load_popularity
+from relibra.sim.traces import TraceConfig, describe, generate, load_popularity
 
 POLICIES = ["static", "eplb-oracle", "eplb-oracle-global", "hybrid", "ideal"]
 HEAD = ["nodes", "spare", "group", "conc", "x static", "x eplb-or", "x eplb-gl", "gap", "imb mean", "imb worst",

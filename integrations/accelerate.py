@@ -71,7 +71,7 @@ def build_mesh(accelerator: Any, plugin: RelibraPlugin):
 
 def expert_parameter_names(model: nn.Module) -> list[str]:
     """Qualified names of every ReLibraMoE's sharded expert parameters."""
-    from relibra.layer import ReLibraMoE
+    from relibra.runtime.layer import ReLibraMoE
 
     out = []
     for name, module in model.named_modules():
@@ -122,7 +122,7 @@ def prepare(accelerator: Any, model: nn.Module, optimizer: torch.optim.Optimizer
         return None
     if _is_wrapped(model):
         raise ValueError("relibra prepare: call it on the bare model, before accelerator.prepare(model, ...)")
-    from relibra.balancer import Balancer
+    from relibra.runtime.balancer import Balancer
 
     from .transformers import find_moe_blocks, swap_moe_blocks
 
@@ -140,7 +140,7 @@ def prepare(accelerator: Any, model: nn.Module, optimizer: torch.optim.Optimizer
         model._ddp_params_and_buffers_to_ignore = ignore
         fsdp = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
         if fsdp is not None:
-            from relibra.layer import ReLibraMoE
+            from relibra.runtime.layer import ReLibraMoE
 
             experts = [m.experts for m in model.modules() if isinstance(m, ReLibraMoE)]
             fsdp.ignored_modules = list(getattr(fsdp, "ignored_modules", None) or []) + experts

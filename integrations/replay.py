@@ -40,7 +40,7 @@ def moe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
     out = []
     try:
-        from relibra.layer import ReLibraMoE  # noqa: WPS433
+        from relibra.runtime.layer import ReLibraMoE  # noqa: WPS433
     except ImportError:  # the layer may not be importable in a light install
         ReLibraMoE = ()  # type: ignore[assignment]
     hf = {id(m) for _, m, _ in find_moe_blocks(model)}
@@ -193,7 +193,7 @@ def replay_routes(model: nn.Module, routes: torch.Tensor) -> Iterator[None]:
     ``[B, S, L, K]``; -1 marks a token copy without a route (padding). Forward pre-hooks pass
     ``routes=`` to each layer, so the HF decoder code needs no change.
     """
-    from relibra.layer import ReLibraMoE
+    from relibra.runtime.layer import ReLibraMoE
 
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, ReLibraMoE)]
     if not layers:

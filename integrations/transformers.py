@@ -41,7 +41,7 @@ FAMILY_ROUTERS: dict[str, str] = {
 
 
 def _relibra_moe_cls():
-    from relibra.layer import ReLibraMoE  # late: the layer lives in the execution wing
+    from relibra.runtime.layer import ReLibraMoE  # late: the layer lives in the execution wing
 
     return ReLibraMoE
 

@@ -1,7 +1,7 @@
 """The ``relibra`` console script: ``relibra bench`` and ``relibra launch``.
 
 ``relibra bench`` simulates the balancing policies on a routing trace (the embedded default
-or ``--trace FILE``) with the cost model of :mod:`relibra.cost` and prints the comparison;
+or ``--trace FILE``) with the cost model of :mod:`relibra.sim.cost` and prints the comparison;
 ``--json`` prints one JSON object instead, ``--plot FILE.png`` draws it (needs matplotlib).
 """
 
@@ -41,7 +41,7 @@ def parse_options(items: list[str], policies: list[str]) -> dict[str, dict[str, 
     """
     import yaml
 
-    from .sim import policy_factory
+    from .sim.simulate import policy_factory
 
     out: dict[str, dict[str, Any]] = {}
     for item in items:
@@ -91,9 +91,9 @@ def _table(results: dict[str, Any]) -> str:
 
 
 def bench(args: argparse.Namespace) -> int:
-    from .cost import make_config
-    from .sim import gap_breakdown, simulate
-    from .traces import default_trace_path, load_trace_file
+    from .sim.cost import make_config
+    from .sim.simulate import gap_breakdown, simulate
+    from .sim.traces import default_trace_path, load_trace_file
 
     cfg = make_config(args.preset, args.cluster, _parse_sets(args.set))
     loads, top_k, meta = load_trace_file(args.trace or default_trace_path())
@@ -145,7 +145,7 @@ def bench(args: argparse.Namespace) -> int:
         print(f"trace {header['trace']}: {S} steps x {M} micro-batches x {L} layers x {E} experts; "
               f"{topology}; {args.preset} on {args.cluster}; steady state after {args.warmup_steps} warm-up step(s)")
         if stats is not None:
-            from .traces import format_description
+            from .sim.traces import format_description
 
             print(format_description(stats))
         if options:
@@ -155,7 +155,7 @@ def bench(args: argparse.Namespace) -> int:
         if parts is not None:
             print("hybrid's gap to ideal = " + " ".join(f"{k} {v:+.1%}" for k, v in parts.items()))
         print("plan s: process CPU time of policy.plan per step (all micro-batches), one torch thread; "
-              "times and volumes come from relibra.cost's model, not a measurement")
+              "times and volumes come from relibra.sim.cost's model, not a measurement")
     if args.plot:
         plot_bench(results, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
@@ -163,12 +163,12 @@ def bench(args: argparse.Namespace) -> int:
 
 
 def _describe(loads: Any, meta: dict[str, Any]) -> dict[str, Any]:
-    """Realism statistics of the trace (relibra.traces.describe), against the shipped popularity of
+    """Realism statistics of the trace (relibra.sim.traces.describe), against the shipped popularity of
     the trace's workload when the trace names one and its shape fits, else against its own total."""
-    from .traces import describe, load_popularity
+    from .sim.traces import describe, load_popularity
 
     popularity = None
-    workload = meta.get("workload") if meta.get("generator") == "relibra.traces" else None
+    workload = meta.get("workload") if meta.get("generator") == "relibra.sim.traces" else None
     if workload:
         try:
             popularity = load_popularity(workload)
@@ -235,7 +235,7 @@ def _launch(argv: list[str]) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .sim import DEFAULT_POLICIES
+    from .sim.simulate import DEFAULT_POLICIES
 
     ap = argparse.ArgumentParser(prog="relibra", description="Expert load balancing for RL training of MoE models.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -252,10 +252,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument("--plot", default=None, metavar="FILE.png")
     b.add_argument("--describe", action="store_true",
-                   help="also print the trace's realism statistics (relibra.traces.describe) next to "
+                   help="also print the trace's realism statistics (relibra.sim.traces.describe) next to "
                         "the Qwen3-235B measurements")
     b.add_argument("--set", action="append", default=[], metavar="key=value",
-                   help="override a cost parameter (see relibra.cost.CostConfig), repeatable")
+                   help="override a cost parameter (see relibra.sim.cost.CostConfig), repeatable")
     b.add_argument("--option", action="append", default=[], metavar="POLICY.OPTION=VALUE",
                    help="pass an option to one policy row, e.g. hybrid.migration_weight=0.5 "
                         "(value read as a YAML scalar), repeatable")

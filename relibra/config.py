@@ -95,7 +95,7 @@ def _wrap(exc: OmegaConfBaseException, source: str) -> ValueError:
 
 
 def _validate(cfg: DictConfig) -> None:
-    from .policies import available_policies, get_policy
+    from .registry import available_policies, get_policy
 
     topo = cfg.topology
     for name in _POSITIVE_INTS:
@@ -195,7 +195,7 @@ def to_topology(cfg: DictConfig | RelibraConfig) -> Topology:
 
 def build_policy(cfg: DictConfig | RelibraConfig) -> Any:
     """A fresh policy object: ``relibra.get_policy(cfg.policy.name, **cfg.policy.options)``."""
-    from .policies import get_policy
+    from .registry import get_policy
 
     options = _options(cfg) if isinstance(cfg, DictConfig) else dict(cfg.policy.options)
     return get_policy(cfg.policy.name, **options)

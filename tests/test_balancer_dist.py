@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from relibra import available_policies
-from relibra.balancer import Balancer
+from relibra.runtime.balancer import Balancer
 from relibra.plan import Plan
 from relibra.testing import run_world
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from relibra.cli import main
-from relibra.traces import save_trace_file
+from relibra.sim.traces import save_trace_file
 
 POL = "static,no-such-policy,ideal"
 

@@ -1,10 +1,10 @@
-"""relibra.comm: the control-plane collectives (gloo world) and the NCCL device choice."""
+"""relibra.runtime.comm: the control-plane collectives (gloo world) and the NCCL device choice."""
 
 from __future__ import annotations
 
 import torch
 
-from relibra import comm
+from relibra.runtime import comm
 from relibra.testing import run_world
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from relibra.cost import CostConfig, ideal_step_cost, make_config, step_cost
+from relibra.sim.cost import CostConfig, ideal_step_cost, make_config, step_cost
 from relibra.plan import Placement, Plan
 from relibra.topology import Topology
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from relibra.dispatch import combine, dispatch, expert_mlp, slot_table, split_counts
-from relibra.replicas import replica_route
+from relibra.runtime.dispatch import combine, dispatch, expert_mlp, slot_table, split_counts
+from relibra.runtime.replicas import replica_route
 from relibra.topology import Topology
 
 

@@ -1,7 +1,7 @@
 """FSDP2 + expert parallelism + Balancer equals one process (gloo, 4 ranks as edp=2 x ep=2).
 
 Mesh ``(edp=2, ep=2)``: the MoE layers are built on ``world["ep"]`` (1 node x 2 GPUs, H = 4
-home + 1 spare slot per rank); :func:`relibra.fsdp.apply_fsdp` shards the experts over
+home + 1 spare slot per rank); :func:`relibra.runtime.fsdp.apply_fsdp` shards the experts over
 ``world["edp"]`` (dim 1) and everything else over all 4 ranks. Every rank has its own tokens
 (the two EP groups see different data). After three AdamW steps with moving hot experts, the
 loss per step and every logical weight and AdamW moment equal a single process trained on all
@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from relibra.balancer import Balancer
+from relibra.runtime.balancer import Balancer
 from relibra.plan import Placement, Plan
 from relibra.testing import run_world
 
@@ -90,7 +90,7 @@ def _logical_state(model, opt) -> dict:
 
 
 def _worker(rank, _mesh, runs, references):
-    from relibra.fsdp import apply_fsdp, expert_data_parallel_mesh
+    from relibra.runtime.fsdp import apply_fsdp, expert_data_parallel_mesh
 
     world, dp_mesh, edp_mesh, ep_mesh = expert_data_parallel_mesh(2, 2)
     results = {}
@@ -134,7 +134,7 @@ def _misuse_errors(dp_mesh, edp_mesh, ep_mesh) -> list[str]:
     """Wrappings that cannot work raise ValueError before any collective."""
     from torch.distributed.fsdp import fully_shard
 
-    from relibra.fsdp import apply_fsdp
+    from relibra.runtime.fsdp import apply_fsdp
 
     out = []
     for call in (lambda: apply_fsdp(Net(ep_mesh), edp_mesh, edp_mesh),           # dp != edp * G

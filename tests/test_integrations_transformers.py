@@ -9,7 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from relibra.layer import ReLibraMoE  # noqa: E402
+from relibra.runtime.layer import ReLibraMoE  # noqa: E402
 from relibra.integrations.transformers import find_moe_blocks, swap_moe_blocks  # noqa: E402
 
 COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

@@ -11,7 +11,7 @@ datasets = pytest.importorskip("datasets")
 
 from relibra.integrations.accelerate import RelibraPlugin  # noqa: E402
 from relibra.integrations.trl import RelibraGRPOTrainer  # noqa: E402
-from relibra.layer import ReLibraMoE  # noqa: E402
+from relibra.runtime.layer import ReLibraMoE  # noqa: E402
 
 
 def _tokenizer():

@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relibra import Placement, Topology
-from relibra.migration import MigrationError, Move, migrate_experts, plan_moves
-from relibra.migration import _hash_weights, _piece_checksum
+from relibra.runtime.migration import MigrationError, Move, migrate_experts, plan_moves
+from relibra.runtime.migration import _hash_weights, _piece_checksum
 from relibra.testing import run_world
 
 TOPO = Topology(num_nodes=2, gpus_per_node=2, num_experts=8)   # G=4, H=2
@@ -288,7 +288,7 @@ def test_bad_input_fails_on_every_rank_before_any_transfer():
 
 
 def _worker_pack_fails(rank: int, mesh) -> None:
-    import relibra.migration as migration
+    import relibra.runtime.migration as migration
 
     old, new, _ = _placements()
     params, opt = _make(rank, old)

@@ -11,7 +11,7 @@ def _python_blocks() -> list[str]:
 
 
 def test_planning_and_custom_policy_snippets_run(monkeypatch):
-    from relibra.policies import registry
+    from relibra import registry
 
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     blocks = _python_blocks()

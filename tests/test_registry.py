@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import relibra
-from relibra.policies import registry
+from relibra import registry
 
 
 @pytest.fixture(autouse=True)

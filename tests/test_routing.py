@@ -32,7 +32,7 @@ from relibra.routing import (
     token_key,
     verl_sequences,
 )
-from relibra.trace_io import Trace, load_trace, save_trace
+from relibra.routing.trace_file import Trace, load_trace, save_trace
 
 
 def loop_loads(seqs, num_experts, groups, moe_layers, ranks=None, num_ranks=1):

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from relibra import available_policies
-from relibra.cost import CostConfig
+from relibra.sim.cost import CostConfig
 from relibra.sim import simulate
 
 CFG = CostConfig(hidden=64, expert_intermediate=32, num_experts=8, top_k=2, num_moe_layers=2,
@@ -74,7 +74,7 @@ def test_eplb_global_row_and_single_thread_planning_time():
 
 
 def test_timed_plan_restores_threads_on_error():
-    from relibra.sim import timed_plan
+    from relibra.sim.simulate import timed_plan
 
     class Boom:
         def plan(self, loads, topology):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from relibra.traces import (TraceConfig, default_trace_path, describe, format_description, generate,
+from relibra.sim.traces import (TraceConfig, default_trace_path, describe, format_description, generate,
                             load_popularity, load_trace_file, save_trace_file, waterfill)
 
 SMALL = dict(steps=2, micro_batches=4, tokens_per_micro_batch=8192, group_size=4,

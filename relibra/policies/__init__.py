@@ -1,18 +1,31 @@
-"""Balancing policies and their registry.
+"""The built-in balancing policies.
 
-Built-ins: ``static``, ``eplb``, ``reorder``, ``replicate``, ``hybrid``. Third-party packages
-register more through the entry point group ``relibra.policies``; see CONTRIBUTING.md.
+:data:`BUILTINS` is the one list of them: importing this package registers each under its
+name (``relibra.get_policy("hybrid")``). A built-in that fails to import makes ``import
+relibra`` fail; nothing here is optional. Third-party packages register more through the entry
+point group ``relibra.policies`` (see :mod:`relibra.registry` and CONTRIBUTING.md).
 """
 
+from ..registry import register_policy
 from .base import BalancingPolicy, check_loads
-from .registry import available_policies, get_policy, register_policy
-from . import static  # noqa: F401  (registers "static")
+from .eplb import EplbPolicy
+from .hybrid import HybridPolicy
+from .reorder import ReorderPolicy
+from .replicate import ReplicatePolicy
+from .static import StaticPolicy
 
-for _module in ("eplb", "reorder", "replicate", "hybrid"):
-    try:
-        __import__(f"{__name__}.{_module}")
-    except ModuleNotFoundError as _exc:  # built-ins still being written
-        if _exc.name != f"{__name__}.{_module}":
-            raise
+#: name -> factory of every built-in policy
+BUILTINS = {
+    "static": StaticPolicy,
+    "eplb": EplbPolicy,
+    "reorder": ReorderPolicy,
+    "replicate": ReplicatePolicy,
+    "hybrid": HybridPolicy,
+}
 
-__all__ = ["BalancingPolicy", "check_loads", "available_policies", "get_policy", "register_policy"]
+for _name, _factory in BUILTINS.items():
+    register_policy(_name)(_factory)
+del _name, _factory
+
+__all__ = ["BUILTINS", "BalancingPolicy", "check_loads", "EplbPolicy", "HybridPolicy", "ReorderPolicy",
+           "ReplicatePolicy", "StaticPolicy"]

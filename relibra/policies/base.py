@@ -9,6 +9,12 @@ each MoE layer in each of the step's M micro-batches (known before the step star
 rollout routing replay). A policy may keep state between calls (load history, the previous
 placement): ``plan`` is called once per step, in step order, identically on every rank.
 
+A policy whose plans hold replicas may also offer ``replan(loads_MLE, placement, topology) ->
+Plan``: the replicas and token split of ``loads_MLE`` on a placement it did not choose. The
+Balancer uses it under expert data parallelism, where one replica's placement serves every
+expert-parallel group and each group splits its own tokens on it; without it those groups run
+that placement without replicas.
+
 Memory is the same for every policy: ``E / G`` home slots per GPU plus the topology's spare
 slots. ``eplb`` fills spare slots once for the whole step, ``replicate`` and ``hybrid`` refill
 them every micro-batch, ``static`` and ``reorder`` leave them empty.

@@ -40,7 +40,7 @@ from ..topology import Topology
 from .base import check_loads
 from .eplb_algorithm import rebalance_experts
 from .eplb_placement import place_home_aware
-from .registry import register_policy
+from .replicate import replicate_on
 
 __all__ = ["EplbPolicy", "rebalance_experts", "even_split_plan"]
 
@@ -49,7 +49,6 @@ _HISTORIES = ("window", "ema")
 _MODES = ("auto", "hierarchical", "global")
 
 
-@register_policy("eplb")
 class EplbPolicy:
     """DeepSeek EPLB fed by past loads (``history``) or the step's own loads (``oracle``).
 
@@ -143,6 +142,11 @@ class EplbPolicy:
         if self.source == "history":
             self._record(step_LE)
         return plan
+
+    def replan(self, loads: torch.Tensor, placement: Placement, topology: Topology) -> Plan:
+        """Replicas and split of ``loads`` on a placement chosen elsewhere (see the contract): the
+        intra-node replicas of ``replicate``, since EPLB's own replicas come with its placement."""
+        return replicate_on(loads, placement, topology, policy="eplb")
 
     def _check_history(self, step_LE: torch.Tensor) -> None:
         past = self._ema if self.history == "ema" else (self._steps[-1] if self._steps else None)

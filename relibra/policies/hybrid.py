@@ -12,17 +12,15 @@ import time
 
 import torch
 
-from ..plan import Plan
+from ..plan import Placement, Plan
 from ..topology import Topology
 from .base import check_loads
-from .registry import register_policy
 from .reorder import ReorderPolicy
 from .replicate import replicate_on
 
 __all__ = ["HybridPolicy"]
 
 
-@register_policy("hybrid")
 class HybridPolicy:
     """ReLibra: inter-batch reordering plus intra-batch, intra-node replication.
 
@@ -47,3 +45,7 @@ class HybridPolicy:
         plan = replicate_on(loads, placement, topology, policy="hybrid")
         plan.info.update(reorder_seconds=reordered - start, plan_seconds=time.perf_counter() - start)
         return plan
+
+    def replan(self, loads: torch.Tensor, placement: Placement, topology: Topology) -> Plan:
+        """Replicas and split of ``loads`` on a placement chosen elsewhere (see the contract)."""
+        return replicate_on(loads, placement, topology, policy="hybrid")

@@ -49,7 +49,6 @@ from ..plan import Placement, Plan
 from ..topology import Topology
 from ._packing import greedy_pack, objective, swap_search
 from .base import check_loads
-from .registry import register_policy
 
 __all__ = ["ReorderPolicy", "reorder_placement"]
 
@@ -235,7 +234,6 @@ def _search(w_BIM: torch.Tensor, K: int, prev_BI: torch.Tensor | None, max_swaps
     return out
 
 
-@register_policy("reorder")
 class ReorderPolicy:
     """Inter-batch reordering; spare slots stay empty.
 

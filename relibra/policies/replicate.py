@@ -37,7 +37,6 @@ from ..topology import Topology
 from ._replica_greedy import GREEDY_VARIANTS, _best_of_greedy_np, _cols, _rows, node_problems
 from ._replica_split import _assemble_np, _forest_np, optimal_split, resplit
 from .base import check_loads
-from .registry import register_policy
 
 __all__ = ["ReplicatePolicy", "replicate_on"]
 
@@ -109,7 +108,6 @@ def _scatter_x(hshare_BGH: torch.Tensor, rep_BK: torch.Tensor, x_BK: torch.Tenso
     return out[:, :-1].view(B, Gn, H)
 
 
-@register_policy("replicate")
 class ReplicatePolicy:
     """Intra-batch replication on a fixed placement.
 
@@ -127,4 +125,8 @@ class ReplicatePolicy:
     def plan(self, loads: torch.Tensor, topology: Topology) -> Plan:
         loads = check_loads(loads, topology)
         placement = self.placement or Placement.contiguous(topology, loads.shape[1])
+        return replicate_on(loads, placement, topology, policy="replicate")
+
+    def replan(self, loads: torch.Tensor, placement: Placement, topology: Topology) -> Plan:
+        """Replicas and split of ``loads`` on a placement chosen elsewhere (see the contract)."""
         return replicate_on(loads, placement, topology, policy="replicate")

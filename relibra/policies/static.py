@@ -7,12 +7,10 @@ import torch
 from ..plan import Placement, Plan
 from ..topology import Topology
 from .base import check_loads
-from .registry import register_policy
 
 __all__ = ["StaticPolicy"]
 
 
-@register_policy("static")
 class StaticPolicy:
     """GPU ``g`` homes experts ``g*H .. g*H+H-1`` in every layer; spare slots stay empty."""
 

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from .cost import CostConfig, StepCost, ideal_step_cost, step_cost
-from .plan import Placement
-from .policies import get_policy
-from .topology import Topology
+from ..plan import Placement
+from ..registry import get_policy
+from ..topology import Topology
 
 __all__ = ["DEFAULT_POLICIES", "PolicyResult", "policy_factory", "policy_options", "timed_plan", "simulate",
            "gap_breakdown"]

@@ -45,8 +45,8 @@ from typing import Any, Mapping
 
 import torch
 
-from .plan import Placement, Plan, as_loads
-from .topology import Topology
+from ..plan import Placement, Plan, as_loads
+from ..topology import Topology
 
 __all__ = ["CostConfig", "MODEL_PRESETS", "CLUSTER_PRESETS", "StepCost", "step_cost", "ideal_step_cost",
            "make_config"]

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from .routing import route_fault
+from ..routing.routes import route_fault
 
 __all__ = ["Router", "check_routes", "routes_fault"]
 

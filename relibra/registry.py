@@ -1,4 +1,8 @@
-"""The policy registry: built-ins, user registrations and ``relibra.policies`` entry points."""
+"""The policy registry: built-ins (:mod:`relibra.policies`), user registrations and entry points.
+
+A name maps to a factory (a class or function returning an object with ``plan(loads, topology)``).
+The runtime and the config resolve policy names here; they never import a planner.
+"""
 
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ from typing import Any, Hashable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .routing import PAD, _to_int64, as_routes, select_moe_layers
+from .routes import PAD, as_routes, select_moe_layers, to_int64
 
 __all__ = [
     "decode_routed_experts",
@@ -89,7 +89,7 @@ def decode_routed_experts(
         if len(buffer) % dt.itemsize:
             raise ValueError(f"{name}: buffer of {len(buffer)} bytes is not a whole number of {dt} ({dt.itemsize} bytes)")
         data = np.frombuffer(buffer, dtype=dt)
-    tensor, _ = _to_int64(data, name)
+    tensor, _ = to_int64(data, name)
     if tensor.dim() == 1 or (num_layers is not None and top_k is not None and tensor.dim() != 3):
         if num_layers is None or top_k is None:
             raise ValueError(f"{name} is flat ({tensor.numel()} ids); give num_layers and top_k to reshape it")
@@ -148,7 +148,7 @@ def verl_sequences(routed_experts_BSLK: Any, mask_BS: Any = None) -> list[torch.
     padding side. A narrower mask ``[B, S']`` (verl's ``response_mask``) covers the last S'
     positions. Without a mask every position counts.
     """
-    routes, _ = _to_int64(routed_experts_BSLK, "routed_experts", keep_dtype=True)
+    routes, _ = to_int64(routed_experts_BSLK, "routed_experts", keep_dtype=True)
     if routes.dim() != 4:
         raise ValueError(f"verl routed_experts must be [batch, seq, layers, top_k], got shape {tuple(routes.shape)}")
     if mask_BS is None:
@@ -183,7 +183,7 @@ def from_megatron(per_layer_TK: Sequence[Any]) -> torch.Tensor:
     """Megatron-Core replay data (one ``[T, K]`` per MoE layer) -> ``[T, L, K]`` int64."""
     layers = []
     for i, routes in enumerate(per_layer_TK):
-        tensor, _ = _to_int64(routes, f"layer {i}")
+        tensor, _ = to_int64(routes, f"layer {i}")
         if tensor.dim() != 2:
             raise ValueError(f"layer {i} routes must be [tokens, top_k], got shape {tuple(tensor.shape)}")
         if layers and tensor.shape != layers[0].shape:
@@ -196,7 +196,7 @@ def from_megatron(per_layer_TK: Sequence[Any]) -> torch.Tensor:
 
 def to_megatron(routes_TLK: Any) -> list[torch.Tensor]:
     """``[T, L, K]`` -> one contiguous ``[T, K]`` int64 per layer, for ``RouterReplay.set_replay_data``."""
-    routes, _ = _to_int64(routes_TLK, "routes_TLK")
+    routes, _ = to_int64(routes_TLK, "routes_TLK")
     if routes.dim() != 3:
         raise ValueError(f"routes_TLK must be [tokens, layers, top_k], got shape {tuple(routes.shape)}")
     return [routes[:, layer].contiguous() for layer in range(routes.shape[1])]
@@ -212,7 +212,7 @@ def align_routes(routes_TLK: Any, num_tokens: int, *, pad_last: bool = False) ->
     ``[num_tokens, L, K]``, aligned with the training input (the last position has no
     recorded route: route it live, its loads are not counted).
     """
-    routes, _ = _to_int64(routes_TLK, "routes")
+    routes, _ = to_int64(routes_TLK, "routes")
     if routes.dim() != 3:
         raise ValueError(f"routes must be [tokens, layers, top_k], got shape {tuple(routes.shape)}")
     if num_tokens < 1:
@@ -228,7 +228,7 @@ def align_routes(routes_TLK: Any, num_tokens: int, *, pad_last: bool = False) ->
 
 def token_key(token_ids: Any) -> str:
     """Content hash of a sequence's token ids (1-D integers): a stable key across processes."""
-    ids, _ = _to_int64(token_ids, "token_ids")
+    ids, _ = to_int64(token_ids, "token_ids")
     if ids.dim() != 1:
         raise ValueError(f"token_ids must be 1-D, got shape {tuple(ids.shape)}")
     return hashlib.blake2b(ids.numpy().tobytes(), digest_size=16).hexdigest()

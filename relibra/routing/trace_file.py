@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .plan import as_loads
+from ..slots import as_loads
 
 __all__ = ["Trace", "save_trace", "load_trace"]
 

@@ -49,8 +49,8 @@ import torch
 import torch.distributed as dist
 
 from .comm import all_gather_text, all_reduce_, comm_device, first_error
-from .plan import Placement
-from .topology import Topology
+from ..plan import Placement
+from ..topology import Topology
 
 __all__ = ["Move", "MigrationError", "MigrationReport", "plan_moves", "migrate_experts"]
 

@@ -32,7 +32,7 @@ every wrapped module when the group's backend is gloo.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.distributed as dist
@@ -40,8 +40,8 @@ import torch.nn as nn
 
 from .comm import broadcast_
 from .layer import ReLibraMoE
-from .plan import Placement, Plan
-from .topology import Topology
+from ..plan import Placement, Plan
+from ..topology import Topology
 
 __all__ = ["apply_fsdp", "expert_data_parallel_mesh", "fsdp_layers", "edp_plan"]
 
@@ -158,14 +158,14 @@ def fsdp_layers(layers: list[ReLibraMoE], edp_mesh=None):
         if isinstance(layer.experts, FSDPModule) and not wrapped[i]:
             raise ValueError(f"MoE layer {i}: fully_shard the ReLibraMoE layer, not layer.experts (its "
                              "forward is never called, so FSDP would never unshard the experts); "
-                             "use relibra.fsdp.apply_fsdp")
+                             "use relibra.runtime.fsdp.apply_fsdp")
     meshes = {id(m): m for m in (getattr(layer, "edp_mesh", None) for layer in layers) if m is not None}
     if edp_mesh is None and len(meshes) > 1:
         raise ValueError("MoE layers are sharded over different edp_mesh objects; pass edp_mesh=")
     edp_mesh = edp_mesh if edp_mesh is not None else next(iter(meshes.values()), None)
     if any(wrapped) and edp_mesh is None:
         raise ValueError("MoE layers are wrapped with fully_shard: pass edp_mesh= (the mesh their "
-                         "experts are sharded over) or wrap with relibra.fsdp.apply_fsdp")
+                         "experts are sharded over) or wrap with relibra.runtime.fsdp.apply_fsdp")
     if edp_mesh is None:
         return any(wrapped), None
     if getattr(edp_mesh, "ndim", None) != 1:
@@ -174,13 +174,14 @@ def fsdp_layers(layers: list[ReLibraMoE], edp_mesh=None):
 
 
 def edp_plan(plan: Plan | None, error: str, loads_MLE: torch.Tensor, topology: Topology,
-             policy_name: str, group) -> tuple[Plan | None, str]:
+             policy_name: str, group, replan: Callable[..., Plan] | None = None) -> tuple[Plan | None, str]:
     """One placement for every EDP replica; each EP group splits its own tokens on it.
 
     Called by EP rank 0 of every replica (collective over ``group``, the EDP group). EDP rank 0
     broadcasts its ``plan``'s placement (planned on the loads summed over replicas) or its
-    ``error``; every caller then builds its plan for its own ``loads_MLE [M, L, E]``:
-    ``replicate_on`` (intra-node replicas, optimal split) when rank 0's plan had replicas,
+    ``error``; every caller then builds its plan for its own ``loads_MLE [M, L, E]``: with
+    ``replan(loads_MLE, placement, topology)`` (the policy's own replica planner on a fixed
+    placement, e.g. ``replicate``'s) when rank 0's plan had replicas and ``replan`` is given,
     no replicas otherwise. Returns ``(plan, error)``; never raises.
     """
     L, E = plan_shape = (loads_MLE.shape[1], topology.num_experts)
@@ -194,11 +195,9 @@ def edp_plan(plan: Plan | None, error: str, loads_MLE: torch.Tensor, topology: T
     if int(buf[0]):
         return None, error or f"policy {policy_name!r} failed on expert-data-parallel rank 0"
     try:
-        from .policies.replicate import replicate_on
-
         placement = Placement(buf[2:].view(plan_shape).clone())
-        if int(buf[1]) and topology.spare_slots_per_gpu:
-            local = replicate_on(loads_MLE, placement, topology, policy=policy_name)
+        if int(buf[1]) and topology.spare_slots_per_gpu and replan is not None:
+            local = replan(loads_MLE, placement, topology)
         else:
             local = Plan.without_replicas(placement, loads_MLE, topology, policy_name)
         local.validate(topology, loads_MLE)

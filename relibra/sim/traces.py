@@ -5,7 +5,7 @@ Legend: ``S`` steps, ``M`` micro-batches per step, ``L`` MoE layers, ``E`` exper
 What is real and what is modelled, plainly:
 
 * Real: the per-layer expert popularity of DeepSeek-V3 serving runs (SGLang's published
-  ``logical_count``, 58 MoE layers x 256 experts; see ``relibra/data/README`` and
+  ``logical_count``, 58 MoE layers x 256 experts; see ``relibra/sim/data/README`` and
   ``../shared/data/deepseek_v3_expert_load``). Those are long-run sums: they show skew, not
   how load moves from one micro-batch to the next.
 * Modelled: that movement. A GRPO step holds prompt groups; every prompt draws its own
@@ -30,8 +30,8 @@ What is real and what is modelled, plainly:
   trace, chosen for the paper's ~1.2x hybrid/oracle-EPLB regime) gives 0.94. Their batch size
   and domain mix are unknown, so neither end is "the" real value.
 
-A seed makes a trace exact. ``python -m relibra.traces --out FILE.npz`` writes one; the
-default trace shipped in ``relibra/data`` is made by ``benchmarks/make_default_trace.sh``.
+A seed makes a trace exact. ``python -m relibra.sim.traces --out FILE.npz`` writes one; the
+default trace shipped in ``relibra/sim/data`` is made by ``benchmarks/make_default_trace.sh``.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from .trace_io import load_trace, save_trace
+from ..routing.trace_file import load_trace, save_trace
 
 __all__ = ["TraceConfig", "generate", "load_popularity", "derive_popularity", "load_trace_file",
            "save_trace_file", "default_trace_path", "waterfill", "describe", "format_description"]
@@ -57,7 +57,7 @@ SHIPPED_WORKLOADS = ("prefill_in4096", "prefill_in1000out1000", "decode_in1000ou
 
 
 def _data_path(name: str) -> str:
-    return str(resources.files("relibra").joinpath(_DATA, name))
+    return str(resources.files("relibra.sim").joinpath(_DATA, name))
 
 
 def default_trace_path() -> str:
@@ -267,7 +267,7 @@ def format_description(d: dict[str, Any]) -> str:
 
 
 def save_trace_file(path: str, loads: np.ndarray, top_k: int, meta: dict[str, Any] | None = None) -> None:
-    """Write a trace ``.npz`` (``loads`` [S, M, L, E], ``top_k``, ``meta``): :func:`relibra.trace_io.save_trace`."""
+    """Write a trace ``.npz`` (``loads`` [S, M, L, E], ``top_k``, ``meta``): :func:`relibra.routing.trace_file.save_trace`."""
     save_trace(path, loads, top_k, meta=meta)
 
 
@@ -280,7 +280,7 @@ def load_trace_file(path: str) -> tuple[np.ndarray, int, dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m relibra.traces", description="Write a GRPO routing trace.")
+    ap = argparse.ArgumentParser(prog="python -m relibra.sim.traces", description="Write a GRPO routing trace.")
     ap.add_argument("--out", required=True)
     for name, default in asdict(TraceConfig()).items():
         ap.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         derive_popularity(args.derive_from, _data_path(POPULARITY_FILE))
     cfg = TraceConfig(**{k: getattr(args, k) for k in asdict(TraceConfig())})
     loads = generate(cfg)
-    save_trace_file(args.out, loads.astype(np.int32), cfg.top_k, meta={"generator": "relibra.traces", **asdict(cfg)})
+    save_trace_file(args.out, loads.astype(np.int32), cfg.top_k, meta={"generator": "relibra.sim.traces", **asdict(cfg)})
     print(f"wrote {args.out}: loads {list(loads.shape)}, {os.path.getsize(args.out) / 1024:.0f} KiB")
     return 0
 

@@ -33,7 +33,7 @@ from . import dispatch as _dispatch
 from .replicas import ReplicaRoute, fetch_replicas, replica_route
 from .comm import first_error
 from .router import Router, routes_fault
-from .topology import Topology
+from ..topology import Topology
 
 __all__ = ["ReLibraMoE", "Experts", "LayerMicroBatch"]
 

@@ -26,9 +26,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import kernels
-from .plan import slot_ranks
-from .topology import Topology
+from .. import kernels
+from ..plan import slot_ranks
+from ..topology import Topology
 
 __all__ = ["SlotTable", "slot_table", "split_counts", "DispatchMeta", "dispatch", "combine", "expert_mlp"]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .topology import Topology
+from ..topology import Topology
 
 __all__ = ["ReplicaRoute", "replica_route", "fetch_replicas"]
 

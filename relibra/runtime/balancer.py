@@ -14,7 +14,7 @@ G ranks of the expert-parallel group, T_m tokens of micro-batch m on this rank.
 the verdict before anything else, so bad input raises the same ValueError on every rank and no
 collective is left hanging. Loads are all-gathered ([G, M, L, E]); rank 0 plans with the policy,
 validates the plan and broadcasts it (or the policy's error). If the placement changed, the
-experts (weights, grads, AdamW state) move with :func:`relibra.migration.migrate_experts`; the
+experts (weights, grads, AdamW state) move with :func:`relibra.runtime.migration.migrate_experts`; the
 layers adopt the new placement only after it succeeded.
 """
 
@@ -32,11 +32,11 @@ import torch.nn as nn
 from .comm import all_gather_flat, all_gather_text, all_reduce_, broadcast_, first_error
 from .fsdp import edp_plan, fsdp_layers
 from .layer import ReLibraMoE
-from .plan import Placement, Plan
-from .policies import get_policy
+from ..plan import Placement, Plan
+from ..registry import get_policy
 from .replicas import fetch_replicas_many
-from .routing import route_fault
-from .topology import Topology
+from ..routing.routes import route_fault
+from ..topology import Topology
 
 __all__ = ["Balancer"]
 
@@ -67,8 +67,8 @@ class Balancer:
             fraction below the same placement without replicas are dropped (their tokens go
             home): no replica traffic when there is nothing worth balancing. 0 keeps every one.
         edp_mesh: 1-D mesh of the expert-data-parallel replicas (ranks holding the same home
-            slots, e.g. FSDP2 over it, see :mod:`relibra.fsdp`; default: the layers' ``edp_mesh``
-            set by :func:`relibra.fsdp.apply_fsdp`). With more than one replica, EDP rank 0
+            slots, e.g. FSDP2 over it, see :mod:`relibra.runtime.fsdp`; default: the layers' ``edp_mesh``
+            set by :func:`relibra.runtime.fsdp.apply_fsdp`). With more than one replica, EDP rank 0
             plans the placement on the loads summed over the replicas and broadcasts it; each
             EP group then splits its own tokens on it (``replicate_on`` if the policy's plan
             had replicas, no replicas otherwise), so every replica keeps the same homes.
@@ -211,7 +211,8 @@ class Balancer:
                 error = f"policy {self.policy_name!r} failed: {type(exc).__name__}: {exc}"
                 plan = None
             if self.edp_group is not None:
-                plan, error = edp_plan(plan, error, loads, self.topology, self.policy_name, self.edp_group)
+                plan, error = edp_plan(plan, error, loads, self.topology, self.policy_name, self.edp_group,
+                                       getattr(self.policy, "replan", None))
             if not error:
                 try:
                     plan = self._drop_idle_replicas(plan, loads)

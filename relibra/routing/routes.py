@@ -1,30 +1,19 @@
-"""Recorded routes in, exact loads out (rollout routing replay, R3).
+"""Route arrays (rollout routing replay, R3): validation and MoE-layer selection.
 
 Legend:
 
     T  tokens (of one sequence, or of a micro-batch)    K  top_k (expert copies per token)
     Lg global layers of the model (dense ones included) L  MoE layers
-    E  logical experts per MoE layer                    M  micro-batches
-    R  source ranks (data-parallel / expert-parallel ranks that hold the tokens)
-    B  sequences (batch)
+    E  logical experts per MoE layer
 
 A *route array* of one sequence is an integer array ``routes_TLgK`` ``[T, Lg, K]``: the
 expert ids every token picked in every layer, indexed by **global** layer id as vLLM and
 SGLang return it (dense layers come back as rows of zeros or -1 and are ignored). ``-1``
-marks padding (a token or slot with no route) and is dropped from every count.
+(:data:`PAD`) marks padding (a token or slot with no route) and is dropped from every count.
 
-The pipeline::
-
-    per-sequence routes [T_i, Lg, K]  --(moe_layers / first_k_dense)-->  [T_i, L, K]
-        --(micro_batches: sizes or index lists)-->  loads_MLE [M, L, E] int64 (bincount)
-        --(ranks: source rank of each sequence)-->  loads_MLRE [M, L, R, E]
-
-``routes_for_micro_batch`` concatenates one micro-batch's sequences into the ``[T, L, K]``
-int64 routes tensor the Balancer and the layer consume; ``loads_from_routes`` counts it.
-
-Engine adapters (vLLM, SGLang, verl, Megatron, base64 buffers, the ``len - 1`` alignment,
-``RouteStore``) live in :mod:`relibra.routing_formats`; trace files in :mod:`relibra.trace_io`.
-Both are re-exported here.
+Every check of routes in relibra lives here: :func:`route_fault` returns the fault as text (so
+distributed callers agree on it before raising), :func:`as_routes` and
+:func:`select_moe_layers` raise it.
 """
 
 from __future__ import annotations
@@ -35,26 +24,22 @@ import numpy as np
 import torch
 
 __all__ = [
-    "as_routes",
-    "moe_layer_ids",
-    "select_moe_layers",
-    "micro_batch_groups",
-    "loads_from_routes",
-    "micro_batch_loads",
-    "micro_batch_rank_loads",
-    "routes_for_micro_batch",
-    "route_fault",
     "PAD",
+    "as_routes",
+    "check_sequences",
+    "moe_layer_ids",
+    "route_fault",
+    "select_moe_layers",
+    "to_int64",
 ]
 
 PAD = -1  #: the padding expert id; dropped from every count
 
 
-# --------------------------------------------------------------------------- validation
 _COMPACT = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
-def _to_int64(routes: Any, name: str, keep_dtype: bool = False) -> tuple[torch.Tensor, str]:
+def to_int64(routes: Any, name: str, keep_dtype: bool = False) -> tuple[torch.Tensor, str]:
     """Convert to an int64 CPU tensor, refusing floats, bools and ragged input.
 
     With ``keep_dtype`` a signed integer / uint8 tensor keeps its dtype (saves a full copy;
@@ -141,7 +126,7 @@ def as_routes(routes: Any, num_experts: int, name: str = "routes", ndim: int = 3
     ids outside ``[-1, num_experts)`` (naming the token, layer, slot and id).
     """
     _check_num_experts(num_experts)
-    tensor, dtype = _to_int64(routes, name)
+    tensor, dtype = to_int64(routes, name)
     if tensor.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(tensor.shape)}")
     if dtype == "uint8" and num_experts > 256:
@@ -198,7 +183,7 @@ def _select(
     routes_TLgK: Any, num_experts: int, moe_layers: Any, first_k_dense: Any, name: str, keep_dtype: bool
 ) -> torch.Tensor:
     _check_num_experts(num_experts)
-    tensor, dtype = _to_int64(routes_TLgK, name, keep_dtype)
+    tensor, dtype = to_int64(routes_TLgK, name, keep_dtype)
     if tensor.dim() != 3:
         raise ValueError(f"{name} must be [tokens, layers, top_k], got shape {tuple(tensor.shape)}")
     if dtype == "uint8" and num_experts > 256:
@@ -212,7 +197,7 @@ def _select(
     return tensor
 
 
-def _sequences(
+def check_sequences(
     sequences: Any, num_experts: int, moe_layers: Sequence[int] | None, first_k_dense: int | None
 ) -> list[torch.Tensor]:
     """Validate a list of per-sequence route arrays ``[T_i, L, K]`` (MoE layers; integer dtype
@@ -220,7 +205,7 @@ def _sequences(
     if isinstance(sequences, (torch.Tensor, np.ndarray)):
         raise ValueError(
             "sequences must be a list of per-sequence [len, layers, top_k] arrays; for a padded "
-            "[batch, seq, layers, top_k] array use relibra.routing_formats.verl_sequences(routes, mask)"
+            "[batch, seq, layers, top_k] array use relibra.routing.verl_sequences(routes, mask)"
         )
     out: list[torch.Tensor] = []
     for i, seq in enumerate(sequences):
@@ -234,170 +219,3 @@ def _sequences(
     if not out:
         raise ValueError("no sequences given")
     return out
-
-
-# --------------------------------------------------------------------------- micro-batches
-def micro_batch_groups(num_sequences: int, micro_batches: Sequence[int] | Sequence[Sequence[int]] | None) -> list[list[int]]:
-    """Sequence indices of each micro-batch.
-
-    ``micro_batches`` is ``None`` (one micro-batch of everything), a list of sizes (consecutive
-    sequences; they must add up to ``num_sequences``) or a list of index lists (any order, no
-    sequence twice; sequences in no list are left out).
-    """
-    if micro_batches is None:
-        return [list(range(num_sequences))]
-    groups = list(micro_batches)
-    if not groups:
-        raise ValueError("micro_batches is empty")
-    if all(isinstance(g, (int, np.integer)) and not isinstance(g, bool) for g in groups):
-        sizes = [int(g) for g in groups]
-        if any(s < 0 for s in sizes):
-            raise ValueError(f"micro_batches sizes must be >= 0, got {sizes}")
-        if sum(sizes) != num_sequences:
-            raise ValueError(f"micro_batches sizes {sizes} add up to {sum(sizes)}, but there are {num_sequences} sequences")
-        starts = np.cumsum([0] + sizes)
-        return [list(range(int(a), int(b))) for a, b in zip(starts[:-1], starts[1:])]
-    seen: dict[int, int] = {}
-    out = []
-    for m, group in enumerate(groups):
-        if isinstance(group, (int, np.integer)):
-            raise ValueError("micro_batches mixes sizes and index lists; give one or the other")
-        idx = [int(i) for i in group]
-        for i in idx:
-            if not 0 <= i < num_sequences:
-                raise ValueError(f"micro-batch {m} holds sequence {i}, out of range [0, {num_sequences})")
-            if i in seen:
-                raise ValueError(f"sequence {i} is in micro-batch {seen[i]} and micro-batch {m}")
-            seen[i] = m
-        out.append(idx)
-    return out
-
-
-# --------------------------------------------------------------------------- loads
-def loads_from_routes(routes_TLK: Any, num_experts: int) -> torch.Tensor:
-    """Exact loads ``[L, E]`` int64 of one routes tensor ``[T, L, K]`` (-1 entries ignored)."""
-    routes = as_routes(routes_TLK, num_experts, name="routes_TLK")
-    return _bincount_loads([routes], [[0]], num_experts, None, 1)[0, :, 0]
-
-
-def _bincount_loads(
-    seqs: list[torch.Tensor], groups: list[list[int]], num_experts: int, rank_of_seq: list[int] | None, num_ranks: int
-) -> torch.Tensor:
-    """Counts ``[M, L, R, E]``: one bincount per micro-batch (memory bounded by one micro-batch).
-
-    Ids must already be checked to lie in ``[-1, E)``.
-    """
-    num_layers = seqs[0].shape[1]
-    out = torch.zeros(len(groups), num_layers, num_ranks, num_experts, dtype=torch.int64)
-    layer = torch.arange(num_layers).view(1, num_layers, 1)
-    for m, group in enumerate(groups):
-        if not group:
-            continue
-        routes = torch.cat([seqs[i] for i in group])  # [T, L, K]
-        if rank_of_seq is None:
-            r_tok = torch.zeros(1, 1, 1, dtype=torch.int64)
-        else:
-            lengths = torch.tensor([seqs[i].shape[0] for i in group])
-            r_tok = torch.repeat_interleave(torch.tensor([rank_of_seq[i] for i in group]), lengths).view(-1, 1, 1)
-        # bin (l, r, e + 1) of E + 1 bins per (layer, rank): padding (-1) lands in bin 0, dropped
-        index = routes + ((layer * num_ranks + r_tok) * (num_experts + 1) + 1)  # [T, L, K]
-        counts = torch.bincount(index.view(-1), minlength=num_layers * num_ranks * (num_experts + 1))
-        out[m] = counts.view(num_layers, num_ranks, num_experts + 1)[..., 1:]
-    return out
-
-
-def micro_batch_loads(
-    sequences: Sequence[Any],
-    num_experts: int,
-    *,
-    micro_batches: Sequence[int] | Sequence[Sequence[int]] | None = None,
-    moe_layers: Sequence[int] | None = None,
-    first_k_dense: int | None = None,
-) -> torch.Tensor:
-    """Exact loads ``[M, L, E]`` int64 of per-sequence routes grouped into micro-batches.
-
-    Args:
-        sequences: per-sequence route arrays ``[T_i, Lg, K]`` by global layer id (torch,
-            numpy or lists; any integer dtype; -1 padding).
-        num_experts: E, logical experts per MoE layer.
-        micro_batches: sizes or index lists, see :func:`micro_batch_groups`.
-        moe_layers / first_k_dense: which global layers are MoE, see :func:`moe_layer_ids`.
-    """
-    seqs = _sequences(sequences, num_experts, moe_layers, first_k_dense)
-    groups = micro_batch_groups(len(seqs), micro_batches)
-    return _bincount_loads(seqs, groups, num_experts, None, 1)[:, :, 0]
-
-
-def micro_batch_rank_loads(
-    sequences: Sequence[Any],
-    num_experts: int,
-    ranks: Sequence[int],
-    num_ranks: int,
-    *,
-    micro_batches: Sequence[int] | Sequence[Sequence[int]] | None = None,
-    moe_layers: Sequence[int] | None = None,
-    first_k_dense: int | None = None,
-) -> torch.Tensor:
-    """Exact loads per source rank ``[M, L, R, E]`` int64; ``ranks[i]`` holds sequence ``i``.
-
-    Summing over dimension 2 gives :func:`micro_batch_loads`.
-    """
-    seqs = _sequences(sequences, num_experts, moe_layers, first_k_dense)
-    if not isinstance(num_ranks, (int, np.integer)) or isinstance(num_ranks, bool) or num_ranks < 1:
-        raise ValueError(f"num_ranks must be a positive int, got {num_ranks!r}")
-    rank_list = [int(r) for r in (ranks.tolist() if hasattr(ranks, "tolist") else ranks)]
-    if len(rank_list) != len(seqs):
-        raise ValueError(f"ranks has {len(rank_list)} entries but there are {len(seqs)} sequences")
-    for i, r in enumerate(rank_list):
-        if not 0 <= r < num_ranks:
-            raise ValueError(f"ranks[{i}] = {r} is out of range [0, {num_ranks})")
-    groups = micro_batch_groups(len(seqs), micro_batches)
-    return _bincount_loads(seqs, groups, num_experts, rank_list, int(num_ranks))
-
-
-def routes_for_micro_batch(
-    sequences: Sequence[Any],
-    num_experts: int,
-    indices: Sequence[int] | None = None,
-    *,
-    moe_layers: Sequence[int] | None = None,
-    first_k_dense: int | None = None,
-    drop_padding: bool = True,
-) -> torch.Tensor:
-    """One micro-batch's routes as the ``[T, L, K]`` int64 tensor the Balancer consumes.
-
-    The chosen sequences (``indices``, default all, in the given order) are concatenated
-    along tokens, keeping MoE layers only. With ``drop_padding`` a token whose every entry
-    is -1 (a padding token) is removed; partial -1 entries stay (they are ignored by loads).
-    ``loads_from_routes(result, E)`` equals the micro-batch's row of :func:`micro_batch_loads`.
-    """
-    seqs = _sequences(sequences, num_experts, moe_layers, first_k_dense)
-    if indices is None:
-        indices = range(len(seqs))
-    idx = micro_batch_groups(len(seqs), [list(indices)])[0]
-    if not idx:
-        return torch.zeros((0,) + tuple(seqs[0].shape[1:]), dtype=torch.int64)
-    routes = torch.cat([seqs[i] for i in idx]).to(torch.int64)
-    if drop_padding and routes.numel():
-        routes = routes[(routes != PAD).flatten(1).any(dim=1)]
-    return routes
-
-
-# Re-exports of the adapters and trace files, resolved lazily (they import this module).
-_REEXPORTS = {
-    **{n: "routing_formats" for n in (
-        "RouteStore", "align_routes", "decode_routed_experts", "from_megatron", "from_sglang",
-        "from_verl", "from_vllm", "to_megatron", "token_key", "verl_sequences",
-    )},
-    **{n: "trace_io" for n in ("Trace", "load_trace", "save_trace")},
-}
-__all__ += sorted(_REEXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _REEXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(f".{module}", __package__), name)

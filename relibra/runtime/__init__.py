@@ -1,0 +1,20 @@
+"""The runtime: makes a plan true on real ranks.
+
+- :mod:`.router`: the MoE router (live top-k or replayed routes);
+- :mod:`.layer`: :class:`ReLibraMoE`, experts as DTensors on a DeviceMesh;
+- :mod:`.dispatch`: token copies -> physical slots -> all-to-all -> grouped GEMM -> back;
+- :mod:`.replicas`: spare slots fetch replica weights, their gradients go home;
+- :mod:`.migration`: moves home experts (weights, gradients, optimizer state) transactionally;
+- :mod:`.balancer`: :class:`Balancer`, the training-loop face (plan per step, migrate,
+  replicas per micro-batch);
+- :mod:`.fsdp`: FSDP2 composition (expert data parallel x expert parallel);
+- :mod:`.comm`: small control-plane collectives (errors agreed across ranks).
+
+The runtime is handed a policy (an object, or a name it resolves in :mod:`relibra.registry`); it
+never imports a planner.
+"""
+
+from .balancer import Balancer
+from .layer import ReLibraMoE
+
+__all__ = ["Balancer", "ReLibraMoE"]
