@@ -9,7 +9,7 @@ one group (the reference's fallback). Loads: the real SGLang counts of DeepSeek-
 rows dropped); when that file is absent, the package's shipped popularity
 (``relibra/sim/data``) times 8M token copies, rounded.
 
-Method: one thread; the loop reference (``tests/eplb_loop_reference.py``) and the
+Method: one thread; the loop reference (``relibra/policies/eplb_reference.py``) and the
 vectorised function run interleaved, one call each per repeat, and each reports its best
 repeat, in process CPU time (what the shared development machines distort least) and in
 wall time. ``identical`` compares all three outputs bit for bit. Interleaving is the harsh
@@ -25,7 +25,6 @@ that split the same loads, next to the ``rebalance_experts`` call it is built ar
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import time
@@ -54,11 +53,9 @@ def real_weight(path: Path) -> tuple[torch.Tensor, str]:
 
 
 def loop_reference():
-    path = REPO / "tests" / "eplb_loop_reference.py"
-    spec = importlib.util.spec_from_file_location("eplb_loop_reference", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.rebalance_experts_loop
+    from relibra.policies.eplb_reference import rebalance_experts_loop
+
+    return rebalance_experts_loop
 
 
 def timed(fn, *args):
@@ -145,7 +142,8 @@ def main() -> None:
     print()
     print(f"eplb policy, {args.micro_batches} micro-batches (plan = rebalance on the summed loads, home-aware "
           f"placement, per-micro-batch splits):")
-    head = f"{'mode':13s} {'plan ms cpu':>11s} {'plan ms wall':>12s} {'rebalance ms cpu':>16s} {'rebalance ms wall':>17s}"
+    head = (f"{'mode':13s} {'plan ms cpu':>11s} {'plan ms wall':>12s} {'rebalance ms cpu':>16s} "
+            f"{'rebalance ms wall':>17s}")
     print(head)
     print("-" * len(head))
     for mode, _ in modes:

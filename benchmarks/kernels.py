@@ -111,9 +111,9 @@ def bench_shape(device, T, D, groups, align, backends, reps, gen):
     rows, want = [], {"assign_copies": dest, "permute": x_perm, "unpermute": None}
     for backend in backends:
         ops = {
-            "assign_copies": lambda: kernels.assign_copies(ids, slots, ends, offset, backend=backend),
-            "permute": lambda: kernels.permute(x, dest, groups, align, backend=backend)[0],
-            "unpermute": lambda: kernels.unpermute(x_perm, row_index, w, backend=backend),
+            "assign_copies": lambda b=backend: kernels.assign_copies(ids, slots, ends, offset, backend=b),
+            "permute": lambda b=backend: kernels.permute(x, dest, groups, align, backend=b)[0],
+            "unpermute": lambda b=backend: kernels.unpermute(x_perm, row_index, w, backend=b),
         }
         for op, fn in ops.items():
             out = fn()

@@ -8,7 +8,8 @@ change every micro-batch take 60 % of the first choice), prints the min and medi
 of the slowest rank's fwd+bwd time for the step's micro-batches (policies interleave step by
 step so machine noise hits all alike; min is the robust figure on shared CPUs), the ratio of
 mins to ``static``, the median CPU seconds of fwd+bwd summed over ranks (less sensitive to
-other processes on the box than wall time) and its ratio to ``static``, the plan_step time (incl. migration) and the planned GPU-load imbalance
+other processes on the box than wall time) and its ratio to ``static``, the plan_step time
+(incl. migration) and the planned GPU-load imbalance
 (busiest / mean GPU). CPU ranks share cores, so balance itself cannot speed anything up here:
 the table measures what the machinery costs.
 """
@@ -30,7 +31,7 @@ POLICIES = ("static", "eplb", "reorder", "replicate", "hybrid")
 
 
 def make_routes(kind, step, m, rank, T, L, E, K):
-    g = torch.Generator().manual_seed(hash((kind, step, m, rank)) % (2 ** 31))
+    g = torch.Generator().manual_seed(hash((kind, step, m, rank)) % (2**31))
     scores = torch.rand(T, L, E, generator=g)
     if kind == "skewed":
         hot = torch.tensor([(5 * step + 3 * m) % E, (5 * step + 3 * m + E // 2 + 1) % E])
@@ -49,11 +50,19 @@ def worker(rank, mesh, a):
             torch.manual_seed(0)
             model = nn.ModuleList([ReLibraMoE(a.dim, a.hidden, a.experts, a.top_k, mesh) for _ in range(a.layers)])
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            runs[name] = (model, opt, Balancer(model, mesh=mesh, policy=name, optimizer=opt, spare_slots_per_gpu=1),
-                          [], [], [], [])
+            runs[name] = (
+                model,
+                opt,
+                Balancer(model, mesh=mesh, policy=name, optimizer=opt, spare_slots_per_gpu=1),
+                [],
+                [],
+                [],
+                [],
+            )
         for step in range(a.steps + 1):  # step 0 warms up; policies interleave to share the noise
-            routes = [make_routes(kind, step, m, rank, a.tokens, a.layers, a.experts, a.top_k)
-                      for m in range(a.micro_batches)]
+            routes = [
+                make_routes(kind, step, m, rank, a.tokens, a.layers, a.experts, a.top_k) for m in range(a.micro_batches)
+            ]
             xs = [torch.randn(a.tokens, a.dim) for _ in range(a.micro_batches)]
             for name in names:
                 model, opt, bal, step_times, plan_times, imb, cpu_times = runs[name]
@@ -81,8 +90,17 @@ def worker(rank, mesh, a):
                     imb.append(bal.metrics()["planned_imbalance"])
         for name in names:
             _, _, _, step_times, plan_times, imb, cpu_times = runs[name]
-            rows.append((kind, name, min(step_times), statistics.median(step_times),
-                         statistics.median(cpu_times), statistics.median(plan_times), statistics.mean(imb)))
+            rows.append(
+                (
+                    kind,
+                    name,
+                    min(step_times),
+                    statistics.median(step_times),
+                    statistics.median(cpu_times),
+                    statistics.median(plan_times),
+                    statistics.mean(imb),
+                )
+            )
     return rows
 
 
@@ -98,14 +116,20 @@ def main():
     p.add_argument("--steps", type=int, default=3)
     a = p.parse_args()
     rows = run_world(worker, args=(a,), timeout=1800)[0]
-    print(f"ReLibraMoE fwd+bwd per step, gloo CPU, 2 nodes x 2 ranks, dim {a.dim}, hidden {a.hidden}, "
-          f"E {a.experts}, top-{a.top_k}, {a.layers} layers, {a.tokens} tokens/rank x {a.micro_batches} micro-batches")
-    print(f"{'routes':8} {'policy':10} {'min s':>8} {'median s':>9} {'min/static':>11} "
-          f"{'cpu s':>7} {'cpu/static':>11} {'plan s':>8} {'planned imb':>12}")
+    print(
+        f"ReLibraMoE fwd+bwd per step, gloo CPU, 2 nodes x 2 ranks, dim {a.dim}, hidden {a.hidden}, "
+        f"E {a.experts}, top-{a.top_k}, {a.layers} layers, {a.tokens} tokens/rank x {a.micro_batches} micro-batches"
+    )
+    print(
+        f"{'routes':8} {'policy':10} {'min s':>8} {'median s':>9} {'min/static':>11} "
+        f"{'cpu s':>7} {'cpu/static':>11} {'plan s':>8} {'planned imb':>12}"
+    )
     base = {kind: (t, c) for kind, name, t, _, c, *_ in rows if name == "static"}
     for kind, name, t, tmed, c, tp, imb in rows:
-        print(f"{kind:8} {name:10} {t:8.3f} {tmed:9.3f} {t / base[kind][0]:10.2f}x "
-              f"{c:7.3f} {c / base[kind][1]:10.2f}x {tp:8.3f} {imb:12.2f}")
+        print(
+            f"{kind:8} {name:10} {t:8.3f} {tmed:9.3f} {t / base[kind][0]:10.2f}x "
+            f"{c:7.3f} {c / base[kind][1]:10.2f}x {tp:8.3f} {imb:12.2f}"
+        )
 
 
 if __name__ == "__main__":

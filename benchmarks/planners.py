@@ -17,7 +17,6 @@ machines are shared) and wall time.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import time
 from pathlib import Path
 
@@ -30,13 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def loop_reference():
-    path = REPO / "tests" / "eplb_loop_reference.py"
-    if not path.exists():
-        return None
-    spec = importlib.util.spec_from_file_location("eplb_loop_reference", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return getattr(module, "rebalance_experts_loop", None)
+    from relibra.policies.eplb_reference import rebalance_experts_loop
+
+    return rebalance_experts_loop
 
 
 def imbalance_of_phy2log(phy2log_LR: torch.Tensor, logcnt_LE: torch.Tensor, loads_MLE: torch.Tensor,

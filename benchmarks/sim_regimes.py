@@ -29,8 +29,8 @@ import time
 import torch
 
 from relibra.cli import parse_options
-from relibra.sim.cost import make_config
 from relibra.sim import gap_breakdown, simulate
+from relibra.sim.cost import make_config
 from relibra.sim.traces import TraceConfig, describe, generate, load_popularity
 
 POLICIES = ["static", "eplb-oracle", "eplb-oracle-global", "hybrid", "ideal"]

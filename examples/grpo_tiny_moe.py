@@ -119,9 +119,12 @@ def run(policy, args, accelerator):
         losses.append(step_loss)
         imbalance.append(imb)
         if accelerator.is_main_process:
-            print(f"[{policy:>7}] step {step}  gpu imbalance (max/mean) {imb:.3f}  planned {metrics['planned_imbalance']:.3f}"
-                  f"  experts moved {metrics['experts_moved']}  loss {sum(step_loss):+.6f}  reward {float(mean_reward):.3f}",
-                  flush=True)
+            print(
+                f"[{policy:>7}] step {step}  gpu imbalance (max/mean) {imb:.3f}  "
+                f"planned {metrics['planned_imbalance']:.3f}  experts moved {metrics['experts_moved']}  "
+                f"loss {sum(step_loss):+.6f}  reward {float(mean_reward):.3f}",
+                flush=True,
+            )
     return torch.tensor(losses, dtype=torch.float64), imbalance
 
 
@@ -141,10 +144,18 @@ def main():
     if dist.is_initialized():
         dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     if accelerator.is_main_process:
-        print(json.dumps({"imbalance_static": round(sum(imb_s) / len(imb_s), 4),
-                          "imbalance_relibra": round(sum(imb_r) / len(imb_r), 4),
-                          "loss_max_abs_diff": float(diff),
-                          "policy": relibra_policy, "processes": accelerator.num_processes}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "imbalance_static": round(sum(imb_s) / len(imb_s), 4),
+                    "imbalance_relibra": round(sum(imb_r) / len(imb_r), 4),
+                    "loss_max_abs_diff": float(diff),
+                    "policy": relibra_policy,
+                    "processes": accelerator.num_processes,
+                }
+            ),
+            flush=True,
+        )
     accelerator.end_training() if hasattr(accelerator, "end_training") else None
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -141,7 +141,8 @@ class RouteRecorder:
             raise ValueError(f"RouteRecorder: layers recorded different shapes {sorted(shapes)}")
         return torch.stack(per_layer, dim=2)
 
-    def sequences(self, sequences_BS: torch.Tensor, attention_mask_BS: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def sequences(self, sequences_BS: torch.Tensor,
+                  attention_mask_BS: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Per-sequence routes ``[n_b - 1, L, K]`` of generated ``sequences_BS`` (prompt + response).
 
         ``attention_mask_BS`` marks the real tokens of the full sequences (prompt mask
@@ -151,8 +152,9 @@ class RouteRecorder:
         routes = self.routes()
         B, S = sequences_BS.shape
         if routes.shape[0] != B or routes.shape[1] < S - 1:
-            raise ValueError(f"recorded routes {tuple(routes.shape[:2])} do not cover sequences of shape {(B, S)} "
-                             "(need [B, S - 1])")
+            raise ValueError(
+                f"recorded routes {tuple(routes.shape[:2])} do not cover sequences of shape {(B, S)} (need [B, S - 1])"
+            )
         mask = torch.ones(B, S, dtype=torch.bool) if attention_mask_BS is None else attention_mask_BS.cpu().bool()
         if tuple(mask.shape) != (B, S):
             raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, expected {(B, S)}")
@@ -163,8 +165,9 @@ class RouteRecorder:
         return out
 
 
-def store_generation(store, recorder: RouteRecorder, sequences_BS: torch.Tensor,
-                     attention_mask_BS: torch.Tensor | None = None) -> list[str]:
+def store_generation(
+    store, recorder: RouteRecorder, sequences_BS: torch.Tensor, attention_mask_BS: torch.Tensor | None = None
+) -> list[str]:
     """Put every generated sequence's routes into a :class:`relibra.routing.RouteStore` by token content."""
     B, S = sequences_BS.shape
     mask = torch.ones(B, S, dtype=torch.bool) if attention_mask_BS is None else attention_mask_BS.cpu().bool()
@@ -177,11 +180,15 @@ def store_generation(store, recorder: RouteRecorder, sequences_BS: torch.Tensor,
 def _layer_routes(routes: torch.Tensor, num_layers: int) -> list[torch.Tensor]:
     """Split ``[T, L, K]`` or ``[B, S, L, K]`` routes into ``L`` tensors ``[T, K]`` int64."""
     if not isinstance(routes, torch.Tensor) or routes.is_floating_point() or routes.dtype == torch.bool:
-        raise ValueError(f"routes must be an integer tensor [T, L, K] or [B, S, L, K], got {getattr(routes, 'dtype', type(routes))}")
+        raise ValueError(
+            f"routes must be an integer tensor [T, L, K] or [B, S, L, K], got {getattr(routes, 'dtype', type(routes))}"
+        )
     if routes.dim() == 4:
         routes = routes.reshape(-1, routes.shape[2], routes.shape[3])
     if routes.dim() != 3 or routes.shape[1] != num_layers:
-        raise ValueError(f"routes must be [T, {num_layers}, K] (one row per MoE layer), got shape {tuple(routes.shape)}")
+        raise ValueError(
+            f"routes must be [T, {num_layers}, K] (one row per MoE layer), got shape {tuple(routes.shape)}"
+        )
     return [routes[:, l].to(torch.int64).contiguous() for l in range(num_layers)]
 
 
@@ -210,6 +217,7 @@ def replay_routes(model: nn.Module, routes: torch.Tensor) -> Iterator[None]:
             kwargs = dict(kwargs)
             kwargs["routes"] = r_TK.to(x.device)
             return args, kwargs
+
         return hook
 
     try:
@@ -234,4 +242,3 @@ def replay_micro_batch(balancer, m: int, model: nn.Module, routes: torch.Tensor 
 
 
 __all__ += ["replay_micro_batch"]
-

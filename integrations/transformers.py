@@ -8,7 +8,7 @@ Families that share the ``block.gate`` (router, ``weight [E, D]``) + ``block.exp
     qwen3_moe    softmax  topk(scores)                             norm if norm_topk_prob      -
     olmoe        softmax  topk(scores)                             norm if norm_topk_prob      -
     mixtral      softmax  topk(scores)                             always normalised           jitter (must be 0)
-    qwen2_moe    softmax  topk(scores)                             norm if norm_topk_prob      shared_expert * sigmoid(shared_expert_gate)
+    qwen2_moe    softmax  topk(scores)                             norm if norm_topk_prob      gated shared_expert
     deepseek_v3  sigmoid  topk(scores + e_score_correction_bias),  scores at ids, norm, times   shared_experts (ungated)
                           group-limited (n_group, topk_group)      routed_scaling_factor
 
@@ -103,15 +103,20 @@ def moe_options(block: nn.Module, family: str, name: str = "block") -> dict[str,
     gate, experts = block.gate, block.experts
     E, D = gate.weight.shape
     if tuple(experts.gate_up_proj.shape[::2]) != (E, D) or experts.gate_up_proj.shape[1] % 2:
-        raise ValueError(f"{name}: experts.gate_up_proj has shape {tuple(experts.gate_up_proj.shape)}, "
-                         f"expected [{E}, 2*hidden, {D}]")
+        raise ValueError(
+            f"{name}: experts.gate_up_proj has shape {tuple(experts.gate_up_proj.shape)}, expected [{E}, 2*hidden, {D}]"
+        )
     hidden = experts.gate_up_proj.shape[1] // 2
     if tuple(experts.down_proj.shape) != (E, D, hidden):
-        raise ValueError(f"{name}: experts.down_proj has shape {tuple(experts.down_proj.shape)}, expected [{E}, {D}, {hidden}]")
+        raise ValueError(
+            f"{name}: experts.down_proj has shape {tuple(experts.down_proj.shape)}, expected [{E}, {D}, {hidden}]"
+        )
     opts: dict[str, Any] = dict(dim=D, hidden_dim=hidden, num_experts=E, top_k=int(gate.top_k))
     if family == "mixtral":
         if getattr(block, "jitter_noise", 0) and block.jitter_noise > 0:
-            raise ValueError(f"{name}: Mixtral router_jitter_noise={block.jitter_noise} is not reproduced by ReLibraMoE; set it to 0")
+            raise ValueError(
+                f"{name}: Mixtral router_jitter_noise={block.jitter_noise} is not reproduced by ReLibraMoE; set it to 0"
+            )
         opts.update(score_func="softmax", norm_topk_prob=True)
     elif family in ("qwen3_moe", "olmoe", "qwen2_moe"):
         opts.update(score_func="softmax", norm_topk_prob=bool(gate.norm_topk_prob))
@@ -155,8 +160,10 @@ def _build(block: nn.Module, family: str, name: str, mesh, extra: dict[str, Any]
     state = {k: v.detach() for k, v in block.state_dict().items()}
     missing, unexpected = layer.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{name}: checkpoint names do not map 1:1 onto ReLibraMoE "
-                         f"(missing {sorted(missing)}, unexpected {sorted(unexpected)})")
+        raise ValueError(
+            f"{name}: checkpoint names do not map 1:1 onto ReLibraMoE "
+            f"(missing {sorted(missing)}, unexpected {sorted(unexpected)})"
+        )
     layer.train(block.training)
     layer.relibra_family = family
     return layer

@@ -1,7 +1,6 @@
 """TRL: a ``GRPOTrainer`` that records routes at generation and drives the relibra Balancer.
 
-``RelibraGRPOTrainer`` (needs ``trl``; this module imports it lazily, so ``relibra`` never
-depends on it):
+``RelibraGRPOTrainer`` (this module needs ``trl``; ``relibra`` itself never imports it):
 
 - ``__init__``: after TRL's setup, :func:`relibra.integrations.accelerate.prepare` swaps the
   model's MoE blocks (experts sharded over the expert-parallel mesh, kept out of DDP) and
@@ -25,6 +24,14 @@ from typing import Any
 
 import torch
 
+try:
+    from trl import GRPOTrainer
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(f"relibra.integrations.trl needs trl (pip install trl): {exc}") from exc
+
+from relibra.routing import RouteStore
+
+from .accelerate import prepare
 from .replay import RouteRecorder
 
 __all__ = ["RelibraGRPOTrainer", "put_generation_routes"]
@@ -52,78 +59,60 @@ def put_generation_routes(store, recorder: RouteRecorder, prompt_ids: list, comp
     return keys
 
 
-def _trainer_cls():
-    from trl import GRPOTrainer
+class RelibraGRPOTrainer(GRPOTrainer):
+    """GRPOTrainer with rollout routing replay and relibra balancing (see the module doc)."""
 
-    from relibra.routing import RouteStore
+    def __init__(self, *args: Any, relibra_plugin=None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if getattr(self, "use_vllm", False):
+            raise ValueError("RelibraGRPOTrainer: use_vllm=True is not supported (TRL drops vLLM's routed_experts)")
+        self.balancer = prepare(self.accelerator, self.model, None, relibra_plugin)
+        if self.balancer is None:
+            raise ValueError("RelibraGRPOTrainer: the RelibraPlugin is disabled")
+        self.route_store = RouteStore(num_experts=self.balancer.E)
+        # transformers records router logits for the aux loss by hooking its own router class,
+        # which the swap replaced; with replayed routes the aux loss is off (as in R3 training)
+        self.aux_loss_enabled = False
+        for m in (self.model, getattr(self.model, "config", None)):
+            if m is not None and hasattr(getattr(m, "config", m), "output_router_logits"):
+                getattr(m, "config", m).output_router_logits = False
+        self._relibra_mb = None
 
-    from .accelerate import prepare
+    def create_optimizer(self, *args: Any, **kwargs: Any):
+        opt = super().create_optimizer(*args, **kwargs)
+        self.balancer.optimizer = opt
+        return opt
 
-    class RelibraGRPOTrainer(GRPOTrainer):
-        """GRPOTrainer with rollout routing replay and relibra balancing (see the module doc)."""
+    def _generate_single_turn(self, prompt_ids, *args: Any, **kwargs: Any):
+        model = self.accelerator.unwrap_model(self.model)
+        with RouteRecorder(model) as rec:
+            completion_ids, logprobs = super()._generate_single_turn(prompt_ids, *args, **kwargs)
+        put_generation_routes(self.route_store, rec, prompt_ids, completion_ids)
+        return completion_ids, logprobs
 
-        def __init__(self, *args: Any, relibra_plugin=None, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            if getattr(self, "use_vllm", False):
-                raise ValueError("RelibraGRPOTrainer: use_vllm=True is not supported (TRL drops vLLM's routed_experts)")
-            self.balancer = prepare(self.accelerator, self.model, None, relibra_plugin)
-            if self.balancer is None:
-                raise ValueError("RelibraGRPOTrainer: the RelibraPlugin is disabled")
-            self.route_store = RouteStore(num_experts=self.balancer.E)
-            # transformers records router logits for the aux loss by hooking its own router class,
-            # which the swap replaced; with replayed routes the aux loss is off (as in R3 training)
-            self.aux_loss_enabled = False
-            for m in (self.model, getattr(self.model, "config", None)):
-                if m is not None and hasattr(getattr(m, "config", m), "output_router_logits"):
-                    getattr(m, "config", m).output_router_logits = False
-            self._relibra_mb = None
+    def _routes_of(self, inputs: dict) -> torch.Tensor:
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        return self.route_store.gather_tokens(ids, mask).flatten(0, 1)  # [B*S, L, K]
 
-        def create_optimizer(self, *args: Any, **kwargs: Any):
-            opt = super().create_optimizer(*args, **kwargs)
-            self.balancer.optimizer = opt
-            return opt
+    def _prepare_inputs(self, generation_batch):
+        inputs = super()._prepare_inputs(generation_batch)  # generates + buffers when due
+        if self.model.training and self._relibra_mb is not None:
+            accum = self.current_gradient_accumulation_steps
+            m = self._step % accum
+            if m == 0:  # first micro-batch of an optimizer step: plan the whole step
+                spg = self.args.steps_per_generation
+                batches = [self._buffered_inputs[(self._step + j) % spg] for j in range(accum)]
+                self.balancer.plan_step([self._routes_of(b) for b in batches])
+            self._relibra_mb.enter_context(self.balancer.micro_batch(m))
+        return inputs
 
-        def _generate_single_turn(self, prompt_ids, *args: Any, **kwargs: Any):
-            model = self.accelerator.unwrap_model(self.model)
-            with RouteRecorder(model) as rec:
-                completion_ids, logprobs = super()._generate_single_turn(prompt_ids, *args, **kwargs)
-            put_generation_routes(self.route_store, rec, prompt_ids, completion_ids)
-            return completion_ids, logprobs
-
-        def _routes_of(self, inputs: dict) -> torch.Tensor:
-            ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
-            mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-            return self.route_store.gather_tokens(ids, mask).flatten(0, 1)  # [B*S, L, K]
-
-        def _prepare_inputs(self, generation_batch):
-            inputs = super()._prepare_inputs(generation_batch)  # generates + buffers when due
-            if self.model.training and self._relibra_mb is not None:
-                accum = self.current_gradient_accumulation_steps
-                m = self._step % accum
-                if m == 0:  # first micro-batch of an optimizer step: plan the whole step
-                    spg = self.args.steps_per_generation
-                    batches = [self._buffered_inputs[(self._step + j) % spg] for j in range(accum)]
-                    self.balancer.plan_step([self._routes_of(b) for b in batches])
-                self._relibra_mb.enter_context(self.balancer.micro_batch(m))
-            return inputs
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            # the micro-batch context spans forward AND backward: activation checkpointing
-            # (on by default in GRPOConfig) recomputes the MoE forward during backward
-            self._relibra_mb = contextlib.ExitStack()
-            try:
-                return super().training_step(model, inputs, num_items_in_batch)
-            finally:
-                self._relibra_mb.close()
-                self._relibra_mb = None
-
-    return RelibraGRPOTrainer
-
-
-def __getattr__(name: str):
-    if name == "RelibraGRPOTrainer":
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # the micro-batch context spans forward AND backward: activation checkpointing
+        # (on by default in GRPOConfig) recomputes the MoE forward during backward
+        self._relibra_mb = contextlib.ExitStack()
         try:
-            return _trainer_cls()
-        except ImportError as exc:
-            raise ImportError(f"RelibraGRPOTrainer needs trl (pip install trl): {exc}") from exc
-    raise AttributeError(name)
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self._relibra_mb.close()
+            self._relibra_mb = None

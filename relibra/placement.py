@@ -86,15 +86,16 @@ class Placement:
         counts = torch.zeros(he.shape[0], E, dtype=torch.int64).scatter_add_(1, he, torch.ones_like(he))
         if (counts != 1).any():
             layer, expert = (int(i) for i in (counts != 1).nonzero()[0])
-            what = "no home slot (no copy)" if counts[layer, expert] == 0 else f"{int(counts[layer, expert])} home slots"
+            what = (
+                "no home slot (no copy)" if counts[layer, expert] == 0 else f"{int(counts[layer, expert])} home slots"
+            )
             raise ValueError(f"placement, layer {layer}: expert {expert} has {what}")
 
     def moved_experts(self, other: "Placement", topology: Topology) -> torch.Tensor:
         """``[L, E]`` bool: experts whose home GPU differs between ``self`` and ``other``."""
         if other.home_experts.shape != self.home_experts.shape:
             raise ValueError(
-                f"placements differ in shape: {tuple(self.home_experts.shape)} vs "
-                f"{tuple(other.home_experts.shape)}"
+                f"placements differ in shape: {tuple(self.home_experts.shape)} vs {tuple(other.home_experts.shape)}"
             )
         return self.home_gpu(topology) != other.home_gpu(topology)
 

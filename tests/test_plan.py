@@ -59,7 +59,10 @@ def test_cross_node_tokens_follow_split_rule():
 @pytest.mark.parametrize(
     "mutate, match",
     [
-        (lambda p: Plan(TOPO, Placement(p.placement.home_experts.clone().fill_(0)), p.spare_experts, p.slot_tokens), "expert 0 has 8 home slots"),
+        (
+            lambda p: Plan(TOPO, Placement(p.placement.home_experts.clone().fill_(0)), p.spare_experts, p.slot_tokens),
+            "expert 0 has 8 home slots",
+        ),
         (lambda p: Plan(TOPO, p.placement, p.spare_experts.clone().fill_(9), p.slot_tokens), "outside"),
         (lambda p: Plan(TOPO, p.placement, p.spare_experts[..., :2], p.slot_tokens), "over-full"),
         (lambda p: Plan(TOPO, p.placement, _set(p.spare_experts, 0), p.slot_tokens), "two copies of expert 0"),

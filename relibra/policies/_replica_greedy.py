@@ -203,7 +203,8 @@ def best_of_greedy(loads_BGH: torch.Tensor, spare_per_gpu: int,
     """
     B, Gn, H = loads_BGH.shape
     rep, x, made, level, chain = _best_of_greedy_np(_cols(loads_BGH.reshape(B, Gn * H)), Gn, spare_per_gpu, variants)
-    return _rows(rep), _rows(x), _rows(made), None if level is None else torch.from_numpy(level), torch.from_numpy(chain)
+    level_t = None if level is None else torch.from_numpy(level)
+    return _rows(rep), _rows(x), _rows(made), level_t, torch.from_numpy(chain)
 
 
 def _run_rules(w: np.ndarray, Gn: int, S: int, flags: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -215,8 +216,9 @@ def _run_rules(w: np.ndarray, Gn: int, S: int, flags: np.ndarray) -> tuple[np.nd
     x = np.zeros((K, V * B), np.int64)
     made = np.full((K, V * B), -1, np.int64)
     if S > 0 and Gn > 1 and B > 0:
-        _greedy_np(np.tile(w, V), S, rep, x, made, flags[:, 0].repeat(B), flags[:, 1].repeat(B), None,
-                   flags[:, 2].repeat(B))
+        _greedy_np(
+            np.tile(w, V), S, rep, x, made, flags[:, 0].repeat(B), flags[:, 1].repeat(B), None, flags[:, 2].repeat(B)
+        )
     return rep, x, made
 
 

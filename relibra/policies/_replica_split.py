@@ -51,15 +51,40 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._replica_greedy import (GREEDY_VARIANTS, _INF, _cols, _rows, best_level, best_of_greedy,  # noqa: F401
-                              greedy_replicas, node_problems)
+from ._replica_greedy import (  # noqa: F401
+    _INF,
+    GREEDY_VARIANTS,
+    _cols,
+    _rows,
+    best_level,
+    best_of_greedy,
+    greedy_replicas,
+    node_problems,
+)
 
-__all__ = ["greedy_replicas", "best_of_greedy", "GREEDY_VARIANTS", "best_level", "resplit", "tree_split", "forest_split", "optimal_split", "node_problems", "assemble"]
+__all__ = [
+    "greedy_replicas",
+    "best_of_greedy",
+    "GREEDY_VARIANTS",
+    "best_level",
+    "resplit",
+    "tree_split",
+    "forest_split",
+    "optimal_split",
+    "node_problems",
+    "assemble",
+]
 
 
-def resplit(loads_BGH: torch.Tensor, rep_BK: torch.Tensor, made_BT: torch.Tensor, level_B: torch.Tensor,
-            spare_per_gpu: int, chain_B: torch.Tensor | None = None, passes: int = 1
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+def resplit(
+    loads_BGH: torch.Tensor,
+    rep_BK: torch.Tensor,
+    made_BT: torch.Tensor,
+    level_B: torch.Tensor,
+    spare_per_gpu: int,
+    chain_B: torch.Tensor | None = None,
+    passes: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Replay the greedy moves with the optimal level as target: a near-optimal start.
 
     A move sheds ``min(share, donor - T*, T* - receiver)``; where ``chain_B`` (``[B]`` bool,
@@ -81,7 +106,7 @@ def resplit(loads_BGH: torch.Tensor, rep_BK: torch.Tensor, made_BT: torch.Tensor
     T_live = made_BT.shape[1] - int((made_BT < 0).all(0).flip(0).cumprod(0).sum())  # rounds with a move
     for _ in range(passes if chain is not None else 1):
         for t in range(T_live):
-            k = made_BT[:, t:t + 1]
+            k = made_BT[:, t : t + 1]
             live = k >= 0
             k = torch.where(live, k, K)
             slot = rep_x.gather(1, k)  # dummy column Gn*H for finished problems
@@ -98,8 +123,12 @@ def resplit(loads_BGH: torch.Tensor, rep_BK: torch.Tensor, made_BT: torch.Tensor
     return hflat[:, :-1].reshape(B, Gn, H), x[:, :K]
 
 
-def tree_split(loads_BGH: torch.Tensor, rep_BK: torch.Tensor, level_B: torch.Tensor, spare_per_gpu: int,
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def tree_split(
+    loads_BGH: torch.Tensor,
+    rep_BK: torch.Tensor,
+    level_B: torch.Tensor,
+    spare_per_gpu: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact split at the known optimum ``level_B`` in two sweeps, for one spare slot per GPU.
 
     With one spare slot per GPU every GPU receives from at most one donor, so the replicas form
@@ -121,8 +150,9 @@ def tree_split(loads_BGH: torch.Tensor, rep_BK: torch.Tensor, level_B: torch.Ten
     return _on_problem_last(_tree_np, "tree_split", loads_BGH, rep_BK, level_B, spare_per_gpu)
 
 
-def _on_problem_last(split_np, name: str, loads_BGH: torch.Tensor, rep_BK: torch.Tensor, level_B: torch.Tensor,
-                     spare_per_gpu: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _on_problem_last(
+    split_np, name: str, loads_BGH: torch.Tensor, rep_BK: torch.Tensor, level_B: torch.Tensor, spare_per_gpu: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run a one-spare-slot sweep ``split_np(w [Gn*H, B], rep [Gn, B], T [B])`` on problem-first
     tensors: ``(hshare [B, Gn, H], x [B, Gn], ok [B])``."""
     B, Gn, H = loads_BGH.shape
@@ -141,7 +171,7 @@ def _tree_np(w: np.ndarray, rep: np.ndarray, T: np.ndarray) -> tuple[np.ndarray,
     ridx = (np.where(exists, rep, GH) * B + np.arange(B)).ravel()  # flat (home slot, problem) of each copy
 
     def to_slots(v_GB: np.ndarray) -> np.ndarray:  # [Gn*H, B]: per-copy values summed by home slot
-        out = np.bincount(ridx, weights=v_GB.ravel(), minlength=(GH + 1) * B)[:GH * B]
+        out = np.bincount(ridx, weights=v_GB.ravel(), minlength=(GH + 1) * B)[: GH * B]
         return out.astype(np.int64).reshape(GH, B)  # exact below 2**53
 
     base = T - w.reshape(Gn, H, B).sum(1)  # [Gn, B] room of every GPU before it sheds anything
@@ -172,8 +202,12 @@ def _tree_np(w: np.ndarray, rep: np.ndarray, T: np.ndarray) -> tuple[np.ndarray,
     return h, x, ok
 
 
-def forest_split(loads_BGH: torch.Tensor, rep_BK: torch.Tensor, level_B: torch.Tensor, spare_per_gpu: int,
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def forest_split(
+    loads_BGH: torch.Tensor,
+    rep_BK: torch.Tensor,
+    level_B: torch.Tensor,
+    spare_per_gpu: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`tree_split`, with replica cycles cut: one call over all problems.
 
     A cycle of replicas (GPU a holds a copy of b's expert, b of a's, ...) carries a
@@ -210,8 +244,14 @@ def _forest_np(w: np.ndarray, rep: np.ndarray, T: np.ndarray) -> tuple[np.ndarra
     return h, x, ok
 
 
-def optimal_split(hshare_BGH: torch.Tensor, rep_BK: torch.Tensor, x_BK: torch.Tensor,
-                  spare_per_gpu: int, max_rounds: int = 10_000, level_B: torch.Tensor | None = None) -> int:
+def optimal_split(
+    hshare_BGH: torch.Tensor,
+    rep_BK: torch.Tensor,
+    x_BK: torch.Tensor,
+    spare_per_gpu: int,
+    max_rounds: int = 10_000,
+    level_B: torch.Tensor | None = None,
+) -> int:
     """Phase 2: make the split exactly min-max optimal for the replicas in ``rep_BK``.
 
     ``level_B`` (from :func:`best_level`), when given, skips problems already at the optimum.
@@ -245,8 +285,14 @@ def optimal_split(hshare_BGH: torch.Tensor, rep_BK: torch.Tensor, x_BK: torch.Te
         ld = hflat.view(b_n, Gn, H).sum(-1).scatter_add_(1, rg, x)
         # residual edges: home -> replica k, replica k -> home, replica k -> replica k' (same expert)
         same = (rep[:, :, None] == rep[:, None, :]) & exists[:, :, None] & ~eye
-        pair = torch.cat([home_gpu * Gn + rg, rg * Gn + home_gpu,
-                          (rep_gpu[:, None] * Gn + rep_gpu[None, :]).reshape(1, K * K).expand(b_n, -1)], 1)
+        pair = torch.cat(
+            [
+                home_gpu * Gn + rg,
+                rg * Gn + home_gpu,
+                (rep_gpu[:, None] * Gn + rep_gpu[None, :]).reshape(1, K * K).expand(b_n, -1),
+            ],
+            1,
+        )
         cap = torch.cat([hflat.gather(1, slot), x, x[:, :, None].expand(b_n, K, K).reshape(b_n, K * K)], 1)
         valid = torch.cat([exists, exists, same.reshape(b_n, K * K)], 1) & (cap > 0)
         enc = torch.where(valid, cap * NE + edge_ids, -1)
@@ -311,16 +357,23 @@ def optimal_split(hshare_BGH: torch.Tensor, rep_BK: torch.Tensor, x_BK: torch.Te
             hslot = torch.where(is_a | is_b, slot.gather(1, k_home[:, None]).squeeze(1), Gn * H)
             dh.scatter_add_(1, hslot[:, None], torch.where(is_a[:, None], -da, da))
         x = x + dx[:, :K]
-        hflat = hflat + dh[:, :Gn * H]
+        hflat = hflat + dh[:, : Gn * H]
     if rows.numel():
         hflat_all[rows] = hflat
         x_BK[rows] = x
     return rounds
 
 
-def assemble(hshare_BGH: torch.Tensor, rep_BK: torch.Tensor, x_BK: torch.Tensor,
-             home_experts_LK: torch.Tensor, M: int, L: int, N: int, S: int
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def assemble(
+    hshare_BGH: torch.Tensor,
+    rep_BK: torch.Tensor,
+    x_BK: torch.Tensor,
+    home_experts_LK: torch.Tensor,
+    M: int,
+    L: int,
+    N: int,
+    S: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-node results -> plan tensors.
 
     Replicas left with no tokens are dropped (their spare slots stay empty).
@@ -329,11 +382,22 @@ def assemble(hshare_BGH: torch.Tensor, rep_BK: torch.Tensor, x_BK: torch.Tensor,
         ``spare_experts [M, L, G*S]`` (logical expert, -1 empty) and ``slot_tokens [M, L, P]``.
     """
     B, Gn, H = hshare_BGH.shape
-    return _assemble_np(_cols(hshare_BGH.reshape(B, Gn * H)), _cols(rep_BK), _cols(x_BK), home_experts_LK, M, L, N, Gn, S)
+    return _assemble_np(
+        _cols(hshare_BGH.reshape(B, Gn * H)), _cols(rep_BK), _cols(x_BK), home_experts_LK, M, L, N, Gn, S
+    )
 
 
-def _assemble_np(h: np.ndarray, rep: np.ndarray, x: np.ndarray, home_experts_LK: torch.Tensor,
-                 M: int, L: int, N: int, Gn: int, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _assemble_np(
+    h: np.ndarray,
+    rep: np.ndarray,
+    x: np.ndarray,
+    home_experts_LK: torch.Tensor,
+    M: int,
+    L: int,
+    N: int,
+    Gn: int,
+    S: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`assemble` from problem-last arrays ``h [Gn*H, B]``, ``rep [K, B]``, ``x [K, B]``."""
     GH, B = h.shape
     K, H = rep.shape[0], GH // Gn

@@ -25,8 +25,9 @@ The reference loops over layers in Python; here every step handles all layers (a
 at once, on NumPy arrays (torch's per-call dispatch costs several times more at these
 sizes; torch only at the public boundary). Step 2 is one ``argmax`` and a few ``[B]``-vector
 operations per extra slot. Step 3 sorts every node's copies once (an integer key made of
-the loads' bits and the flat slot, checked; :func:`_sort_slots`), then packs a round of ``G / N`` copies at a time, one argsort per
-round, where the greedy provably gives one copy to each GPU in load order (see
+the loads' bits and the flat slot, checked; :func:`_sort_slots`), then packs a round of
+``G / N`` copies at a time, one argsort per round, where the greedy provably gives one copy
+to each GPU in load order (see
 :func:`_pack_rounds`; other rows, rare on real loads, go to :func:`pack_slots`). Every
 physical copy is named by one integer, ``flat expert * X + copy rank``, which is also its
 index in ``log2phy``, so the outputs are two scatters.
@@ -73,8 +74,14 @@ def weight_array(weight: Any, name: str = "weight") -> np.ndarray:
             fast = weight.numpy()
         except Exception:  # not viewable (needs grad, on a device, ...): the checked path says why
             fast = None
-        if (fast is not None and fast.dtype == np.float64 and fast.ndim == 2 and fast.size
-                and fast.flags.c_contiguous and fast.view(np.uint64).max() < _FINITE_BITS):
+        if (
+            fast is not None
+            and fast.dtype == np.float64
+            and fast.ndim == 2
+            and fast.size
+            and fast.flags.c_contiguous
+            and fast.view(np.uint64).max() < _FINITE_BITS
+        ):
             return fast
         if weight.is_complex() or weight.dtype == torch.bool:
             raise ValueError(f"{name} must be a real integer or floating tensor, got dtype {weight.dtype}")
@@ -306,8 +313,9 @@ def replicate_array(
     return phy2log, rank, count.reshape(B, n).astype(np.int64)
 
 
-def replicate_experts(weight_BN: torch.Tensor, num_phy: int, max_copies: int | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def replicate_experts(
+    weight_BN: torch.Tensor, num_phy: int, max_copies: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Give ``num_phy - n`` extra slots, one at a time, to the expert with most load per copy.
 
     Args:
@@ -342,8 +350,12 @@ def group_node_map(weight_LE: np.ndarray, num_groups: int, num_nodes: int) -> np
 
 
 def _check_sizes(L: int, E: int, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int) -> None:
-    for name, value in (("num_replicas", num_replicas), ("num_groups", num_groups),
-                        ("num_nodes", num_nodes), ("num_gpus", num_gpus)):
+    for name, value in (
+        ("num_replicas", num_replicas),
+        ("num_groups", num_groups),
+        ("num_nodes", num_nodes),
+        ("num_gpus", num_gpus),
+    ):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"rebalance_experts: {name} must be a positive int, got {value!r}")
     if E == 0:

@@ -222,7 +222,8 @@ def _search(w_BIM: torch.Tensor, K: int, prev_BI: torch.Tensor | None, max_swaps
     if prev_BI is None:
         return fresh
     B, I, _ = w_BIM.shape
-    counts = torch.zeros(B, K + 1, dtype=torch.int64).scatter_add_(1, prev_BI.clamp(min=-1) % (K + 1), torch.ones_like(prev_BI))
+    bins = prev_BI.clamp(min=-1) % (K + 1)  # -1 (outside this problem) counts in bin K
+    counts = torch.zeros(B, K + 1, dtype=torch.int64).scatter_add_(1, bins, torch.ones_like(prev_BI))
     whole = (counts[:, :K] == I // K).all(-1)  # the previous assignment is complete here
     if not bool(whole.any()):
         return fresh
@@ -250,8 +251,12 @@ class ReorderPolicy:
     """
 
     def __init__(self, migration_weight: float = 0.02, max_swaps: int = 200) -> None:
-        if isinstance(migration_weight, bool) or not isinstance(migration_weight, (int, float)) \
-                or not math.isfinite(migration_weight) or migration_weight < 0:
+        if (
+            isinstance(migration_weight, bool)
+            or not isinstance(migration_weight, (int, float))
+            or not math.isfinite(migration_weight)
+            or migration_weight < 0
+        ):
             raise ValueError(f"reorder option migration_weight must be a finite number >= 0, got {migration_weight!r}")
         if isinstance(max_swaps, bool) or not isinstance(max_swaps, int) or max_swaps < 0:
             raise ValueError(f"reorder option max_swaps must be an int >= 0, got {max_swaps!r}")
@@ -268,8 +273,9 @@ class ReorderPolicy:
         if first:  # the first move away from the contiguous start is free (one-time cost)
             prev = Placement.contiguous(topology, L)
         weight = 0.0 if first else self.migration_weight
-        placement = reorder_placement(loads, topology, prev, weight, self.max_swaps,
-                                      settle_weight=self.migration_weight if first else 0.0)
+        placement = reorder_placement(
+            loads, topology, prev, weight, self.max_swaps, settle_weight=self.migration_weight if first else 0.0
+        )
         self.placement, self._topology = placement, topology
         return placement
 

@@ -87,7 +87,9 @@ def decode_routed_experts(
         if dt.kind not in "iu":
             raise ValueError(f"{name}: buffer dtype must be an integer type, got {dt}")
         if len(buffer) % dt.itemsize:
-            raise ValueError(f"{name}: buffer of {len(buffer)} bytes is not a whole number of {dt} ({dt.itemsize} bytes)")
+            raise ValueError(
+                f"{name}: buffer of {len(buffer)} bytes is not a whole number of {dt} ({dt.itemsize} bytes)"
+            )
         data = np.frombuffer(buffer, dtype=dt)
     tensor, _ = to_int64(data, name)
     if tensor.dim() == 1 or (num_layers is not None and top_k is not None and tensor.dim() != 3):
@@ -160,12 +162,13 @@ def verl_sequences(routed_experts_BSLK: Any, mask_BS: Any = None) -> list[torch.
             "(or [batch, last positions] for a response mask)"
         )
     if mask.shape[1] < routes.shape[1]:
-        routes = routes[:, routes.shape[1] - mask.shape[1]:]
+        routes = routes[:, routes.shape[1] - mask.shape[1] :]
     return [routes[b][mask[b]] for b in range(routes.shape[0])]
 
 
 def from_verl(batch: Any, mask_key: str | None = "attention_mask", key: str = "routed_experts") -> list[torch.Tensor]:
-    """Per-sequence routes from a verl batch (``DataProto.batch`` / dict): ``batch[key]`` masked by ``batch[mask_key]``."""
+    """Per-sequence routes from a verl batch (``DataProto.batch`` / dict): ``batch[key]`` masked by
+    ``batch[mask_key]``."""
     try:
         routes = batch[key]
     except KeyError:
@@ -175,7 +178,9 @@ def from_verl(batch: Any, mask_key: str | None = "attention_mask", key: str = "r
         try:
             mask = batch[mask_key]
         except KeyError:
-            raise ValueError(f"verl batch has no mask {mask_key!r}; pass mask_key=None to count every position") from None
+            raise ValueError(
+                f"verl batch has no mask {mask_key!r}; pass mask_key=None to count every position"
+            ) from None
     return verl_sequences(routes, mask)
 
 
@@ -187,7 +192,9 @@ def from_megatron(per_layer_TK: Sequence[Any]) -> torch.Tensor:
         if tensor.dim() != 2:
             raise ValueError(f"layer {i} routes must be [tokens, top_k], got shape {tuple(tensor.shape)}")
         if layers and tensor.shape != layers[0].shape:
-            raise ValueError(f"layer {i} has routes of shape {tuple(tensor.shape)} but layer 0 has {tuple(layers[0].shape)}")
+            raise ValueError(
+                f"layer {i} has routes of shape {tuple(tensor.shape)} but layer 0 has {tuple(layers[0].shape)}"
+            )
         layers.append(tensor)
     if not layers:
         raise ValueError("Megatron replay data holds no layers")
@@ -273,10 +280,17 @@ class RouteStore:
     def put(self, key: Hashable, routes_TLgK: Any, num_tokens: int | None = None) -> None:
         """Store one sequence's routes (global layers ``[T, Lg, K]``); ``num_tokens`` applies :func:`align_routes`."""
         routes = select_moe_layers(
-            routes_TLgK, self.num_experts, moe_layers=self.moe_layers, first_k_dense=self.first_k_dense, name=f"routes of {key!r}"
+            routes_TLgK,
+            self.num_experts,
+            moe_layers=self.moe_layers,
+            first_k_dense=self.first_k_dense,
+            name=f"routes of {key!r}",
         )
         if self._shape_LK is not None and tuple(routes.shape[1:]) != self._shape_LK:
-            raise ValueError(f"routes of {key!r} have (MoE layers, top_k) = {tuple(routes.shape[1:])}, the store holds {self._shape_LK}")
+            raise ValueError(
+                f"routes of {key!r} have (MoE layers, top_k) = {tuple(routes.shape[1:])}, "
+                f"the store holds {self._shape_LK}"
+            )
         self._shape_LK = tuple(routes.shape[1:])
         if num_tokens is not None:
             routes = align_routes(routes, num_tokens)
@@ -346,7 +360,9 @@ class RouteStore:
         lengths = [self.get(k).shape[0] for k in keys]
         width = max(lengths, default=0) if seq_len is None else seq_len
         if lengths and max(lengths) > width:
-            raise ValueError(f"seq_len={width} is shorter than sequence {keys[int(np.argmax(lengths))]!r} ({max(lengths)} tokens)")
+            raise ValueError(
+                f"seq_len={width} is shorter than sequence {keys[int(np.argmax(lengths))]!r} ({max(lengths)} tokens)"
+            )
         pos = torch.arange(width).view(1, -1)
         n = torch.tensor(lengths).view(-1, 1)
         mask = pos < n if padding_side == "right" else pos >= width - n
@@ -357,6 +373,8 @@ class RouteStore:
         ids = torch.as_tensor(input_ids_BS).cpu()
         mask = _as_mask(attention_mask_BS, "attention_mask")
         if ids.dim() != 2 or mask.shape != ids.shape:
-            raise ValueError(f"input_ids {tuple(ids.shape)} and attention_mask {tuple(mask.shape)} must both be [batch, seq]")
+            raise ValueError(
+                f"input_ids {tuple(ids.shape)} and attention_mask {tuple(mask.shape)} must both be [batch, seq]"
+            )
         keys = [token_key(ids[b][mask[b]]) for b in range(ids.shape[0])]
         return self._fill(keys, mask)

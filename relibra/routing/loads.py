@@ -32,7 +32,9 @@ __all__ = [
     "routes_for_micro_batch",
 ]
 
-def micro_batch_groups(num_sequences: int, micro_batches: Sequence[int] | Sequence[Sequence[int]] | None) -> list[list[int]]:
+def micro_batch_groups(
+    num_sequences: int, micro_batches: Sequence[int] | Sequence[Sequence[int]] | None
+) -> list[list[int]]:
     """Sequence indices of each micro-batch.
 
     ``micro_batches`` is ``None`` (one micro-batch of everything), a list of sizes (consecutive
@@ -49,7 +51,9 @@ def micro_batch_groups(num_sequences: int, micro_batches: Sequence[int] | Sequen
         if any(s < 0 for s in sizes):
             raise ValueError(f"micro_batches sizes must be >= 0, got {sizes}")
         if sum(sizes) != num_sequences:
-            raise ValueError(f"micro_batches sizes {sizes} add up to {sum(sizes)}, but there are {num_sequences} sequences")
+            raise ValueError(
+                f"micro_batches sizes {sizes} add up to {sum(sizes)}, but there are {num_sequences} sequences"
+            )
         starts = np.cumsum([0] + sizes)
         return [list(range(int(a), int(b))) for a, b in zip(starts[:-1], starts[1:])]
     seen: dict[int, int] = {}

@@ -147,8 +147,11 @@ def moe_layer_ids(
     if moe_layers is not None and first_k_dense is not None:
         raise ValueError("give moe_layers or first_k_dense, not both")
     if first_k_dense is not None:
-        if not isinstance(first_k_dense, (int, np.integer)) or isinstance(first_k_dense, bool) or not 0 <= first_k_dense < num_layers:
-            raise ValueError(f"first_k_dense={first_k_dense!r} must be an int in [0, {num_layers}) for {num_layers} layers")
+        is_int = isinstance(first_k_dense, (int, np.integer)) and not isinstance(first_k_dense, bool)
+        if not is_int or not 0 <= first_k_dense < num_layers:
+            raise ValueError(
+                f"first_k_dense={first_k_dense!r} must be an int in [0, {num_layers}) for {num_layers} layers"
+            )
         return list(range(int(first_k_dense), num_layers))
     if moe_layers is None:
         return list(range(num_layers))

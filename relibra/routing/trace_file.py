@@ -122,7 +122,8 @@ def load_trace(path: str | os.PathLike) -> Trace:
     except ValueError as exc:
         raise ValueError(f"{where}: {exc} (expected [steps, micro_batches, layers, experts])") from None
     if top_k_np.shape != () or top_k_np.dtype.kind not in "iu":
-        raise ValueError(f"{where}: 'top_k' must be an integer scalar, got dtype {top_k_np.dtype} shape {top_k_np.shape}")
+        raise ValueError(f"{where}: 'top_k' must be an integer scalar, "
+                         f"got dtype {top_k_np.dtype} shape {top_k_np.shape}")
     top_k = _check_top_k(int(top_k_np), where)
     meta: dict[str, Any] = {}
     if meta_np is not None:

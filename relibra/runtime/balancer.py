@@ -29,14 +29,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..plan import Placement, Plan
+from ..registry import get_policy
+from ..routing.routes import route_fault
+from ..topology import Topology
 from .comm import all_gather_flat, all_gather_text, all_reduce_, broadcast_, first_error
 from .fsdp import edp_plan, fsdp_layers
 from .layer import ReLibraMoE
-from ..plan import Placement, Plan
-from ..registry import get_policy
 from .replicas import fetch_replicas_many
-from ..routing.routes import route_fault
-from ..topology import Topology
 
 __all__ = ["Balancer"]
 

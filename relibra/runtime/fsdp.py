@@ -38,10 +38,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .comm import broadcast_
-from .layer import ReLibraMoE
 from ..plan import Placement, Plan
 from ..topology import Topology
+from .comm import broadcast_
+from .layer import ReLibraMoE
 
 __all__ = ["apply_fsdp", "expert_data_parallel_mesh", "fsdp_layers", "edp_plan"]
 

@@ -29,11 +29,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import dispatch as _dispatch
-from .replicas import ReplicaRoute, fetch_replicas, replica_route
-from .comm import first_error
-from .router import Router, routes_fault
 from ..topology import Topology
+from . import dispatch as _dispatch
+from .comm import first_error
+from .replicas import ReplicaRoute, fetch_replicas, replica_route
+from .router import Router, routes_fault
 
 __all__ = ["ReLibraMoE", "Experts", "LayerMicroBatch"]
 

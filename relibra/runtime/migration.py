@@ -48,9 +48,9 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 import torch.distributed as dist
 
-from .comm import all_gather_text, all_reduce_, comm_device, first_error
 from ..plan import Placement
 from ..topology import Topology
+from .comm import all_gather_text, all_reduce_, comm_device, first_error
 
 __all__ = ["Move", "MigrationError", "MigrationReport", "plan_moves", "migrate_experts"]
 

@@ -26,10 +26,10 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from .cost import CostConfig, StepCost, ideal_step_cost, step_cost
 from ..plan import Placement
 from ..registry import get_policy
 from ..topology import Topology
+from .cost import CostConfig, StepCost, ideal_step_cost, step_cost
 
 __all__ = ["DEFAULT_POLICIES", "PolicyResult", "policy_factory", "policy_options", "timed_plan", "simulate",
            "gap_breakdown"]

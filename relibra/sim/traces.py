@@ -267,7 +267,8 @@ def format_description(d: dict[str, Any]) -> str:
 
 
 def save_trace_file(path: str, loads: np.ndarray, top_k: int, meta: dict[str, Any] | None = None) -> None:
-    """Write a trace ``.npz`` (``loads`` [S, M, L, E], ``top_k``, ``meta``): :func:`relibra.routing.trace_file.save_trace`."""
+    """Write a trace ``.npz`` (``loads`` [S, M, L, E], ``top_k``, ``meta``): see
+    :func:`relibra.routing.save_trace`."""
     save_trace(path, loads, top_k, meta=meta)
 
 
@@ -284,14 +285,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     for name, default in asdict(TraceConfig()).items():
         ap.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
-    ap.add_argument("--derive-from", default=None,
-                    help="rebuild the shipped popularity file from SGLang JSON files in this folder first")
+    ap.add_argument(
+        "--derive-from",
+        default=None,
+        help="rebuild the shipped popularity file from SGLang JSON files in this folder first",
+    )
     args = ap.parse_args(argv)
     if args.derive_from:
         derive_popularity(args.derive_from, _data_path(POPULARITY_FILE))
     cfg = TraceConfig(**{k: getattr(args, k) for k in asdict(TraceConfig())})
     loads = generate(cfg)
-    save_trace_file(args.out, loads.astype(np.int32), cfg.top_k, meta={"generator": "relibra.sim.traces", **asdict(cfg)})
+    save_trace_file(
+        args.out, loads.astype(np.int32), cfg.top_k, meta={"generator": "relibra.sim.traces", **asdict(cfg)}
+    )
     print(f"wrote {args.out}: loads {list(loads.shape)}, {os.path.getsize(args.out) / 1024:.0f} KiB")
     return 0
 

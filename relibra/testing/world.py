@@ -121,7 +121,7 @@ def run_world(fn: Callable[..., Any], world_size: int = 4, nodes: int = 2, args:
                             errors[r] = ("ProcessDied", f"exit code {procs[r].exitcode}")
                             tbs[r] = ""
                     if len(results) + len(errors) < world_size:
-                        raise WorldError(errors, tbs or {dead[0]: ""})
+                        raise WorldError(errors, tbs or {dead[0]: ""}) from None
                 continue
             if status == "ok":
                 results[rank] = payload

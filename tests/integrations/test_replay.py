@@ -9,10 +9,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from relibra.runtime.balancer import Balancer  # noqa: E402
 from relibra.integrations.replay import RouteRecorder, replay_routes, store_generation  # noqa: E402
 from relibra.integrations.transformers import swap_moe_blocks  # noqa: E402
 from relibra.routing import RouteStore  # noqa: E402
+from relibra.runtime.balancer import Balancer  # noqa: E402
 
 E, K, L = 8, 2, 2
 

@@ -91,7 +91,7 @@ def logical_state(model, opt) -> dict:
 
 def allreduce_dense_grads(model) -> None:
     """DDP-style: sum the grads of replicated (non-expert) parameters across ranks."""
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.grad is not None and not hasattr(p.grad, "full_tensor"):
             dist.all_reduce(p.grad)
 

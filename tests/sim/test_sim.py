@@ -3,11 +3,12 @@
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relibra import available_policies
-from relibra.sim.cost import CostConfig
 from relibra.sim import simulate
+from relibra.sim.cost import CostConfig
 
 CFG = CostConfig(hidden=64, expert_intermediate=32, num_experts=8, top_k=2, num_moe_layers=2,
                  num_expert_groups=1, non_moe_params=1e4, attn_width=64, extra_params=0.0,
@@ -31,7 +32,9 @@ def test_ideal_never_slower_than_any_policy(seed, skew, shape):
         loads[..., 0] = rng.integers(1, 50, size=(S, M, L))
     else:
         p = rng.dirichlet(np.full(E, skew if shape == "hot" else 1e3), size=(S, M, L))
-        loads = np.stack([rng.multinomial(int(rng.integers(1, 400)), pp) for pp in p.reshape(-1, E)]).reshape(S, M, L, E)
+        loads = np.stack([rng.multinomial(int(rng.integers(1, 400)), pp) for pp in p.reshape(-1, E)]).reshape(
+            S, M, L, E
+        )
     res = simulate(loads, TOPO, CFG, _policies())
     ideal = res["ideal"].step_time_s
     for name, r in res.items():
@@ -68,8 +71,7 @@ def test_eplb_global_row_and_single_thread_planning_time():
     assert g.skipped is None and g.options == {"policy": "eplb", "source": "oracle", "mode": "global"}
     assert res["eplb-oracle"].options == {"policy": "eplb", "source": "oracle"}
     assert g.speedup_vs_eplb_oracle_global == pytest.approx(1.0)
-    assert res["static"].speedup_vs_eplb_oracle_global == pytest.approx(
-        g.step_time_s / res["static"].step_time_s)
+    assert res["static"].speedup_vs_eplb_oracle_global == pytest.approx(g.step_time_s / res["static"].step_time_s)
     assert all(r.planning_time_s >= 0.0 for r in res.values())
 
 

@@ -120,7 +120,9 @@ def _layer_worker(rank, mesh):
     layer._set_home_experts(perm)
     layer.load_state_dict(ref.state_dict())
     assert layer.experts.gate_up_proj.to_local().shape == (2, 12, 8)
-    torch.testing.assert_close(layer.experts.gate_up_proj.to_local(), ref.experts.gate_up_proj[perm[2 * rank:2 * rank + 2]])
+    torch.testing.assert_close(
+        layer.experts.gate_up_proj.to_local(), ref.experts.gate_up_proj[perm[2 * rank : 2 * rank + 2]]
+    )
     for mode in ("live", "replayed"):
         ref.zero_grad()
         layer.zero_grad()
@@ -128,7 +130,7 @@ def _layer_worker(rank, mesh):
         r_me = None if mode == "live" else routes[rank]
         y_ref = ref(x_all, r_ref)
         y = layer(xs[rank], r_me)
-        out[mode + "_out"] = float((y - y_ref[start:start + xs[rank].shape[0]]).abs().max()) if y.numel() else 0.0
+        out[mode + "_out"] = float((y - y_ref[start : start + xs[rank].shape[0]]).abs().max()) if y.numel() else 0.0
         y_ref.square().sum().backward()
         y.square().sum().backward()
         full = layer.experts.down_proj.grad.full_tensor()

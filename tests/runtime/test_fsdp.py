@@ -14,12 +14,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-
-from relibra.runtime.balancer import Balancer
-from relibra.plan import Placement, Plan
-from relibra.testing import run_world
-
 from _moe_world import Net, step_data
+
+from relibra.plan import Placement, Plan
+from relibra.runtime.balancer import Balancer
+from relibra.testing import run_world
 
 STEPS, M = 3, 2
 POLICIES = ("static", "replicate", "hybrid", "rotate")

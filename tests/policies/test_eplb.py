@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +15,9 @@ import relibra
 from relibra.plan import Placement, Plan
 from relibra.policies.eplb import EplbPolicy, rebalance_experts
 from relibra.policies.eplb_algorithm import balanced_packing, replicate_experts, stable_order_desc
+from relibra.policies.eplb_reference import _pack, _replicate, rebalance_experts_loop  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent))
-from eplb_loop_reference import _pack, _replicate, rebalance_experts_loop  # noqa: E402
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "deepseek_v3_expert_load"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "deepseek_v3_expert_load"
 VECTOR_W = [[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
             [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]]
 VECTOR_PHY2LOG = [[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
@@ -38,7 +35,10 @@ def check_maps(phy2log, log2phy, logcnt, E):
     filled = torch.arange(X) < logcnt[..., None]
     assert ((log2phy >= 0) == filled).all()
     slots = log2phy.clamp(min=0)
-    assert (phy2log.gather(1, slots.view(L, -1)).view(L, E, X)[filled] == torch.arange(E).view(1, E, 1).expand(L, E, X)[filled]).all()
+    assert (
+        phy2log.gather(1, slots.view(L, -1)).view(L, E, X)[filled]
+        == torch.arange(E).view(1, E, 1).expand(L, E, X)[filled]
+    ).all()
     for layer in range(L):
         assert sorted(log2phy[layer][filled[layer]].tolist()) == list(range(R))
 
@@ -82,15 +82,15 @@ def test_integer_and_float_weights_agree(dtype):
 
 
 SHAPES = [  # L, E, R, groups, nodes, gpus
-    (3, 12, 16, 4, 2, 8),     # hierarchical, the public shape
-    (5, 16, 24, 4, 2, 4),     # hierarchical, 2 groups per node
+    (3, 12, 16, 4, 2, 8),  # hierarchical, the public shape
+    (5, 16, 24, 4, 2, 4),  # hierarchical, 2 groups per node
     (4, 32, 48, 8, 2, 8),
-    (3, 18, 24, 3, 2, 4),     # 3 groups on 2 nodes: global
-    (6, 64, 80, 1, 4, 16),    # one group: global
-    (2, 24, 24, 4, 2, 4),     # no redundant slots
-    (2, 8, 16, 8, 8, 8),      # one expert and two slots per GPU
-    (3, 8, 8, 4, 2, 8),       # one slot per GPU: the reference's identity shortcut
-    (3, 16, 32, 4, 2, 2),     # one GPU per node: copies in sorted order
+    (3, 18, 24, 3, 2, 4),  # 3 groups on 2 nodes: global
+    (6, 64, 80, 1, 4, 16),  # one group: global
+    (2, 24, 24, 4, 2, 4),  # no redundant slots
+    (2, 8, 16, 8, 8, 8),  # one expert and two slots per GPU
+    (3, 8, 8, 4, 2, 8),  # one slot per GPU: the reference's identity shortcut
+    (3, 16, 32, 4, 2, 2),  # one GPU per node: copies in sorted order
 ]
 
 
@@ -187,8 +187,12 @@ def _loop_slots(w_BN: np.ndarray, packs: int) -> list[list[int]]:
 
 
 @settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), packs=st.integers(2, 6), per_pack=st.integers(2, 6),
-       kind=st.sampled_from(["ties", "ints", "skewed", "zeros"]))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    packs=st.integers(2, 6),
+    per_pack=st.integers(2, 6),
+    kind=st.sampled_from(["ties", "ints", "skewed", "zeros"]),
+)
 def test_pack_rounds_equals_loop_greedy(seed, packs, per_pack, kind):
     """Round-at-a-time packing of sorted rows, unclean rows redone by pack_slots: the greedy's slots."""
     from relibra.policies.eplb_algorithm import _pack_rounds
@@ -211,13 +215,15 @@ def test_pack_rounds_redoes_only_unclean_rows(monkeypatch, few_items):
     general, one_by_one = alg.pack_slots, alg._greedy_sorted
     monkeypatch.setattr(alg, "pack_slots", lambda w, p: rows.extend(w.tolist()) or general(w, p))
     monkeypatch.setattr(alg, "_greedy_sorted", lambda w, p: rows.append(w) or one_by_one(w, p))
-    w = np.array([
-        [10.0, 9.0, 1.0, 1.0, 1.0, 1.0],  # round 1: 9 + 1 only ties 10
-        [6.0, 5.0, 4.0, 3.0, 2.0, 1.0],  # clean
-        [10.0, 1.0, 1.0, 1.0, 1.0, 1.0],  # pack 1 takes 1, 1
-        [0.0] * 6,  # round 0: pack 0 takes the second 0 too
-        [10.0, 9.0, 2.0, 1.0, 0.5, 0.25],  # clean
-    ])
+    w = np.array(
+        [
+            [10.0, 9.0, 1.0, 1.0, 1.0, 1.0],  # round 1: 9 + 1 only ties 10
+            [6.0, 5.0, 4.0, 3.0, 2.0, 1.0],  # clean
+            [10.0, 1.0, 1.0, 1.0, 1.0, 1.0],  # pack 1 takes 1, 1
+            [0.0] * 6,  # round 0: pack 0 takes the second 0 too
+            [10.0, 9.0, 2.0, 1.0, 0.5, 0.25],  # clean
+        ]
+    )
     assert alg._pack_rounds(w, 2).tolist() == _loop_slots(w, 2)
     assert rows == w[[0, 2, 3]].tolist()
     rows.clear()
@@ -262,16 +268,25 @@ def test_weight_forms_agree(case):
 def test_stable_order_desc_near_ties_and_zeros():
     """The integer-key sort drops low mantissa bits for the index; its exact check must catch it."""
     one_up = float(np.nextafter(1.0, 2.0))
-    rows = np.array([[1.0, one_up, 1.0 + 2**-50, 1.0, 0.0, -0.0, 3.0, one_up] * 5,  # 40 items: fast path
-                     [0.0, -0.0] * 20], dtype=np.float64)
+    rows = np.array(
+        [
+            [1.0, one_up, 1.0 + 2**-50, 1.0, 0.0, -0.0, 3.0, one_up] * 5,  # 40 items: fast path
+            [0.0, -0.0] * 20,
+        ],
+        dtype=np.float64,
+    )
     assert (stable_order_desc(rows) == np.argsort(-rows, axis=1, kind="stable")).all()
     short = rows[:, :8]  # short rows: NumPy's sort path
     assert (stable_order_desc(short) == np.argsort(-short, axis=1, kind="stable")).all()
 
 
 @settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), packs=st.integers(1, 6), per_pack=st.integers(1, 6),
-       kind=st.sampled_from(["ties", "ints", "skewed", "sorted_halves"]))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    packs=st.integers(1, 6),
+    per_pack=st.integers(1, 6),
+    kind=st.sampled_from(["ties", "ints", "skewed", "sorted_halves"]),
+)
 def test_balanced_packing_equals_loop_greedy(seed, packs, per_pack, kind):
     """Rounds taken in closed form and rows falling back to the item-by-item greedy, mixed."""
     shape = (5, packs * per_pack)
@@ -319,8 +334,9 @@ def topologies_and_loads(draw):
     E = nodes * gpn * H
     groups = draw(st.sampled_from([d for d in range(1, E + 1) if E % d == 0]))
     S = draw(st.integers(0, 2))
-    topo = relibra.Topology(num_nodes=nodes, gpus_per_node=gpn, num_experts=E,
-                            spare_slots_per_gpu=S, num_expert_groups=groups)
+    topo = relibra.Topology(
+        num_nodes=nodes, gpus_per_node=gpn, num_experts=E, spare_slots_per_gpu=S, num_expert_groups=groups
+    )
     M, L = draw(st.integers(1, 3)), draw(st.integers(1, 3))
     seed = draw(st.integers(0, 2**31 - 1))
     gen = torch.Generator().manual_seed(seed)
@@ -347,8 +363,9 @@ def check_plan(plan, topo, loads, policy):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(case=topologies_and_loads(), source=st.sampled_from(["oracle", "history"]),
-       mode=st.sampled_from(["auto", "global"]))
+@given(
+    case=topologies_and_loads(), source=st.sampled_from(["oracle", "history"]), mode=st.sampled_from(["auto", "global"])
+)
 def test_policy_plans_validate(case, source, mode):
     topo, loads = case
     policy = relibra.get_policy("eplb", source=source, mode=mode)
@@ -418,8 +435,9 @@ def test_real_loads_policy_beats_static_and_keeps_memory_rules():
     loads = torch.stack([w // 4] * 4)
     loads[0] += w % 4
     for groups, intra in ((8, True), (1, False)):
-        topo = relibra.Topology(num_nodes=8, gpus_per_node=8, num_experts=256,
-                                spare_slots_per_gpu=1, num_expert_groups=groups)
+        topo = relibra.Topology(
+            num_nodes=8, gpus_per_node=8, num_experts=256, spare_slots_per_gpu=1, num_expert_groups=groups
+        )
         plan = EplbPolicy(source="oracle").plan(loads, topo)
         plan.validate(topo, loads)
         assert plan.intra_node_replicas is intra

@@ -9,8 +9,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from relibra.runtime.layer import ReLibraMoE  # noqa: E402
 from relibra.integrations.transformers import find_moe_blocks, swap_moe_blocks  # noqa: E402
+from relibra.runtime.layer import ReLibraMoE  # noqa: E402
 
 COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
@@ -39,10 +39,25 @@ def _olmoe():
 
 
 def _deepseek():
-    model = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(
-        **{**COMMON, "num_key_value_heads": 4}, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1,
-        num_experts_per_tok=3, n_group=4, topk_group=2, routed_scaling_factor=2.5, first_k_dense_replace=1,
-        kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8))
+    model = transformers.DeepseekV3ForCausalLM(
+        transformers.DeepseekV3Config(
+            **{**COMMON, "num_key_value_heads": 4},
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            num_experts_per_tok=3,
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=2.5,
+            first_k_dense_replace=1,
+            kv_lora_rank=16,
+            q_lora_rank=24,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+        )
+    )
     with torch.no_grad():  # a non-zero correction bias, so the choice differs from topk(scores)
         for _, block, _ in find_moe_blocks(model):
             block.gate.e_score_correction_bias.copy_(torch.randn(8) * 0.05)
@@ -50,8 +65,14 @@ def _deepseek():
     return model
 
 
-FAMILIES = {"qwen3_moe": _qwen3, "qwen3_moe_unnormalised": lambda: _qwen3(False), "qwen2_moe": _qwen2,
-            "mixtral": _mixtral, "olmoe": _olmoe, "deepseek_v3": _deepseek}
+FAMILIES = {
+    "qwen3_moe": _qwen3,
+    "qwen3_moe_unnormalised": lambda: _qwen3(False),
+    "qwen2_moe": _qwen2,
+    "mixtral": _mixtral,
+    "olmoe": _olmoe,
+    "deepseek_v3": _deepseek,
+}
 
 
 def _run(model, ids):
@@ -92,7 +113,7 @@ def test_swapped_checkpoint_loads_into_fresh_hf_model():
     src = _qwen2()
     swap_moe_blocks(src)
     with torch.no_grad():
-        for n, p in src.named_parameters():
+        for p in src.parameters():
             p.add_(0.01 * torch.randn_like(p))
     dst = _qwen2()
     dst.load_state_dict(src.state_dict(), strict=True)
@@ -101,9 +122,16 @@ def test_swapped_checkpoint_loads_into_fresh_hf_model():
 
 
 def test_mixtral_jitter_is_refused_before_any_swap():
-    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
-        **COMMON, head_dim=8, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
-        router_jitter_noise=0.1))
+    model = transformers.MixtralForCausalLM(
+        transformers.MixtralConfig(
+            **COMMON,
+            head_dim=8,
+            intermediate_size=16,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            router_jitter_noise=0.1,
+        )
+    )
     with pytest.raises(ValueError, match="jitter"):
         swap_moe_blocks(model)
     assert len(find_moe_blocks(model)) == 2  # nothing was swapped

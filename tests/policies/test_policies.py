@@ -438,8 +438,13 @@ def test_forest_split_reaches_exact_level(gpus, homes, seed):
 
 # ------------------------------------------------------------------ incremental reorder search
 @settings(**SETTINGS)
-@given(bins=st.integers(1, 4), per_bin=st.integers(1, 4), M=st.integers(1, 3), weight=st.sampled_from([0.0, 0.01, 0.3, 2.0]),
-       seed=st.integers(0, 2**31 - 1))
+@given(
+    bins=st.integers(1, 4),
+    per_bin=st.integers(1, 4),
+    M=st.integers(1, 3),
+    weight=st.sampled_from([0.0, 0.01, 0.3, 2.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_incremental_search_never_worse_than_keeping(bins, per_bin, M, weight, seed):
     """From the previous assignment, F + move_cost x moves never rises, and bin sizes hold."""
     from relibra.policies._packing import objective, swap_search
@@ -456,8 +461,13 @@ def test_incremental_search_never_worse_than_keeping(bins, per_bin, M, weight, s
 
 
 @settings(**SETTINGS)
-@given(bins=st.integers(1, 4), per_bin=st.integers(1, 4), M=st.integers(1, 3), weight=st.sampled_from([0.0, 0.01, 0.3, 2.0]),
-       seed=st.integers(0, 2**31 - 1))
+@given(
+    bins=st.integers(1, 4),
+    per_bin=st.integers(1, 4),
+    M=st.integers(1, 3),
+    weight=st.sampled_from([0.0, 0.01, 0.3, 2.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_overload_search_never_raises_overload_plus_moves(bins, per_bin, M, weight, seed):
     """The overload descent: overload + move_cost x moves never rises, bin sizes hold, and the
     reorder node stage built on it never ends above keeping the previous assignment in F + cost."""
@@ -478,8 +488,13 @@ def test_overload_search_never_raises_overload_plus_moves(bins, per_bin, M, weig
 
 
 @settings(**SETTINGS)
-@given(bins=st.integers(2, 4), per_bin=st.integers(1, 4), M=st.integers(1, 3), overload=st.booleans(),
-       seed=st.integers(0, 2**31 - 1))
+@given(
+    bins=st.integers(2, 4),
+    per_bin=st.integers(1, 4),
+    M=st.integers(1, 3),
+    overload=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_search_with_rising_prices_stops_and_never_worsens(bins, per_bin, M, overload, seed):
     """Prices that rise with the moves made so far (as reorder's spreading does) cannot make the
     search cycle: it stops on its own, and objective + base price x moves never rises."""
@@ -499,8 +514,19 @@ def test_search_with_rising_prices_stops_and_never_worsens(bins, per_bin, M, ove
         per_owner = torch.zeros(B, 3, dtype=torch.float64).scatter_add_(1, owner.expand(B, I), moved)
         return base[:, None] * (1.0 + 4.0 * per_owner.gather(1, owner.expand(B, I)))
 
-    new = swap_search(w, prev, bins, prev, base, max_iters=500, per_move=True, overload=overload,
-                      busiest=2, candidates=2, price_items=price)
+    new = swap_search(
+        w,
+        prev,
+        bins,
+        prev,
+        base,
+        max_iters=500,
+        per_move=True,
+        overload=overload,
+        busiest=2,
+        candidates=2,
+        price_items=price,
+    )
     assert len(rounds) < 500
     score = overload_objective if overload else objective
     assert (score(w, new, bins) + base * (new != prev).sum(-1) <= score(w, prev, bins) * (1 + 1e-12) + 1e-9).all()

@@ -9,13 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from _moe_world import Net, allreduce_dense_grads, logical_grads, logical_state, max_err, step_data
 
 from relibra import available_policies
-from relibra.runtime.balancer import Balancer
 from relibra.plan import Plan
+from relibra.runtime.balancer import Balancer
 from relibra.testing import run_world
-
-from _moe_world import Net, allreduce_dense_grads, logical_grads, logical_state, max_err, step_data
 
 BUILTIN = ("static", "eplb", "reorder", "replicate", "hybrid")
 STEPS, M = 3, 2

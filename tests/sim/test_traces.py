@@ -3,8 +3,17 @@
 import numpy as np
 import pytest
 
-from relibra.sim.traces import (TraceConfig, default_trace_path, describe, format_description, generate,
-                            load_popularity, load_trace_file, save_trace_file, waterfill)
+from relibra.sim.traces import (
+    TraceConfig,
+    default_trace_path,
+    describe,
+    format_description,
+    generate,
+    load_popularity,
+    load_trace_file,
+    save_trace_file,
+    waterfill,
+)
 
 SMALL = dict(steps=2, micro_batches=4, tokens_per_micro_batch=8192, group_size=4,
              response_len_median=256.0, prompt_len_median=64.0, max_len=2048)

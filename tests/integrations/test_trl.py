@@ -37,9 +37,14 @@ def test_grpo_trainer_records_routes_and_plans_every_step(tmp_path):
     args = trl.GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
                           max_completion_length=4, max_steps=2, report_to=[], use_cpu=True, logging_steps=1,
                           learning_rate=1e-3, save_strategy="no", bf16=False, seed=0)
-    trainer = RelibraGRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [float(len(c)) for c in completions],
-                                 args=args, train_dataset=data, processing_class=_tokenizer(),
-                                 relibra_plugin=RelibraPlugin(policy="static", spare_slots_per_gpu=0))
+    trainer = RelibraGRPOTrainer(
+        model=model,
+        reward_funcs=lambda completions, **kw: [float(len(c)) for c in completions],
+        args=args,
+        train_dataset=data,
+        processing_class=_tokenizer(),
+        relibra_plugin=RelibraPlugin(policy="static", spare_slots_per_gpu=0),
+    )
     assert any(isinstance(m, ReLibraMoE) for m in trainer.model.modules())
     plans = []
     plan_step = trainer.balancer.plan_step
@@ -51,5 +56,8 @@ def test_grpo_trainer_records_routes_and_plans_every_step(tmp_path):
             assert r.shape[1:] == (2, 2)
             assert ((r >= 0).all(-1) | (r == -1).all(-1)).all()  # a token has all its routes or none
             assert (r >= 0).all(-1).any()
-    assert trainer.balancer.optimizer is trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") \
+    assert (
+        trainer.balancer.optimizer is trainer.optimizer.optimizer
+        if hasattr(trainer.optimizer, "optimizer")
         else trainer.balancer.optimizer is trainer.optimizer
+    )

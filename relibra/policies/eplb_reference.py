@@ -60,7 +60,6 @@ def _replicate(weights: list[float], num_phy: int) -> tuple[list[int], list[int]
 def _one_layer(w: list[float], num_phy: int, num_groups: int, num_nodes: int, num_gpus: int):
     E = len(w)
     group_size = E // num_groups
-    groups_per_node = num_groups // num_nodes
     experts_per_node = E // num_nodes
     phy_per_node = num_phy // num_nodes
     gpus_per_node = num_gpus // num_nodes

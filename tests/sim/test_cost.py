@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from relibra.sim.cost import CostConfig, ideal_step_cost, make_config, step_cost
 from relibra.plan import Placement, Plan
+from relibra.sim.cost import CostConfig, ideal_step_cost, make_config, step_cost
 from relibra.topology import Topology
 
 # 2 nodes x 2 GPUs, 4 experts (1 home slot each), 1 spare slot per GPU. Round numbers:

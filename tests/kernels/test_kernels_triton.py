@@ -20,8 +20,9 @@ from hypothesis import strategies as st
 os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
+from kernel_cases import assign_cases, oracle_assign, permute_cases  # noqa: E402
+
 from relibra.kernels import reference as ref  # noqa: E402
-from test_kernels_cases import assign_cases, oracle_assign, permute_cases  # noqa: E402
 
 if "relibra.kernels.triton" in sys.modules:  # imported earlier, maybe compiled for a GPU
     tri = importlib.reload(sys.modules["relibra.kernels.triton"])

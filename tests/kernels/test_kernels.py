@@ -13,11 +13,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernel_cases import assign_cases, oracle_assign, oracle_permute, oracle_unpermute, permute_cases
 
 from relibra import kernels
 from relibra.kernels import reference as ref
-from test_kernels_cases import (assign_cases, oracle_assign, oracle_permute, oracle_unpermute,
-                                permute_cases)
 
 SETTINGS = settings(max_examples=40, deadline=None)
 

@@ -13,8 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relibra import Placement, Topology
-from relibra.runtime.migration import MigrationError, Move, migrate_experts, plan_moves
-from relibra.runtime.migration import _hash_weights, _piece_checksum
+from relibra.runtime.migration import MigrationError, Move, _hash_weights, _piece_checksum, migrate_experts, plan_moves
 from relibra.testing import run_world
 
 TOPO = Topology(num_nodes=2, gpus_per_node=2, num_experts=8)   # G=4, H=2
@@ -209,8 +208,9 @@ def _worker_exact(rank: int, mesh) -> None:
             for i, p in enumerate(params[l]):
                 got = p.to_local() if dtensor else p
                 torch.testing.assert_close(got.detach(), ref[l][i].detach()[ids[l]], rtol=1e-6, atol=1e-7)
-                torch.testing.assert_close(_pieces(params, opt)[l][i][3], ref_opt.state[ref[l][i]]["exp_avg_sq"][ids[l]],
-                                           rtol=1e-6, atol=1e-9)
+                torch.testing.assert_close(
+                    _pieces(params, opt)[l][i][3], ref_opt.state[ref[l][i]]["exp_avg_sq"][ids[l]], rtol=1e-6, atol=1e-9
+                )
         # a second migration (to a third placement) and the identity one
         logical = _gather_logical(_pieces(params, opt), new)
         migrate_experts(params, opt, new, third, TOPO, group=group)
@@ -228,7 +228,7 @@ def _worker_corrupt(rank: int, mesh) -> None:
 
     def flip(r, received):
         if r == 1:
-            buf = received[2]          # rank 1 receives expert 4 of layer 1 from rank 2
+            buf = received[2]  # rank 1 receives expert 4 of layer 1 from rank 2
             buf[buf.numel() // 2] ^= 0x10
 
     with pytest.raises(MigrationError, match="sent by rank 2 arrived corrupted on rank 1") as info:
@@ -256,8 +256,9 @@ def _worker_bad_input(rank: int, mesh) -> None:
     bad_dtype = [list(ps) for ps in params]
     if rank == 3:
         bad_dtype[1][1] = torch.zeros(H, *SHAPES[1], dtype=torch.float64)
-    cases.append((bad_dtype, None, new,
-                  r"ranks disagree before any transfer: .*rank 3 has 'layer 1 param 1: torch.float64"))
+    cases.append(
+        (bad_dtype, None, new, r"ranks disagree before any transfer: .*rank 3 has 'layer 1 param 1: torch.float64")
+    )
     # rank 0 has another new placement
     other = Placement(new.home_experts.flip(1).contiguous()) if rank == 0 else new
     cases.append((params, opt, other, r"ranks disagree before any transfer: rank 0 has 'new placement"))
@@ -296,8 +297,10 @@ def _worker_pack_fails(rank: int, mesh) -> None:
     snap = _snapshot(params, opt)
     real = migration._checksums
     if rank == 2:  # rank 2 sends in layer 1: its packing raises before it could post anything
+
         def boom(*args, **kwargs):
             raise RuntimeError("out of memory while packing")
+
         migration._checksums = boom
     try:
         with pytest.raises(MigrationError, match="packing failed on rank 2: RuntimeError: out of memory") as info:
@@ -316,7 +319,7 @@ def test_a_rank_failing_to_pack_fails_every_rank_without_hang_or_change():
 
 
 # ------------------------------------------------------------------ expert-data-parallel replicas
-TOPO_EP2 = Topology(num_nodes=1, gpus_per_node=2, num_experts=E)   # one EP group: 2 ranks, H = 4
+TOPO_EP2 = Topology(num_nodes=1, gpus_per_node=2, num_experts=E)  # one EP group: 2 ranks, H = 4
 
 
 def _worker_edp_verdict(rank: int, mesh) -> None:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import re
-
 import base64
 import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -131,7 +130,8 @@ def test_torch_numpy_list_inputs_agree():
     assert torch.equal(a, micro_batch_loads([torch.from_numpy(arr).int()], 6))
     assert torch.equal(a, micro_batch_loads([arr.tolist()], 6))
     assert torch.equal(a, micro_batch_loads([arr.astype(np.uint8)], 6))
-    mixed = micro_batch_loads([torch.from_numpy(arr[:2]).to(torch.int16), arr[2:].astype(np.uint8)], 6, micro_batches=[2])
+    parts = [torch.from_numpy(arr[:2]).to(torch.int16), arr[2:].astype(np.uint8)]
+    mixed = micro_batch_loads(parts, 6, micro_batches=[2])
     assert torch.equal(a, mixed)  # mixed dtypes inside one micro-batch
 
 
@@ -155,7 +155,11 @@ def test_torch_numpy_list_inputs_agree():
         ([np.zeros((1, 2, 1), int)], {"moe_layers": [1], "first_k_dense": 1}, r"not both"),
         ([np.zeros((1, 2, 1), int)], {"first_k_dense": 2}, r"first_k_dense=2"),
         ([np.zeros((1, 2, 1), int)] * 2, {"micro_batches": [1, 2]}, r"add up to 3, but there are 2"),
-        ([np.zeros((1, 2, 1), int)] * 2, {"micro_batches": [[0], [0, 1]]}, r"sequence 0 is in micro-batch 0 and micro-batch 1"),
+        (
+            [np.zeros((1, 2, 1), int)] * 2,
+            {"micro_batches": [[0], [0, 1]]},
+            r"sequence 0 is in micro-batch 0 and micro-batch 1",
+        ),
         ([np.zeros((1, 2, 1), int)] * 2, {"micro_batches": [[2]]}, r"micro-batch 0 holds sequence 2"),
         ([], {}, r"no sequences"),
         (np.zeros((2, 3, 2, 1), int), {}, r"verl_sequences"),
@@ -201,7 +205,9 @@ def test_vllm_and_sglang_adapters():
     assert torch.equal(from_vllm(Output()), want)
     assert torch.equal(from_vllm({"routed_experts": _b64(routes)}, num_layers=3, top_k=2), want)
     assert torch.equal(from_vllm(routes.reshape(-1).tolist(), num_layers=3, top_k=2), want)
-    assert torch.equal(from_sglang({"text": "x", "meta_info": {"routed_experts": _b64(routes)}}, num_layers=3, top_k=2), want)
+    assert torch.equal(
+        from_sglang({"text": "x", "meta_info": {"routed_experts": _b64(routes)}}, num_layers=3, top_k=2), want
+    )
     assert torch.equal(from_sglang({"routed_experts": routes}), want)
     raw = np.ascontiguousarray(routes, dtype=np.int16).tobytes()
     assert torch.equal(decode_routed_experts(raw, raw=True, dtype="int16", num_layers=3, top_k=2), want)
@@ -301,7 +307,7 @@ def test_route_store_survives_padding_shuffling_and_splitting():
                 mask[b, sl] = True
             got = store.gather_tokens(ids, mask)
             assert got.shape == (len(chunk), width, num_layers - 1, top_k)
-            for b, (tokens, moe_routes) in enumerate(chunk):
+            for b, (_, moe_routes) in enumerate(chunk):
                 real = got[b][mask[b]]
                 assert torch.equal(real[:-1], moe_routes)
                 assert (real[-1] == -1).all()  # last sampled token: no recorded route
@@ -369,10 +375,19 @@ def test_trace_round_trip(tmp_path):
         ({"loads": np.full((1, 1, 1, 2), np.nan), "top_k": np.int64(2)}, r"integer array, got dtype float64"),
         ({"loads": -np.ones((1, 1, 1, 2), np.int64), "top_k": np.int64(2)}, r"negative"),
         ({"loads": np.zeros((1, 1, 1, 2), np.int64), "top_k": np.int64(0)}, r"top_k must be a positive int"),
-        ({"loads": np.zeros((1, 1, 1, 2), np.int64), "top_k": np.zeros(2, np.int64)}, r"'top_k' must be an integer scalar"),
-        ({"loads": np.zeros((1, 1, 1, 2), np.int64), "top_k": np.int64(2), "meta": np.array("{bad")}, r"not valid JSON"),
+        (
+            {"loads": np.zeros((1, 1, 1, 2), np.int64), "top_k": np.zeros(2, np.int64)},
+            r"'top_k' must be an integer scalar",
+        ),
+        (
+            {"loads": np.zeros((1, 1, 1, 2), np.int64), "top_k": np.int64(2), "meta": np.array("{bad")},
+            r"not valid JSON",
+        ),
         ({"loads": np.zeros((1, 1, 1, 2), np.int64), "top_k": np.int64(2), "meta": np.array("[1]")}, r"JSON object"),
-        ({"loads": np.zeros((1, 1, 1, 2), np.int64), "top_k": np.int64(2), "extra": np.zeros(1)}, r"unknown key\(s\) \['extra'\]"),
+        (
+            {"loads": np.zeros((1, 1, 1, 2), np.int64), "top_k": np.int64(2), "extra": np.zeros(1)},
+            r"unknown key\(s\) \['extra'\]",
+        ),
     ],
 )
 def test_bad_trace_files_name_file_and_fault(tmp_path, arrays, match):
@@ -400,14 +415,20 @@ def test_trace_file_not_npz_and_bad_save(tmp_path):
         save_trace(tmp_path / "x.npz", torch.ones(1, 1, 1, 2, dtype=torch.int64), top_k=1, meta={"a": object()})
 
 
-@pytest.mark.parametrize("routes,match", [
-    ([[0, 1]], r"routes must be a tensor \[T, 3, 2\], got list"),
-    (torch.zeros(4, 3, 2), r"routes must hold integer expert ids, got dtype torch.float32"),
-    (torch.zeros(4, 2, 2, dtype=torch.int64), r"routes must have shape \[T, 3, 2\], got \(4, 2, 2\)"),
-    (torch.zeros(4, 3, dtype=torch.int64), r"routes must have shape \[T, 3, 2\], got \(4, 3\)"),
-    (torch.tensor([[[0, 1]] * 3, [[0, 1], [2, 8], [0, -2]]]), r"routes\[1, 1, 1\] = 8 is not an expert id in \[0, 8\)"),
-    (torch.tensor([[[0, 1]] * 3, [[0, 1], [2, 3], [0, -2]]]), r"routes\[1, 2, 1\] = -2 is not an expert id"),
-])
+@pytest.mark.parametrize(
+    "routes,match",
+    [
+        ([[0, 1]], r"routes must be a tensor \[T, 3, 2\], got list"),
+        (torch.zeros(4, 3, 2), r"routes must hold integer expert ids, got dtype torch.float32"),
+        (torch.zeros(4, 2, 2, dtype=torch.int64), r"routes must have shape \[T, 3, 2\], got \(4, 2, 2\)"),
+        (torch.zeros(4, 3, dtype=torch.int64), r"routes must have shape \[T, 3, 2\], got \(4, 3\)"),
+        (
+            torch.tensor([[[0, 1]] * 3, [[0, 1], [2, 8], [0, -2]]]),
+            r"routes\[1, 1, 1\] = 8 is not an expert id in \[0, 8\)",
+        ),
+        (torch.tensor([[[0, 1]] * 3, [[0, 1], [2, 3], [0, -2]]]), r"routes\[1, 2, 1\] = -2 is not an expert id"),
+    ],
+)
 def test_route_fault_names_the_first_fault(routes, match):
     from relibra.routing import route_fault
 
