@@ -1,6 +1,7 @@
 import subprocess
 import sys
 from importlib.metadata import EntryPoint
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,24 @@ def _private_registry(monkeypatch):
 
 
 def test_builtins_are_registered():
-    assert {"static", "eplb", "reorder", "replicate", "hybrid"} <= set(relibra.available_policies())
+    assert set(relibra.policies.BUILTINS) == {"static", "eplb", "reorder", "replicate", "hybrid"}
+    assert set(relibra.policies.BUILTINS) <= set(relibra.available_policies())
+    for name, factory in relibra.policies.BUILTINS.items():
+        assert registry._REGISTRY[name] is factory
+
+
+def test_a_built_in_that_fails_to_import_fails_import_relibra(tmp_path):
+    # a copy of the package whose hybrid module raises on import: import relibra must fail, not
+    # silently register one policy fewer (which would skip that policy's tests)
+    import shutil
+
+    pkg = tmp_path / "relibra"
+    shutil.copytree(Path(relibra.__file__).parent, pkg, ignore=shutil.ignore_patterns("__pycache__", "data"))
+    broken = "raise ModuleNotFoundError('simulated', name='relibra.policies.hybrid')\n"
+    (pkg / "policies" / "hybrid.py").write_text(broken)
+    proc = subprocess.run([sys.executable, "-c", "import relibra"], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "relibra.policies.hybrid" in proc.stderr or "simulated" in proc.stderr
 
 
 def test_register_decorator_and_call_form():

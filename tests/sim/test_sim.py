@@ -6,8 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relibra import available_policies
-from relibra.sim import simulate
+from relibra.sim import DEFAULT_POLICIES, simulate
 from relibra.sim.cost import CostConfig
 
 CFG = CostConfig(hidden=64, expert_intermediate=32, num_experts=8, top_k=2, num_moe_layers=2,
@@ -17,9 +16,7 @@ TOPO = CFG.topology(2, 2, 1)
 
 
 def _policies():
-    names = ["static", "eplb-history", "eplb-oracle", "eplb-oracle-global", "reorder", "replicate", "hybrid"]
-    have = set(available_policies())
-    return [n for n in names if n.split("-")[0] in have] + ["ideal"]
+    return list(DEFAULT_POLICIES)
 
 
 @settings(max_examples=25, deadline=None)
