@@ -139,10 +139,10 @@ def test_torch_numpy_list_inputs_agree():
 @pytest.mark.parametrize(
     "seqs, kwargs, match",
     [
-        ([np.array([[[0, 7]]])], {}, r"expert id 7 at token 0, layer 0, slot 1"),
-        ([np.zeros((2, 3, 1), int), np.array([[[0], [0], [9]]])], {}, r"sequence 1: expert id 9 .* layer 2"),
-        ([np.array([[[0], [-2]]])], {}, r"expert id -2"),
-        ([np.zeros((2, 3, 1), int) + [[[0], [0], [6]]]], {"first_k_dense": 1}, r"layer 2"),
+        ([np.array([[[0, 7]]])], {}, r"sequence 0\[0, 0, 1\] = 7 is not an expert id in \[0, 6\)"),
+        ([np.zeros((2, 3, 1), int), np.array([[[0], [0], [9]]])], {}, r"sequence 1\[0, 2, 0\] = 9 is not an expert id"),
+        ([np.array([[[0], [-2]]])], {}, r"= -2 is not an expert id"),
+        ([np.zeros((2, 3, 1), int) + [[[0], [0], [6]]]], {"first_k_dense": 1}, r"sequence 0\[0, 2, 0\] = 6"),  # global layer
         ([np.zeros((2, 2, 1), np.float32)], {}, r"integer expert ids, got dtype float32"),
         ([torch.zeros(2, 2, 1)], {}, r"integer expert ids, got dtype torch.float32"),
         ([np.zeros((2, 2, 1), bool)], {}, r"got dtype bool"),
@@ -185,7 +185,7 @@ def test_bad_ranks_and_num_experts():
         micro_batch_rank_loads(seqs, 2, [0, 3], 2)
     with pytest.raises(ValueError, match=r"num_experts"):
         micro_batch_loads(seqs, 0)
-    with pytest.raises(ValueError, match=r"expert id 4 at token 0, layer 1"):
+    with pytest.raises(ValueError, match=r"routes_TLK\[0, 1, 0\] = 4 is not an expert id"):
         loads_from_routes(torch.tensor([[[0], [4]]]), 4)
 
 
@@ -228,7 +228,7 @@ def test_engine_adapter_faults():
         decode_routed_experts(_b64(np.zeros(6)))
     with pytest.raises(ValueError, match=r"expected top_k=3"):
         decode_routed_experts(np.zeros((2, 2, 2), int), top_k=3)
-    with pytest.raises(ValueError, match=r"expert id 9"):
+    with pytest.raises(ValueError, match=r"= 9 is not an expert id in \[0, 8\)"):
         decode_routed_experts(np.full((1, 1, 1), 9), num_experts=8)
     with pytest.raises(ValueError, match=r"dtype must be an integer"):
         decode_routed_experts(_b64(np.zeros(2)), dtype="float32", num_layers=1, top_k=1)
@@ -331,7 +331,7 @@ def test_route_store_by_sequence_id():
         store.get("c")
     with pytest.raises(ValueError, match=r"batch row 0 holds 4 tokens"):
         store.gather(["a"], attention_mask=[[1, 1, 1, 1]])
-    with pytest.raises(ValueError, match=r"expert id 4"):
+    with pytest.raises(ValueError, match=r"= 4 is not an expert id"):
         store.put("bad", torch.tensor([[[4]]]))
     with pytest.raises(ValueError, match=r"the store holds \(1, 1\)"):
         store.put("wide", torch.zeros(1, 2, 1, dtype=torch.int64))
@@ -441,3 +441,52 @@ def test_route_fault_accepts_ids_padding_and_any_token_count():
     for T in (0, 1, 5):
         assert route_fault(torch.full((T, 3, 2), -1, dtype=torch.int32), (None, 3, 2), 8) == ""
     assert route_fault(torch.tensor([[7, 0]], dtype=torch.uint8), (1, 2), 8) == ""
+
+
+@pytest.mark.parametrize(
+    "routes,match",
+    [
+        (torch.zeros(2, 2, dtype=torch.int64, device="meta"), r"routes is on meta, but the tokens are on cpu"),
+        (torch.zeros(2, 2, dtype=torch.uint8), r"routes is uint8, which cannot hold expert ids of 300 experts"),
+        (torch.zeros(2, 2, dtype=torch.int8), r"routes is int8, which cannot hold expert ids of 300 experts"),
+        (torch.zeros(2, 2, dtype=torch.bool), r"integer expert ids, got dtype torch.bool"),
+    ],
+)
+def test_route_fault_names_device_and_too_narrow_dtypes(routes, match):
+    from relibra.routing import route_fault
+
+    assert re.search(match, route_fault(routes, (2, 2), 300, device="cpu"))
+
+
+def test_uint8_padding_that_wrapped_to_255_is_named():
+    """verl's uint8 cannot hold -1: a -1 written into it is 255, an id beyond 8 experts."""
+    from relibra.routing import route_fault
+    from relibra.routing.routes import step_routes_fault
+
+    wrapped = torch.tensor([[3, -1]]).to(torch.uint8)
+    fault = route_fault(wrapped, (1, 2), 8)
+    assert re.search(r"routes\[0, 1\] = 255 is not an expert id in \[0, 8\).*wraps to 255", fault)
+    assert route_fault(wrapped, (1, 2), 256) == ""  # 255 is an expert of 256
+    with pytest.raises(ValueError, match=r"sequence 0\[0, 0, 1\] = 255 .*wraps to 255"):
+        micro_batch_loads([wrapped.view(1, 1, 2)], 8)
+    assert "wraps" not in route_fault(torch.tensor([[3, 255]]), (1, 2), 8)  # int64 255 is just out of range
+    assert re.search(r"routes\[1\]\[0, 0, 1\] = 255 .*wraps", step_routes_fault(
+        [torch.zeros(0, 1, 2, dtype=torch.uint8), wrapped.view(1, 1, 2)], 1, 2, 8))
+
+
+@pytest.mark.parametrize(
+    "routes,match",
+    [
+        (torch.zeros(3, 1, 2, dtype=torch.int64), r"routes must be a list of int tensors \[T_m, 1, 2\], one per "
+                                                   r"micro-batch, got Tensor"),
+        ([], r"non-empty list .* got an empty list"),
+        ([torch.zeros(3, 1, 2, dtype=torch.int64), torch.zeros(3, 2, 2, dtype=torch.int64)],
+         r"routes\[1\] must have shape \[T, 1, 2\], got \(3, 2, 2\)"),
+        ((torch.zeros(3, 1, 2), ), r"routes\[0\] must hold integer expert ids"),
+    ],
+)
+def test_step_routes_fault_names_the_micro_batch(routes, match):
+    from relibra.routing.routes import step_routes_fault
+
+    assert re.search(match, step_routes_fault(routes, 1, 2, 8))
+    assert step_routes_fault([torch.zeros(0, 1, 2, dtype=torch.int32), torch.full((2, 1, 2), -1)], 1, 2, 8) == ""
