@@ -142,7 +142,7 @@ def test_torch_numpy_list_inputs_agree():
         ([np.array([[[0, 7]]])], {}, r"sequence 0\[0, 0, 1\] = 7 is not an expert id in \[0, 6\)"),
         ([np.zeros((2, 3, 1), int), np.array([[[0], [0], [9]]])], {}, r"sequence 1\[0, 2, 0\] = 9 is not an expert id"),
         ([np.array([[[0], [-2]]])], {}, r"= -2 is not an expert id"),
-        ([np.zeros((2, 3, 1), int) + [[[0], [0], [6]]]], {"first_k_dense": 1}, r"sequence 0\[0, 2, 0\] = 6"),  # global layer
+        ([np.zeros((2, 3, 1), int) + [[[0], [0], [6]]]], {"first_k_dense": 1}, r"sequence 0\[0, 2, 0\] = 6"),
         ([np.zeros((2, 2, 1), np.float32)], {}, r"integer expert ids, got dtype float32"),
         ([torch.zeros(2, 2, 1)], {}, r"integer expert ids, got dtype torch.float32"),
         ([np.zeros((2, 2, 1), bool)], {}, r"got dtype bool"),
