@@ -9,7 +9,7 @@ CPU, the helpers move them there and back, so planners keep working on CPU tenso
     all_reduce_(t, group, op)            -> t reduced in place (any device)
     broadcast_(t, src, group)            -> t overwritten with group rank src's t (any device)
     all_gather_text(text, group)         -> list of G strings (no pickle)
-    agree(error, group, position)        -> Verdict: ranks at different positions, or the lowest
+    agree(error, group, key)             -> Verdict: ranks at different keys (positions), or the lowest
                                             rank's error; None when all is well (one all-reduce)
     first_error(error, group)            -> (rank, text) of the lowest rank with a non-empty error, or None
 """
@@ -17,13 +17,12 @@ CPU, the helpers move them there and back, so planners keep working on CPU tenso
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["comm_device", "all_gather_flat", "all_reduce_", "broadcast_", "all_gather_text", "agree", "Verdict",
-           "first_error"]
+__all__ = ["comm_device", "all_gather_flat", "all_reduce_", "broadcast_", "all_gather_text", "agree", "KEY_LIMIT",
+           "Verdict", "first_error"]
 
 
 def comm_device(group) -> torch.device:
@@ -86,39 +85,46 @@ def all_gather_text(text: str, group) -> list[str]:
     return [bytes(o[:s].cpu().numpy().tobytes()).decode("utf-8", "replace") for o, s in zip(out, sizes_i)]
 
 
+#: the largest position key :func:`agree` takes, exclusive (key x (G + 1) + G must fit in int64)
+KEY_LIMIT = 2**48
+
+
 @dataclass(frozen=True)
 class Verdict:
     """What :func:`agree` found, the same on every rank of the group.
 
-    ``positions``: every rank's position (in group rank order) when they are not all equal,
+    ``keys``: every rank's position key (in group rank order) when they are not all equal,
     else None. Otherwise ``rank`` / ``error``: the lowest group rank with an error and its text.
     """
 
-    positions: list[tuple[int, ...]] | None = None
+    keys: list[int] | None = None
     rank: int = -1
     error: str = ""
 
 
-def agree(error: str, group, position: Sequence[int] = ()) -> Verdict | None:
-    """Agree over ``group`` that no rank has an ``error`` and every rank stands at ``position``.
+def agree(error: str, group, key: int = 0) -> Verdict | None:
+    """Agree over ``group`` that no rank has an ``error`` and every rank stands at the same ``key``.
 
-    ``position``: a few ints saying where in the program this rank is (e.g. phase, micro-batch,
-    layer); every rank must pass the same number. Collective: one all-reduce (MIN over
-    ``[error rank or G, p_0, -p_0, p_1, -p_1, ...]``, so the minimum and the maximum of every
-    ``p_i`` arrive together) returns None when all is well. Ranks at different positions
-    are reported first (every rank's position travels in one all-gather; their errors may
-    belong to different calls and are not exchanged); otherwise the lowest faulty rank's text
-    travels (two more small collectives).
+    ``key``: an int in ``[0, KEY_LIMIT)`` naming where in the program this rank is (e.g. a
+    phase, micro-batch and layer packed together); ranks with different keys are out of step.
+    Collective: one all-reduce of two int64 (MIN over ``[key * (G + 1) + (error rank or G),
+    -key]``: the lowest key with its lowest faulty rank, and the highest key) returns None when
+    all is well; gloo's cost grows with the elements, so the verdict is packed this tight.
+    Ranks out of step are reported first (every rank's key travels in one all-gather; their
+    errors may belong to different calls and are not exchanged); otherwise the lowest faulty
+    rank's text travels (two more small collectives).
     """
     world = dist.get_world_size(group)
-    pos = [int(p) for p in position]
-    head = [dist.get_rank(group) if error else world]
-    verdict = torch.tensor(head + [v for p in pos for v in (p, -p)], dtype=torch.int64)
+    if not 0 <= key < KEY_LIMIT or world >= 2**14:
+        raise ValueError(f"agree: key {key} must be in [0, 2**48) and the group below 2**14 ranks, got {world}")
+    me = dist.get_rank(group) if error else world
+    verdict = torch.tensor([key * (world + 1) + me, -key], dtype=torch.int64)
     all_reduce_(verdict, group, op=dist.ReduceOp.MIN)
-    first, *bounds = verdict.tolist()
-    if any(low != -neg_high for low, neg_high in zip(bounds[0::2], bounds[1::2])):
-        every = all_gather_flat(torch.tensor([pos], dtype=torch.int64), group)  # [G, 1, n]
-        return Verdict(positions=[tuple(row) for row in every[:, 0].tolist()])
+    lowest, neg_highest = verdict.tolist()
+    low_key, first = divmod(lowest, world + 1)
+    if low_key != -neg_highest:
+        keys = all_gather_flat(torch.tensor([key], dtype=torch.int64), group)  # [G, 1]
+        return Verdict(keys=keys[:, 0].tolist())
     if first == world:
         return None
     return Verdict(rank=first, error=all_gather_text(error, group)[first])

@@ -52,8 +52,24 @@ PHASES = ("train",)
 BLOCK_START, BLOCK_END = -2, -3
 
 
-def _describe_position(phase: int, micro_batch: int, layer: int) -> str:
-    name = PHASES[phase] if 0 <= phase < len(PHASES) else f"phase {phase}"
+# a position (phase, micro-batch, layer) packs into one key of comm.agree: mixed radix, offsets
+# make the sentinels (-1 micro-batch, BLOCK_START/BLOCK_END layers) non-negative
+_MICRO_BATCHES, _LAYERS = 2**24, 2**14
+
+
+def _position_key(phase: int, micro_batch: int, layer: int) -> int:
+    if not (0 <= phase < 2**8 and -1 <= micro_batch < _MICRO_BATCHES - 1 and BLOCK_END <= layer < _LAYERS - 3):
+        raise ValueError(f"position (phase {phase}, micro-batch {micro_batch}, layer {layer}) is out of the "
+                         f"order check's range (< 256 phases, < {_MICRO_BATCHES - 1} micro-batches, "
+                         f"< {_LAYERS - 3} layers)")
+    return ((phase * _MICRO_BATCHES) + micro_batch + 1) * _LAYERS + layer - BLOCK_END
+
+
+def _describe_position(key: int) -> str:
+    rest, layer = divmod(key, _LAYERS)
+    phase, micro_batch = divmod(rest, _MICRO_BATCHES)
+    micro_batch, layer = micro_batch - 1, layer + BLOCK_END
+    name = PHASES[phase] if phase < len(PHASES) else f"phase {phase}"
     where = f"{name} micro-batch {micro_batch}" if micro_batch >= 0 else f"{name}, outside any micro-batch block"
     if layer == BLOCK_START:
         return f"{where}, entering Balancer.micro_batch"
@@ -68,16 +84,16 @@ def agree_in_step(group, phase: int, micro_batch: int, layer: int, fault: str = 
     Raises the same ValueError on every rank when ranks stand at different positions (naming
     each side); else returns ``(rank, text)`` of the lowest rank with a fault, or None.
     """
-    verdict = agree(fault, group, (phase, micro_batch, layer))
+    verdict = agree(fault, group, _position_key(phase, micro_batch, layer))
     if verdict is None:
         return None
-    if verdict.positions is None:
+    if verdict.keys is None:
         return verdict.rank, verdict.error
-    sides: dict[tuple[int, ...], list[int]] = {}
-    for rank, position in enumerate(verdict.positions):
-        sides.setdefault(position, []).append(rank)
+    sides: dict[int, list[int]] = {}
+    for rank, key in enumerate(verdict.keys):
+        sides.setdefault(key, []).append(rank)
     said = "; ".join(f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} at "
-                     f"{_describe_position(*position)}" for position, ranks in sides.items())
+                     f"{_describe_position(key)}" for key, ranks in sides.items())
     raise ValueError(f"ranks of the expert-parallel group are out of step: {said}. Every rank must run every "
                      f"micro-batch of a step in the same order, empty or not (an empty micro-batch still runs "
                      f"its forward and backward): the MoE layers' collectives pair up by order")
