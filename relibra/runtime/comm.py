@@ -115,8 +115,10 @@ def agree(error: str, group, key: int = 0) -> Verdict | None:
     rank's text travels (two more small collectives).
     """
     world = dist.get_world_size(group)
-    if not 0 <= key < KEY_LIMIT or world >= 2**14:
-        raise ValueError(f"agree: key {key} must be in [0, 2**48) and the group below 2**14 ranks, got {world}")
+    if not 0 <= key < KEY_LIMIT:
+        raise ValueError(f"agree: key must be in [0, 2**48), got {key}")
+    if world >= 2**14:
+        raise ValueError(f"agree: groups of up to 2**14 - 1 ranks, got {world}")
     me = dist.get_rank(group) if error else world
     verdict = torch.tensor([key * (world + 1) + me, -key], dtype=torch.int64)
     all_reduce_(verdict, group, op=dist.ReduceOp.MIN)

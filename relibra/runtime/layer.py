@@ -52,22 +52,25 @@ PHASES = ("train",)
 BLOCK_START, BLOCK_END = -2, -3
 
 
-# a position (phase, micro-batch, layer) packs into one key of comm.agree: mixed radix, offsets
-# make the sentinels (-1 micro-batch, BLOCK_START/BLOCK_END layers) non-negative
-_MICRO_BATCHES, _LAYERS = 2**24, 2**14
+# sizes of the digits of a position key (46 bits, under comm.KEY_LIMIT)
+_PHASE_IDS, _MICRO_BATCH_IDS, _LAYER_IDS = 2**8, 2**24, 2**14
 
 
 def _position_key(phase: int, micro_batch: int, layer: int) -> int:
-    if not (0 <= phase < 2**8 and -1 <= micro_batch < _MICRO_BATCHES - 1 and BLOCK_END <= layer < _LAYERS - 3):
-        raise ValueError(f"position (phase {phase}, micro-batch {micro_batch}, layer {layer}) is out of the "
-                         f"order check's range (< 256 phases, < {_MICRO_BATCHES - 1} micro-batches, "
-                         f"< {_LAYERS - 3} layers)")
-    return ((phase * _MICRO_BATCHES) + micro_batch + 1) * _LAYERS + layer - BLOCK_END
+    """(phase, micro-batch, layer) as one key of :func:`relibra.runtime.comm.agree`: mixed radix,
+    offset so that micro-batch -1 (none) and the BLOCK_* layers are non-negative digits."""
+    digits = (phase, micro_batch + 1, layer - BLOCK_END)
+    if not all(0 <= d < n for d, n in zip(digits, (_PHASE_IDS, _MICRO_BATCH_IDS, _LAYER_IDS))):
+        raise ValueError(f"position (phase {phase}, micro-batch {micro_batch}, layer {layer}) is beyond the "
+                         f"order check ({_PHASE_IDS} phases, {_MICRO_BATCH_IDS - 1} micro-batches, "
+                         f"{_LAYER_IDS + BLOCK_END} layers)")
+    return (digits[0] * _MICRO_BATCH_IDS + digits[1]) * _LAYER_IDS + digits[2]
 
 
 def _describe_position(key: int) -> str:
-    rest, layer = divmod(key, _LAYERS)
-    phase, micro_batch = divmod(rest, _MICRO_BATCHES)
+    """What :func:`_position_key` packed, in words."""
+    rest, layer = divmod(key, _LAYER_IDS)
+    phase, micro_batch = divmod(rest, _MICRO_BATCH_IDS)
     micro_batch, layer = micro_batch - 1, layer + BLOCK_END
     name = PHASES[phase] if phase < len(PHASES) else f"phase {phase}"
     where = f"{name} micro-batch {micro_batch}" if micro_batch >= 0 else f"{name}, outside any micro-batch block"

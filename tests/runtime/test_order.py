@@ -16,8 +16,12 @@ import pytest
 import torch
 import torch.distributed as dist
 from _moe_world import Net, step_data
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from relibra.runtime import layer as layer_module
 from relibra.runtime.balancer import Balancer
+from relibra.runtime.comm import KEY_LIMIT
 from relibra.testing import run_world
 
 EMPTY_RANK = 2  # step_data: rank 2 has no token in micro-batch 1
@@ -165,3 +169,19 @@ def test_a_run_in_order_is_unchanged_and_pays_one_all_reduce_per_layer_call():
         # per block: start, MoE layer 0, MoE layer 1, end; each two int64 (position and error rank packed)
         assert res["all_reduces_on"] == [[2, 2, 2, 2]] * 4, f"rank {rank}: {res['all_reduces_on']}"
         assert res["all_reduces_off"] == [[]] * 4, f"rank {rank}: {res['all_reduces_off']}"
+
+
+_positions = st.tuples(st.integers(0, 255), st.integers(-1, 2**24 - 2),
+                       st.integers(layer_module.BLOCK_END, 2**14 + layer_module.BLOCK_END - 1))
+
+
+@settings(max_examples=200)
+@given(a=_positions, b=_positions)
+def test_positions_pack_into_distinct_keys_that_read_back(a, b):
+    """Two ranks at different positions must never send the same key (the check would miss them)."""
+    key_a, key_b = layer_module._position_key(*a), layer_module._position_key(*b)
+    assert 0 <= key_a < KEY_LIMIT and (key_a == key_b) == (a == b)
+    phase, m, layer = a
+    text = layer_module._describe_position(key_a)
+    assert (f"micro-batch {m}," in text) == (m >= 0) and (f"MoE layer {layer}" in text) == (layer >= 0), text
+    assert text.startswith("train" if phase == 0 else f"phase {phase}"), text
