@@ -106,6 +106,20 @@ def test_global_layer_ids_and_dense_rows():
     assert moe_layer_ids(2) == [0, 1]
 
 
+def test_moe_layers_must_be_integers():
+    # [0.5] used to be read as layer 0
+    assert moe_layer_ids(4, [np.int64(1), torch.tensor(3)]) == [1, 3]
+    assert moe_layer_ids(4, np.array([0, 2])) == [0, 2] and moe_layer_ids(4, torch.tensor([1, 2])) == [1, 2]
+    for bad in ([0.5], [1.0], [True], [np.float64(2.0)], [torch.tensor(1.5)], ["1"]):
+        with pytest.raises(ValueError, match=r"moe_layers must hold integer layer ids, got "):
+            moe_layer_ids(4, bad)
+    with pytest.raises(ValueError, match=r"moe_layers must be a sequence"):
+        moe_layer_ids(4, 3)
+    seq = torch.zeros(3, 4, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"got 0.5 \(float\)"):
+        micro_batch_loads([seq], 4, moe_layers=[0.5, 3])
+
+
 def test_micro_batch_sizes_and_index_lists():
     seqs = [np.full((1, 1, 1), e) for e in range(4)]
     by_size = micro_batch_loads(seqs, 4, micro_batches=[1, 3])
