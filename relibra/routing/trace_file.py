@@ -11,8 +11,8 @@ Written by :func:`save_trace` (LZMA-compressed zip members, a plain ``np.load``-
 no pickle; every member's name and ``.npy`` header are checked before any data is decoded; the
 arrays may take at most ``max_bytes`` (default: 256 x the file's size, at least 64 MiB, at most
 4 GiB; ``meta`` at most 4 MiB); every member is decoded in bounded pieces and checked against its
-declared size and CRC-32 before its array is allocated. Every fault raises a ValueError that names the file and
-the key. ``relibra bench --trace FILE`` and the simulator read this contract.
+declared size and CRC-32 before its array is allocated. Every fault raises a ValueError that
+names the file and the key. ``relibra bench --trace FILE`` and the simulator read this contract.
 """
 
 from __future__ import annotations
