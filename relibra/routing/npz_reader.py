@@ -1,31 +1,28 @@
 """Reading an ``.npz`` as untrusted input: every member checked before it is decoded, every read bounded.
 
-``np.load`` trusts the file. It allocates whatever shape a member's ``.npy`` header claims
-before reading any data, so a 2 MB member can ask for 16 GiB. :mod:`zipfile`'s LZMA reader
-decodes a whole input chunk in one call: one ``read(4096)`` of a 10 KB member of zeros comes
-out as 64 MiB. It also allocates the dictionary that the member's properties ask for, up to
-4 GiB. :func:`read_npz` uses :mod:`zipfile` only for the zip directory and decodes each
-member itself:
+``np.load`` allocates whatever shape a member's ``.npy`` header claims before reading any data
+(a 2 MB member can ask for 16 GiB). :mod:`zipfile`'s LZMA reader decodes a whole input chunk
+in one call (one ``read(4096)`` of a 10 KB member of zeros comes out as 64 MiB), with the
+dictionary the member's properties claim (up to 4 GiB). :func:`read_npz` uses :mod:`zipfile`
+only for the zip directory and decodes each member itself:
 
-1. Names: every member is ``KEY.npy`` for a key of ``specs``, at most once. No member is
-   encrypted, and each one is stored, deflated or LZMA-compressed.
-2. Headers: each member has the ``.npy`` magic, format 1.0 or 2.0, and a header of at most
-   :data:`MAX_HEADER_BYTES`, parsed by numpy's literal parser. The dtype kind and number of
-   dimensions must fit the key. Object, structured and Fortran-ordered arrays are refused.
-   The member's size in the zip directory must equal header plus data, and its compressed
-   bytes must lie inside the file.
-3. Cap: in the dtypes they are read into, the arrays take at most ``max_bytes`` in total
-   (default :func:`default_max_bytes`).
-4. Verify, then read: every member is first decoded with its output thrown away, in pieces
-   of at most :data:`CHUNK` bytes and with an LZMA dictionary no larger than the member. It
-   must come out at exactly its declared size and match its zip CRC-32. Only then are the
-   arrays allocated and the members decoded into them, with the same checks.
+1. Names: every member is ``KEY.npy`` for a key of ``specs``, at most once; no encryption;
+   stored, deflate or LZMA.
+2. Headers: ``.npy`` magic, format 1.0 or 2.0, a header of at most :data:`MAX_HEADER_BYTES`
+   parsed by numpy's literal parser; dtype kind and dimensions as the key allows (never object,
+   structured or Fortran-ordered); the zip's size of the member equal to header plus data, and
+   its compressed bytes inside the file.
+3. Cap: the arrays, in the dtypes they are read into, take at most ``max_bytes`` in total.
+4. Verify, then read: every member is first decoded with its output thrown away, in pieces of
+   at most :data:`CHUNK` bytes (an LZMA dictionary no larger than the member), and must come
+   out at exactly its declared size with its zip CRC-32. Only then are the arrays allocated
+   and filled, with the same checks.
 
-Peak memory is therefore the arrays, plus one decoder's state (at most the writer's
-dictionary or the member's size, whichever is smaller), plus a few pieces. A forged,
-truncated or corrupt member fails before its array exists. Every fault is a ValueError that
-names the file and, when the fault is inside a member, its key. The price is time: every
-member is decoded (a stored one read) twice, about 1.6x np.load's time on LZMA traces.
+Peak memory is the arrays, plus one decoder's state (at most the writer's dictionary or the
+member's size, whichever is smaller), plus a few pieces. A forged, truncated or corrupt member
+fails before its array exists. Every fault is a ValueError naming the file and, when the fault
+is inside a member, its key. The price is time: every member is decoded (a stored one read)
+twice, about 1.6x np.load's time on LZMA traces.
 """
 
 from __future__ import annotations
@@ -276,11 +273,8 @@ def _members(f: BinaryIO, file_size: int, specs: Mapping[str, MemberSpec], where
 
 
 def _listed_entries(f: BinaryIO, file_size: int) -> int:
-    """The member count of the zip's end record, found as zipfile finds it (called after zipfile found it).
-
-    That is the last 22 bytes when they hold a record without comment, else the last signature in
-    the file's last 64 KiB.
-    """
+    """The member count of the zip's end record, found as zipfile found it: the last 22 bytes when
+    they hold one without comment, else the last signature in the file's last 64 KiB."""
     tail_size = min(file_size, _END_RECORD.size + 0xFFFF)
     f.seek(file_size - tail_size)
     tail = f.read(tail_size)
@@ -403,12 +397,6 @@ def _fill(out: np.ndarray, stored: np.dtype, pieces: Iterator[bytes], where: str
         pending, pos = data[count * size :], pos + count
 
 
-def _check_max_bytes(max_bytes: Any) -> int:
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer)) or max_bytes < 1:
-        raise ValueError(f"max_bytes must be a positive int, got {max_bytes!r}")
-    return int(max_bytes)
-
-
 def read_npz(path: str | os.PathLike, specs: Mapping[str, MemberSpec], *, max_bytes: int | None = None,
              label: str = "file") -> dict[str, np.ndarray]:
     """Read the arrays of an untrusted ``.npz`` without pickle and with bounded memory.
@@ -425,8 +413,8 @@ def read_npz(path: str | os.PathLike, specs: Mapping[str, MemberSpec], *, max_by
     raises ValueError naming the file (and the key). See the module docstring for the checks.
     """
     where = f"{label} {os.fspath(path)!r}"
-    if max_bytes is not None:
-        max_bytes = _check_max_bytes(max_bytes)
+    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1):
+        raise ValueError(f"max_bytes must be a positive int, got {max_bytes!r}")
     try:
         f = open(path, "rb")
     except FileNotFoundError:
@@ -451,9 +439,8 @@ def read_npz(path: str | os.PathLike, specs: Mapping[str, MemberSpec], *, max_by
                 pass
         arrays = {}
         for layout in layouts:
-            out = np.empty(layout.shape, dtype=layout.out_dtype)
             stream = _Stream(_decoded_pieces(f, layout.member), layout.member.where)
             stream.read(layout.header_size, "the .npy header")
+            arrays[layout.member.key] = out = np.empty(layout.shape, dtype=layout.out_dtype)
             _fill(out, layout.dtype, stream.rest(), layout.member.where)
-            arrays[layout.member.key] = out
     return arrays
