@@ -22,7 +22,8 @@ for local callers.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import operator
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -198,8 +199,9 @@ def moe_layer_ids(
 ) -> list[int]:
     """Global ids of the MoE layers among ``num_layers`` global layers.
 
-    ``moe_layers`` lists them explicitly (unique, ascending, in range); ``first_k_dense``
-    says the first k layers are dense (DeepSeek-V3: 3); neither means every layer is MoE.
+    ``moe_layers`` lists them explicitly (integers, unique, ascending, in range: ``0.5`` or
+    ``True`` is refused, never read as layer 0 or 1); ``first_k_dense`` says the first k layers
+    are dense (DeepSeek-V3: 3); neither means every layer is MoE.
     """
     if moe_layers is not None and first_k_dense is not None:
         raise ValueError("give moe_layers or first_k_dense, not both")
@@ -212,7 +214,19 @@ def moe_layer_ids(
         return list(range(int(first_k_dense), num_layers))
     if moe_layers is None:
         return list(range(num_layers))
-    ids = [int(i) for i in moe_layers]
+    if isinstance(moe_layers, (str, bytes)) or not isinstance(moe_layers, Iterable):
+        raise ValueError(f"moe_layers must be a sequence of integer layer ids, got {moe_layers!r}")
+    ids = []
+    for layer in moe_layers:
+        index = None
+        if not isinstance(layer, (bool, np.bool_)):
+            try:  # int, numpy and 0-d torch integers; float and str raise
+                index = operator.index(layer)
+            except TypeError:
+                pass
+        if index is None:
+            raise ValueError(f"moe_layers must hold integer layer ids, got {layer!r} ({type(layer).__name__})")
+        ids.append(index)
     if not ids:
         raise ValueError("moe_layers is empty")
     for i in ids:

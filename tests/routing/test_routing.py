@@ -106,6 +106,20 @@ def test_global_layer_ids_and_dense_rows():
     assert moe_layer_ids(2) == [0, 1]
 
 
+def test_moe_layers_must_be_integers():
+    # [0.5] used to be read as layer 0
+    assert moe_layer_ids(4, [np.int64(1), torch.tensor(3)]) == [1, 3]
+    assert moe_layer_ids(4, np.array([0, 2])) == [0, 2] and moe_layer_ids(4, torch.tensor([1, 2])) == [1, 2]
+    for bad in ([0.5], [1.0], [True], [np.float64(2.0)], [torch.tensor(1.5)], ["1"]):
+        with pytest.raises(ValueError, match=r"moe_layers must hold integer layer ids, got "):
+            moe_layer_ids(4, bad)
+    with pytest.raises(ValueError, match=r"moe_layers must be a sequence"):
+        moe_layer_ids(4, 3)
+    seq = torch.zeros(3, 4, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"got 0.5 \(float\)"):
+        micro_batch_loads([seq], 4, moe_layers=[0.5, 3])
+
+
 def test_micro_batch_sizes_and_index_lists():
     seqs = [np.full((1, 1, 1), e) for e in range(4)]
     by_size = micro_batch_loads(seqs, 4, micro_batches=[1, 3])
@@ -365,37 +379,64 @@ def test_trace_round_trip(tmp_path):
     assert load_trace(tmp_path / "nometa.npz").meta == {}
 
 
+_ZEROS = np.zeros((1, 1, 1, 2), np.int64)
+
+
 @pytest.mark.parametrize(
-    "arrays, match",
+    "arrays, key, match",
     [
-        ({"loads": np.array([1, 2], dtype=object), "top_k": np.int64(2)}, r"object array, which would need pickle"),
-        ({"top_k": np.int64(2)}, r"lacks key\(s\) \['loads'\]"),
-        ({"loads": np.zeros((1, 1, 1, 2), np.int64)}, r"lacks key\(s\) \['top_k'\]"),
-        ({"loads": np.zeros((1, 1, 2), np.int64), "top_k": np.int64(2)}, r"4 dimensions"),
-        ({"loads": np.full((1, 1, 1, 2), np.nan), "top_k": np.int64(2)}, r"integer array, got dtype float64"),
-        ({"loads": -np.ones((1, 1, 1, 2), np.int64), "top_k": np.int64(2)}, r"negative"),
-        ({"loads": np.zeros((1, 1, 1, 2), np.int64), "top_k": np.int64(0)}, r"top_k must be a positive int"),
-        (
-            {"loads": np.zeros((1, 1, 1, 2), np.int64), "top_k": np.zeros(2, np.int64)},
-            r"'top_k' must be an integer scalar",
-        ),
-        (
-            {"loads": np.zeros((1, 1, 1, 2), np.int64), "top_k": np.int64(2), "meta": np.array("{bad")},
-            r"not valid JSON",
-        ),
-        ({"loads": np.zeros((1, 1, 1, 2), np.int64), "top_k": np.int64(2), "meta": np.array("[1]")}, r"JSON object"),
-        (
-            {"loads": np.zeros((1, 1, 1, 2), np.int64), "top_k": np.int64(2), "extra": np.zeros(1)},
-            r"unknown key\(s\) \['extra'\]",
-        ),
+        ({"loads": np.array([1, 2], dtype=object), "top_k": np.int64(2)}, "loads",
+         r"object array \(dtype object\), which would need pickle"),
+        ({"top_k": np.int64(2)}, None, r"lacks key\(s\) \['loads'\]"),
+        ({"loads": _ZEROS}, None, r"lacks key\(s\) \['top_k'\]"),
+        ({"loads": np.zeros((1, 1, 2), np.int64), "top_k": np.int64(2)}, "loads", r"must be 4 dimensions"),
+        ({"loads": np.full((1, 1, 1, 2), np.nan), "top_k": np.int64(2)}, "loads",
+         r"must hold integers, got dtype float64"),
+        ({"loads": -np.ones((1, 1, 1, 2), np.int64), "top_k": np.int64(2)}, "loads", r"negative load -1 at index"),
+        ({"loads": np.full((1, 1, 1, 2), 2**64 - 1, np.uint64), "top_k": np.int64(2)}, "loads", r"beyond int64"),
+        ({"loads": np.asfortranarray(np.zeros((1, 1, 2, 2), np.int64)), "top_k": np.int64(2)}, "loads",
+         r"Fortran order"),
+        ({"loads": _ZEROS, "top_k": np.int64(0)}, "top_k", r"top_k must be a positive int"),
+        ({"loads": _ZEROS, "top_k": np.zeros(2, np.int64)}, "top_k", r"must be a scalar, got shape \(2,\)"),
+        ({"loads": _ZEROS, "top_k": np.float64(2.0)}, "top_k", r"must hold integers, got dtype float64"),
+        ({"loads": _ZEROS, "top_k": np.int64(2), "meta": np.array("{bad")}, "meta", r"not valid JSON"),
+        ({"loads": _ZEROS, "top_k": np.int64(2), "meta": np.array("[" * 100_000)}, "meta", r"not valid JSON"),
+        ({"loads": _ZEROS, "top_k": np.int64(2), "meta": np.array("[1]")}, "meta", r"JSON object"),
+        ({"loads": _ZEROS, "top_k": np.int64(2), "meta": np.array(b"{}")}, "meta", r"must hold unicode text"),
+        ({"loads": _ZEROS, "top_k": np.int64(2), "extra": np.zeros(1)}, None, r"unknown key\(s\) \['extra'\]"),
     ],
 )
-def test_bad_trace_files_name_file_and_fault(tmp_path, arrays, match):
+def test_bad_trace_files_name_file_and_fault(tmp_path, arrays, key, match):
     path = tmp_path / "bad.npz"
     np.savez(path, **arrays)
     with pytest.raises(ValueError, match=match) as info:
         load_trace(path)
-    assert "bad.npz" in str(info.value)
+    assert f"trace file {str(path)!r}" in str(info.value)
+    if key is not None:
+        assert f"key {key!r}" in str(info.value)
+
+
+def test_trace_loads_in_any_integer_dtype_and_byte_order(tmp_path):
+    # what np.savez / np.savez_compressed write from int32, uint16 or big-endian arrays reads as int64
+    loads = np.arange(2 * 3 * 4 * 5).reshape(2, 3, 4, 5)
+    for dtype in (np.int32, np.uint16, ">i8", np.uint64):
+        for save in (np.savez, np.savez_compressed):
+            path = tmp_path / "t.npz"
+            save(path, loads=loads.astype(dtype), top_k=np.array(3, dtype=">i4"), meta=np.array('{"a": 1}'))
+            trace = load_trace(path)
+            assert trace.loads.dtype == torch.int64 and torch.equal(trace.loads, torch.from_numpy(loads))
+            assert trace.top_k == 3 and trace.meta == {"a": 1}
+
+
+def test_trace_size_cap(tmp_path):
+    path = tmp_path / "t.npz"
+    save_trace(path, torch.zeros(4, 4, 4, 64, dtype=torch.int64), top_k=2)  # 32 KiB of loads
+    assert load_trace(path, max_bytes=40_000).num_steps == 4
+    with pytest.raises(ValueError, match=r"key 'loads': the arrays would take 32\d{3} bytes .* limit of 30000 "
+                                         r"bytes \(max_bytes\)"):
+        load_trace(path, max_bytes=30_000)
+    with pytest.raises(ValueError, match=r"max_bytes must be a positive int"):
+        load_trace(path, max_bytes=0)
 
 
 def test_trace_file_not_npz_and_bad_save(tmp_path):
