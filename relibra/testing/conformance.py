@@ -16,10 +16,12 @@ an object is copied with ``copy.deepcopy`` (an object that cannot be copied need
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import functools
 import inspect
-from typing import Any, Callable, Union
+from typing import Any, Callable, Iterator, Union
 
 import torch
 
@@ -61,10 +63,10 @@ class PolicyCheckError(AssertionError):
 
     def __init__(self, invariant: str, message: str, topology: Topology, loads: list[torch.Tensor]):
         self.invariant, self.topology, self.loads = invariant, topology, loads
-        super().__init__(f"[{invariant}] {message}\n  counterexample: {describe_case(topology, loads)}")
+        super().__init__(f"[{invariant}] {message}\n  counterexample: {_describe_case(topology, loads)}")
 
 
-def describe_case(topology: Topology, loads: list[torch.Tensor]) -> str:
+def _describe_case(topology: Topology, loads: list[torch.Tensor]) -> str:
     """The counterexample as Python one can paste: the topology and every step's loads."""
     t = topology
     text = (f"Topology(num_nodes={t.num_nodes}, gpus_per_node={t.gpus_per_node}, num_experts={t.num_experts}, "
@@ -321,6 +323,9 @@ def check_policy(
         same_loads_move_nothing: opt in to ``same-loads-move-nothing``.
         settings: a ``hypothesis.settings`` to start from (default: the loaded profile); the
             deadline and the explain phase are always off, and one failure is reported.
+
+    Call it from a plain test function, not from inside a ``@given`` test (hypothesis does not
+    nest).
     """
     try:
         from hypothesis import HealthCheck, Phase, given
@@ -352,8 +357,8 @@ def check_policy(
             _one_step(run, *case, never_worse_than_static, same_loads_move_nothing)
 
     @run_settings
-    @given(case=topologies.flatmap(lambda t: strategies.step_loads(t, steps=(2, steps), loads=loads).map(
-        lambda step_list: (t, step_list))))
+    @given(case=strategies.topology_and_loads(topologies, functools.partial(strategies.step_loads, loads=loads),
+                                              steps=(2, steps)))
     def step_after_step(case):
         with _seeded_torch():
             _many_steps(run, *case)
@@ -363,14 +368,14 @@ def check_policy(
         step_after_step()
 
 
-class _seeded_torch:
+@contextlib.contextmanager
+def _seeded_torch() -> Iterator[None]:
     """torch's global RNG seeded to 0 for one example and restored after it, so a policy drawing
     from it without a seed fails ``deterministic`` reproducibly (hypothesis seeds ``random`` and
     numpy itself) and the caller's RNG state is left as it was."""
-
-    def __enter__(self):
-        self.state = torch.default_generator.get_state()
-        torch.default_generator.manual_seed(0)
-
-    def __exit__(self, *exc_info):
-        torch.default_generator.set_state(self.state)
+    state = torch.default_generator.get_state()
+    torch.default_generator.manual_seed(0)
+    try:
+        yield
+    finally:
+        torch.default_generator.set_state(state)

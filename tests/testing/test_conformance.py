@@ -17,7 +17,7 @@ import torch
 import relibra
 from relibra import Placement, Plan
 from relibra.policies import StaticPolicy
-from relibra.testing import INVARIANTS, PolicyCheckError, check_plan, check_policy
+from relibra.testing import INVARIANTS, PolicyCheckError, check_plan, check_policy, strategies
 
 MAX_EXAMPLES = 30
 
@@ -269,3 +269,28 @@ def test_bad_arguments_are_refused_before_any_example():
         check_policy(HoldsALock())
     with pytest.raises(TypeError, match="which has no plan"):
         check_policy(lambda: object(), max_examples=1)
+
+
+class FailsOnManyMicroBatches:
+    def plan(self, loads, topology):
+        if loads.shape[0] > 1:
+            raise NotImplementedError("one micro-batch only")
+        return contiguous_plan(loads, topology)
+
+
+def test_the_callers_strategies_and_step_count_are_the_ones_used():
+    one_micro_batch = functools.partial(strategies.loads, micro_batches=1)
+    check_policy(FailsOnManyMicroBatches, loads=one_micro_batch, max_examples=10)
+    assert shape_of(caught(FailsOnManyMicroBatches, "accepts-valid-loads"))[4] == [(2, 1)]
+    check_policy(LosesATokenFromItsSecondStep, steps=1, max_examples=10)  # one step per object: never a second
+    single_gpus = strategies.topologies(nodes=1, gpus_per_node=1)
+    check_policy(RandomPlacement, topologies=single_gpus, max_examples=10)  # one GPU: every placement is the same
+
+
+def test_something_other_than_a_plan_is_caught():
+    class ReturnsPlacement:
+        def plan(self, loads, topology):
+            return Placement.contiguous(topology, loads.shape[1])
+
+    error = caught(ReturnsPlacement, "returns-plan")
+    assert "plan() returned Placement, not a relibra.Plan" in str(error)
