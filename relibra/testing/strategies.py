@@ -39,9 +39,10 @@ __all__ = ["LOAD_KINDS", "loads", "routes", "step_loads", "topologies", "topolog
 Bound = Union[int, tuple[int, int]]
 
 #: the shapes of load :func:`loads` draws, in shrinking order (hypothesis prefers earlier kinds):
-#: ``uniform`` (one level per micro-batch and layer, +-10 % per expert), ``skewed`` (a few hot
-#: experts per layer, hot in every micro-batch, 100x the rest), ``hot_spot`` (a different hot
-#: expert in every micro-batch and layer), ``sparse`` (most experts get nothing), ``zeros``
+#: ``uniform`` (one level per micro-batch and layer, a few experts up to ``max_load / 10`` above
+#: it), ``skewed`` (a few hot experts per layer, hot in every micro-batch, 100x the rest),
+#: ``hot_spot`` (a different hot expert in every micro-batch and layer), ``sparse`` (most experts
+#: get nothing), ``zeros``
 LOAD_KINDS = ("uniform", "skewed", "hot_spot", "sparse", "zeros")
 
 _GROUPS = ("one", "any", "per_node")
@@ -151,7 +152,7 @@ def _micro_batches(kind: str, L: int, E: int, max_load: int, empty: bool, m_lo: 
     low = max(max_load // 100, 1)  # the background of the skewed kinds: 100x below the hot experts
     if kind == "zeros":
         micro_batch = st.just(np.zeros((L, E), dtype=np.int64))
-    elif kind == "uniform":  # one level per layer, +-10 % here and there
+    elif kind == "uniform":  # one level per layer, a few experts up to max_load / 10 above it
         micro_batch = st.builds(np.add, _int_array((L, 1), max_load), _int_array((L, E), max(max_load // 10, 1), True))
     elif kind == "skewed":  # a low background (the step's hot experts come on top)
         micro_batch = _int_array((L, E), low)
