@@ -34,7 +34,7 @@ def installed(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def run(args: list[str], cwd: Path, site: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(site))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
