@@ -143,7 +143,8 @@ def test_config_and_balancer_work_beside_a_broken_plugin(monkeypatch, tmp_path):
 def test_core_import_stays_light():
     code = (
         "import sys, relibra, relibra.policies, relibra.plan, relibra.routing, relibra.kernels; "
-        "heavy = [m for m in ('transformers', 'triton', 'accelerate', 'matplotlib') if m in sys.modules]; "
+        "heavy = [m for m in ('transformers', 'triton', 'accelerate', 'matplotlib', 'hypothesis') "
+        "if m in sys.modules]; "
         "print(heavy); sys.exit(1 if heavy else 0)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
