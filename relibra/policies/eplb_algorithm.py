@@ -56,7 +56,8 @@ def rebalance_experts(
         weight: ``[L, E]`` load of every logical expert (integer or float; see the module
             docstring on dtypes).
         num_replicas: P physical slots per layer, a multiple of ``num_gpus``, >= E.
-        num_groups: expert groups (group-limited routing); must divide E.
+        num_groups: expert groups (group-limited routing); must divide E where the path is
+            hierarchical (the global path ignores them, as DeepSeek's does).
         num_nodes: nodes; hierarchical when it divides ``num_groups``, else global.
         num_gpus: GPUs, a multiple of ``num_nodes``. GPU ``g`` holds slots
             ``g*P/G .. (g+1)*P/G - 1``.
