@@ -18,20 +18,14 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
 import relibra
+from relibra.plan import Placement
+from relibra.policies.eplb_reference import rebalance_experts_loop
+from relibra.policies.replicate import replicate_on
 from relibra.sim.traces import TraceConfig, generate
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def loop_reference():
-    from relibra.policies.eplb_reference import rebalance_experts_loop
-
-    return rebalance_experts_loop
 
 
 def imbalance_of_phy2log(phy2log_LR: torch.Tensor, logcnt_LE: torch.Tensor, loads_MLE: torch.Tensor,
@@ -52,9 +46,8 @@ def run(args) -> list[tuple]:
     trace = TraceConfig(steps=args.steps, micro_batches=args.micro_batches, tokens_per_micro_batch=65536,
                         concentration=args.concentration, seed=args.seed)
     steps = torch.from_numpy(generate(trace))
-    candidates = [("static", {}), ("reorder", {}), ("replicate", {}), ("hybrid", {})]
-    if "eplb" in relibra.available_policies():
-        candidates += [("eplb", {"source": "oracle"}), ("eplb", {"source": "history"})]
+    candidates = [("static", {}), ("reorder", {}), ("replicate", {}), ("hybrid", {}),
+                  ("eplb", {"source": "oracle"}), ("eplb", {"source": "history"})]
     rows = []
     for name, options in candidates:
         policy = relibra.get_policy(name, **options)
@@ -73,9 +66,6 @@ def run(args) -> list[tuple]:
         label = name + (f"({','.join(f'{k}={v}' for k, v in options.items())})" if options else "")
         rows.append((label, cpu, wall, float(imb.mean()), float(imb.max()), float(node_imb.mean())))
     # replicate as the balancer calls it: one micro-batch at a time, on a fixed placement
-    from relibra.plan import Placement
-    from relibra.policies.replicate import replicate_on
-
     placement = Placement.contiguous(topo, steps.shape[2])
     cpu = wall = 0.0
     for loads in steps:
@@ -85,19 +75,17 @@ def run(args) -> list[tuple]:
             cpu += time.process_time() - c0
             wall += time.perf_counter() - w0
     rows.append(("replicate, 1 micro-batch/call", cpu, wall, float("nan"), float("nan"), float("nan")))
-    ref = loop_reference()
-    if ref is not None:
-        cpu = wall = 0.0
-        imb = []
-        for loads in steps:
-            c0, w0 = time.process_time(), time.perf_counter()
-            phy2log, _, logcnt = ref(loads.sum(0).double(), topo.num_physical_slots, topo.num_expert_groups,
-                                     topo.num_nodes, topo.num_gpus)
-            cpu += time.process_time() - c0
-            wall += time.perf_counter() - w0
-            imb.append(imbalance_of_phy2log(phy2log, logcnt, loads, topo.num_gpus))
-        imb = torch.stack(imb)
-        rows.append(("eplb loop reference(oracle)", cpu, wall, float(imb.mean()), float(imb.max()), float("nan")))
+    cpu = wall = 0.0
+    imb = []
+    for loads in steps:
+        c0, w0 = time.process_time(), time.perf_counter()
+        phy2log, _, logcnt = rebalance_experts_loop(loads.sum(0).double(), topo.num_physical_slots,
+                                                    topo.num_expert_groups, topo.num_nodes, topo.num_gpus)
+        cpu += time.process_time() - c0
+        wall += time.perf_counter() - w0
+        imb.append(imbalance_of_phy2log(phy2log, logcnt, loads, topo.num_gpus))
+    imb = torch.stack(imb)
+    rows.append(("eplb loop reference(oracle)", cpu, wall, float(imb.mean()), float(imb.max()), float("nan")))
     return rows
 
 

@@ -1,24 +1,33 @@
-"""A plain per-layer Python-loop DeepSeek EPLB, the reference the vectorised one must match.
+"""DeepSeek's EPLB as a plain per-layer Python loop: the specification the fast one must match.
 
 Written from the algorithm description in REFERENCE.md (group packing onto nodes, replicas
 to the expert with most load per copy, longest-first packing of physical experts onto GPUs),
 with the tie rules of :mod:`relibra.policies.eplb_algorithm`: stable sorts, heaviest first
 with ties by index; the lowest-numbered pack / expert wins a tie. Arithmetic is in Python
-floats (IEEE double, like the vectorised float64), sums taken left to right.
+floats (IEEE double, like the fast float64), sums taken left to right.
 
-It is deliberately slow and obvious: lists, one layer at a time. Used by tests and by the
-planning benchmark as the "before" number.
+It is deliberately slow and obvious: lists, one layer at a time. Each function is the
+one-row version of a step of :mod:`relibra.policies.eplb_algorithm`:
+
+    balanced_packing    <->  pack_rows          (longest-first packing)
+    replicate_experts   <->  replicate_rows     (extra slots to the most load per copy)
+    rebalance_layer     <->  one layer of rebalance_experts
+    rebalance_experts_loop  the whole contract, one layer at a time
+
+Used by the tests and by the planning benchmarks as the "before" number.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["rebalance_experts_loop"]
+__all__ = ["balanced_packing", "replicate_experts", "rebalance_layer", "rebalance_experts_loop"]
 
 
-def _pack(weights: list[float], num_packs: int) -> tuple[list[int], list[int]]:
-    """Longest-first packing of ``len(weights)`` items into equal-count packs."""
+def balanced_packing(weights: list[float], num_packs: int) -> tuple[list[int], list[int]]:
+    """Longest-first packing of ``len(weights)`` items into equal-count packs: ``(pack, rank in pack)``
+    of every item. Items heaviest first (ties by index), each to the lightest pack with room
+    (the lowest-numbered among equals); one item per pack is the identity."""
     n = len(weights)
     per_pack = n // num_packs
     if per_pack == 1:
@@ -40,8 +49,10 @@ def _pack(weights: list[float], num_packs: int) -> tuple[list[int], list[int]]:
     return pack_of, rank_of
 
 
-def _replicate(weights: list[float], num_phy: int) -> tuple[list[int], list[int], list[int]]:
-    """Slots ``0..n-1`` hold the experts; each extra slot goes to the most loaded per copy."""
+def replicate_experts(weights: list[float], num_phy: int) -> tuple[list[int], list[int], list[int]]:
+    """Slots ``0..n-1`` hold the experts; each extra slot goes to the expert with the most load per
+    copy (the lowest-numbered among equals). Returns ``(expert, copy rank)`` of every slot and the
+    copies of every expert."""
     n = len(weights)
     phy2log = list(range(n))
     rank = [0] * n
@@ -57,7 +68,8 @@ def _replicate(weights: list[float], num_phy: int) -> tuple[list[int], list[int]
     return phy2log, rank, count
 
 
-def _one_layer(w: list[float], num_phy: int, num_groups: int, num_nodes: int, num_gpus: int):
+def rebalance_layer(w: list[float], num_phy: int, num_groups: int, num_nodes: int, num_gpus: int):
+    """Hierarchical EPLB of one layer: ``(phy2log, copy rank, logcnt)`` as lists."""
     E = len(w)
     group_size = E // num_groups
     experts_per_node = E // num_nodes
@@ -71,7 +83,7 @@ def _one_layer(w: list[float], num_phy: int, num_groups: int, num_nodes: int, nu
         for e in range(g * group_size, (g + 1) * group_size):
             total += w[e]
         group_load.append(total)
-    group_node, group_slot = _pack(group_load, num_nodes)
+    group_node, group_slot = balanced_packing(group_load, num_nodes)
 
     node_experts = [[-1] * experts_per_node for _ in range(num_nodes)]  # local index -> expert
     for g in range(num_groups):
@@ -85,11 +97,11 @@ def _one_layer(w: list[float], num_phy: int, num_groups: int, num_nodes: int, nu
     for node in range(num_nodes):
         experts = node_experts[node]
         local_w = [w[e] for e in experts]
-        slot_expert, slot_rank, count = _replicate(local_w, phy_per_node)
+        slot_expert, slot_rank, count = replicate_experts(local_w, phy_per_node)
         for j, e in enumerate(experts):
             logcnt[e] = count[j]
         per_copy = [local_w[slot_expert[s]] / count[slot_expert[s]] for s in range(phy_per_node)]
-        gpu_of, pos_of = _pack(per_copy, gpus_per_node)
+        gpu_of, pos_of = balanced_packing(per_copy, gpus_per_node)
         for s in range(phy_per_node):
             slot = node * phy_per_node + gpu_of[s] * phy_per_gpu + pos_of[s]
             phy2log[slot] = experts[slot_expert[s]]
@@ -98,7 +110,7 @@ def _one_layer(w: list[float], num_phy: int, num_groups: int, num_nodes: int, nu
 
 
 def rebalance_experts_loop(weight, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int):
-    """Same contract as :func:`relibra.policies.eplb.rebalance_experts`, one layer at a time.
+    """Same contract as :func:`relibra.policies.eplb_algorithm.rebalance_experts`, one layer at a time.
 
     Returns ``phy2log [L, R]``, ``log2phy [L, E, X]`` (-1 padded) and ``logcnt [L, E]``, int64.
     """
@@ -107,7 +119,7 @@ def rebalance_experts_loop(weight, num_replicas: int, num_groups: int, num_nodes
         num_groups, num_nodes = 1, 1
     phy2log, phyrank, logcnt = [], [], []
     for w in rows:
-        p, r, c = _one_layer(w, num_replicas, num_groups, num_nodes, num_gpus)
+        p, r, c = rebalance_layer(w, num_replicas, num_groups, num_nodes, num_gpus)
         phy2log.append(p)
         phyrank.append(r)
         logcnt.append(c)

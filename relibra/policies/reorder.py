@@ -47,29 +47,25 @@ import torch
 
 from ..plan import Placement, Plan
 from ..topology import Topology
-from ._packing import greedy_pack, objective, swap_search
 from .base import check_loads
+from .packing_search import BinPairs, MovePrices, greedy_pack, objective, swap_search
 
-__all__ = ["ReorderPolicy", "reorder_placement"]
+__all__ = ["ReorderPolicy", "reorder_placement", "incremental_node_search", "INCREMENTAL_PAIRS"]
 
-# incremental search: swaps between each of the 2 busiest bins and the bin lightest where it
-# leads (default trace: lower objective than 1 x 2 at the same cost; 2 x 2 or 1 x 7 cost 2-4x)
-_INCREMENTAL_PAIRS = dict(busiest=2, candidates=1)
-# overload descent before it, swaps between each of the 2 most loaded nodes and the node lightest
-# where it leads, moves priced at 2 x the move cost (1.5-2 x did best, 3 x kept too much
-# imbalance), at most 60 rounds (it converges in ~20 on the default trace). Default trace and
-# seeds 1-2, hybrid's gap to ideal: +5.5 % with the max objective alone, +4.5-4.8 % with this;
-# 2 x 2 pairs reach +4.5 % on all three but plan a 16 micro-batch step in 0.9 s instead of 0.5 s
-# (``python benchmarks/planners.py``)
-_OVERLOAD_PAIRS = dict(busiest=2, candidates=1)
+# bin pairs of the incremental search: each of the 2 busiest bins with the bin lightest where it leads
+# (wider pairs cost more time than they gain)
+INCREMENTAL_PAIRS = BinPairs(busiest=2, partners=1)
+# bin pairs of the overload descent that precedes it (wider pairs cost more time than they gain)
+_OVERLOAD_PAIRS = BinPairs(busiest=2, partners=1)
+# overload moves cost this many times the move price (cheaper moves too much, dearer keeps imbalance)
 _OVERLOAD_MOVE_PRICE = 2.0
+# at most this many overload rounds (about 20 suffice on the default trace)
 _OVERLOAD_ROUNDS = 60
-# fresh search: rounds of the incremental search at the policy's weight (1-2 usually suffice)
+# fresh search: at most this many rounds of the incremental search to settle the result
 _SETTLE_ROUNDS = 8
 # how steeply the node stage's move price rises on GPUs sending more experts than the mean
-# (default trace and seeds 1-2, mean gap to ideal: 4.66 % at 3, 4.62 % at 10, 4.65 % at 30,
-# 4.61 % at 100; 4.93 % without spreading)
 _SPREAD = 10.0
+
 
 def reorder_placement(loads_MLE: torch.Tensor, topology: Topology, previous: Placement | None = None,
                       migration_weight: float = 0.0, max_swaps: int = 200, settle_weight: float = 0.0) -> Placement:
@@ -112,7 +108,7 @@ def _incremental(loads_MLE: torch.Tensor, topology: Topology, previous: Placemen
     prev_gpu = previous.home_gpu(topology)  # [L, E]
     prev_node = prev_gpu // Gn
     unit = w_LEM.sum((1, 2)) / E * migration_weight  # [L] cost of one inter-node move
-    node = _incremental_nodes(w_LEM, prev_node, N, unit, max_swaps, prev_gpu, topology.num_gpus)
+    node = incremental_node_search(w_LEM, prev_node, N, unit, max_swaps, prev_gpu, topology.num_gpus)
     # an expert that arrives on a node takes the GPU freed by one that left it (same count per
     # (layer, node)): pair them in (layer, node, expert id) order
     start_gpu = prev_gpu.clone()
@@ -134,12 +130,12 @@ def _incremental(loads_MLE: torch.Tensor, topology: Topology, previous: Placemen
     arrived = prev_local < 0
     fixed = (w_BIM.sum((1, 2)) + 1.0)[:, None]
     prices = torch.where(arrived, fixed, intra_unit[:, None])
-    gpu = swap_search(w_BIM, start_local, Gn, torch.where(arrived, start_local, prev_local), intra_unit,
-                      max_iters=max_swaps, per_move=True, price_items=lambda assign: prices, **_INCREMENTAL_PAIRS)
+    moves = MovePrices(torch.where(arrived, start_local, prev_local), intra_unit, lambda assign: prices)
+    gpu = swap_search(w_BIM, start_local, Gn, pairs=INCREMENTAL_PAIRS, moves=moves, max_rounds=max_swaps)
     return _assemble(gpu, experts, topology)
 
 
-def _incremental_nodes(w_LEM: torch.Tensor, prev_node: torch.Tensor, N: int, unit: torch.Tensor,
+def incremental_node_search(w_LEM: torch.Tensor, prev_node: torch.Tensor, N: int, unit: torch.Tensor,
                        max_swaps: int, prev_gpu: torch.Tensor | None = None, num_gpus: int = 0) -> torch.Tensor:
     """Stage 1 of the incremental search: ``[L, E]`` node of every expert, from ``prev_node``.
 
@@ -152,9 +148,10 @@ def _incremental_nodes(w_LEM: torch.Tensor, prev_node: torch.Tensor, N: int, uni
     """
     base = unit * _OVERLOAD_MOVE_PRICE
     price = None if prev_gpu is None else _spread_prices(prev_node, prev_gpu, num_gpus, base)
-    node = swap_search(w_LEM, prev_node, N, prev_node, base, max_iters=min(max_swaps, _OVERLOAD_ROUNDS),
-                       per_move=True, overload=True, price_items=price, **_OVERLOAD_PAIRS)
-    node = swap_search(w_LEM, node, N, prev_node, unit, max_iters=max_swaps, per_move=True, **_INCREMENTAL_PAIRS)
+    node = swap_search(w_LEM, prev_node, N, score="overload", pairs=_OVERLOAD_PAIRS,
+                       moves=MovePrices(prev_node, base, price), max_rounds=min(max_swaps, _OVERLOAD_ROUNDS))
+    node = swap_search(w_LEM, node, N, pairs=INCREMENTAL_PAIRS, moves=MovePrices(prev_node, unit),
+                       max_rounds=max_swaps)
     priced = objective(w_LEM, node, N) + unit * (node != prev_node).sum(-1)
     keep = priced >= objective(w_LEM, prev_node, N)
     return torch.where(keep[:, None], prev_node, node)
@@ -214,11 +211,11 @@ def _search(w_BIM: torch.Tensor, K: int, prev_BI: torch.Tensor | None, max_swaps
     Items whose previous bin is outside this problem (``-1``) make the previous assignment
     incomplete; such problems take the search result.
     """
-    fresh = swap_search(w_BIM, greedy_pack(w_BIM, K), K, max_iters=max_swaps)
+    fresh = swap_search(w_BIM, greedy_pack(w_BIM, K), K, max_rounds=max_swaps)
     # polish over the incremental search's bin pairs too, so that a later step with the same
     # loads finds no improving swap there and moves nothing at any weight
-    fresh = swap_search(w_BIM, fresh, K, max_iters=max_swaps, busiest=_INCREMENTAL_PAIRS["busiest"],
-                        candidates=max(2, _INCREMENTAL_PAIRS["candidates"]))
+    polish = BinPairs(INCREMENTAL_PAIRS.busiest, max(2, INCREMENTAL_PAIRS.partners))
+    fresh = swap_search(w_BIM, fresh, K, pairs=polish, max_rounds=max_swaps)
     if prev_BI is None:
         return fresh
     B, I, _ = w_BIM.shape
@@ -241,11 +238,9 @@ class ReorderPolicy:
     Args:
         migration_weight: price of moving one expert to another node, in units of the
             layer's mean expert load of the step (float >= 0; 0 prices moves at nothing).
-            Default 0.02, chosen on the default trace with the incremental search (``relibra
-            bench --policies reorder,hybrid,ideal --option hybrid.migration_weight=W --option
-            reorder.migration_weight=W``, first step free, one warm-up step): hybrid's gap to
-            ideal is +11.6 % at 0 (most experts move every step), +4.6 % for 0.005-0.02,
-            +5.0 % at 0.05, +8.5 % at 0.5 (almost nothing moves). See the README for the sweep.
+            The default, 0.02, moves few experts a step and keeps the balance of a free search
+            on the default trace (the sweep: ``relibra bench --option
+            hybrid.migration_weight=W``).
         max_swaps: local-search rounds per stage (int >= 0; 0 keeps the greedy packing, or the
             previous placement for ``w > 0``).
     """

@@ -3,26 +3,25 @@
 The placement is given (contiguous by default, or the one ``reorder`` chose, see ``hybrid``);
 only the spare slots and the token split change from one micro-batch to the next. Replicas
 stay in their expert's home node (fast links), and the split is the exact integer min-max
-split for the chosen replicas (see :mod:`relibra.policies._replica_split`).
+split for the chosen replicas. Every (micro-batch, layer, node) is one problem
+(:mod:`relibra.policies.replica_problems`).
 
-Replica choice: greedy rules (:data:`~relibra.policies._replica_greedy.GREEDY_VARIANTS`), tried
-in order on every (micro-batch, layer, node) problem. First the overshoot rule: the busiest GPU
-copies its hottest expert to the lightest GPU and fills it up to the node mean, past its own
-excess while its own spare slot is still free, so a donor can end below the mean and take a
-replica from a second busy GPU (a node with one very hot GPU needs every light GPU as well as
-the donor's own slot for the next one). Only where that misses the lower bound ``ceil(node
-mean)`` (about 0.05 % of the default trace's problems) do the direct rule (the receiver at most
-to the mean) and the chain rule (the receiver may go above the mean and pass its own experts
-on) run too. Each rule's replicas are scored by their exact optimal level and the best kept
-per problem (ties to the earlier rule), so the result is never worse than any rule alone.
+Replica choice (:mod:`relibra.policies.replica_greedy`): greedy rules
+(:data:`~relibra.policies.replica_greedy.GREEDY_VARIANTS`), tried in order on every problem.
+First the overshoot rule: the busiest GPU copies its hottest expert to the lightest GPU and
+fills it up to the node mean, past its own excess while its own spare slot is still free, so a
+donor can end below the mean and take a replica from a second busy GPU (a node with one very
+hot GPU needs every light GPU as well as the donor's own slot for the next one). Only where
+that misses the lower bound ``ceil(node mean)`` do the direct rule (the receiver at most to the
+mean) and the chain rule (the receiver may go above the mean and pass its own experts on) run
+too. Each rule's replicas are scored by their exact optimal level and the best kept per problem
+(ties to the earlier rule), so the result is never worse than any rule alone.
 
-Cost: ``Gn * S`` greedy rounds, one subset enumeration (the exact optimal level), then
-with one spare slot per GPU the two-sweep forest split (:func:`~relibra.policies._replica_split.
-forest_split`, about ``2 * (depth + 1)`` rounds) and augmenting rounds only for the rare node
-with two replica cycles; otherwise augmenting rounds aimed at the known level. Every round is a
-fixed number of numpy operations over a pass of up to :data:`PROBLEMS_PER_PASS` problems, so the
-cost is mostly per-operation overhead: see the README for the measured ms per micro-batch at
-the DeepSeek-V3 shape (``python benchmarks/planners.py``).
+Split (:mod:`relibra.policies.replica_split`): with one spare slot per GPU the two-sweep forest
+split, about ``2 * (depth + 1)`` rounds, and augmenting rounds only for the rare node with two
+replica cycles; otherwise augmenting rounds aimed at the known level. Every round is a fixed
+number of NumPy operations over a pass of up to :data:`PROBLEMS_PER_PASS` problems, so the cost
+is mostly per-operation overhead (``python benchmarks/planners.py`` measures it).
 """
 
 from __future__ import annotations
@@ -34,9 +33,10 @@ import torch
 
 from ..plan import Placement, Plan
 from ..topology import Topology
-from ._replica_greedy import GREEDY_VARIANTS, _best_of_greedy_np, _cols, _rows, node_problems
-from ._replica_split import _assemble_np, _forest_np, optimal_split, resplit
 from .base import check_loads
+from .replica_greedy import GREEDY_VARIANTS, best_of_greedy
+from .replica_problems import assemble, node_problems, problem_first, problem_last
+from .replica_split import forest_split, optimal_split, resplit
 
 __all__ = ["ReplicatePolicy", "replicate_on"]
 
@@ -47,7 +47,7 @@ def replicate_on(loads_MLE: torch.Tensor, placement: Placement, topology: Topolo
 
     The busiest GPU of every micro-batch and layer is never above the same placement without
     replicas. Deterministic. ``variants``: the greedy rules ``(equalise, best_fit[, overshoot])``
-    tried in order, best kept per problem (see :func:`~relibra.policies._replica_greedy.best_of_greedy`).
+    tried in order, best kept per problem (see :func:`~relibra.policies.replica_greedy.best_of_greedy`).
     """
     loads_MLE = check_loads(loads_MLE, topology)
     M, L, _ = loads_MLE.shape
@@ -59,7 +59,7 @@ def replicate_on(loads_MLE: torch.Tensor, placement: Placement, topology: Topolo
     hshare_all = node_problems(loads_MLE, placement.home_experts, N, Gn)
     chunks = [_solve(h_c, S, variants) for h_c in hshare_all.split(PROBLEMS_PER_PASS)]
     h, rep, x = chunks[0][:3] if len(chunks) == 1 else (np.concatenate([c[i] for c in chunks], 1) for i in range(3))
-    spare, tokens = _assemble_np(h, rep, x, placement.home_experts, M, L, N, Gn, S)
+    spare, tokens = assemble(h, rep, x, placement.home_experts, M, L, N, Gn, S)
     plan = Plan(topology, placement, spare, tokens, intra_node_replicas=True, policy=policy)
     plan.info.update(replicate_seconds=time.perf_counter() - start, split_rounds=sum(c[3] for c in chunks))
     return plan
@@ -74,37 +74,38 @@ def _solve(hshare: torch.Tensor, S: int, variants: tuple[tuple[bool, ...], ...]
            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Replicas and exact split of ``hshare [B, Gn, H]`` problems.
 
-    Returns problem-last numpy arrays ``h [Gn*H, B]`` (tokens each home copy keeps), ``rep [K, B]``,
-    ``x [K, B]`` and the number of augmenting rounds.
+    Returns problem-last NumPy arrays ``hshare [Gn*H, B]`` (tokens each home copy keeps), ``rep
+    [Sn, B]``, ``x [Sn, B]`` and the number of augmenting rounds.
     """
     B, Gn, H = hshare.shape
-    w = _cols(hshare.reshape(B, Gn * H))
-    rep, x, made, level, chain = _best_of_greedy_np(w, Gn, S, variants)
+    w = problem_last(hshare.reshape(B, Gn * H))
+    rep, x, made, level, chain = best_of_greedy(w, Gn, S, variants)
     if level is not None and S == 1:  # exact split in two sweeps over the replica forest
-        h, x, ok = _forest_np(w, rep, level)
+        h, x, ok = forest_split(w, rep, level)
         bad = np.flatnonzero(~ok)
-        if bad.size:  # two replica cycles in one node: replay and augment these rows
+        if bad.size:  # two replica cycles in one node: replay and augment these problems
             bad_t = torch.from_numpy(bad)
-            rep_b, level_b = _rows(rep[:, bad]), torch.from_numpy(level[bad])
-            h_b, x_b = resplit(hshare[bad_t], rep_b, _rows(made[:, bad]), level_b, S, torch.from_numpy(chain[bad]))
+            rep_b, level_b = problem_first(rep[:, bad]), torch.from_numpy(level[bad])
+            h_b, x_b = resplit(hshare[bad_t], rep_b, problem_first(made[:, bad]), level_b, S,
+                               torch.from_numpy(chain[bad]))
             optimal_split(h_b, rep_b, x_b, S, level_B=level_b)
-            h[:, bad], x[:, bad] = _cols(h_b.reshape(bad.size, Gn * H)), _cols(x_b)
+            h[:, bad], x[:, bad] = problem_last(h_b.reshape(bad.size, Gn * H)), problem_last(x_b)
         return h, rep, x, int(bad.size)
-    rep, x, made, chain = _rows(rep), _rows(x), _rows(made), torch.from_numpy(chain)
+    rep, x, made, chain = problem_first(rep), problem_first(x), problem_first(made), torch.from_numpy(chain)
     level = None if level is None else torch.from_numpy(level)
     if level is not None:  # start the exact split from the greedy moves replayed at the optimum
         hshare, x = resplit(hshare, rep, made, level, S, chain)
     else:  # wide nodes: the first rule's own split, made exact by the augmenting rounds
         hshare = hshare - _scatter_x(hshare, rep, x)
     rounds = optimal_split(hshare, rep, x, S, level_B=level)
-    return _cols(hshare.reshape(B, Gn * H)), _cols(rep), _cols(x), rounds
+    return problem_last(hshare.reshape(B, Gn * H)), problem_last(rep), problem_last(x), rounds
 
 
-def _scatter_x(hshare_BGH: torch.Tensor, rep_BK: torch.Tensor, x_BK: torch.Tensor) -> torch.Tensor:
+def _scatter_x(hshare_BGH: torch.Tensor, rep_BSn: torch.Tensor, x_BSn: torch.Tensor) -> torch.Tensor:
     """``[B, Gn, H]`` tokens each home slot gave to its replicas."""
     B, Gn, H = hshare_BGH.shape
     out = torch.zeros(B, Gn * H + 1, dtype=torch.int64)
-    out.scatter_add_(1, torch.where(rep_BK >= 0, rep_BK, Gn * H), x_BK)
+    out.scatter_add_(1, torch.where(rep_BSn >= 0, rep_BSn, Gn * H), x_BSn)
     return out[:, :-1].view(B, Gn, H)
 
 

@@ -1,8 +1,7 @@
-"""EPLB: the vectorised algorithm against the public vector and the loop reference; the policy."""
+"""EPLB: the fast algorithm against the public vector and the loop reference; the policy."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +12,13 @@ from hypothesis import strategies as st
 
 import relibra
 from relibra.plan import Placement, Plan
+from relibra.policies import eplb_algorithm
 from relibra.policies.eplb import EplbPolicy, rebalance_experts
-from relibra.policies.eplb_algorithm import balanced_packing, replicate_experts, stable_order_desc
-from relibra.policies.eplb_reference import _pack, _replicate, rebalance_experts_loop  # noqa: E402
+from relibra.policies.eplb_algorithm import pack_rows, pack_sorted_row, replicate_rows, sorted_desc
+from relibra.policies.eplb_reference import balanced_packing, rebalance_experts_loop, replicate_experts
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "deepseek_v3_expert_load"
+# real SGLang counts of DeepSeek-V3, shipped with the tests (see data/README.md)
+REAL_LOADS = Path(__file__).resolve().parent / "data" / "deepseek_v3_expert_load.npz"
 VECTOR_W = [[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
             [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]]
 VECTOR_PHY2LOG = [[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
@@ -51,12 +52,9 @@ def max_gpu_load(weight, phy2log, logcnt, num_gpus):
 
 
 def real_loads(name: str) -> torch.Tensor:
-    path = DATA / name
-    if not path.exists():
-        pytest.skip(f"real loads not found at {path}")
-    with open(path) as f:
-        rows = json.load(f)["logical_count"]
-    return torch.tensor(rows, dtype=torch.float64)[3:]  # rows 0-2: dense layers
+    """``[58, 256]`` float64 real loads of the MoE layers (``prefill_in1024`` or ``decode_in1000out1000``)."""
+    with np.load(REAL_LOADS, allow_pickle=False) as data:
+        return torch.from_numpy(data[name].astype(np.float64))
 
 
 # ---------------------------------------------------------------------------- the algorithm
@@ -71,6 +69,17 @@ def test_public_vector_exact():
 def test_public_vector_loop_reference_exact():
     phy2log, _, logcnt = rebalance_experts_loop(torch.tensor(VECTOR_W), 16, 4, 2, 8)
     assert phy2log.tolist() == VECTOR_PHY2LOG and logcnt.tolist() == VECTOR_LOGCNT
+
+
+def test_global_path_ignores_groups_like_deepseek():
+    """vLLM's EPLB tests: 4 experts in 3 groups on 2 nodes (3 % 2 != 0: the global path, which
+    ignores the groups, so 3 need not divide 4), 4 GPUs, 8 slots: a plan, as the reference gives."""
+    w = torch.tensor([[10, 20, 30, 40], [40, 30, 20, 10]])
+    got = rebalance_experts(w, 8, 3, 2, 4)
+    want = rebalance_experts_loop(w, 8, 3, 2, 4)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert torch.equal(got[0], rebalance_experts(w, 8, 1, 1, 4)[0])  # the same as one group on one node
+    check_maps(*got, 4)
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.float32, torch.float64])
@@ -96,7 +105,7 @@ SHAPES = [  # L, E, R, groups, nodes, gpus
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("kind", ["ints", "ties", "floats", "zeros"])
-def test_vectorised_equals_loop_reference_random(shape, kind):
+def test_fast_equals_loop_reference_random(shape, kind):
     L, E, R, groups, nodes, gpus = shape
     gen = torch.Generator().manual_seed(hash((shape, kind)) % 2**31)
     if kind == "ints":
@@ -115,9 +124,9 @@ def test_vectorised_equals_loop_reference_random(shape, kind):
     check_maps(*got, E)
 
 
-@pytest.mark.parametrize("name", ["prefill_in1024.json", "decode_in1000out1000.json"])
+@pytest.mark.parametrize("name", ["prefill_in1024", "decode_in1000out1000"])
 @pytest.mark.parametrize("groups", [8, 1])  # 8 groups on 8 nodes: hierarchical; 1: global
-def test_vectorised_equals_loop_reference_real(name, groups):
+def test_fast_equals_loop_reference_real(name, groups):
     w = real_loads(name)
     assert w.shape == (58, 256)
     got = rebalance_experts(w, 320, groups, 8, 64)
@@ -134,11 +143,9 @@ def test_vectorised_equals_loop_reference_real(name, groups):
 
 def test_rebalance_near_ties_fall_back_to_the_exact_sort(monkeypatch):
     """Loads that differ only in low mantissa bits: the fast integer key misorders, the check catches it."""
-    import relibra.policies.eplb_algorithm as alg
-
     calls = []
-    exact_sort = alg._sorted_desc
-    monkeypatch.setattr(alg, "_sorted_desc", lambda w: calls.append(w.shape) or exact_sort(w))
+    exact_sort = eplb_algorithm._stable_sorted_desc
+    monkeypatch.setattr(eplb_algorithm, "_stable_sorted_desc", lambda w: calls.append(w.shape) or exact_sort(w))
     up = [float(np.nextafter(1.0, 2.0) + 0), float(np.nextafter(np.nextafter(1.0, 2.0), 2.0))]
     w = torch.tensor([[1.0, up[0], up[1], 1.0, 3.0, 2.0, up[1], 1.0] * 4] * 3, dtype=torch.float64)
     for args in ((40, 4, 2, 8), (40, 1, 1, 8)):
@@ -148,25 +155,39 @@ def test_rebalance_near_ties_fall_back_to_the_exact_sort(monkeypatch):
     assert calls  # the exact sort ran
 
 
-def test_sort_slots_resorts_only_the_rows_the_fast_key_misorders(monkeypatch):
+def test_sorted_desc_resorts_only_the_rows_the_fast_key_misorders(monkeypatch):
     """Values that differ only in the key's dropped low bits: those rows, and only those, are
     sorted again exactly; every row ends as the exact stable descending sort."""
-    import relibra.policies.eplb_algorithm as alg
-
     gen = np.random.default_rng(5)
     vals = gen.integers(1, 1000, (64, 40)).astype(float) / 3.0
-    up = np.nextafter(vals[[7, 40], 5], np.inf)  # one ulp: below the flat-slot bits of the key
+    up = np.nextafter(vals[[7, 40], 5], np.inf)  # one ulp: below the index bits of the key
     vals[[7, 40], 9] = up  # slot 9 is heavier than slot 5 by an ulp
     vals[[7, 40], 5] = np.nextafter(up, -np.inf)
     calls = []
-    exact = alg._sorted_desc
-    monkeypatch.setattr(alg, "_sorted_desc", lambda w: calls.append(w.shape[0]) or exact(w))
-    flat_slot = np.arange(vals.size).reshape(vals.shape)
-    src, ordered = alg._sort_slots(vals, flat_slot)
+    exact = eplb_algorithm._stable_sorted_desc
+    monkeypatch.setattr(eplb_algorithm, "_stable_sorted_desc", lambda w: calls.append(w.shape[0]) or exact(w))
+    order, ordered = sorted_desc(vals)
     want = np.argsort(-vals, axis=1, kind="stable") + np.arange(0, vals.size, 40)[:, None]
-    assert src.tolist() == want.tolist()
+    assert order.tolist() == want.tolist()
     assert ordered.tolist() == vals.reshape(-1)[want].tolist()
     assert calls == [2]  # rows 7 and 40 only
+
+
+def test_sorted_desc_near_ties_and_zeros():
+    """The integer key drops low mantissa bits for the index and reads the sign bit: near ties
+    and -0.0 must still come out as NumPy's stable descending sort."""
+    one_up = float(np.nextafter(1.0, 2.0))
+    rows = np.array(
+        [
+            [1.0, one_up, 1.0 + 2**-50, 1.0, 0.0, -0.0, 3.0, one_up] * 5,
+            [0.0, -0.0] * 20,
+        ],
+        dtype=np.float64,
+    )
+    for w in (rows, rows[:, :8]):
+        order, _ = sorted_desc(w)
+        flat = order - np.arange(0, w.size, w.shape[1])[:, None]
+        assert (flat == np.argsort(-w, axis=1, kind="stable")).all()
 
 
 def _pack_weights(gen: np.random.Generator, shape: tuple[int, int], kind: str) -> np.ndarray:
@@ -181,9 +202,10 @@ def _pack_weights(gen: np.random.Generator, shape: tuple[int, int], kind: str) -
     return gen.integers(0, 1000, shape).astype(float)
 
 
-def _loop_slots(w_BN: np.ndarray, packs: int) -> list[list[int]]:
+def _loop_places(w_BN: np.ndarray, packs: int) -> list[list[int]]:
+    """``pack * items per pack + rank`` of every item, by the reference's packing, row by row."""
     per_pack = w_BN.shape[1] // packs
-    return [[p * per_pack + r for p, r in zip(*_pack(row.tolist(), packs))] for row in w_BN]
+    return [[p * per_pack + r for p, r in zip(*balanced_packing(row.tolist(), packs))] for row in w_BN]
 
 
 @settings(max_examples=60, deadline=None)
@@ -193,42 +215,37 @@ def _loop_slots(w_BN: np.ndarray, packs: int) -> list[list[int]]:
     per_pack=st.integers(2, 6),
     kind=st.sampled_from(["ties", "ints", "skewed", "zeros"]),
 )
-def test_pack_rounds_equals_loop_greedy(seed, packs, per_pack, kind):
-    """Round-at-a-time packing of sorted rows, unclean rows redone by pack_slots: the greedy's slots."""
-    from relibra.policies.eplb_algorithm import _pack_rounds
-
+def test_pack_rows_on_sorted_rows_equals_loop_greedy(seed, packs, per_pack, kind):
+    """Rows already sorted heaviest first (as the copies of a node after replication mostly are),
+    with zeros: rounds taken at once and rows redone by the greedy, mixed."""
     gen, shape = np.random.default_rng(seed), (6, packs * per_pack)
     w = _pack_weights(gen, shape, kind)
     if kind == "zeros":
         w[:, gen.integers(0, shape[1])] = 0.0
     w = -np.sort(-w, axis=1)
-    assert _pack_rounds(w, packs).tolist() == _loop_slots(w, packs)
+    assert pack_rows(w, packs).tolist() == _loop_places(w, packs)
 
 
-@pytest.mark.parametrize("few_items", [4096, 0])  # unclean rows one by one, or all through pack_slots
-def test_pack_rounds_redoes_only_unclean_rows(monkeypatch, few_items):
-    """Rows with a round where a served pack does not end above the heaviest start are redone exactly."""
-    import relibra.policies.eplb_algorithm as alg
-
-    monkeypatch.setattr(alg, "_FEW_ITEMS", few_items)
+def test_pack_rows_redoes_only_rows_out_of_rounds(monkeypatch):
+    """Rows with a round where a served pack does not end above the heaviest start are redone by
+    the greedy itself; the others are packed a round at a time."""
     rows = []
-    general, one_by_one = alg.pack_slots, alg._greedy_sorted
-    monkeypatch.setattr(alg, "pack_slots", lambda w, p: rows.extend(w.tolist()) or general(w, p))
-    monkeypatch.setattr(alg, "_greedy_sorted", lambda w, p: rows.append(w) or one_by_one(w, p))
+    greedy = eplb_algorithm.pack_sorted_row
+    monkeypatch.setattr(eplb_algorithm, "pack_sorted_row", lambda w, p: rows.append(w) or greedy(w, p))
     w = np.array(
         [
             [10.0, 9.0, 1.0, 1.0, 1.0, 1.0],  # round 1: 9 + 1 only ties 10
-            [6.0, 5.0, 4.0, 3.0, 2.0, 1.0],  # clean
+            [6.0, 5.0, 4.0, 3.0, 2.0, 1.0],  # in rounds
             [10.0, 1.0, 1.0, 1.0, 1.0, 1.0],  # pack 1 takes 1, 1
             [0.0] * 6,  # round 0: pack 0 takes the second 0 too
-            [10.0, 9.0, 2.0, 1.0, 0.5, 0.25],  # clean
+            [10.0, 9.0, 2.0, 1.0, 0.5, 0.25],  # in rounds
         ]
     )
-    assert alg._pack_rounds(w, 2).tolist() == _loop_slots(w, 2)
+    assert pack_rows(w, 2).tolist() == _loop_places(w, 2)
     assert rows == w[[0, 2, 3]].tolist()
     rows.clear()
-    assert alg._pack_rounds(w[[1, 4]], 2).tolist() == _loop_slots(w[[1, 4]], 2)
-    assert alg._pack_rounds(w[:, :4], 2).tolist() == _loop_slots(w[:, :4], 2)  # 2 rounds: only round 0 checked
+    assert pack_rows(w[[1, 4]], 2).tolist() == _loop_places(w[[1, 4]], 2)
+    assert pack_rows(w[:, :4], 2).tolist() == _loop_places(w[:, :4], 2)  # 2 rounds: only round 0 checked
     assert rows == w[[3], :4].tolist()
     got = rebalance_experts(torch.from_numpy(w), 6, 1, 1, 2)
     want = rebalance_experts_loop(torch.from_numpy(w), 6, 1, 1, 2)
@@ -237,16 +254,14 @@ def test_pack_rounds_redoes_only_unclean_rows(monkeypatch, few_items):
 
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), packs=st.integers(1, 6), per_pack=st.integers(1, 6))
-def test_greedy_sorted_equals_loop_greedy(seed, packs, per_pack):
-    from relibra.policies.eplb_algorithm import _greedy_sorted
-
+def test_pack_sorted_row_equals_loop_greedy(seed, packs, per_pack):
     w = -np.sort(-np.random.default_rng(seed).integers(0, 4, (1, packs * per_pack)).astype(float), axis=1)
-    assert [_greedy_sorted(w[0].tolist(), packs)] == _loop_slots(w, packs)
+    assert [pack_sorted_row(w[0].tolist(), packs)] == _loop_places(w, packs)
 
 
 @pytest.mark.parametrize("case", ["negative zero", "needs grad", "strided", "float32", "int64"])
 def test_weight_forms_agree(case):
-    """The float64 tensor fast path and the checked conversion give the same plans."""
+    """Every accepted form of the weight gives the plan of its float64 values."""
     w = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(3)).double()
     if case == "negative zero":
         w[0, :3] = -0.0
@@ -265,21 +280,6 @@ def test_weight_forms_agree(case):
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
-def test_stable_order_desc_near_ties_and_zeros():
-    """The integer-key sort drops low mantissa bits for the index; its exact check must catch it."""
-    one_up = float(np.nextafter(1.0, 2.0))
-    rows = np.array(
-        [
-            [1.0, one_up, 1.0 + 2**-50, 1.0, 0.0, -0.0, 3.0, one_up] * 5,  # 40 items: fast path
-            [0.0, -0.0] * 20,
-        ],
-        dtype=np.float64,
-    )
-    assert (stable_order_desc(rows) == np.argsort(-rows, axis=1, kind="stable")).all()
-    short = rows[:, :8]  # short rows: NumPy's sort path
-    assert (stable_order_desc(short) == np.argsort(-short, axis=1, kind="stable")).all()
-
-
 @settings(max_examples=60, deadline=None)
 @given(
     seed=st.integers(0, 2**31 - 1),
@@ -287,24 +287,53 @@ def test_stable_order_desc_near_ties_and_zeros():
     per_pack=st.integers(1, 6),
     kind=st.sampled_from(["ties", "ints", "skewed", "sorted_halves"]),
 )
-def test_balanced_packing_equals_loop_greedy(seed, packs, per_pack, kind):
-    """Rounds taken in closed form and rows falling back to the item-by-item greedy, mixed."""
+def test_pack_rows_equals_loop_greedy(seed, packs, per_pack, kind):
+    """Rounds taken at once and rows falling back to the item-by-item greedy, mixed."""
     shape = (5, packs * per_pack)
     w = _pack_weights(np.random.default_rng(seed), shape, kind)
-    pack, rank = balanced_packing(torch.from_numpy(w), packs)
+    pack, rank = np.divmod(pack_rows(w, packs), per_pack)
     for row in range(w.shape[0]):
-        want_pack, want_rank = _pack(w[row].tolist(), packs)
+        want_pack, want_rank = balanced_packing(w[row].tolist(), packs)
         assert pack[row].tolist() == want_pack and rank[row].tolist() == want_rank
 
 
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 12), extra=st.integers(0, 12))
-def test_replicate_experts_equals_loop(seed, n, extra):
+def test_replicate_rows_equals_loop(seed, n, extra):
     w = np.random.default_rng(seed).integers(0, 4, (3, n)).astype(float)
-    phy2log, rank, cnt = replicate_experts(torch.from_numpy(w), n + extra)
+    expert, rank, count = replicate_rows(w, n + extra)
     for row in range(3):
-        want = _replicate(w[row].tolist(), n + extra)
-        assert (phy2log[row].tolist(), rank[row].tolist(), cnt[row].tolist()) == want
+        want = replicate_experts(w[row].tolist(), n + extra)
+        assert (expert[row].tolist(), rank[row].tolist(), count[row].tolist()) == want
+
+
+def capped_replicas_loop(weights: list[float], num_phy: int, max_copies: int):
+    """The replica rule with a cap, plainly: each extra slot to the most load per copy among the
+    experts with fewer than ``max_copies`` copies (lowest id among equals); none left: empty."""
+    n = len(weights)
+    expert, rank, count = list(range(n)), [0] * n, [1] * n
+    for _ in range(n, num_phy):
+        open_ = [e for e in range(n) if count[e] < max_copies]
+        if not open_:
+            expert.append(-1)
+            rank.append(-1)
+            continue
+        best = max(open_, key=lambda e: (weights[e] / count[e], -e))
+        expert.append(best)
+        rank.append(count[best])
+        count[best] += 1
+    return expert, rank, count
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 8), extra=st.integers(0, 12), cap=st.integers(1, 4))
+def test_replicate_rows_capped_equals_loop(seed, n, extra, cap):
+    """The cap the eplb policy uses (one copy per GPU of a unit); slots nobody may take stay empty."""
+    w = np.random.default_rng(seed).integers(0, 4, (3, n)).astype(float)
+    expert, rank, count = replicate_rows(w, n + extra, max_copies=cap)
+    for row in range(3):
+        want = capped_replicas_loop(w[row].tolist(), n + extra, cap)
+        assert (expert[row].tolist(), rank[row].tolist(), count[row].tolist()) == want
 
 
 @pytest.mark.parametrize(
@@ -431,7 +460,7 @@ def test_oracle_uses_its_own_step_and_keeps_no_history():
 
 
 def test_real_loads_policy_beats_static_and_keeps_memory_rules():
-    w = real_loads("prefill_in1024.json").to(torch.int64)
+    w = real_loads("prefill_in1024").to(torch.int64)
     loads = torch.stack([w // 4] * 4)
     loads[0] += w % 4
     for groups, intra in ((8, True), (1, False)):
@@ -447,7 +476,7 @@ def test_real_loads_policy_beats_static_and_keeps_memory_rules():
 
 
 def test_no_spare_slots_gives_eplb_ordered_placement():
-    w = real_loads("prefill_in1024.json").to(torch.int64)[:4]
+    w = real_loads("prefill_in1024").to(torch.int64)[:4]
     topo = relibra.Topology(num_nodes=8, gpus_per_node=8, num_experts=256, num_expert_groups=1)
     plan = EplbPolicy(source="oracle").plan(w[None], topo)
     plan.validate(topo, w[None])

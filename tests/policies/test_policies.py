@@ -15,7 +15,11 @@ from hypothesis import strategies as st
 
 import relibra
 from relibra.plan import Placement, Plan
-from relibra.policies._replica_greedy import GREEDY_VARIANTS
+from relibra.policies.packing_search import BinPairs, MovePrices, objective, overload_objective, swap_search
+from relibra.policies.reorder import INCREMENTAL_PAIRS, incremental_node_search
+from relibra.policies.replica_greedy import GREEDY_VARIANTS, best_level
+from relibra.policies.replica_problems import problem_first, problem_last
+from relibra.policies.replica_split import forest_split, optimal_split
 from relibra.policies.replicate import replicate_on
 
 BUILTINS = list(relibra.policies.BUILTINS)  # every built-in, always: one that fails to import fails the suite
@@ -341,8 +345,6 @@ def test_reorder_option_errors(option, value):
 @given(gpus=st.integers(2, 4), homes=st.integers(1, 3), spare=st.integers(1, 2), seed=st.integers(0, 2**31 - 1))
 def test_optimal_split_from_any_start(gpus, homes, spare, seed):
     """The split phase alone reaches the exact optimum from random replicas and random splits."""
-    from relibra.policies._replica_split import best_level, optimal_split
-
     g = torch.Generator().manual_seed(seed)
     B, K = 6, gpus * spare
     loads = torch.randint(0, 60, (B, gpus, homes), generator=g) * (torch.rand(B, gpus, homes, generator=g) < 0.7)
@@ -364,7 +366,7 @@ def test_optimal_split_from_any_start(gpus, homes, spare, seed):
                 x[b, k] = take
                 hshare[b, rep[b, k]] -= take
     hshare = hshare.view(B, gpus, homes)
-    level = best_level(loads, rep, spare)
+    level = best_level(problem_last(loads.reshape(B, -1)), problem_last(rep), gpus, spare)
     optimal_split(hshare, rep, x, spare)
     assert (hshare >= 0).all() and (x >= 0).all()
     per_slot = hshare.reshape(B, -1).clone()
@@ -399,14 +401,13 @@ def test_forest_split_reaches_exact_level(gpus, homes, seed):
     """The two-sweep split (one spare slot per GPU) is valid and at the max-flow optimum wherever it
     says ok, and says ok on every problem whose replicas form no cycle; optimal_split targeted at
     the known level reaches it from the plain loads too."""
-    from relibra.policies._replica_split import best_level, forest_split, optimal_split
-
     g = torch.Generator().manual_seed(seed)
     B = 8
     loads = torch.randint(0, 80, (B, gpus, homes), generator=g) * (torch.rand(B, gpus, homes, generator=g) < 0.7)
     rep = random_replicas(B, gpus, homes, 1, g)
-    level = best_level(loads, rep, 1)
-    hshare, x, ok = forest_split(loads, rep, level, 1)
+    level_np = best_level(problem_last(loads.reshape(B, -1)), problem_last(rep), gpus, 1)
+    hshare, x, ok = forest_split(problem_last(loads.reshape(B, -1)), problem_last(rep), level_np)
+    level, hshare, x = torch.from_numpy(level_np), problem_first(hshare).view(B, gpus, homes), problem_first(x)
     h2, x2 = loads.clone(), torch.zeros(B, gpus, dtype=torch.int64)
     optimal_split(h2, rep, x2, 1, level_B=level)
     for b in range(B):
@@ -447,14 +448,12 @@ def test_forest_split_reaches_exact_level(gpus, homes, seed):
 )
 def test_incremental_search_never_worse_than_keeping(bins, per_bin, M, weight, seed):
     """From the previous assignment, F + move_cost x moves never rises, and bin sizes hold."""
-    from relibra.policies._packing import objective, swap_search
-
     g = torch.Generator().manual_seed(seed)
     B, I = 5, bins * per_bin
     w = (torch.randint(0, 100, (B, I, M), generator=g) * (torch.rand(B, I, M, generator=g) < 0.6)).double()
     prev = torch.stack([torch.randperm(I, generator=g) % bins for _ in range(B)])
     cost = w.sum((1, 2)) / I * weight
-    new = swap_search(w, prev, bins, prev, cost, max_iters=50, per_move=True)
+    new = swap_search(w, prev, bins, moves=MovePrices(prev, cost), max_rounds=50)
     assert (torch.nn.functional.one_hot(new, bins).sum(1) == per_bin).all()
     kept = objective(w, prev, bins)
     assert (objective(w, new, bins) + cost * (new != prev).sum(-1) <= kept * (1 + 1e-12)).all()
@@ -471,18 +470,16 @@ def test_incremental_search_never_worse_than_keeping(bins, per_bin, M, weight, s
 def test_overload_search_never_raises_overload_plus_moves(bins, per_bin, M, weight, seed):
     """The overload descent: overload + move_cost x moves never rises, bin sizes hold, and the
     reorder node stage built on it never ends above keeping the previous assignment in F + cost."""
-    from relibra.policies._packing import objective, overload_objective, swap_search
-    from relibra.policies.reorder import _incremental_nodes
-
     g = torch.Generator().manual_seed(seed)
     B, I = 5, bins * per_bin
     w = (torch.randint(0, 100, (B, I, M), generator=g) * (torch.rand(B, I, M, generator=g) < 0.6)).double()
     prev = torch.stack([torch.randperm(I, generator=g) % bins for _ in range(B)])
     cost = w.sum((1, 2)) / I * weight
-    new = swap_search(w, prev, bins, prev, cost, max_iters=50, per_move=True, overload=True, busiest=2, candidates=2)
+    new = swap_search(w, prev, bins, score="overload", pairs=BinPairs(2, 2), moves=MovePrices(prev, cost),
+                      max_rounds=50)
     assert (torch.nn.functional.one_hot(new, bins).sum(1) == per_bin).all()
     assert (overload_objective(w, new, bins) + cost * (new != prev).sum(-1) <= overload_objective(w, prev, bins)).all()
-    node = _incremental_nodes(w, prev, bins, cost, 50)
+    node = incremental_node_search(w, prev, bins, cost, 50)
     assert (torch.nn.functional.one_hot(node, bins).sum(1) == per_bin).all()
     assert (objective(w, node, bins) + cost * (node != prev).sum(-1) <= objective(w, prev, bins)).all()
 
@@ -498,8 +495,6 @@ def test_overload_search_never_raises_overload_plus_moves(bins, per_bin, M, weig
 def test_search_with_rising_prices_stops_and_never_worsens(bins, per_bin, M, overload, seed):
     """Prices that rise with the moves made so far (as reorder's spreading does) cannot make the
     search cycle: it stops on its own, and objective + base price x moves never rises."""
-    from relibra.policies._packing import objective, overload_objective, swap_search
-
     g = torch.Generator().manual_seed(seed)
     B, I = 4, bins * per_bin
     w = torch.randint(0, 50, (B, I, M), generator=g).double()
@@ -514,27 +509,14 @@ def test_search_with_rising_prices_stops_and_never_worsens(bins, per_bin, M, ove
         per_owner = torch.zeros(B, 3, dtype=torch.float64).scatter_add_(1, owner.expand(B, I), moved)
         return base[:, None] * (1.0 + 4.0 * per_owner.gather(1, owner.expand(B, I)))
 
-    new = swap_search(
-        w,
-        prev,
-        bins,
-        prev,
-        base,
-        max_iters=500,
-        per_move=True,
-        overload=overload,
-        busiest=2,
-        candidates=2,
-        price_items=price,
-    )
+    new = swap_search(w, prev, bins, score="overload" if overload else "max", pairs=BinPairs(2, 2),
+                      moves=MovePrices(prev, base, price), max_rounds=500)
     assert len(rounds) < 500
     score = overload_objective if overload else objective
     assert (score(w, new, bins) + base * (new != prev).sum(-1) <= score(w, prev, bins) * (1 + 1e-12) + 1e-9).all()
 
 
 def test_overload_objective_by_hand():
-    from relibra.policies._packing import overload_objective
-
     # 2 bins, 2 micro-batches: bin loads [[7, 2], [4, 5]], means rounded down 4 and 4
     w = torch.tensor([[[5.0, 1.0], [2.0, 3.0], [2.0, 2.0], [0.0, 3.0]]])
     assign = torch.tensor([[0, 0, 1, 1]])  # bin 0: (5+2, 1+3) = (7, 4); bin 1: (2, 5)
@@ -545,15 +527,12 @@ def test_overload_descent_passes_a_plateau_the_max_search_stalls_on():
     """Four bins of two items, three micro-batches: from the previous assignment no single swap
     lowers the busiest bin of any micro-batch by more than its price (ties for the maximum), so
     the F search moves nothing; descending the overload first finds 74 -> 69 for 3 moves."""
-    from relibra.policies._packing import objective, swap_search
-    from relibra.policies.reorder import _INCREMENTAL_PAIRS, _incremental_nodes
-
     loads = [[0, 7, 4, 13, 2, 16, 18, 6], [13, 12, 1, 11, 4, 5, 17, 8], [1, 1, 19, 11, 15, 12, 13, 8]]
     w = torch.tensor(loads, dtype=torch.float64).T[None]  # [1, I=8, M=3]
     prev = (torch.arange(8) % 4)[None]
     unit = torch.tensor([0.5])
-    assert torch.equal(swap_search(w, prev, 4, prev, unit, per_move=True, **_INCREMENTAL_PAIRS), prev)
-    node = _incremental_nodes(w, prev, 4, unit, 200)
+    assert torch.equal(swap_search(w, prev, 4, pairs=INCREMENTAL_PAIRS, moves=MovePrices(prev, unit)), prev)
+    node = incremental_node_search(w, prev, 4, unit, 200)
     assert float(objective(w, prev, 4)) == 74 and float(objective(w, node, 4)) == 69
     assert int((node != prev).sum()) == 3
 

@@ -16,7 +16,9 @@ import torch
 import relibra
 from relibra.plan import Placement
 from relibra.policies import replicate as replicate_module
-from relibra.policies._replica_split import _INF, best_level, forest_split, greedy_replicas
+from relibra.policies.replica_greedy import best_level, greedy_replicas
+from relibra.policies.replica_problems import problem_first, problem_last
+from relibra.policies.replica_split import forest_split
 from relibra.policies.replicate import replicate_on
 
 
@@ -32,7 +34,11 @@ def random_problems(B: int, Gn: int, H: int, seed: int, scale: int = 1) -> torch
 
 
 def greedy_reference(h: list[list[int]], S: int, equalise: bool, best_fit: bool, overshoot: bool = False):
-    """The documented greedy rule, one problem, plain Python (ties to the lowest GPU / slot)."""
+    """The documented greedy rule, one problem, plain Python (ties to the lowest GPU / slot).
+
+    Each round the donor copies, among its experts with a free receiver and something to move,
+    the hottest one; with ``best_fit`` the coolest one whose share covers the whole move, if any.
+    """
     Gn, H = len(h), len(h[0])
     h = [row[:] for row in h]
     ld = [sum(row) for row in h]
@@ -41,7 +47,7 @@ def greedy_reference(h: list[list[int]], S: int, equalise: bool, best_fit: bool,
     rep, x, made = [-1] * (Gn * S), [0] * (Gn * S), [-1] * (Gn * S)
     for t in range(Gn * S):
         donor = max(range(Gn), key=lambda g: (ld[g], -g))
-        best = (-1, None)
+        best = (None, None)
         for j in range(H):
             slot, share = donor * H + j, h[donor][j]
             free = [g for g in range(Gn) if used[g] < S and (slot, g) not in holds]
@@ -52,12 +58,12 @@ def greedy_reference(h: list[list[int]], S: int, equalise: bool, best_fit: bool,
             if overshoot and used[donor] < S and ld[donor] > T:  # past the excess: donor slot free
                 room = T - ld[r]
             amt = min(share, room)
-            key = share if amt > 0 else -1
-            if best_fit and key > 0 and share >= room:
-                key = _INF - share
-            if key > best[0]:
+            if amt <= 0:
+                continue
+            key = (1, -share) if best_fit and share >= room else (0, share)  # covering first, then hottest
+            if best[1] is None or key > best[0]:
                 best = (key, (j, r, amt))
-        if best[0] <= 0:
+        if best[1] is None:
             break
         j, r, amt = best[1]
         k = r * S + used[r]
@@ -79,8 +85,10 @@ def test_greedy_matches_per_problem_reference(Gn, H, S, seed):
     equalise = torch.rand(B, generator=g) < 0.5
     best_fit = torch.rand(B, generator=g) < (0.0 if seed == 0 else 0.5)  # seed 0: the fast S == 1 path
     overshoot = torch.rand(B, generator=g) < 0.5
-    hshare = loads.clone()
-    rep, x, made = greedy_replicas(hshare, S, equalise, best_fit, overshoot_B=overshoot)
+    hshare = problem_last(loads.reshape(B, Gn * H))  # updated in place: what each home copy keeps
+    rep, x, made = (problem_first(a) for a in greedy_replicas(hshare, Gn, S, equalise.numpy(), best_fit.numpy(),
+                                                                  overshoot=overshoot.numpy()))
+    hshare = problem_first(hshare).view(B, Gn, H)
     for b in range(B):
         h_ref, rep_ref, x_ref, made_ref = greedy_reference(loads[b].tolist(), S, bool(equalise[b]), bool(best_fit[b]),
                                                            bool(overshoot[b]))
@@ -88,6 +96,26 @@ def test_greedy_matches_per_problem_reference(Gn, H, S, seed):
         assert x[b].tolist() == x_ref, b
         assert made[b].tolist() == made_ref, b
         assert hshare[b].tolist() == h_ref, b
+
+
+def level_of(loads_BGH: torch.Tensor, rep_BSn: torch.Tensor, S: int) -> torch.Tensor:
+    """:func:`best_level` on problem-first tensors: ``[B]``."""
+    B, Gn, H = loads_BGH.shape
+    return torch.from_numpy(best_level(problem_last(loads_BGH.reshape(B, Gn * H)), problem_last(rep_BSn), Gn, S))
+
+
+def split_of(loads_BGH: torch.Tensor, rep_BSn: torch.Tensor, level_B: torch.Tensor):
+    """:func:`forest_split` on problem-first tensors: ``hshare [B, Gn, H]``, ``x [B, Gn]``, ``ok [B]``."""
+    B, Gn, H = loads_BGH.shape
+    h, x, ok = forest_split(problem_last(loads_BGH.reshape(B, Gn * H)), problem_last(rep_BSn), level_B.numpy())
+    return problem_first(h).view(B, Gn, H), problem_first(x), torch.from_numpy(ok)
+
+
+def greedy_of(loads_BGH: torch.Tensor, S: int, equalise_B: torch.Tensor) -> torch.Tensor:
+    """The replicas ``rep [B, Gn*S]`` :func:`greedy_replicas` chooses (direct or chain rule)."""
+    B, Gn, H = loads_BGH.shape
+    rep, _, _ = greedy_replicas(problem_last(loads_BGH.reshape(B, Gn * H)), Gn, S, equalise_B.numpy())
+    return problem_first(rep)
 
 
 def exact_level(loads_GH: list[list[int]], rep_K: list[int], S: int) -> int:
@@ -123,8 +151,8 @@ def test_best_level_matches_max_flow(Gn, H, S, scale):
     B = 12
     loads = random_problems(B, Gn, H, seed=Gn * 10 + S, scale=scale)
     equalise = torch.arange(B) % 2 == 1
-    rep, _, _ = greedy_replicas(loads.clone(), S, equalise)
-    level = best_level(loads, rep, S)
+    rep = greedy_of(loads, S, equalise)
+    level = level_of(loads, rep, S)
     for b in range(B):
         assert int(level[b]) == exact_level(loads[b].tolist(), rep[b].tolist(), S), b
 
@@ -145,9 +173,9 @@ def test_forest_split_solves_cycles():
     """GPU 0 holds a copy of GPU 1's hot expert and GPU 1 one of GPU 0's: a replica cycle."""
     loads = torch.tensor([[[90, 10], [80, 0], [5, 5]]])  # Gn = 3, H = 2
     rep = torch.tensor([[2, 0, 1]])  # GPU 0 <- slot 2 (GPU 1), GPU 1 <- slot 0 (GPU 0), GPU 2 <- slot 1
-    level = best_level(loads, rep, 1)
+    level = level_of(loads, rep, 1)
     assert int(level[0]) == exact_level(loads[0].tolist(), rep[0].tolist(), 1)
-    hshare, x, ok = forest_split(loads, rep, level, 1)
+    hshare, x, ok = split_of(loads, rep, level)
     assert bool(ok[0])
     check_split(loads, rep, hshare, x, level, ok)
 
@@ -156,9 +184,9 @@ def test_forest_split_solves_cycles():
 def test_forest_split_exact_on_greedy_replicas(Gn, H):
     B = 60
     loads = random_problems(B, Gn, H, seed=Gn)
-    rep, _, _ = greedy_replicas(loads.clone(), 1, torch.arange(B) % 2 == 0)
-    level = best_level(loads, rep, 1)
-    hshare, x, ok = forest_split(loads, rep, level, 1)
+    rep = greedy_of(loads, 1, torch.arange(B) % 2 == 0)
+    level = level_of(loads, rep, 1)
+    hshare, x, ok = split_of(loads, rep, level)
     assert float(ok.float().mean()) > 0.9  # the rest go to the augmenting rounds
     check_split(loads, rep, hshare, x, level, ok)
 

@@ -1,0 +1,93 @@
+"""Intra-node replication as independent per-node problems: building them, and their results as a plan.
+
+Legend (see :mod:`relibra.topology`):
+
+    M  micro-batches     L  layers      N  nodes      Gn  GPUs per node
+    H  home slots per GPU               S  spare slots per GPU
+    B  independent problems = M * L * N                Sn  spare slots per node = Gn * S
+
+One problem is one node of one layer of one micro-batch. Its state:
+
+    hshare  tokens the home copy of each home expert keeps (local home slot ``g*H + j`` on
+            local GPU ``g``)
+    rep     home slot copied into each spare slot, -1 empty (spare slot ``k`` sits on local
+            GPU ``k // S``)
+    x       tokens the replica in each spare slot computes
+
+The solvers work on problem-last NumPy arrays (``hshare [Gn*H, B]``, ``rep`` and ``x [Sn, B]``):
+a node has only a few GPUs, so reductions over them become elementwise passes over ``B``, and
+NumPy's per-call cost on these small arrays is a fraction of torch's. The phases:
+
+1. :func:`~relibra.policies.replica_greedy.best_of_greedy`: greedy rules choose the replicas;
+2. :func:`~relibra.policies.replica_greedy.best_level`: the exact optimal busiest-GPU load for
+   them, then :func:`~relibra.policies.replica_split.forest_split` (one spare slot per GPU) or
+   :func:`~relibra.policies.replica_split.resplit` and
+   :func:`~relibra.policies.replica_split.optimal_split`: the exact min-max integer token split.
+
+This module turns a step's loads into problems (:func:`node_problems`), converts between the
+problem-first torch layout and the problem-last NumPy one (:func:`problem_last`,
+:func:`problem_first`) and turns results into plan tensors (:func:`assemble`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = ["node_problems", "problem_last", "problem_first", "assemble"]
+
+
+def node_problems(loads_MLE: torch.Tensor, home_experts_LE: torch.Tensor, num_nodes: int,
+                  gpus_per_node: int) -> torch.Tensor:
+    """Home-slot loads as per-node problems.
+
+    Args:
+        loads_MLE: ``[M, L, E]`` int64 loads.
+        home_experts_LE: ``[L, G*H]`` placement (home slot -> logical expert).
+    Returns:
+        ``hshare [M*L*N, Gn, H]`` int64: the load of every home expert, by node problem.
+    """
+    M, L, E = loads_MLE.shape
+    H = E // (num_nodes * gpus_per_node)
+    idx = home_experts_LE.expand(M, L, -1)
+    return loads_MLE.gather(2, idx).reshape(M * L * num_nodes, gpus_per_node, H).clone()
+
+
+def problem_last(t_BX: torch.Tensor) -> np.ndarray:
+    """``[B, X]`` tensor -> ``[X, B]`` contiguous NumPy array (problem-last)."""
+    return np.ascontiguousarray(t_BX.numpy().T)
+
+
+def problem_first(a_XB: np.ndarray) -> torch.Tensor:
+    """``[X, B]`` NumPy array -> ``[B, X]`` contiguous tensor (problem-first)."""
+    return torch.from_numpy(np.ascontiguousarray(a_XB.T))
+
+
+def assemble(
+    hshare: np.ndarray,
+    rep: np.ndarray,
+    x: np.ndarray,
+    home_experts_LE: torch.Tensor,
+    M: int,
+    L: int,
+    N: int,
+    Gn: int,
+    S: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-node results (problem-last ``hshare [Gn*H, B]``, ``rep [Sn, B]``, ``x [Sn, B]``) -> plan tensors.
+
+    Replicas left with no tokens are dropped (their spare slots stay empty).
+
+    Returns:
+        ``spare_experts [M, L, G*S]`` (logical expert, -1 empty) and ``slot_tokens [M, L, P]``.
+    """
+    GH, B = hshare.shape
+    Sn, H = rep.shape[0], GH // Gn
+    rep = np.where(x > 0, rep, -1)
+    b = np.arange(B)
+    first = ((b // N) % L) * (N * GH) + (b % N) * GH  # flat placement index of the node's slot 0
+    logical = home_experts_LE.numpy().reshape(-1).take(first + np.maximum(rep, 0))
+    spare = np.ascontiguousarray(np.where(rep >= 0, logical, -1).T).reshape(M, L, N * Sn)
+    tokens = np.concatenate([hshare.reshape(Gn, H, B), x.reshape(Gn, S, B)], 1)  # [Gn, H + S, B]
+    tokens = np.ascontiguousarray(tokens.transpose(2, 0, 1)).reshape(M, L, N * Gn * (H + S))
+    return torch.from_numpy(spare), torch.from_numpy(tokens)
