@@ -137,6 +137,7 @@ class Balancer:
             layer.set_topology(self.topology)
             layer.moe_layer_index = i
         self.plan: Plan | None = None
+        self.steps_planned = 0  # successful plan_step calls (restored by load_state_dict)
         self._routes: list[torch.Tensor] | None = None
         self._offsets_MLE: torch.Tensor | None = None
         self._metrics: dict = {}
@@ -146,6 +147,11 @@ class Balancer:
     def placement(self) -> Placement:
         """Current placement ``[L, E]`` (rows of every layer)."""
         return Placement(torch.stack([layer.home_experts_K for layer in self.layers]))
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Module names of the MoE layers, in layer order (``"<model>"`` for the model itself)."""
+        return list(self._layer_names)
 
     # ------------------------------------------------------------------ collectives
     @property
@@ -240,20 +246,9 @@ class Balancer:
                     error, failure, plan = _failure_text(f"policy {self.policy_name!r}", exc), exc, None
             t_plan = time.perf_counter() - tp
         plan = self._share_plan(plan, error, failure, M, t_plan)
-        old = self.placement
-        migration = None
-        if not plan.placement.equal(old):
-            from .migration import migrate_experts
-
-            tensors = [[layer.experts.gate_up_proj, layer.experts.down_proj] for layer in self.layers]
-            if self.group is None:  # single process: a local permutation
-                migration = self._permute_local(old, plan.placement)
-            else:
-                migration = migrate_experts(tensors, self.optimizer, old, plan.placement, self.topology,
-                                            group=self.group, agree_group=self.edp_group)
-            for l, layer in enumerate(self.layers):
-                layer._set_home_experts(plan.placement.home_experts[l])
+        migration = self._adopt_placement(plan.placement)
         self.plan, self._routes = plan, routes
+        self.steps_planned += 1
         for layer in self.layers:
             layer.realised_rows = {}
         self._offsets_MLE = (source_GMLE.cumsum(0) - source_GMLE)[self.rank]
@@ -323,6 +318,25 @@ class Balancer:
                     sp.view(M, self.L, t.num_spare_slots).clone(), st.view(M, self.L, t.num_physical_slots).clone(),
                     bool(head[1]), self.policy_name)
 
+    def _adopt_placement(self, new: Placement):
+        """Move the experts (weights, grads, optimizer state) to ``new``, then switch every layer
+        to it. Returns the migration's report (None in one process or when nothing moves); a
+        failed migration raises on every rank with nothing changed."""
+        old = self.placement
+        if new.equal(old):
+            return None
+        if self.group is None:  # single process: a local permutation
+            migration = self._permute_local(old, new)
+        else:
+            from .migration import migrate_experts
+
+            tensors = [[layer.experts.gate_up_proj, layer.experts.down_proj] for layer in self.layers]
+            migration = migrate_experts(tensors, self.optimizer, old, new, self.topology,
+                                        group=self.group, agree_group=self.edp_group)
+        for l, layer in enumerate(self.layers):
+            layer._set_home_experts(new.home_experts[l])
+        return migration
+
     @torch.no_grad()
     def _permute_local(self, old: Placement, new: Placement) -> None:
         """Single process: reorder expert rows (and grads / optimizer state) to ``new``."""
@@ -337,6 +351,46 @@ class Balancer:
                 for x in ts:
                     x.copy_(x[rows])
         return None
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """The Balancer's part of a checkpoint; collective over the EP (and EDP) group.
+
+        ``{"version": 1, "policy": name, "policy_state": dict, "placement": [L, E] int64,
+        "topology": its fields, "layers": MoE layer names, "top_k": K, "steps_planned": int}``:
+        plain tensors, numbers and strings (``torch.load(weights_only=True)`` reads it), the
+        same on every rank. ``policy_state`` is the policy's ``state_dict()`` on the rank that
+        plans (``{}`` if it has none). Weights and optimizer state are the model's and the
+        optimizer's, in logical expert order: see :mod:`relibra.runtime.checkpoint`.
+        """
+        from .checkpoint import planner_policy_state
+
+        return {"version": 1, "policy": self.policy_name, "policy_state": planner_policy_state(self),
+                "placement": self.placement.home_experts.clone(), "topology": dict(vars(self.topology)),
+                "layers": self.layer_names, "top_k": self.K, "steps_planned": self.steps_planned}
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        """Restore :meth:`state_dict`'s output; collective over the EP (and EDP) group.
+
+        Everything is checked first (keys, layers, experts, a placement that validates, the
+        policy's state), the verdict agreed, and a fault raises the same ValueError naming the
+        key on every rank with nothing changed. Then: when the checkpoint's topology has this
+        one's nodes, GPUs per node and experts, the experts (weights, grads, optimizer state)
+        move to the saved placement (a migration: all or nothing); the policy's state is
+        restored when the checkpoint was saved by the same policy (another policy is an error
+        with ``strict``, else it starts fresh); and the step count. No plan is installed
+        afterwards: call :meth:`plan_step`.
+        """
+        from .checkpoint import agree_fault, balancer_state_fault, restored_placement
+
+        agree_fault(self, balancer_state_fault(self, state, strict), "Balancer.load_state_dict")
+        placement = restored_placement(self, state)
+        if placement is not None:
+            self._adopt_placement(placement)
+        if state["policy"] == self.policy_name and hasattr(self.policy, "load_state_dict"):
+            self.policy.load_state_dict(state["policy_state"])
+        self.steps_planned = int(state["steps_planned"])
+        self.plan, self._routes, self._offsets_MLE, self._metrics = None, None, None, {}
 
     # ------------------------------------------------------------------ micro-batches
     @contextlib.contextmanager
