@@ -39,7 +39,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.checkpoint import DefaultLoadPlanner
-from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
 from ..plan import Placement
 from ..topology import Topology
@@ -80,7 +84,7 @@ def get_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, balance
     ``get_optimizer_state_dict`` does that). ``optimizer`` must be the balancer's (None: none).
     """
     _check_objects(model, optimizer, balancer)
-    state: dict[str, Any] = {"model": model.state_dict()}
+    state: dict[str, Any] = {"model": get_model_state_dict(model, options=_options(full))}
     if optimizer is not None:
         osd = get_optimizer_state_dict(model, optimizer, options=_options(full))
         state["optimizer"] = _reorder_optimizer_state(osd, optimizer, balancer, to_logical=True,
@@ -105,6 +109,12 @@ def set_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, balance
     an optimizer when ``optimizer`` is None, and another policy (which then starts fresh).
     """
     _check_objects(model, optimizer, balancer)
+    from torch.distributed.fsdp import FSDPModule
+
+    if any(isinstance(layer, FSDPModule) for layer in balancer.layers):  # the same on every rank
+        raise ValueError("set_state: the MoE layers are wrapped with fully_shard (apply_fsdp), and ReLibraMoE's "
+                         "load_state_dict takes whole experts, not FSDP shards; loading into FSDP2 models is not "
+                         "supported (their checkpoints load into models without FSDP)")
     fresh_optimizer = optimizer is not None and not optimizer.state
     template = None if optimizer is None else get_optimizer_state_dict(model, optimizer)
     fault = _state_fault(model, optimizer, balancer, state, template, strict)
