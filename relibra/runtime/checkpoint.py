@@ -10,7 +10,7 @@ does the same for the optimizer's per-expert state and adds the Balancer's state
 checkpoint saved under one placement and world loads into any other::
 
     state = get_state(model, optimizer, balancer)             # collective; every tensor whole
-    {"model":     model.state_dict(),                         # experts [E, ...], logical order
+    {"model":     get_model_state_dict(model),                # experts [E, ...], logical order
      "optimizer": {"state": {fqn: {"step": 0-dim, "exp_avg": [E, ...] logical, ...}},
                    "param_groups": [{..., "params": [fqn, ...]}]},   # torch's FQN-keyed form
      "balancer":  balancer.state_dict()}                      # placement, policy state, steps
@@ -25,8 +25,9 @@ nested keys against the loading side's state, whose policy state may differ. Loa
 checkpoints with :class:`SafeLoadPlanner` (DCP's default unpickles non-tensor entries).
 
 Limits: experts are gathered whole on every rank by ``model.state_dict()`` (ReLibraMoE's
-logical order), models wrapped with ``apply_fsdp`` load with neither form (see docs/fsdp.md),
-and only optimizer state shaped like its parameter (AdamW, SGD momentum, ...) is reordered.
+logical order); models wrapped with ``apply_fsdp`` save (both forms) but :func:`set_state`
+refuses to load into them (their checkpoints load into models without FSDP); only optimizer
+state shaped like its parameter (AdamW, SGD momentum, ...) is reordered.
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
+    set_model_state_dict,
     set_optimizer_state_dict,
 )
 
@@ -84,11 +87,11 @@ def get_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, balance
     ``get_optimizer_state_dict`` does that). ``optimizer`` must be the balancer's (None: none).
     """
     _check_objects(model, optimizer, balancer)
-    state: dict[str, Any] = {"model": get_model_state_dict(model, options=_options(full))}
+    state: dict[str, Any] = {"model": get_model_state_dict(model, options=StateDictOptions(full_state_dict=full))}
     if optimizer is not None:
-        osd = get_optimizer_state_dict(model, optimizer, options=_options(full))
-        state["optimizer"] = _reorder_optimizer_state(osd, optimizer, balancer, to_logical=True,
-                                                      placement=balancer.placement)
+        osd = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=full))
+        state["optimizer"] = _reorder_optimizer_state(osd, _expert_fqns(optimizer, balancer, osd), balancer,
+                                                      to_logical=True, placement=balancer.placement)
     bal = balancer.state_dict()
     state["balancer"] = bal if full else _encode(bal)
     return state
@@ -126,11 +129,12 @@ def set_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, balance
         raise
     bal = state["balancer"] if isinstance(state["balancer"], dict) else _decode(state["balancer"])
     osd = None
-    if optimizer is not None:
+    if optimizer is not None:  # named as this optimizer names its parameters (the template)
         target = restored_placement(balancer, bal) or balancer.placement
-        osd = _reorder_optimizer_state(state["optimizer"], optimizer, balancer, to_logical=False, placement=target)
+        osd = _reorder_optimizer_state(state["optimizer"], _expert_fqns(optimizer, balancer, template), balancer,
+                                       to_logical=False, placement=target)
     balancer.load_state_dict(bal, strict=strict)
-    model.load_state_dict(state["model"], strict=strict)
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=strict))
     if osd is not None:
         set_optimizer_state_dict(model, optimizer, osd)
 
@@ -268,8 +272,8 @@ def _check_objects(model: nn.Module, optimizer, balancer) -> None:
 
 def _state_fault(model, optimizer, balancer, state: Any, template: dict | None, strict: bool) -> str:
     """Why ``state`` cannot be loaded ("" if it can); no communication besides the model's
-    ``state_dict()`` (which every rank runs, fault or not)."""
-    expected_model = model.state_dict()
+    state dict (which every rank builds, fault or not)."""
+    expected_model = get_model_state_dict(model)
     if not isinstance(state, dict):
         return f"a checkpoint state must be a dict with 'model', 'optimizer', 'balancer', got {type(state).__name__}"
     needed = ["model", "balancer"] + (["optimizer"] if optimizer is not None else [])
@@ -367,14 +371,15 @@ def _expert_fqns(optimizer, balancer, osd: dict) -> dict[str, nn.Parameter]:
     return out
 
 
-def _reorder_optimizer_state(osd: dict, optimizer, balancer, *, to_logical: bool, placement: Placement) -> dict:
-    """``osd`` with every per-expert optimizer state tensor taken from ``placement``'s slot order
-    to logical order (``to_logical``) or back; ``osd`` itself is not changed (torch's optimizer
-    state dict holds the optimizer's live per-parameter dicts). Plain tensors ``[E, ...]`` are
-    indexed; DTensors are sharded logical-order state (rank r: experts ``r*H ..``), moved by an
-    all-to-all (:func:`migrate_experts` between ``placement`` and the contiguous placement)."""
+def _reorder_optimizer_state(osd: dict, experts: dict[str, nn.Parameter], balancer, *, to_logical: bool,
+                             placement: Placement) -> dict:
+    """``osd`` with the per-expert state of every parameter in ``experts`` (name -> parameter)
+    taken from ``placement``'s slot order to logical order (``to_logical``) or back; ``osd``
+    itself is not changed (torch's optimizer state dict holds the optimizer's live
+    per-parameter dicts). Plain tensors ``[E, ...]`` are indexed; DTensors are sharded
+    logical-order state (rank r: experts ``r*H ..``), moved by an all-to-all
+    (:func:`migrate_experts` between ``placement`` and the contiguous placement)."""
     osd = {**osd, "state": {fqn: dict(entry) for fqn, entry in osd["state"].items()}}
-    experts = _expert_fqns(optimizer, balancer, osd)
     layer_of = {id(getattr(layer.experts, n)): l for l, layer in enumerate(balancer.layers) for n in _EXPERT_PARAMS}
     sharded: list[tuple[dict, str, nn.Parameter, int, int]] = []  # (entry, key, param, layer, index)
     per_layer: list[list[torch.Tensor]] = [[] for _ in balancer.layers]  # local rows, moved in place
@@ -414,12 +419,6 @@ def _reorder_optimizer_state(osd: dict, optimizer, balancer, *, to_logical: bool
 
 
 # ---------------------------------------------------------------------------------- helpers
-def _options(full: bool):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(full_state_dict=full)
-
-
 def _per_expert(value: Any) -> bool:
     """A state tensor with one row per expert (not AdamW's 0-dim ``step``)."""
     return isinstance(value, torch.Tensor) and value.dim() > 0
