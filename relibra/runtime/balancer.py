@@ -381,7 +381,8 @@ class Balancer:
         with ``strict``, else it starts fresh); and the step count. No plan is installed
         afterwards: call :meth:`plan_step`.
         """
-        from .checkpoint import agree_fault, balancer_state_fault, restored_placement
+        from .checkpoint import agree_fault, restored_placement
+        from .checkpoint_checks import balancer_state_fault
 
         agree_fault(self, balancer_state_fault(self, state, strict), "Balancer.load_state_dict")
         placement = restored_placement(self, state)

@@ -32,7 +32,6 @@ state shaped like its parameter (AdamW, SGD momentum, ...) is reordered.
 
 from __future__ import annotations
 
-import copy
 import io
 from typing import Any
 
@@ -50,15 +49,20 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ..plan import Placement
 from ..topology import Topology
+from .checkpoint_checks import (
+    EXPERT_PARAMS,
+    decode_state,
+    encode_state,
+    expert_param_names,
+    is_dtensor,
+    per_expert,
+    state_fault,
+)
 from .comm import broadcast_, first_error
 from .layer import ReLibraMoE
 from .migration import migrate_experts
 
-__all__ = ["get_state", "set_state", "SafeLoadPlanner", "balancer_state_fault", "restored_placement",
-           "planner_policy_state", "agree_fault"]
-
-_BALANCER_KEYS = ("version", "policy", "policy_state", "placement", "topology", "layers", "top_k", "steps_planned")
-_EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+__all__ = ["get_state", "set_state", "SafeLoadPlanner", "restored_placement", "planner_policy_state", "agree_fault"]
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
@@ -83,17 +87,20 @@ def get_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, balance
     Collective over the balancer's EP (and EDP) group: call it on every rank. ``full=True``:
     plain tensors, the same on every rank (save rank 0's with ``torch.save``). ``full=False``:
     the DCP form (see the module doc), for ``dcp.save``, or as the state ``dcp.load`` fills
-    before :func:`set_state`. A fresh optimizer gets zero state first (torch's
-    ``get_optimizer_state_dict`` does that). ``optimizer`` must be the balancer's (None: none).
+    before :func:`set_state`. Every tensor is a copy: ``dcp.load`` writing into the state
+    changes nothing live, only :func:`set_state` does. A fresh optimizer gets zero state first
+    (torch's ``get_optimizer_state_dict`` does that). ``optimizer`` must be the balancer's.
     """
     _check_objects(model, optimizer, balancer)
-    state: dict[str, Any] = {"model": get_model_state_dict(model, options=StateDictOptions(full_state_dict=full))}
+    options = StateDictOptions(full_state_dict=full)
+    state: dict[str, Any] = {"model": _copied(get_model_state_dict(model, options=options))}
     if optimizer is not None:
-        osd = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=full))
-        state["optimizer"] = _reorder_optimizer_state(osd, _expert_fqns(optimizer, balancer, osd), balancer,
-                                                      to_logical=True, placement=balancer.placement)
+        osd = get_optimizer_state_dict(model, optimizer, options=options)
+        logical = _reorder_optimizer_state(osd, expert_param_names(optimizer, balancer, osd), balancer,
+                                           to_logical=True, placement=balancer.placement)
+        state["optimizer"] = _copied(logical)
     bal = balancer.state_dict()
-    state["balancer"] = bal if full else _encode(bal)
+    state["balancer"] = bal if full else encode_state(bal)
     return state
 
 
@@ -120,18 +127,18 @@ def set_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, balance
                          "supported (their checkpoints load into models without FSDP)")
     fresh_optimizer = optimizer is not None and not optimizer.state
     template = None if optimizer is None else get_optimizer_state_dict(model, optimizer)
-    fault = _state_fault(model, optimizer, balancer, state, template, strict)
+    fault = state_fault(model, optimizer, balancer, state, template, strict)
     try:
         agree_fault(balancer, fault, "set_state")
     except ValueError:
         if fresh_optimizer:  # the template gave it zero state; leave it as it was
             optimizer.state.clear()
         raise
-    bal = state["balancer"] if isinstance(state["balancer"], dict) else _decode(state["balancer"])
+    bal = state["balancer"] if isinstance(state["balancer"], dict) else decode_state(state["balancer"])
     osd = None
     if optimizer is not None:  # named as this optimizer names its parameters (the template)
         target = restored_placement(balancer, bal) or balancer.placement
-        osd = _reorder_optimizer_state(state["optimizer"], _expert_fqns(optimizer, balancer, template), balancer,
+        osd = _reorder_optimizer_state(state["optimizer"], expert_param_names(optimizer, balancer, template), balancer,
                                        to_logical=False, placement=target)
     balancer.load_state_dict(bal, strict=strict)
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=strict))
@@ -149,7 +156,7 @@ def planner_policy_state(balancer) -> dict:
     """
     save = getattr(balancer.policy, "state_dict", None)
     try:
-        payload = _encode(save() if callable(save) else {})
+        payload = encode_state(save() if callable(save) else {})
     except Exception:  # noqa: BLE001 - told to every rank below as an empty payload
         payload = b""
     if balancer.edp_group is not None and balancer.rank == 0:
@@ -160,7 +167,7 @@ def planner_policy_state(balancer) -> dict:
     if not payload:
         raise ValueError(f"{what} could not be serialized with torch.save")
     try:
-        return _decode(payload)
+        return decode_state(payload)
     except Exception as exc:  # noqa: BLE001 - the same bytes, the same error, on every rank
         raise ValueError(f"{what} is not plain data (tensors, numbers, strings, lists, dicts): "
                          f"{type(exc).__name__}: {exc}") from None
@@ -174,14 +181,6 @@ def restored_placement(balancer, state: dict) -> Placement | None:
     if (saved.num_nodes, saved.gpus_per_node) != (t.num_nodes, t.gpus_per_node):
         return None
     return Placement(state["placement"].detach().cpu().clone())
-
-
-def balancer_state_fault(balancer, state: Any, strict: bool) -> str:
-    """Why ``state`` cannot be loaded into ``balancer`` ("" if it can). No communication."""
-    try:
-        return _balancer_fault(balancer, state, strict)
-    except Exception as exc:  # noqa: BLE001 - any local fault must reach every rank as text
-        return f"balancer state: {type(exc).__name__}: {exc}"
 
 
 def agree_fault(balancer, fault: str, what: str) -> None:
@@ -199,67 +198,7 @@ def agree_fault(balancer, fault: str, what: str) -> None:
         raise ValueError(f"{what}: rank {found[0]}: {found[1]} (nothing was changed on any rank)")
 
 
-def _balancer_fault(balancer, state: Any, strict: bool) -> str:
-    if not isinstance(state, dict):
-        return f"the balancer state must be a dict, got {type(state).__name__}"
-    for key in _BALANCER_KEYS:
-        if key not in state:
-            return f"balancer state key {key!r} is missing"
-    for key in state:
-        if key not in _BALANCER_KEYS:
-            return f"balancer state key {key!r} is unexpected"
-    if state["version"] != 1:
-        return f"balancer state key 'version' is {state['version']!r}; this relibra reads version 1"
-    names, layers = balancer.layer_names, state["layers"]
-    if not isinstance(layers, list) or len(layers) != len(names):
-        return (f"balancer state key 'layers': the checkpoint has MoE layers {layers!r}, this model "
-                f"{len(names)} ({names})")
-    for i, (a, b) in enumerate(zip(layers, names)):
-        if a != b:
-            return (f"balancer state key 'layers': MoE layer {i} is {a!r} in the checkpoint, {b!r} in this "
-                    f"model (a checkpoint from another model?)")
-    if state["top_k"] != balancer.K:
-        return f"balancer state key 'top_k' is {state['top_k']!r}, this model routes to {balancer.K} experts"
-    try:
-        if not isinstance(state["topology"], dict):
-            raise ValueError("must be a dict of Topology fields")
-        saved = Topology(**state["topology"])
-    except (TypeError, ValueError) as exc:
-        return f"balancer state key 'topology': {exc}"
-    if saved.num_experts != balancer.E:
-        return f"balancer state key 'topology' has {saved.num_experts} experts per layer, this model {balancer.E}"
-    home = state["placement"]
-    if not isinstance(home, torch.Tensor) or home.dim() != 2 or home.shape[0] != balancer.L:
-        got = tuple(home.shape) if isinstance(home, torch.Tensor) else type(home).__name__
-        return f"balancer state key 'placement' must be [{balancer.L}, {balancer.E}] (layers, experts), got {got}"
-    try:
-        Placement(home.detach().cpu()).validate(saved)
-    except ValueError as exc:
-        return f"balancer state key 'placement': {exc}"
-    steps = state["steps_planned"]
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        return f"balancer state key 'steps_planned' must be an int >= 0, got {steps!r}"
-    return _policy_fault(balancer, state["policy"], state["policy_state"], strict)
-
-
-def _policy_fault(balancer, policy: Any, policy_state: Any, strict: bool) -> str:
-    """Whether this Balancer's policy can take the saved policy state (tried on a copy)."""
-    if not isinstance(policy_state, dict):
-        return f"balancer state key 'policy_state' must be a dict, got {type(policy_state).__name__}"
-    if policy != balancer.policy_name:
-        return (f"balancer state key 'policy': the checkpoint was saved by policy {policy!r}, this Balancer "
-                f"runs {balancer.policy_name!r} (load with strict=False to start it fresh)") if strict else ""
-    if not hasattr(balancer.policy, "load_state_dict"):
-        return (f"balancer state key 'policy_state': policy {policy!r} has no load_state_dict() for its "
-                f"saved state") if (strict and policy_state) else ""
-    try:
-        copy.deepcopy(balancer.policy).load_state_dict(policy_state)
-    except Exception as exc:  # noqa: BLE001 - reported as the fault
-        return f"balancer state key 'policy_state': {exc if isinstance(exc, ValueError) else repr(exc)}"
-    return ""
-
-
-# ---------------------------------------------------------------------------------- checks
+# ---------------------------------------------------------------------------------- the objects
 def _check_objects(model: nn.Module, optimizer, balancer) -> None:
     """The three objects belong together (the same on every rank, so raised right away)."""
     layers = [m for m in model.modules() if isinstance(m, ReLibraMoE)]
@@ -270,107 +209,7 @@ def _check_objects(model: nn.Module, optimizer, balancer) -> None:
                          "its per-expert state, so its rows are not in any known order")
 
 
-def _state_fault(model, optimizer, balancer, state: Any, template: dict | None, strict: bool) -> str:
-    """Why ``state`` cannot be loaded ("" if it can); no communication besides the model's
-    state dict (which every rank builds, fault or not)."""
-    expected_model = get_model_state_dict(model)
-    if not isinstance(state, dict):
-        return f"a checkpoint state must be a dict with 'model', 'optimizer', 'balancer', got {type(state).__name__}"
-    needed = ["model", "balancer"] + (["optimizer"] if optimizer is not None else [])
-    for key in needed:
-        if key not in state:
-            return f"key {key!r} is missing from the checkpoint"
-    for key in state:
-        if key not in needed and (strict or key != "optimizer"):
-            return f"key {key!r} of the checkpoint is unexpected" + (
-                " (no optimizer was given; strict=False ignores it)" if key == "optimizer" else "")
-    fault = _model_fault(expected_model, state["model"], strict)
-    if not fault and optimizer is not None:
-        fault = _optimizer_fault(template, state["optimizer"], _expert_fqns(optimizer, balancer, template))
-    if fault:
-        return fault
-    bal = state["balancer"]
-    if isinstance(bal, bytes):
-        try:
-            bal = _decode(bal)
-        except Exception as exc:  # noqa: BLE001 - reported as the fault
-            return f"key 'balancer' holds bytes that are not a balancer state: {type(exc).__name__}: {exc}"
-    return balancer_state_fault(balancer, bal, strict)
-
-
-def _model_fault(expected: dict, saved: Any, strict: bool) -> str:
-    if not isinstance(saved, dict):
-        return f"key 'model' must be a model state_dict (a dict), got {type(saved).__name__}"
-    for key, value in expected.items():
-        if key not in saved:
-            if strict:
-                return f"model key {key!r} is missing from the checkpoint"
-            continue
-        got = saved[key]
-        if isinstance(value, torch.Tensor):
-            if not isinstance(got, torch.Tensor):
-                return f"model key {key!r} is a {type(got).__name__} in the checkpoint, not a tensor"
-            if tuple(got.shape) != tuple(value.shape):
-                return (f"model key {key!r} has shape {tuple(got.shape)} in the checkpoint, {tuple(value.shape)} "
-                        f"in this model")
-    if strict:
-        for key in saved:
-            if key not in expected:
-                return f"model key {key!r} of the checkpoint is not in this model (a checkpoint from another model?)"
-    return ""
-
-
-def _optimizer_fault(template: dict, saved: Any, experts: dict[str, nn.Parameter]) -> str:
-    if not isinstance(saved, dict) or set(saved) != {"state", "param_groups"}:
-        return "key 'optimizer' must be an optimizer state dict by parameter name ({'state', 'param_groups'})"
-    groups, want = saved["param_groups"], template["param_groups"]
-    if not isinstance(groups, list) or len(groups) != len(want):
-        n = len(groups) if isinstance(groups, list) else type(groups).__name__
-        return f"optimizer key 'param_groups': the checkpoint has {n} groups, this optimizer {len(want)}"
-    for i, (group, mine) in enumerate(zip(groups, want)):
-        names = group.get("params") if isinstance(group, dict) else None
-        if not isinstance(names, list):
-            return f"optimizer key 'param_groups'[{i}] has no list of parameter names"
-        extra = [n for n in names if n not in mine["params"]]
-        missing = [n for n in mine["params"] if n not in names]
-        if extra or missing:
-            return (f"optimizer key 'param_groups'[{i}]: parameter {extra[0]!r} of the checkpoint is not in this "
-                    f"optimizer" if extra else f"optimizer key 'param_groups'[{i}]: this optimizer's parameter "
-                    f"{missing[0]!r} is not in the checkpoint")
-    if not isinstance(saved["state"], dict):
-        return f"optimizer key 'state' must be a dict by parameter name, got {type(saved['state']).__name__}"
-    for fqn, entry in saved["state"].items():
-        if fqn not in template["state"]:
-            return f"optimizer state key {fqn!r} is not a parameter of this optimizer"
-        if not isinstance(entry, dict):
-            return f"optimizer state key {fqn!r} must be a dict of state tensors, got {type(entry).__name__}"
-        param = experts.get(fqn)
-        for key, value in entry.items() if param is not None else ():
-            if not _per_expert(value):
-                continue
-            if tuple(value.shape) != tuple(param.shape):
-                return (f"optimizer state key '{fqn}.{key}' has shape {tuple(value.shape)}, its parameter "
-                        f"{tuple(param.shape)}: only per-expert state shaped like its parameter can be reordered")
-            if _is_dtensor(value) and (not _is_dtensor(param) or value.device_mesh != param.device_mesh
-                                       or tuple(value.placements) != tuple(param.placements)):
-                return (f"optimizer state key '{fqn}.{key}' is a DTensor with another mesh or placements than its "
-                        f"parameter: load DCP checkpoints into get_state(..., full=False) of these objects")
-    return ""
-
-
 # ---------------------------------------------------------------------------------- reordering
-def _expert_fqns(optimizer, balancer, osd: dict) -> dict[str, nn.Parameter]:
-    """Name -> parameter of every expert weight the optimizer holds, named as in ``osd`` (torch's
-    FQN-keyed optimizer state dict lists each group's names in its parameters' order)."""
-    experts = {id(getattr(layer.experts, n)) for layer in balancer.layers for n in _EXPERT_PARAMS}
-    out = {}
-    for group, names in zip(optimizer.param_groups, (g["params"] for g in osd["param_groups"])):
-        for p, fqn in zip(group["params"], names):
-            if id(p) in experts:
-                out[fqn] = p
-    return out
-
-
 def _reorder_optimizer_state(osd: dict, experts: dict[str, nn.Parameter], balancer, *, to_logical: bool,
                              placement: Placement) -> dict:
     """``osd`` with the per-expert state of every parameter in ``experts`` (name -> parameter)
@@ -380,16 +219,20 @@ def _reorder_optimizer_state(osd: dict, experts: dict[str, nn.Parameter], balanc
     logical-order state (rank r: experts ``r*H ..``), moved by an all-to-all
     (:func:`migrate_experts` between ``placement`` and the contiguous placement)."""
     osd = {**osd, "state": {fqn: dict(entry) for fqn, entry in osd["state"].items()}}
-    layer_of = {id(getattr(layer.experts, n)): l for l, layer in enumerate(balancer.layers) for n in _EXPERT_PARAMS}
+    layer_of = {id(getattr(layer.experts, n)): l for l, layer in enumerate(balancer.layers) for n in EXPERT_PARAMS}
     sharded: list[tuple[dict, str, nn.Parameter, int, int]] = []  # (entry, key, param, layer, index)
     per_layer: list[list[torch.Tensor]] = [[] for _ in balancer.layers]  # local rows, moved in place
     for fqn, param in experts.items():
         entry = osd["state"].get(fqn, {})
         home_E = placement.home_experts[layer_of[id(param)]]
         for key, value in list(entry.items()):
-            if not _per_expert(value):
+            if not per_expert(value):
                 continue
-            if _is_dtensor(value):
+            if tuple(value.shape) != tuple(param.shape):  # the same on every rank, before any collective
+                raise ValueError(f"optimizer state '{fqn}.{key}' has shape {tuple(value.shape)}, its parameter "
+                                 f"{tuple(param.shape)}: only per-expert state shaped like its parameter can be "
+                                 f"put in logical expert order")
+            if is_dtensor(value):
                 rows = per_layer[layer_of[id(param)]]
                 sharded.append((entry, key, param, layer_of[id(param)], len(rows)))
                 rows.append(value.to_local().detach().clone())
@@ -397,7 +240,7 @@ def _reorder_optimizer_state(osd: dict, experts: dict[str, nn.Parameter], balanc
                 logical = torch.empty_like(value)
                 logical[home_E.to(value.device)] = value
                 entry[key] = logical
-            elif _is_dtensor(param):  # a whole logical tensor for a sharded parameter
+            elif is_dtensor(param):  # a whole logical tensor for a sharded parameter
                 from torch.distributed.tensor import distribute_tensor
 
                 entry[key] = distribute_tensor(value[home_E.to(value.device)], param.device_mesh, param.placements,
@@ -419,23 +262,15 @@ def _reorder_optimizer_state(osd: dict, experts: dict[str, nn.Parameter], balanc
 
 
 # ---------------------------------------------------------------------------------- helpers
-def _per_expert(value: Any) -> bool:
-    """A state tensor with one row per expert (not AdamW's 0-dim ``step``)."""
-    return isinstance(value, torch.Tensor) and value.dim() > 0
-
-
-def _is_dtensor(t: Any) -> bool:
-    return hasattr(t, "device_mesh") and hasattr(t, "to_local")
-
-
-def _encode(obj: Any) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
-def _decode(payload: bytes) -> Any:
-    return torch.load(io.BytesIO(payload), weights_only=True)
+def _copied(obj: Any) -> Any:
+    """``obj`` (nested dicts, lists, tuples) with every tensor cloned."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _copied(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_copied(v) for v in obj)
+    return obj
 
 
 def _broadcast_bytes(payload: bytes, group) -> bytes:

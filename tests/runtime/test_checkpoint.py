@@ -321,6 +321,10 @@ def _bad_checkpoints(rank, mesh, tmp) -> dict:
         out[case] = _outcome(set_state, model, opt, bal, state)
         out[case + " unchanged"] = (max_err(_snapshot(model, opt), before) == 0.0
                                     and bal.placement.equal(placement) and bal.steps_planned == steps)
+    # DCP fills get_state's copies, so a load that set_state then refuses (another policy) changes nothing
+    out["dcp_policy"] = _outcome(_load, model, opt, bal, f"{tmp}/static-C-dcp", "dcp")
+    out["dcp_policy unchanged"] = (max_err(_snapshot(model, opt), before) == 0.0
+                                   and bal.placement.equal(placement) and bal.steps_planned == steps)
     one = copy.deepcopy(good["balancer"])  # Balancer.load_state_dict on its own: one MoE layer
     one["layers"], one["placement"] = one["layers"][:1], one["placement"][:1]
     out["balancer_layers"] = _outcome(bal.load_state_dict, one)
@@ -408,6 +412,7 @@ def test_bad_checkpoints_fail_on_every_rank_and_change_nothing(matrix):
         "layer_names": ("balancer state key 'layers': MoE layer 0 is 'blocks.0.moe' in the checkpoint, 'moe1'",),
         "not_a_dict": ("a checkpoint state must be a dict", "got list"),
         "balancer_layers": ("Balancer.load_state_dict", "balancer state key 'layers'", "['moe1']"),
+        "dcp_policy": ("set_state", "balancer state key 'policy': the checkpoint was saved by policy 'static'",),
     }
     for case, needles in expect.items():
         outcomes = {r["bad"][case] for r in world2}
