@@ -450,3 +450,21 @@ def test_one_process_checkpoint_round_trip_and_bad_input(tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
     with pytest.raises(ValueError, match="the optimizer is not the Balancer's"):
         get_state(model, torch.optim.AdamW(model.parameters()), bal)
+
+
+def test_the_docs_example_runs_and_restores_exactly(tmp_path, monkeypatch):
+    """docs/checkpoints.md's runnable example, as written: both loads restore the saved state."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "checkpoints.md").read_text()
+    example = re.findall(r"```python\n(.*?)```", doc, flags=re.S)[0]
+    monkeypatch.setattr("tempfile.mkdtemp", lambda: str(tmp_path))
+    namespace: dict = {}
+    with _one_thread():
+        exec(compile(example, "docs/checkpoints.md", "exec"), namespace)
+    saved = _snapshot(namespace["model"], namespace["opt"])
+    for suffix in ("2", "3"):
+        assert max_err(_snapshot(namespace["model" + suffix], namespace["opt" + suffix]), saved) == 0.0
+        assert namespace["balancer" + suffix].placement.equal(namespace["balancer"].placement)
+        assert namespace["balancer" + suffix].steps_planned == 2
