@@ -99,7 +99,7 @@ class Balancer:
                  replica_min_gain: float = 0.05, edp_mesh=None) -> None:
         named = [(n, m) for n, m in model.named_modules() if isinstance(m, ReLibraMoE)]
         self.layers: list[ReLibraMoE] = [m for _, m in named]
-        self._layer_names = [n or "<model>" for n, _ in named]
+        self.layer_names = [n or "<model>" for n, _ in named]  # module names, "<model>" for the root
         if not self.layers:
             raise ValueError("model holds no ReLibraMoE layer")
         first = self.layers[0]
@@ -148,11 +148,6 @@ class Balancer:
         """Current placement ``[L, E]`` (rows of every layer)."""
         return Placement(torch.stack([layer.home_experts_K for layer in self.layers]))
 
-    @property
-    def layer_names(self) -> list[str]:
-        """Module names of the MoE layers, in layer order (``"<model>"`` for the model itself)."""
-        return list(self._layer_names)
-
     # ------------------------------------------------------------------ collectives
     @property
     def world(self) -> int:
@@ -184,7 +179,7 @@ class Balancer:
         for l, layer in enumerate(self.layers):
             for name in ("gate_up_proj", "down_proj"):
                 if id(getattr(layer.experts, name)) not in held:
-                    return (f"the optimizer does not hold MoE layer {l} ({self._layer_names[l]}) "
+                    return (f"the optimizer does not hold MoE layer {l} ({self.layer_names[l]}) "
                             f"experts.{name}; a reorder would move its weights but not its optimizer "
                             f"state (build the optimizer from the model's parameters after wrapping)")
         return ""
@@ -322,65 +317,38 @@ class Balancer:
         """Move the experts (weights, grads, optimizer state) to ``new``, then switch every layer
         to it. Returns the migration's report (None in one process or when nothing moves); a
         failed migration raises on every rank with nothing changed."""
-        old = self.placement
+        from .migration import migrate_experts, permute_experts
+
+        old, migration = self.placement, None
         if new.equal(old):
             return None
-        if self.group is None:  # single process: a local permutation
-            migration = self._permute_local(old, new)
+        tensors = [[layer.experts.gate_up_proj, layer.experts.down_proj] for layer in self.layers]
+        if self.group is None:
+            permute_experts(tensors, self.optimizer, old, new)
         else:
-            from .migration import migrate_experts
-
-            tensors = [[layer.experts.gate_up_proj, layer.experts.down_proj] for layer in self.layers]
             migration = migrate_experts(tensors, self.optimizer, old, new, self.topology,
                                         group=self.group, agree_group=self.edp_group)
         for l, layer in enumerate(self.layers):
             layer._set_home_experts(new.home_experts[l])
         return migration
 
-    @torch.no_grad()
-    def _permute_local(self, old: Placement, new: Placement) -> None:
-        """Single process: reorder expert rows (and grads / optimizer state) to ``new``."""
-        old_slot = old.home_slot()
-        for l, layer in enumerate(self.layers):
-            rows = old_slot[l][new.home_experts[l]]
-            for p in (layer.experts.gate_up_proj, layer.experts.down_proj):
-                ts = [p] + ([p.grad] if p.grad is not None else [])
-                if self.optimizer is not None:
-                    ts += [v for v in self.optimizer.state.get(p, {}).values()
-                           if isinstance(v, torch.Tensor) and v.dim() > 0]
-                for x in ts:
-                    x.copy_(x[rows])
-        return None
-
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        """The Balancer's part of a checkpoint; collective over the EP (and EDP) group.
-
-        ``{"version": 1, "policy": name, "policy_state": dict, "placement": [L, E] int64,
-        "topology": its fields, "layers": MoE layer names, "top_k": K, "steps_planned": int}``:
-        plain tensors, numbers and strings (``torch.load(weights_only=True)`` reads it), the
-        same on every rank. ``policy_state`` is the policy's ``state_dict()`` on the rank that
-        plans (``{}`` if it has none). Weights and optimizer state are the model's and the
-        optimizer's, in logical expert order: see :mod:`relibra.runtime.checkpoint`.
-        """
+        """The Balancer's part of a checkpoint, the same on every rank (collective): ``version``,
+        ``policy``, ``policy_state`` (the planning rank's), ``placement [L, E]``, ``topology``,
+        ``layers``, ``top_k``, ``steps_planned``; plain data (docs/checkpoints.md)."""
         from .checkpoint import planner_policy_state
 
         return {"version": 1, "policy": self.policy_name, "policy_state": planner_policy_state(self),
                 "placement": self.placement.home_experts.clone(), "topology": dict(vars(self.topology)),
-                "layers": self.layer_names, "top_k": self.K, "steps_planned": self.steps_planned}
+                "layers": list(self.layer_names), "top_k": self.K, "steps_planned": self.steps_planned}
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
-        """Restore :meth:`state_dict`'s output; collective over the EP (and EDP) group.
-
-        Everything is checked first (keys, layers, experts, a placement that validates, the
-        policy's state), the verdict agreed, and a fault raises the same ValueError naming the
-        key on every rank with nothing changed. Then: when the checkpoint's topology has this
-        one's nodes, GPUs per node and experts, the experts (weights, grads, optimizer state)
-        move to the saved placement (a migration: all or nothing); the policy's state is
-        restored when the checkpoint was saved by the same policy (another policy is an error
-        with ``strict``, else it starts fresh); and the step count. No plan is installed
-        afterwards: call :meth:`plan_step`.
-        """
+        """Restore :meth:`state_dict`'s output (collective). Checked first: a fault raises the same
+        ValueError naming the key on every rank, nothing changed. Then the experts move to the
+        saved placement if the topology is this one's, the policy's state is restored if it is
+        the same policy (another: an error with ``strict``, else it starts fresh), and the step
+        count. No plan is installed afterwards (docs/checkpoints.md)."""
         from .checkpoint import agree_fault, restored_placement
         from .checkpoint_checks import balancer_state_fault
 

@@ -56,7 +56,7 @@ from .checksums import checksums, first_mismatch, hash_weights
 from .comm import all_gather_text, all_reduce_, comm_device, first_error
 from .pieces import Piece, collect_pieces
 
-__all__ = ["Move", "MigrationError", "MigrationReport", "plan_moves", "migrate_experts"]
+__all__ = ["Move", "MigrationError", "MigrationReport", "plan_moves", "migrate_experts", "permute_experts"]
 
 
 class Move(NamedTuple):
@@ -388,3 +388,22 @@ def migrate_experts(
     _stage_and_commit(pieces_by_layer, moves, exchange.received, old, new, topology, rank)
     return MigrationReport(n_transfers, n_local, exchange.bytes_sent, exchange.bytes_received,
                            time.perf_counter() - t0, moves)
+
+
+@torch.no_grad()
+def permute_experts(tensors_by_layer: Sequence[Sequence[torch.Tensor]], optimizer: torch.optim.Optimizer | None,
+                    old: Placement, new: Placement) -> None:
+    """One process (every expert local): reorder rows, grads and optimizer state from ``old``'s
+    slot order to ``new``'s, in place; :func:`migrate_experts`' single-process counterpart.
+
+    ``tensors_by_layer``: per layer, plain per-expert tensors ``[E, ...]`` in ``old``'s order.
+    """
+    old_slot = old.home_slot()
+    for l, params in enumerate(tensors_by_layer):
+        rows = old_slot[l][new.home_experts[l]]
+        for p in params:
+            ts = [p] + ([p.grad] if p.grad is not None else [])
+            if optimizer is not None:
+                ts += [v for v in optimizer.state.get(p, {}).values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+            for x in ts:
+                x.copy_(x[rows])
