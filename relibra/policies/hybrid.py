@@ -49,3 +49,15 @@ class HybridPolicy:
     def replan(self, loads: torch.Tensor, placement: Placement, topology: Topology) -> Plan:
         """Replicas and split of ``loads`` on a placement chosen elsewhere (see the contract)."""
         return replicate_on(loads, placement, topology, policy="hybrid")
+
+    def state_dict(self) -> dict:
+        """``{"reorder": ...}``: the reorder stage's state (:meth:`ReorderPolicy.state_dict`);
+        the replicas are planned afresh every micro-batch and keep none."""
+        return {"reorder": self.reorder.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output (ValueError naming the key, policy unchanged)."""
+        if not isinstance(state, dict) or set(state) != {"reorder"}:
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"hybrid state must be a dict with the one key 'reorder', got {got}")
+        self.reorder.load_state_dict(state["reorder"])

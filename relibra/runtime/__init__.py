@@ -5,6 +5,8 @@
 - :mod:`.dispatch`: token copies -> physical slots -> all-to-all -> grouped GEMM -> back;
 - :mod:`.replicas`: spare slots fetch replica weights, their gradients go home;
 - :mod:`.migration`: moves home experts (weights, gradients, optimizer state) transactionally;
+- :mod:`.checkpoint`: checkpoints of model, optimizer and Balancer in logical expert order, plain
+  or DCP, that load into any placement and world (its checks in :mod:`.checkpoint_checks`);
 - :mod:`.balancer`: :class:`Balancer`, the training-loop face (plan per step, migrate,
   replicas per micro-batch);
 - :mod:`.fsdp`: FSDP2 composition (expert data parallel x expert parallel);

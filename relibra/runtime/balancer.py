@@ -99,7 +99,7 @@ class Balancer:
                  replica_min_gain: float = 0.05, edp_mesh=None) -> None:
         named = [(n, m) for n, m in model.named_modules() if isinstance(m, ReLibraMoE)]
         self.layers: list[ReLibraMoE] = [m for _, m in named]
-        self._layer_names = [n or "<model>" for n, _ in named]
+        self.layer_names = [n or "<model>" for n, _ in named]  # module names, "<model>" for the root
         if not self.layers:
             raise ValueError("model holds no ReLibraMoE layer")
         first = self.layers[0]
@@ -137,6 +137,7 @@ class Balancer:
             layer.set_topology(self.topology)
             layer.moe_layer_index = i
         self.plan: Plan | None = None
+        self.steps_planned = 0  # successful plan_step calls (restored by load_state_dict)
         self._routes: list[torch.Tensor] | None = None
         self._offsets_MLE: torch.Tensor | None = None
         self._metrics: dict = {}
@@ -178,7 +179,7 @@ class Balancer:
         for l, layer in enumerate(self.layers):
             for name in ("gate_up_proj", "down_proj"):
                 if id(getattr(layer.experts, name)) not in held:
-                    return (f"the optimizer does not hold MoE layer {l} ({self._layer_names[l]}) "
+                    return (f"the optimizer does not hold MoE layer {l} ({self.layer_names[l]}) "
                             f"experts.{name}; a reorder would move its weights but not its optimizer "
                             f"state (build the optimizer from the model's parameters after wrapping)")
         return ""
@@ -240,20 +241,9 @@ class Balancer:
                     error, failure, plan = _failure_text(f"policy {self.policy_name!r}", exc), exc, None
             t_plan = time.perf_counter() - tp
         plan = self._share_plan(plan, error, failure, M, t_plan)
-        old = self.placement
-        migration = None
-        if not plan.placement.equal(old):
-            from .migration import migrate_experts
-
-            tensors = [[layer.experts.gate_up_proj, layer.experts.down_proj] for layer in self.layers]
-            if self.group is None:  # single process: a local permutation
-                migration = self._permute_local(old, plan.placement)
-            else:
-                migration = migrate_experts(tensors, self.optimizer, old, plan.placement, self.topology,
-                                            group=self.group, agree_group=self.edp_group)
-            for l, layer in enumerate(self.layers):
-                layer._set_home_experts(plan.placement.home_experts[l])
+        migration = self._adopt_placement(plan.placement)
         self.plan, self._routes = plan, routes
+        self.steps_planned += 1
         for layer in self.layers:
             layer.realised_rows = {}
         self._offsets_MLE = (source_GMLE.cumsum(0) - source_GMLE)[self.rank]
@@ -323,20 +313,53 @@ class Balancer:
                     sp.view(M, self.L, t.num_spare_slots).clone(), st.view(M, self.L, t.num_physical_slots).clone(),
                     bool(head[1]), self.policy_name)
 
-    @torch.no_grad()
-    def _permute_local(self, old: Placement, new: Placement) -> None:
-        """Single process: reorder expert rows (and grads / optimizer state) to ``new``."""
-        old_slot = old.home_slot()
+    def _adopt_placement(self, new: Placement):
+        """Move the experts (weights, grads, optimizer state) to ``new``, then switch every layer
+        to it. Returns the migration's report (None in one process or when nothing moves); a
+        failed migration raises on every rank with nothing changed."""
+        from .migration import migrate_experts, permute_experts
+
+        old, migration = self.placement, None
+        if new.equal(old):
+            return None
+        tensors = [[layer.experts.gate_up_proj, layer.experts.down_proj] for layer in self.layers]
+        if self.group is None:
+            permute_experts(tensors, self.optimizer, old, new)
+        else:
+            migration = migrate_experts(tensors, self.optimizer, old, new, self.topology,
+                                        group=self.group, agree_group=self.edp_group)
         for l, layer in enumerate(self.layers):
-            rows = old_slot[l][new.home_experts[l]]
-            for p in (layer.experts.gate_up_proj, layer.experts.down_proj):
-                ts = [p] + ([p.grad] if p.grad is not None else [])
-                if self.optimizer is not None:
-                    ts += [v for v in self.optimizer.state.get(p, {}).values()
-                           if isinstance(v, torch.Tensor) and v.dim() > 0]
-                for x in ts:
-                    x.copy_(x[rows])
-        return None
+            layer._set_home_experts(new.home_experts[l])
+        return migration
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """The Balancer's part of a checkpoint, the same on every rank (collective): ``version``,
+        ``policy``, ``policy_state`` (the planning rank's), ``placement [L, E]``, ``topology``,
+        ``layers``, ``top_k``, ``steps_planned``; plain data (docs/checkpoints.md)."""
+        from .checkpoint import planner_policy_state
+
+        return {"version": 1, "policy": self.policy_name, "policy_state": planner_policy_state(self),
+                "placement": self.placement.home_experts.clone(), "topology": dict(vars(self.topology)),
+                "layers": list(self.layer_names), "top_k": self.K, "steps_planned": self.steps_planned}
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        """Restore :meth:`state_dict`'s output (collective). Checked first: a fault raises the same
+        ValueError naming the key on every rank, nothing changed. Then the experts move to the
+        saved placement if the topology is this one's, the policy's state is restored if it is
+        the same policy (another: an error with ``strict``, else it starts fresh), and the step
+        count. No plan is installed afterwards (docs/checkpoints.md)."""
+        from .checkpoint import agree_fault, restored_placement
+        from .checkpoint_checks import balancer_state_fault
+
+        agree_fault(self, balancer_state_fault(self, state, strict), "Balancer.load_state_dict")
+        placement = restored_placement(self, state)
+        if placement is not None:
+            self._adopt_placement(placement)
+        if state["policy"] == self.policy_name and hasattr(self.policy, "load_state_dict"):
+            self.policy.load_state_dict(state["policy_state"])
+        self.steps_planned = int(state["steps_planned"])
+        self.plan, self._routes, self._offsets_MLE, self._metrics = None, None, None, {}
 
     # ------------------------------------------------------------------ micro-batches
     @contextlib.contextmanager
