@@ -192,13 +192,27 @@ def swap_moe_blocks(
     Raises:
         ValueError naming the block when a block cannot be reproduced exactly; nothing is
         swapped then (all blocks are built before any is installed).
+
+    The swapped gates hand transformers their router logits when a forward asks for them
+    (``output_router_logits=True``), so the aux loss is the unswapped model's
+    (:mod:`relibra.integrations.router_logits`). With a ``mesh``, the expert parameters are
+    sharded DTensors: wrap the model for data parallelism with
+    :func:`relibra.integrations.ddp.wrap_ddp` (or FSDP2, :mod:`relibra.runtime.fsdp`), not with a
+    bare ``DistributedDataParallel`` (which refuses it, saying so).
     """
+    from .router_logits import record_router_logits
+
     blocks = [b for b in find_moe_blocks(model) if families is None or b[2] in families]
     built = [(name, old, _build(old, fam, name, mesh, dict(opts))) for name, old, fam in blocks]
+    record_router_logits(model, [(name, old, new, fam) for (name, old, new), (_, _, fam) in zip(built, blocks)])
     for name, old, new in built:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)
         if on_swap is not None:
             on_swap(name, old, new)
+    if mesh is not None:
+        from .ddp import guard_bare_ddp
+
+        guard_bare_ddp(model)
     return [name for name, _, _ in built]
