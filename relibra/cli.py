@@ -12,7 +12,7 @@ import json
 import sys
 from typing import Any
 
-__all__ = ["main", "bench", "plot_bench"]
+__all__ = ["main", "bench", "plot_bench", "check_policy_names"]
 
 _COLUMNS = (("step_time_s", "step s", "{:.2f}"), ("tokens_per_s", "tok/s", "{:,.0f}"),
             ("speedup_vs_static", "x static", "{:.2f}"), ("speedup_vs_eplb_oracle", "x eplb-or", "{:.2f}"),
@@ -69,6 +69,27 @@ def parse_options(items: list[str], policies: list[str]) -> dict[str, dict[str, 
     return out
 
 
+def check_policy_names(text: str) -> list[str]:
+    """The bench rows of ``--policies`` (comma-separated); ValueError for a name that is neither a
+    bench row (``relibra.sim.simulate.DEFAULT_POLICIES``) nor a registered policy, with the
+    closest known names as a suggestion."""
+    import difflib
+
+    from .registry import available_policies
+    from .sim.simulate import DEFAULT_POLICIES
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"--policies names no policy: {text!r}")
+    known = list(dict.fromkeys([*DEFAULT_POLICIES, *available_policies()]))
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+            raise ValueError(f"--policies: unknown policy {name!r}; {hint}known: {', '.join(known)}")
+    return names
+
+
 def _table(results: dict[str, Any]) -> str:
     head = ["policy"] + [c[1] for c in _COLUMNS]
     rows = [head]
@@ -95,6 +116,7 @@ def bench(args: argparse.Namespace) -> int:
     from .sim.simulate import gap_breakdown, simulate
     from .sim.traces import default_trace_path, load_trace_file
 
+    names = check_policy_names(args.policies)  # before any work: a typo is not a skipped row
     cfg = make_config(args.preset, args.cluster, _parse_sets(args.set))
     loads, top_k, meta = load_trace_file(args.trace or default_trace_path())
     if top_k != cfg.top_k:
@@ -106,7 +128,6 @@ def bench(args: argparse.Namespace) -> int:
     if loads.shape[2] != cfg.num_moe_layers:
         cfg = make_config(args.preset, args.cluster, {**_parse_sets(args.set), "num_moe_layers": loads.shape[2]})
     topology = cfg.topology(args.nodes, args.gpus_per_node, args.spare_slots)
-    names = [n.strip() for n in args.policies.split(",") if n.strip()]
     options = parse_options(args.option, names)
     bar = None
     try:
@@ -235,9 +256,11 @@ def _launch(argv: list[str]) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
     from .sim.simulate import DEFAULT_POLICIES
 
     ap = argparse.ArgumentParser(prog="relibra", description="Expert load balancing for RL training of MoE models.")
+    ap.add_argument("--version", action="version", version=f"relibra {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="compare balancing policies on a routing trace with the cost model")
     b.add_argument("--trace", default=None, help="trace .npz (loads [steps, M, L, E], top_k); default: embedded")
