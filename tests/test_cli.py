@@ -137,3 +137,25 @@ def test_version(capsys):
         main(["--version"])
     assert exc.value.code == 0
     assert capsys.readouterr().out.strip() == f"relibra {relibra.__version__}"
+
+
+def test_bench_plot_data_relative_loads_and_time_parts(small_trace):
+    from relibra.cli import TIME_PARTS, relative_gpu_loads, time_breakdown
+    from relibra.sim.cost import make_config
+    from relibra.sim.simulate import simulate
+    from relibra.sim.traces import load_trace_file
+
+    loads, _, _ = load_trace_file(small_trace)
+    cfg = make_config("qwen3-30b-a3b", "h100", {"num_moe_layers": 3})
+    results = simulate(loads, cfg.topology(2, 4, 1), cfg, ["static", "hybrid", "ideal"])
+    rel = relative_gpu_loads(results)
+    assert sorted(rel) == ["hybrid", "static"]  # ideal is the flat reference, not drawn
+    for r in rel.values():
+        assert r.shape == (3, 8)
+        np.testing.assert_allclose(r.mean(axis=1), 1.0)  # relative to each layer's mean: one scale for all
+    assert rel["hybrid"].max() < rel["static"].max()  # balance is visible on that scale
+    parts = time_breakdown(results)
+    for name, r in results.items():
+        assert list(parts[name]) == [label for _, label in TIME_PARTS]
+        assert sum(parts[name].values()) == pytest.approx(r.step_time_s)  # the parts make up the step
+    assert parts["static"]["migration"] == 0.0 and parts["static"]["replicas"] == 0.0
