@@ -11,12 +11,12 @@ causal-LM head then computes the load-balancing (aux) loss from that tuple.
 After :func:`relibra.integrations.transformers.swap_moe_blocks` the gate is relibra's
 :class:`relibra.runtime.router.Router` (it returns ``(ids, weights)``), so transformers' hooks
 find nothing and the aux loss fails. :func:`record_router_logits` puts a forward hook on each
-swapped gate that, only while transformers collects that key, appends the logits exactly as the
-original router computed them (``F.linear(x_TD, weight)``, in float32 for DeepSeek-V3) from the
-gate's live input. So the aux loss and its gradients are those of the unswapped model, also
-while routes are replayed (replay changes the chosen experts, never the router's scores). The
-logits are recomputed by the hook (one ``[T, D] x [D, E]`` matmul per layer, only when router
-logits are requested) because relibra's router does not return them.
+swapped gate's ``logits_tap`` (an identity on the router's own ``[T, E]`` logits) that, only
+while transformers collects that key, appends those logits (in float32 for DeepSeek-V3, as its
+router computes them). So the aux loss and its gradients are those of the unswapped model, also
+while routes are replayed (replay changes the chosen experts, never the router's scores), with
+no extra compute and nothing extra saved for backward (activation checkpointing recomputes the
+same tensors).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch.nn as nn
-import torch.nn.functional as F
 
 __all__ = ["router_output_keys", "record_router_logits"]
 
@@ -103,25 +102,21 @@ def record_router_logits(model: nn.Module, swapped: list[tuple[str, nn.Module, n
                 raise ValueError(f"{name}: transformers records output {index} of {type(old.gate).__name__} as "
                                  f"{key!r}; relibra's gate can hand it only the router logits (output 0)")
         if keys:
-            plans.append((new.gate, sorted(keys), family in _FLOAT32_LOGITS))
+            plans.append((new.gate.logits_tap, sorted(keys), family in _FLOAT32_LOGITS))
     if not plans:
         return
     active = _collector()
-    for gate, keys, float32 in plans:
-        gate.register_forward_hook(_logits_hook(active, keys, float32))
+    for tap, keys, float32 in plans:
+        tap.register_forward_hook(_logits_hook(active, keys, float32))
 
 
 def _logits_hook(active: Callable[[], Any], keys: list[str], float32: bool):
-    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+    def hook(module: nn.Module, args: tuple, logits_TE: Any) -> None:
         collected = active()
         if not collected:
             return
-        wanted = [k for k in keys if k in collected]
-        if not wanted:
-            return
-        x_TD = args[0].reshape(-1, module.weight.shape[1])
-        logits_TE = F.linear(x_TD.float(), module.weight.float()) if float32 else F.linear(x_TD, module.weight)
-        for key in wanted:
-            collected[key].append(logits_TE)
+        for key in keys:
+            if key in collected:
+                collected[key].append(logits_TE.float() if float32 else logits_TE)
 
     return hook

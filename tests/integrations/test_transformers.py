@@ -204,3 +204,17 @@ def test_aux_loss_under_replayed_routes_comes_from_the_live_router(family):
     out_other, _ = _aux_run(swapped, ids, other)
     torch.testing.assert_close(out_other.router_logits[0], out_ref.router_logits[0], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(out_other.logits, out_ref.logits)  # the replayed routes were used
+
+
+def test_aux_loss_under_activation_checkpointing():
+    torch.manual_seed(0)
+    ref = _qwen3(**AUX).float().train()
+    swapped = copy.deepcopy(ref)
+    names = swap_moe_blocks(swapped)
+    for model in (ref, swapped):  # the recompute must save what the forward saved
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    ids = torch.randint(0, 64, (2, 7))
+    out_ref, g_ref = _aux_run(ref, ids)
+    out_new, g_new = _aux_run(swapped, ids)
+    torch.testing.assert_close(out_new.aux_loss, out_ref.aux_loss, rtol=1e-6, atol=1e-7)
+    _assert_same_grads(g_new, g_ref, names)
