@@ -100,7 +100,8 @@ def prepare(accelerator: Any, model: nn.Module, optimizer: torch.optim.Optimizer
     Swaps the sparse MoE blocks (:func:`relibra.integrations.transformers.swap_moe_blocks`) with
     experts sharded over :func:`build_mesh`'s mesh, re-points ``optimizer`` at the new parameters,
     keeps the expert parameters out of DDP (``_ddp_params_and_buffers_to_ignore``) and FSDP
-    (the plugin's ``ignored_modules``), scales their gradients by ``1 / world``, and builds the
+    (the plugin's ``ignored_modules``), scales their gradients by ``1 / world``, sets the dispatch
+    kernels' backend (``RELIBRA_KERNEL_BACKEND``) to ``plugin.kernel_backend``, and builds the
     Balancer with the plugin's policy. Returns None when ``plugin.enabled`` is false.
 
     Raises ValueError (before changing anything) for an already wrapped model, a model without
@@ -118,6 +119,9 @@ def prepare(accelerator: Any, model: nn.Module, optimizer: torch.optim.Optimizer
     if not find_moe_blocks(model):
         raise ValueError(f"relibra prepare: {type(model).__name__} has no sparse MoE block relibra can swap")
     mesh = build_mesh(accelerator, plugin)
+    from relibra.kernels import ENV_VAR as KERNEL_BACKEND_ENV
+
+    os.environ[KERNEL_BACKEND_ENV] = plugin.kernel_backend  # the dispatch kernels read it on every call
     old = dict(model.named_parameters())
     swap_moe_blocks(model, mesh, spare_slots_per_gpu=plugin.spare_slots_per_gpu)
     new = dict(model.named_parameters())

@@ -184,3 +184,23 @@ def test_launch_reports_bad_relibra_environment_variables_once(tmp_path, monkeyp
     clean_env.setenv("RELIBRA_SPARE_SLOTS_PER_GPU", "-1")
     assert main(["launch", "--config_file", _write(tmp_path / "a.yaml", ACCEL), "train.py"]) == 2
     assert "spare_slots_per_gpu" in capsys.readouterr().err
+
+
+def test_prepare_sets_the_kernel_backend_from_the_plugin(clean_env, tmp_path):
+    import types
+
+    import torch
+    transformers = pytest.importorskip("transformers")
+
+    from relibra.integrations.accelerate import prepare
+    from relibra.kernels import resolve_backend
+
+    cfg = transformers.Qwen3MoeConfig(vocab_size=32, hidden_size=16, intermediate_size=24, moe_intermediate_size=8,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                      num_experts=4, num_experts_per_tok=2, max_position_embeddings=32)
+    acc = types.SimpleNamespace(num_processes=1, device=torch.device("cpu"), torch_device_mesh=None, state=None)
+    clean_env.setenv("RELIBRA_CONFIG", _write(tmp_path / "r.yaml", {"kernel_backend": "triton"}))
+    clean_env.setenv("RELIBRA_KERNEL_BACKEND", "")  # unset for the plugin; prepare writes it
+    balancer = prepare(acc, transformers.Qwen3MoeForCausalLM(cfg), None, RelibraPlugin())
+    assert balancer is not None and os.environ["RELIBRA_KERNEL_BACKEND"] == "triton"
+    assert resolve_backend(None, torch.zeros(1)) == "triton"  # forced, where auto would pick the reference
