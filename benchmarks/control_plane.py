@@ -2,12 +2,14 @@
 
     python benchmarks/control_plane.py [--calls 200 --batches 5 --worlds 2 4]
 
-``ReLibraMoE.forward`` agrees its input verdict over the expert-parallel group with
-:func:`relibra.runtime.comm.first_error` (one all-reduce when no rank has an error), so a bad input on
-one rank raises on all. This prints, per world size (gloo ranks on this machine, a flat
-group), microseconds per call: ``first_error`` with no error (the cost every forward pays),
-with an error on the last rank (the all-reduce plus the text exchange), and a bare
-``all_reduce`` of one int64 for reference. Best batch of ``--calls`` calls, after a warm-up.
+``ReLibraMoE.forward`` agrees its input verdict and its position (phase, micro-batch, layer)
+over the expert-parallel group with :func:`relibra.runtime.comm.agree` (one all-reduce of two
+int64 when all is well), so a bad input or a rank out of step raises on all. This prints, per
+world size (gloo ranks on this machine, a flat group), microseconds per call: ``agree`` at one
+position key with no error (the cost every forward pays), with the last rank elsewhere (plus
+an all-gather of the keys), ``first_error`` with no error and with an error on the last rank
+(the all-reduce plus the text exchange), and a bare ``all_reduce`` of one int64 for reference.
+Best batch of ``--calls`` calls, after a warm-up.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from relibra.runtime.comm import first_error
+from relibra.runtime.comm import agree, first_error
 from relibra.testing import run_world
 
 
@@ -40,6 +42,9 @@ def _worker(rank, mesh, calls, batches):
     last = dist.get_world_size() - 1
     flag = torch.zeros(1, dtype=torch.int64)
     return {
+        "agree at one position, no error": _per_call(lambda: agree("", group, 12345), calls, batches),
+        "agree, last rank out of step": _per_call(
+            lambda: agree("", group, 12345 + (rank == last)), calls, batches),
         "first_error, no error": _per_call(lambda: first_error("", group), calls, batches),
         "first_error, error on one rank": _per_call(
             lambda: first_error("bad input" if rank == last else "", group), calls, batches),
@@ -58,11 +63,11 @@ def main() -> None:
         results = run_world(_worker, world_size=world, nodes=1, args=(args.calls, args.batches), timeout=300)
         for op in results[0]:
             rows.append((world, op, max(r[op] for r in results)))  # the slowest rank's figure
-    head = f"{'ranks':>5s}  {'operation':32s} {'us per call':>11s}"
+    head = f"{'ranks':>5s}  {'operation':38s} {'us per call':>11s}"
     print(head)
     print("-" * len(head))
     for world, op, us in rows:
-        print(f"{world:5d}  {op:32s} {us:11.0f}")
+        print(f"{world:5d}  {op:38s} {us:11.0f}")
 
 
 if __name__ == "__main__":

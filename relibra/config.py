@@ -18,6 +18,7 @@ Unknown keys, wrong types and bad values raise ValueError naming the key.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Literal, Mapping, Sequence, Union, get_args
@@ -104,8 +105,9 @@ def _validate(cfg: DictConfig) -> None:
     if topo.spare_slots_per_gpu < 0:
         raise ValueError(f"config key 'topology.spare_slots_per_gpu' must be >= 0, got {topo.spare_slots_per_gpu}")
     for name in ("intra_node_bandwidth", "inter_node_bandwidth"):
-        if not getattr(topo, name) > 0:
-            raise ValueError(f"config key 'topology.{name}' must be > 0 bytes/s, got {getattr(topo, name)}")
+        if not 0 < getattr(topo, name) < math.inf:
+            raise ValueError(f"config key 'topology.{name}' must be a finite number > 0 bytes/s, "
+                             f"got {getattr(topo, name)}")
     try:
         to_topology(cfg)
     except ValueError as exc:
@@ -115,7 +117,10 @@ def _validate(cfg: DictConfig) -> None:
         raise ValueError(f"config key 'kernel_backend' must be one of {list(backends)}, got {cfg.kernel_backend!r}")
     known = available_policies()
     if cfg.policy.name not in known:
-        raise ValueError(f"config key 'policy.name': unknown policy {cfg.policy.name!r}; available: {known}")
+        try:  # says why: unknown, or a plugin that failed to load
+            get_policy(cfg.policy.name)
+        except ValueError as exc:
+            raise ValueError(f"config key 'policy.name': {exc}") from None
     try:
         get_policy(cfg.policy.name, **_options(cfg))
     except (TypeError, ValueError) as exc:
@@ -141,10 +146,12 @@ def load_config(
             config carrying a ``relibra:`` section).
 
     Returns a typed, struct-mode ``DictConfig`` (setting an unknown key later raises too).
-    Raises FileNotFoundError for a missing file and ValueError naming the key for unknown
-    keys, wrong types, bad values, an unknown policy or options it does not take.
+    Raises FileNotFoundError for a missing file and ValueError naming the key (and the file)
+    for unknown keys, wrong types, bad values, interpolations (``${...}``) that do not resolve,
+    an unknown policy (or a plugin that failed to load) or options it does not take.
     """
     cfg = OmegaConf.structured(RelibraConfig)
+    source = "defaults"
     if path is not None:
         if isinstance(path, Mapping):
             source, data = "mapping", OmegaConf.create(dict(path))
@@ -175,6 +182,11 @@ def load_config(
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
         except OmegaConfBaseException as exc:
             raise _wrap(exc, "overrides") from None
+        source = "overrides" if path is None else f"{source} with overrides"
+    try:  # interpolations (${...}) resolve lazily: resolve every key now, naming the one that fails
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as exc:
+        raise _wrap(exc, source) from None
     _validate(cfg)
     return cfg
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from .topology import Topology
@@ -15,11 +16,19 @@ from .topology import Topology
 __all__ = ["as_loads", "slot_ranks", "even_slot_tokens", "interleave_slots"]
 
 
+_INT64_MAX = 2**63 - 1
+_SUM_BLOCK = 1 << 16  # entries per block of the exact running-sum check (bounded temporaries)
+
+
 def as_loads(loads: Any, name: str = "loads", ndim: int = 3) -> torch.Tensor:
     """Convert ``loads`` (tensor, ndarray or nested list) to an int64 CPU tensor, checking it.
 
     Raises ValueError naming ``name`` for a wrong rank, a float tensor holding NaN,
-    non-integral or negative values.
+    non-integral or negative values, and loads whose total exceeds int64 (naming the index
+    where the running total passes it). The bound is on the whole tensor, not per micro-batch
+    and layer: planners and the simulator add loads over experts, GPUs, nodes, micro-batches
+    (a step's placement) and steps, in int64. All loads are non-negative, so every such sum is
+    at most the total, and none of them can wrap around. Real totals are ~1e11 token copies.
     """
     if not isinstance(loads, torch.Tensor):
         try:
@@ -38,9 +47,29 @@ def as_loads(loads: Any, name: str = "loads", ndim: int = 3) -> torch.Tensor:
         if (loads != loads.round()).any():
             raise ValueError(f"{name} must hold integer token counts, got fractional values")
     loads = loads.detach().to(device="cpu", dtype=torch.int64)
-    if loads.numel() and int(loads.min()) < 0:
+    if not loads.numel():
+        return loads
+    low, high = (int(v) for v in torch.aminmax(loads))
+    if low < 0:
         idx = tuple(int(i) for i in (loads < 0).nonzero()[0])
         raise ValueError(f"{name} contains a negative load {int(loads[idx])} at index {idx}")
+    if high > _INT64_MAX // loads.numel():  # the total might not fit: find where it passes int64
+        flat = loads.reshape(-1)
+        total = 0
+        for start in range(0, flat.numel(), _SUM_BLOCK):
+            # exact running totals, split so no partial sum overflows:
+            # total + high_run * 2**32 + low_run with high < 2**31, low < 2**32
+            block = flat[start : start + _SUM_BLOCK]
+            high_run, low_run = (block >> 32).cumsum(0), (block & 0xFFFFFFFF).cumsum(0)
+            passes = high_run > (_INT64_MAX - total - low_run) >> 32
+            if bool(passes.any()):
+                first = start + int(passes.nonzero()[0])
+                idx = tuple(int(i) for i in np.unravel_index(first, tuple(loads.shape)))  # torch's imports sympy
+                raise ValueError(
+                    f"{name} add up to more than int64 holds (2**63 - 1): the running total passes it at index "
+                    f"{idx} (load {int(loads[idx])}); token counts this large would overflow per-GPU and per-step sums"
+                )
+            total += (int(high_run[-1]) << 32) + int(low_run[-1])
     return loads
 
 

@@ -13,6 +13,7 @@ slots (they hold the expert's weights and optimizer state), the next ``S`` are s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -66,8 +67,9 @@ class Topology:
             )
         for name in ("intra_node_bandwidth", "inter_node_bandwidth"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value > 0):
-                raise ValueError(f"Topology.{name} must be a positive number (bytes/s), got {value!r}")
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (number and value > 0 and (isinstance(value, int) or math.isfinite(value))):
+                raise ValueError(f"Topology.{name} must be a finite positive number (bytes/s), got {value!r}")
 
     # ----------------------------------------------------------------------- sizes
     @property

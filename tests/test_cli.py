@@ -1,6 +1,8 @@
 """relibra bench / launch through main(): JSON contract, table, errors."""
 
+import io
 import json
+import zipfile
 
 import numpy as np
 import pytest
@@ -54,6 +56,47 @@ def test_bench_errors(small_trace, capsys, tmp_path):
     assert main(["bench", "--trace", small_trace, "--preset", "qwen3-30b-a3b", "--nodes", "2",
                  "--set", "bogus=1"]) == 2
     assert "bogus" in capsys.readouterr().err
+
+
+def _npy(header: str, data: bytes) -> bytes:
+    """An .npy member with a forged header dict text."""
+    text = header.encode("latin1")
+    text += b" " * (-(10 + len(text) + 1) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text + data
+
+
+def _hostile_traces(directory, good: str) -> dict[str, str]:
+    """The trace files of issue 12: each used to end in a traceback (or a 16 GiB allocation)."""
+    top_k = io.BytesIO()
+    np.save(top_k, np.int64(8))
+    loads = io.BytesIO()
+    np.save(loads, np.zeros((2, 2, 3, 128), np.int64))
+    members = {
+        "bomb": _npy("{'descr': '|u1', 'fortran_order': False, 'shape': (17179869184,), }", bytes(2 << 20)),
+        "not_npy": b"loads,1,2,3\n",
+        "eight_tib": _npy("{'descr': '<i8', 'fortran_order': False, 'shape': (1024, 1024, 1024, 1024), }", bytes(64)),
+        "truncated": loads.getvalue()[:-100],
+    }
+    paths = {}
+    for name, member in members.items():
+        paths[name] = str(directory / f"{name}.npz")
+        with zipfile.ZipFile(paths[name], "w", zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr("loads" if name == "not_npy" else "loads.npy", member)
+            zf.writestr("top_k.npy", top_k.getvalue())
+    blob = bytearray(open(good, "rb").read())
+    blob[len(blob) // 3] ^= 0xFF  # inside the LZMA-compressed loads
+    paths["flipped"] = str(directory / "flipped.npz")
+    open(paths["flipped"], "wb").write(bytes(blob))
+    paths["directory"] = str(directory)
+    return paths
+
+
+def test_bench_hostile_trace_files_are_one_line_errors(small_trace, capsys, tmp_path):
+    for name, path in _hostile_traces(tmp_path, small_trace).items():
+        assert main(["bench", "--trace", path, "--preset", "qwen3-30b-a3b", "--policies", "static"]) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith(f"relibra bench: error: trace file {path!r}") and err.count("\n") == 1, (name, err)
+        assert "Traceback" not in err
 
 
 def test_bench_policy_options_recorded_and_applied(small_trace, capsys):

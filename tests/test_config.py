@@ -81,12 +81,14 @@ def test_mapping_input_and_build_policy():
         (["topology.num_nodes=0"], r"'topology.num_nodes' must be >= 1"),
         (["topology.gpus_per_node=-8"], r"'topology.gpus_per_node' must be >= 1"),
         (["topology.spare_slots_per_gpu=-1"], r"'topology.spare_slots_per_gpu' must be >= 0"),
-        (["topology.inter_node_bandwidth=0"], r"'topology.inter_node_bandwidth' must be > 0"),
+        (["topology.inter_node_bandwidth=0"], r"'topology.inter_node_bandwidth' must be a finite number > 0"),
+        (["topology.intra_node_bandwidth=inf"], r"'topology.intra_node_bandwidth' must be a finite number > 0"),
+        (["topology.num_nodes=${nope.name}"], r"'topology.num_nodes' \(overrides\): Interpolation key 'nope.name'"),
         (["topology.num_experts=60"], r"'topology'.*not divisible"),
         (["topology.num_expert_groups=5"], r"'topology'.*num_expert_groups"),
         (["enabled=maybe"], r"'enabled'"),
         (["kernel_backend=cuda"], r"'kernel_backend' must be one of \['auto', 'torch', 'triton'\]"),
-        (["policy.name=no_such_policy"], r"'policy.name': unknown policy 'no_such_policy'; available: .*static"),
+        (["policy.name=no_such_policy"], r"'policy.name': unknown policy 'no_such_policy'; registered: .*static"),
         (["policy.options.bogus_option=1"], r"'policy.options'.*bogus_option"),
         (["policy.name"], r"key=value"),
     ],
@@ -107,6 +109,25 @@ def test_bad_files(tmp_path):
         load_config(write(tmp_path, "- 1\n- 2\n", "list.yaml"))
     with pytest.raises(ValueError, match=r"not valid YAML"):
         load_config(write(tmp_path, "topology: {num_nodes: [\n", "broken.yaml"))
+
+
+def test_interpolation_errors_name_key_and_file(tmp_path):
+    # interpolations resolve lazily: they used to escape as raw omegaconf errors naming no file
+    path = write(tmp_path, "policy: {name: static}\ntopology:\n  num_nodes: ${nope.name}\n", "interp.yaml")
+    with pytest.raises(ValueError, match=r"^config key 'topology.num_nodes' \(.*interp.yaml\): "
+                                         r"Interpolation key 'nope.name' not found$"):
+        load_config(path)
+    path = write(tmp_path, "policy:\n  name: static\n  options:\n    source: ${env_nope}\n", "opts.yaml")
+    with pytest.raises(ValueError, match=r"^config key 'policy.options.source' \(.*opts.yaml\): "
+                                         r"Interpolation key 'env_nope' not found$"):
+        load_config(path)
+    path = write(tmp_path, "policy: {name: static}\n", "plain.yaml")
+    with pytest.raises(ValueError, match=r"'policy.name' \(.*plain.yaml with overrides\): Interpolation key"):
+        load_config(path, ["topology.num_experts=8", "policy.name=${policy.nope}"])
+    # interpolations that resolve still work
+    cfg = load_config(write(tmp_path, "policy: {name: static}\ntopology:\n  num_experts: 16\n"
+                                      "  gpus_per_node: ${topology.num_experts}\n", "ok.yaml"))
+    assert cfg.topology.gpus_per_node == 16
 
 
 def test_struct_mode_refuses_new_keys_later():

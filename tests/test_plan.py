@@ -140,3 +140,31 @@ def test_plan_repr_is_one_line_without_tensors():
     assert "\n" not in text and "tensor" not in text and len(text) < 250
     assert text.startswith("Plan(policy='replicate', micro_batches=1, layers=2, topology=[2 nodes x 2 GPUs")
     assert f"replicas={int(plan.replicas().sum())}" in text and "imbalance mean" in text
+
+
+def test_loads_whose_total_passes_int64_are_refused():
+    # two loads of 2**62 on one GPU summed to a negative gpu_loads (imbalance 1.0): refused, with the index
+    top = 2**63 - 1
+    placement = Placement.contiguous(TOPO, 1)
+    near = torch.zeros(1, 1, 8, dtype=torch.int64)
+    near[0, 0, :2] = 2**62
+    with pytest.raises(ValueError, match=r"passes it at index \(0, 0, 1\) \(load 4611686018427387904\)"):
+        Plan.without_replicas(placement, near, TOPO)
+    # the bound is the whole tensor: a step's micro-batches are summed too (reorder plans per step)
+    across = torch.zeros(2, 1, 8, dtype=torch.int64)
+    across[:, 0, 3] = 2**62 - 1  # 2**63 - 2 in all: fits
+    across[1, 0, 4] = 2
+    with pytest.raises(ValueError, match=r"index \(1, 0, 4\)"):
+        as_loads(across)
+    # up to the limit everything stays exact and non-negative
+    edge = torch.zeros(1, 1, 8, dtype=torch.int64)
+    edge[0, 0, 0], edge[0, 0, 1] = top - 5, 5
+    plan = Plan.without_replicas(placement, edge, TOPO)
+    plan.validate(TOPO, edge)
+    assert plan.gpu_loads().tolist() == [[[top, 0, 0, 0]]]
+    edge[0, 0, 7] = 1
+    with pytest.raises(ValueError, match=r"index \(0, 0, 7\) \(load 1\)"):
+        as_loads(edge)
+    # many large loads whose total fits take the exact path and pass
+    fits = torch.full((3, 2, 8), top // 48, dtype=torch.int64)
+    assert torch.equal(as_loads(fits), fits)

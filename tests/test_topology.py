@@ -26,12 +26,22 @@ def test_sizes_and_maps():
         (dict(num_nodes=1, gpus_per_node=2, num_experts=8, spare_slots_per_gpu=-1), "spare_slots_per_gpu"),
         (dict(num_nodes=1, gpus_per_node=2, num_experts=8, num_expert_groups=3), "num_expert_groups"),
         (dict(num_nodes=1, gpus_per_node=2, num_experts=8, inter_node_bandwidth=0), "inter_node_bandwidth"),
+        (dict(num_nodes=1, gpus_per_node=2, num_experts=8, inter_node_bandwidth=float("inf")),
+         r"inter_node_bandwidth must be a finite positive number \(bytes/s\), got inf"),
+        (dict(num_nodes=1, gpus_per_node=2, num_experts=8, intra_node_bandwidth=float("nan")), "intra_node_bandwidth"),
+        (dict(num_nodes=1, gpus_per_node=2, num_experts=8, intra_node_bandwidth=True), "intra_node_bandwidth"),
+        (dict(num_nodes=1, gpus_per_node=2, num_experts=8, intra_node_bandwidth="450e9"), "intra_node_bandwidth"),
         (dict(num_nodes=1.5, gpus_per_node=2, num_experts=8), "num_nodes"),
     ],
 )
 def test_invalid_combinations_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Topology(**kwargs)
+
+
+def test_bandwidths_any_finite_positive_number():
+    t = Topology(num_nodes=1, gpus_per_node=2, num_experts=8, intra_node_bandwidth=10**30, inter_node_bandwidth=1e-3)
+    assert t.intra_node_bandwidth == 10**30 and t.inter_node_bandwidth == 1e-3
 
 
 def test_out_of_range_lookups_raise():

@@ -31,7 +31,7 @@ from .loads import (
     micro_batch_rank_loads,
     routes_for_micro_batch,
 )
-from .routes import PAD, as_routes, moe_layer_ids, route_fault, select_moe_layers
+from .routes import PAD, as_routes, moe_layer_ids, route_fault, select_moe_layers, step_routes_fault
 from .trace_file import Trace, load_trace, save_trace
 
 __all__ = [
@@ -56,6 +56,7 @@ __all__ = [
     "routes_for_micro_batch",
     "save_trace",
     "select_moe_layers",
+    "step_routes_fault",
     "to_megatron",
     "token_key",
     "verl_sequences",

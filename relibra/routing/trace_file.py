@@ -6,9 +6,13 @@ A trace is an ``.npz`` holding
     top_k   int64 scalar (experts per token)
     meta    optional 0-d unicode array with a JSON object (model, source, command, ...)
 
-Written by :func:`save_trace` (LZMA-compressed zip members, a plain ``np.load``-able .npz), read by
-:func:`load_trace` with ``np.load(allow_pickle=False)``;
-``relibra bench --trace FILE`` and the simulator read this contract.
+Written by :func:`save_trace` (LZMA-compressed zip members, a plain ``np.load``-able .npz). Read by
+:func:`load_trace`, which treats the file as untrusted input (:mod:`relibra.routing.npz_reader`):
+no pickle; every member's name and ``.npy`` header are checked before any data is decoded; the
+arrays may take at most ``max_bytes`` (default: 256 x the file's size, at least 64 MiB, at most
+4 GiB; ``meta`` at most 4 MiB); every member is decoded in bounded pieces and checked against its
+declared size and CRC-32 before its array is allocated. Every fault raises a ValueError that
+names the file and the key. ``relibra bench --trace FILE`` and the simulator read this contract.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import numpy as np
 import torch
 
 from ..slots import as_loads
+from .npz_reader import MemberSpec, read_npz
 
 __all__ = ["Trace", "save_trace", "load_trace"]
 
@@ -32,6 +37,15 @@ try:  # CPython builds without liblzma fall back to deflate
     _HAS_LZMA = True
 except ImportError:  # pragma: no cover
     _HAS_LZMA = False
+
+
+_MAX_META_BYTES = 4 << 20  # 1 Mi characters of JSON: metadata, not data
+
+_TRACE_KEYS = {
+    "loads": MemberSpec("iu", 4, "[steps, micro_batches, layers, experts]", read_as=np.dtype(np.int64)),
+    "top_k": MemberSpec("iu", 0),
+    "meta": MemberSpec("U", 0, required=False, max_bytes=_MAX_META_BYTES),
+}
 
 
 @dataclass
@@ -88,51 +102,27 @@ def save_trace(path: str | os.PathLike, loads: Any, top_k: int, meta: dict[str, 
                 np.lib.format.write_array(member, np.asarray(array), allow_pickle=False)
 
 
-def load_trace(path: str | os.PathLike) -> Trace:
-    """Read and validate a trace file; every fault raises ValueError naming the file."""
+def load_trace(path: str | os.PathLike, *, max_bytes: int | None = None) -> Trace:
+    """Read and validate a trace file.
+
+    ``max_bytes`` caps the arrays' size in memory. None means 256 x the file's size, at least
+    64 MiB and at most 4 GiB (:func:`relibra.routing.npz_reader.default_max_bytes`). Raises
+    FileNotFoundError for a missing file. Every other fault raises a ValueError that names the
+    file and, when the fault is inside a member, its key.
+    """
     where = f"trace file {os.fspath(path)!r}"
-    if os.path.isfile(path) and not zipfile.is_zipfile(path):
-        raise ValueError(f"{where} is not an .npz (zip) archive; write traces with relibra.routing.save_trace")
+    arrays = read_npz(path, _TRACE_KEYS, max_bytes=max_bytes, label="trace file")
     try:
-        npz = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise
-    except (ValueError, OSError, zipfile.BadZipFile) as exc:
-        raise ValueError(f"{where} is not a readable .npz: {exc}") from None
-    if not isinstance(npz, np.lib.npyio.NpzFile):
-        raise ValueError(f"{where} is a single .npy array, not an .npz with 'loads' and 'top_k'")
-    with npz:
-        keys = set(npz.files)
-        missing = {"loads", "top_k"} - keys
-        if missing:
-            raise ValueError(f"{where} lacks key(s) {sorted(missing)}; it holds {sorted(keys)}")
-        unknown = keys - {"loads", "top_k", "meta"}
-        if unknown:
-            raise ValueError(f"{where} holds unknown key(s) {sorted(unknown)}")
-        try:
-            loads_np = npz["loads"]
-            top_k_np = npz["top_k"]
-            meta_np = npz["meta"] if "meta" in keys else None
-        except ValueError as exc:  # object arrays need pickle, which is refused
-            raise ValueError(f"{where} holds an object array, which would need pickle (refused): {exc}") from None
-    if loads_np.dtype.kind not in "iu":
-        raise ValueError(f"{where}: 'loads' must be an integer array, got dtype {loads_np.dtype}")
-    try:
-        loads = as_loads(torch.from_numpy(loads_np.astype(np.int64)), name="'loads'", ndim=4)
+        loads = as_loads(torch.from_numpy(arrays["loads"]), name="loads", ndim=4)
     except ValueError as exc:
-        raise ValueError(f"{where}: {exc} (expected [steps, micro_batches, layers, experts])") from None
-    if top_k_np.shape != () or top_k_np.dtype.kind not in "iu":
-        raise ValueError(f"{where}: 'top_k' must be an integer scalar, "
-                         f"got dtype {top_k_np.dtype} shape {top_k_np.shape}")
-    top_k = _check_top_k(int(top_k_np), where)
+        raise ValueError(f"{where}, key 'loads': {exc}") from None
+    top_k = _check_top_k(arrays["top_k"].item(), f"{where}, key 'top_k'")
     meta: dict[str, Any] = {}
-    if meta_np is not None:
-        if meta_np.shape != () or meta_np.dtype.kind != "U":
-            raise ValueError(f"{where}: 'meta' must be a JSON string, got dtype {meta_np.dtype} shape {meta_np.shape}")
+    if "meta" in arrays:
         try:
-            meta = json.loads(str(meta_np))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{where}: 'meta' is not valid JSON: {exc}") from None
+            meta = json.loads(arrays["meta"].item())
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise ValueError(f"{where}, key 'meta': not valid JSON ({type(exc).__name__}: {exc})") from None
         if not isinstance(meta, dict):
-            raise ValueError(f"{where}: 'meta' must encode a JSON object, got {type(meta).__name__}")
+            raise ValueError(f"{where}, key 'meta': must encode a JSON object, got {type(meta).__name__}")
     return Trace(loads=loads, top_k=top_k, meta=meta)

@@ -13,16 +13,31 @@ G ranks of the expert-parallel group, T_m tokens of micro-batch m on this rank.
 ``plan_step`` is collective over the EP group. It validates the routes locally and agrees on
 the verdict before anything else, so bad input raises the same ValueError on every rank and no
 collective is left hanging. Loads are all-gathered ([G, M, L, E]); rank 0 plans with the policy,
-validates the plan and broadcasts it (or the policy's error). If the placement changed, the
-experts (weights, grads, AdamW state) move with :func:`relibra.runtime.migration.migrate_experts`; the
-layers adopt the new placement only after it succeeded.
+validates the plan and broadcasts it (or the policy's error, with its traceback, or the news
+that planning was interrupted by KeyboardInterrupt / SystemExit, which rank 0 then re-raises).
+If the placement changed, the experts (weights, grads, AdamW state) move with
+:func:`relibra.runtime.migration.migrate_experts`; the layers adopt the new placement only after
+it succeeded.
+
+Every rank runs every micro-batch of the step, in the same order (0, 1, ..., M-1), empty or not:
+a rank with no token in micro-batch m still enters ``micro_batch(m)`` and runs the model's
+forward and backward on its empty input, because the layers' collectives pair up across ranks
+by order. ``micro_batch(m)`` agrees (phase, m) with the EP group as its block starts and ends,
+and every MoE layer's forward agrees (phase, m, layer); a rank out of step (micro-batches in
+another order, an empty one skipped) makes every rank raise the same ValueError naming where
+each side is, instead of aborting or hanging the world. relibra can catch this only at its own
+collectives: a rank that skips the whole block of a step's last micro-batch reaches the
+caller's next collective (a loss all-reduce, the optimizer's) first.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 import time
+import traceback
+from numbers import Integral, Real
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -31,25 +46,30 @@ import torch.nn as nn
 
 from ..plan import Placement, Plan
 from ..registry import get_policy
-from ..routing.routes import route_fault
+from ..routing.loads import count_loads
+from ..routing.routes import step_routes_fault
 from ..topology import Topology
 from .comm import all_gather_flat, all_gather_text, all_reduce_, broadcast_, first_error
 from .fsdp import edp_plan, fsdp_layers
-from .layer import ReLibraMoE
+from .layer import BLOCK_END, BLOCK_START, PHASES, ReLibraMoE, agree_in_step
 from .replicas import fetch_replicas_many
+from .router import check_int_argument
 
 __all__ = ["Balancer"]
 
+_PLANNED, _FAILED, _INTERRUPTED = 0, 1, 2  # what rank 0 tells the EP group after planning
 
-def _check_routes(routes: Any, L: int, K: int, E: int) -> str:
-    """Error text for this rank's routes ("" if fine)."""
-    if not isinstance(routes, (list, tuple)) or not routes:
-        return f"routes must be a non-empty list of int tensors [T_m, {L}, {K}], got {type(routes).__name__}"
-    for m, r in enumerate(routes):
-        fault = route_fault(r, (None, L, K), E, f"routes[{m}]")
-        if fault:
-            return fault
-    return ""
+
+def _with_note(text: str, note: str) -> str:
+    """``text`` with ``note`` at the end of its first line (a traceback may follow)."""
+    first, newline, rest = text.partition("\n")
+    return f"{first} {note}{newline}{rest}"
+
+
+def _failure_text(what: str, exc: BaseException) -> str:
+    """``what failed: Type: message`` and, below it, the exception's traceback (shared with every rank)."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
+    return f"{what} failed: {type(exc).__name__}: {exc}\ntraceback on rank 0:\n{tb}"
 
 
 class Balancer:
@@ -89,8 +109,12 @@ class Balancer:
                                  f"layer 0 has {first.num_experts} / {first.top_k}; one Balancer needs one shape")
             if layer.mesh is not mesh and not (mesh is not None and layer.mesh == mesh):
                 raise ValueError(f"MoE layer {i} was built with a different mesh than the Balancer's")
-        if not 0.0 <= float(replica_min_gain) < 1.0:
-            raise ValueError(f"replica_min_gain must be in [0, 1), got {replica_min_gain!r}")
+        check_int_argument("spare_slots_per_gpu", spare_slots_per_gpu, 0)
+        if policy_options is not None and not isinstance(policy_options, dict):
+            raise ValueError(f"policy_options must be a dict of keyword options, got {type(policy_options).__name__}")
+        if isinstance(replica_min_gain, bool) or not isinstance(replica_min_gain, Real) \
+                or not 0.0 <= replica_min_gain < 1.0:
+            raise ValueError(f"replica_min_gain must be a number in [0, 1), got {replica_min_gain!r}")
         self.replica_min_gain = float(replica_min_gain)
         self.mesh, self.optimizer = mesh, optimizer
         self.E, self.K, self.L = first.num_experts, first.top_k, len(self.layers)
@@ -99,11 +123,6 @@ class Balancer:
         else:
             self.topology = Topology.from_mesh(mesh, self.E, spare_slots_per_gpu,
                                                num_expert_groups=first.topology.num_expert_groups)
-        self.group, self.rank = first.ep_group, first.ep_rank
-        self._fsdp, self.edp_group = fsdp_layers(self.layers, edp_mesh)
-        for i, layer in enumerate(self.layers):
-            layer.set_topology(self.topology)
-            layer.moe_layer_index = i
         if isinstance(policy, str):
             self.policy_name = policy
             self.policy = get_policy(policy, **(policy_options or {}))
@@ -112,6 +131,11 @@ class Balancer:
                 raise ValueError(f"policy must be a registered name or have plan(loads, topology), "
                                  f"got {type(policy).__name__}")
             self.policy_name, self.policy = type(policy).__name__, policy
+        self.group, self.rank = first.ep_group, first.ep_rank
+        self._fsdp, self.edp_group = fsdp_layers(self.layers, edp_mesh)
+        for i, layer in enumerate(self.layers):
+            layer.set_topology(self.topology)
+            layer.moe_layer_index = i
         self.plan: Plan | None = None
         self._routes: list[torch.Tensor] | None = None
         self._offsets_MLE: torch.Tensor | None = None
@@ -165,7 +189,7 @@ class Balancer:
         t0 = time.perf_counter()
         # a failed step must not leave the previous step's routes installable by micro_batch
         self.plan, self._routes, self._offsets_MLE, self._metrics = None, None, None, {}
-        error = _check_routes(routes, self.L, self.K, self.E) or self._check_optimizer()
+        error = step_routes_fault(routes, self.L, self.K, self.E) or self._check_optimizer()
         M = len(routes) if not error else -1
         if self.group is not None:
             Ms = torch.zeros(self.world, dtype=torch.int64)
@@ -180,20 +204,15 @@ class Balancer:
                 error = "expert-data-parallel replicas disagree on the number of micro-batches (or one has bad routes)"
         self._agree(error, "Balancer.plan_step: bad input")
 
+        local = count_loads([r.cpu() for r in routes], self.E)  # [M, L, E], ids checked above
         routes = [r.to(torch.int64) for r in routes]
-        E = self.E
-        local = torch.zeros(M, self.L, E + 1, dtype=torch.int64)
-        for m, r in enumerate(routes):
-            ids = r.cpu().permute(1, 0, 2).reshape(self.L, -1)
-            local[m].scatter_add_(1, torch.where(ids >= 0, ids, E), torch.ones_like(ids))
-        local = local[..., :E].contiguous()
         if self.group is None:
             source_GMLE = local[None]
         else:
             source_GMLE = all_gather_flat(local, self.group)
         loads = source_GMLE.sum(0)
 
-        plan, error, t_plan = None, "", 0.0
+        plan, error, failure, t_plan = None, "", None, 0.0
         if self.rank == 0:
             tp = time.perf_counter()
             edp_root = self.edp_group is None or dist.get_rank(self.edp_group) == 0
@@ -207,19 +226,20 @@ class Balancer:
                     if not isinstance(plan, Plan):
                         raise ValueError(f"policy returned {type(plan).__name__}, not a relibra.Plan")
                     plan.validate(self.topology, plan_loads)
-            except Exception as exc:  # noqa: BLE001 - shared with every rank below
-                error = f"policy {self.policy_name!r} failed: {type(exc).__name__}: {exc}"
-                plan = None
+            except Exception as exc:  # noqa: BLE001 - shared with every rank below, then raised
+                error, failure, plan = _failure_text(f"policy {self.policy_name!r}", exc), exc, None
+            except BaseException as exc:  # KeyboardInterrupt, SystemExit: told to every rank, then re-raised
+                error, failure, plan = f"planning was interrupted on rank 0 by {exc!r}", exc, None
             if self.edp_group is not None:
                 plan, error = edp_plan(plan, error, loads, self.topology, self.policy_name, self.edp_group,
                                        getattr(self.policy, "replan", None))
             if not error:
                 try:
                     plan = self._drop_idle_replicas(plan, loads)
-                except Exception as exc:  # noqa: BLE001
-                    error, plan = f"policy {self.policy_name!r} failed: {type(exc).__name__}: {exc}", None
+                except Exception as exc:  # noqa: BLE001 - shared with every rank below, then raised
+                    error, failure, plan = _failure_text(f"policy {self.policy_name!r}", exc), exc, None
             t_plan = time.perf_counter() - tp
-        plan = self._share_plan(plan, error, M, t_plan)
+        plan = self._share_plan(plan, error, failure, M, t_plan)
         old = self.placement
         migration = None
         if not plan.placement.equal(old):
@@ -259,22 +279,38 @@ class Balancer:
         out.validate(t, loads)
         return out
 
-    def _share_plan(self, plan: Plan | None, error: str, M: int, t_plan: float) -> Plan:
+    def _share_plan(self, plan: Plan | None, error: str, failure: BaseException | None, M: int,
+                    t_plan: float) -> Plan:
+        """Rank 0's plan on every rank; or its ``error`` raised on every rank.
+
+        A policy's exception (``failure``, rank 0 only) travels as its text and traceback and is
+        chained on rank 0; an interruption (KeyboardInterrupt, SystemExit) is announced to the
+        other ranks, which raise RuntimeError, and re-raised as it was on rank 0.
+        """
         t = self.topology
+        interrupted = failure is not None and not isinstance(failure, Exception)
         if self.group is None:
+            if interrupted:
+                raise failure
             if error:
-                raise ValueError(f"Balancer.plan_step: {error} (nothing was changed)")
+                raise ValueError(f"Balancer.plan_step: {_with_note(error, '(nothing was changed)')}") from failure
             return plan
         sizes = (self.L * t.num_experts, M * self.L * t.num_spare_slots, M * self.L * t.num_physical_slots)
         head = torch.zeros(4, dtype=torch.int64)
         if self.rank == 0:
-            head[0] = 1 if error else 0
+            head[0] = _INTERRUPTED if interrupted else _FAILED if error else _PLANNED
             head[1] = int(plan.intra_node_replicas) if plan is not None else 0
             head[2] = int(t_plan * 1e9)
         broadcast_(head, 0, self.group)
-        if int(head[0]):
+        if int(head[0]) != _PLANNED:
             text = all_gather_text(error if self.rank == 0 else "", self.group)[0]
-            raise ValueError(f"Balancer.plan_step: {text} (nothing was changed on any rank)")
+            if int(head[0]) == _INTERRUPTED:
+                if self.rank == 0:
+                    raise failure
+                raise RuntimeError(f"Balancer.plan_step: {text}; stopping this rank too "
+                                   f"(nothing was changed on any rank)")
+            raise ValueError(f"Balancer.plan_step: {_with_note(text, '(nothing was changed on any rank)')}") \
+                from failure
         body = torch.zeros(sum(sizes), dtype=torch.int64)
         if self.rank == 0:
             body = torch.cat([plan.placement.home_experts.reshape(-1), plan.spare_experts.reshape(-1),
@@ -305,23 +341,40 @@ class Balancer:
     # ------------------------------------------------------------------ micro-batches
     @contextlib.contextmanager
     def micro_batch(self, m: int) -> Iterator[None]:
-        """Install micro-batch ``m``'s replica plans and routes in every layer for the block."""
+        """Install micro-batch ``m``'s replica plans and routes in every layer for the block.
+
+        Every rank runs every micro-batch, in order, empty or not (see the module doc). The
+        block agrees its position with the EP group as it starts (before the replica fetch, a
+        collective) and as it ends normally, unless every layer was built with
+        ``agree_input_errors=False``; a rank out of step raises the same ValueError everywhere.
+        """
         if self.plan is None:
             raise RuntimeError("Balancer.micro_batch: no plan is installed (plan_step was not called, or the "
                                "last plan_step failed); call plan_step with this step's routes first")
+        if isinstance(m, bool) or not isinstance(m, Integral):
+            raise ValueError(f"Balancer.micro_batch: the micro-batch index must be an int, got {m!r}")
+        phase = PHASES.index("train")  # the only phase the Balancer runs today
+        agree_order = self.group is not None and any(layer.agree_input_errors for layer in self.layers)
+        if agree_order:  # before the range check: a rank alone at a bad index is out of step
+            agree_in_step(self.group, phase, m, BLOCK_START)
         if not 0 <= m < self.plan.num_micro_batches:
             raise IndexError(f"micro-batch {m} out of range [0, {self.plan.num_micro_batches})")
         plan = self.plan
         ctxs = [layer.micro_batch_context(plan.spare_experts[m, l], plan.slot_tokens[m, l],
                                           self._routes[m][:, l, :], self._offsets_MLE[m, l],
                                           plan.intra_node_replicas, index=m,
-                                          source_loads_GE=self._source_MLGE[m, l])
+                                          source_loads_GE=self._source_MLGE[m, l], phase=phase)
                 for l, layer in enumerate(self.layers)]
         ctxs = self._prefetch_replicas(ctxs)
         for layer, ctx in zip(self.layers, ctxs):
             layer.install(ctx)
+        in_flight = sys.exc_info()[1]
         try:
             yield
+            # a block closed by an ExitStack while an exception propagates did not end normally:
+            # its rank may have left a collective half done, so it must not start another
+            if agree_order and sys.exc_info()[1] is in_flight:
+                agree_in_step(self.group, phase, m, BLOCK_END)
         finally:
             for layer in self.layers:
                 layer.install(None)

@@ -15,8 +15,16 @@ order of the current placement (``experts.home_experts_K``). ``state_dict`` /
 reference: every expert is local and computes on its own slot.
 
 Per micro-batch, :class:`relibra.Balancer` installs a :class:`LayerMicroBatch` (slot table of
-the replica plan, the replayed routes and the token offsets of lower ranks); without one the
-layer dispatches every token copy to its expert's home.
+the replica plan, the replayed routes and the token offsets of lower ranks, the micro-batch's
+index and phase); without one the layer dispatches every token copy to its expert's home.
+
+Collective order. The dispatch pairs its collectives across the expert-parallel group by
+order, so every rank runs every micro-batch of a step in the same order, empty or not (a rank
+with no token in a micro-batch still runs its forward and backward, on an empty ``x``). Each
+forward first agrees its position (phase, micro-batch, MoE layer) together with its input
+verdict in one small all-reduce; a rank out of step (micro-batches in another order, an empty
+micro-batch skipped) makes every rank raise the same ValueError naming where each side is,
+instead of a collective mismatch that aborts or hangs the world.
 """
 
 from __future__ import annotations
@@ -29,13 +37,69 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..routing.routes import route_fault
 from ..topology import Topology
 from . import dispatch as _dispatch
-from .comm import first_error
+from .comm import agree
 from .replicas import ReplicaRoute, fetch_replicas, replica_route
-from .router import Router, routes_fault
+from .router import Router, check_int_argument
 
-__all__ = ["ReLibraMoE", "Experts", "LayerMicroBatch"]
+__all__ = ["BLOCK_END", "BLOCK_START", "PHASES", "Experts", "LayerMicroBatch", "ReLibraMoE", "agree_in_step"]
+
+#: names of the phases a micro-batch runs in, by id; the Balancer installs one per micro-batch
+PHASES = ("train",)
+#: the "layer" of the agreements :meth:`relibra.Balancer.micro_batch` makes as its block starts and ends
+BLOCK_START, BLOCK_END = -2, -3
+
+
+# sizes of the digits of a position key (46 bits, under comm.KEY_LIMIT)
+_PHASE_IDS, _MICRO_BATCH_IDS, _LAYER_IDS = 2**8, 2**24, 2**14
+
+
+def _position_key(phase: int, micro_batch: int, layer: int) -> int:
+    """(phase, micro-batch, layer) as one key of :func:`relibra.runtime.comm.agree`: mixed radix,
+    offset so that micro-batch -1 (none) and the BLOCK_* layers are non-negative digits."""
+    digits = (phase, micro_batch + 1, layer - BLOCK_END)
+    if not all(0 <= d < n for d, n in zip(digits, (_PHASE_IDS, _MICRO_BATCH_IDS, _LAYER_IDS))):
+        raise ValueError(f"position (phase {phase}, micro-batch {micro_batch}, layer {layer}) is beyond the "
+                         f"order check ({_PHASE_IDS} phases, {_MICRO_BATCH_IDS - 1} micro-batches, "
+                         f"{_LAYER_IDS + BLOCK_END} layers)")
+    return (digits[0] * _MICRO_BATCH_IDS + digits[1]) * _LAYER_IDS + digits[2]
+
+
+def _describe_position(key: int) -> str:
+    """What :func:`_position_key` packed, in words."""
+    rest, layer = divmod(key, _LAYER_IDS)
+    phase, micro_batch = divmod(rest, _MICRO_BATCH_IDS)
+    micro_batch, layer = micro_batch - 1, layer + BLOCK_END
+    name = PHASES[phase] if phase < len(PHASES) else f"phase {phase}"
+    where = f"{name} micro-batch {micro_batch}" if micro_batch >= 0 else f"{name}, outside any micro-batch block"
+    if layer == BLOCK_START:
+        return f"{where}, entering Balancer.micro_batch"
+    if layer == BLOCK_END:
+        return f"{where}, leaving Balancer.micro_batch"
+    return f"{where}, forward of MoE layer {layer}" if layer >= 0 else f"{where}, forward of an unnumbered MoE layer"
+
+
+def agree_in_step(group, phase: int, micro_batch: int, layer: int, fault: str = "") -> tuple[int, str] | None:
+    """Agree over ``group`` on this rank's position and ``fault`` (one all-reduce when all is well).
+
+    Raises the same ValueError on every rank when ranks stand at different positions (naming
+    each side); else returns ``(rank, text)`` of the lowest rank with a fault, or None.
+    """
+    verdict = agree(fault, group, _position_key(phase, micro_batch, layer))
+    if verdict is None:
+        return None
+    if verdict.keys is None:
+        return verdict.rank, verdict.error
+    sides: dict[int, list[int]] = {}
+    for rank, key in enumerate(verdict.keys):
+        sides.setdefault(key, []).append(rank)
+    said = "; ".join(f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} at "
+                     f"{_describe_position(key)}" for key, ranks in sides.items())
+    raise ValueError(f"ranks of the expert-parallel group are out of step: {said}. Every rank must run every "
+                     f"micro-batch of a step in the same order, empty or not (an empty micro-batch still runs "
+                     f"its forward and backward): the MoE layers' collectives pair up by order")
 
 
 @dataclass(frozen=True)
@@ -49,6 +113,7 @@ class LayerMicroBatch:
     index: int = -1
     recv_counts_GS: list | None = None  # rows from each source rank per local slot (replayed routes)
     spare_weights: tuple | None = None  # replica weights fetched for all layers at once (Balancer)
+    phase: int = 0  # index into PHASES: what the micro-batch runs for (0 = "train")
 
 
 class Experts(nn.Module):
@@ -152,10 +217,14 @@ class ReLibraMoE(nn.Module):
 
     Bad input to ``forward`` (``x``'s width or device, routes that do not fit ``x``) raises
     ValueError on every rank of the expert-parallel group, naming the rank, before any
-    collective of the dispatch: one small all-reduce per call agrees on the verdict, so the
-    other ranks do not wait in the dispatch until the process group's timeout.
-    ``agree_input_errors=False`` skips it (one collective and, on GPU, one host sync less per
-    layer and micro-batch); the bad rank then raises alone.
+    collective of the dispatch; so does a rank out of step (see the module doc: every rank runs
+    every micro-batch, in the same order, empty or not). One small all-reduce per call agrees
+    on both, so the other ranks do not wait in the dispatch until the process group's timeout
+    or abort on mismatched collectives. ``agree_input_errors=False`` skips it (one collective
+    and, on GPU, one host sync less per layer and micro-batch); a bad rank then raises alone
+    and ranks out of step are not caught.
+
+    Every size and option of the constructor is checked up front (ValueError naming it).
     """
 
     def __init__(self, dim: int, hidden_dim: int, num_experts: int, top_k: int, mesh=None, *,
@@ -165,6 +234,21 @@ class ReLibraMoE(nn.Module):
                  shared_expert_gate: bool = False, spare_slots_per_gpu: int = 0, dtype=None,
                  device=None, agree_input_errors: bool = True) -> None:
         super().__init__()
+        hidden_dim = check_int_argument("hidden_dim", hidden_dim)
+        if shared_expert_hidden_dim is not None:
+            shared_expert_hidden_dim = check_int_argument("shared_expert_hidden_dim", shared_expert_hidden_dim)
+        if shared_expert_gate is not False and (shared_expert_gate is not True or shared_expert_hidden_dim is None):
+            raise ValueError(f"shared_expert_gate must be True (with shared_expert_hidden_dim) or False, "
+                             f"got {shared_expert_gate!r} with shared_expert_hidden_dim={shared_expert_hidden_dim}")
+        spare_slots_per_gpu = check_int_argument("spare_slots_per_gpu", spare_slots_per_gpu, 0)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
+        if not isinstance(agree_input_errors, bool):
+            raise ValueError(f"agree_input_errors must be True or False, got {agree_input_errors!r}")
+        if mesh is not None and not hasattr(mesh, "ndim"):
+            raise ValueError(f"mesh must be a DeviceMesh or None, got {type(mesh).__name__}")
+        if mesh is not None and mesh.ndim not in (1, 2):
+            raise ValueError(f"mesh must be 1-D or 2-D (node, gpu), got {mesh.ndim} dimensions")
         self.agree_input_errors = agree_input_errors
         self.dim, self.hidden_dim, self.num_experts, self.top_k = dim, hidden_dim, num_experts, top_k
         self.mesh = mesh
@@ -176,8 +260,6 @@ class ReLibraMoE(nn.Module):
             self.topology = Topology(1, 1, num_experts, 0, num_expert_groups)
             ep_mesh, self.ep_rank, self.ep_group, self.node_group = None, 0, None, None
         else:
-            if mesh.ndim not in (1, 2):
-                raise ValueError(f"mesh must be 1-D or 2-D (node, gpu), got {mesh.ndim} dimensions")
             self.topology = Topology.from_mesh(mesh, num_experts, spare_slots_per_gpu,
                                                num_expert_groups=num_expert_groups)
             ep_mesh = mesh if mesh.ndim == 1 else mesh._flatten("relibra_ep")
@@ -187,9 +269,9 @@ class ReLibraMoE(nn.Module):
         self.experts = Experts(num_experts, dim, hidden_dim, self.topology, ep_mesh, self.ep_rank,
                                dtype=dtype, device=device)
         self.shared_expert = (_MLP(dim, shared_expert_hidden_dim, dtype, device)
-                              if shared_expert_hidden_dim else None)
+                              if shared_expert_hidden_dim is not None else None)
         self.shared_expert_gate = (nn.Linear(dim, 1, bias=False, dtype=dtype, device=device)
-                                   if shared_expert_gate and self.shared_expert is not None else None)
+                                   if shared_expert_gate else None)
         self.moe_layer_index: int | None = None  # set by the Balancer (model order)
         self._micro_batch: LayerMicroBatch | None = None
         self._home_table: _dispatch.SlotTable | None = None
@@ -216,11 +298,12 @@ class ReLibraMoE(nn.Module):
     def micro_batch_context(self, spare_experts_R: torch.Tensor, slot_tokens_P: torch.Tensor,
                             routes_TK: torch.Tensor | None, token_offset_E: torch.Tensor | None,
                             intra_node: bool, index: int = -1,
-                            source_loads_GE: torch.Tensor | None = None) -> LayerMicroBatch:
+                            source_loads_GE: torch.Tensor | None = None, phase: int = 0) -> LayerMicroBatch:
         """Build (on the host, no communication) what this layer runs one micro-batch with.
 
         ``source_loads_GE [G, E]``: every rank's expert counts of ``routes_TK`` (all-gathered by
-        the Balancer); with it the dispatch skips its counts exchange.
+        the Balancer); with it the dispatch skips its counts exchange. ``index`` and ``phase``
+        (into :data:`PHASES`) say which micro-batch this is, for the forward's order check.
         """
         dev = self.gate.weight.device
         # Built and counted on the host, then moved once: split_counts reads it on the host.
@@ -236,7 +319,8 @@ class ReLibraMoE(nn.Module):
             counts = _dispatch.split_counts(table, source_loads_GE, SL)
             recv = counts[:, self.ep_rank * SL:(self.ep_rank + 1) * SL].tolist()
         table = table.to(dev)
-        return LayerMicroBatch(table, None if routes_TK is None else routes_TK.to(dev), off, route, index, recv)
+        return LayerMicroBatch(table, None if routes_TK is None else routes_TK.to(dev), off, route, index, recv,
+                               phase=phase)
 
     def replica_group(self, route: ReplicaRoute):
         """Process group of a replica fetch: the node's group, or the EP group for cross-node plans."""
@@ -249,12 +333,17 @@ class ReLibraMoE(nn.Module):
     def forward(self, x: torch.Tensor, routes: torch.Tensor | None = None) -> torch.Tensor:
         ctx = self._micro_batch
         from_ctx = routes is None and ctx is not None and ctx.routes_TK is not None
+        if isinstance(routes, torch.Tensor) and routes.dim() > 2:  # [B, S, K] like x [B, S, D]
+            routes = routes.reshape(-1, routes.shape[-1])
         fault = self._input_fault(x, routes, ctx.routes_TK if from_ctx else None)
         if self.ep_group is not None and self.agree_input_errors:
-            found = first_error(fault, self.ep_group)  # before any collective of the dispatch
+            phase, m = (0, -1) if ctx is None else (ctx.phase, ctx.index)
+            layer = -1 if self.moe_layer_index is None else self.moe_layer_index
+            # before any collective of the dispatch
+            found = agree_in_step(self.ep_group, phase, m, layer, fault)
             if found is not None:
-                layer = "" if self.moe_layer_index is None else f" (MoE layer {self.moe_layer_index})"
-                raise ValueError(f"ReLibraMoE{layer}: bad input on expert-parallel rank {found[0]}: {found[1]}")
+                where = "" if self.moe_layer_index is None else f" (MoE layer {self.moe_layer_index})"
+                raise ValueError(f"ReLibraMoE{where}: bad input on expert-parallel rank {found[0]}: {found[1]}")
         elif fault:
             raise ValueError(fault)
         shape = x.shape
@@ -262,7 +351,7 @@ class ReLibraMoE(nn.Module):
         if from_ctx:
             routes = ctx.routes_TK
         elif routes is not None:
-            routes = routes.reshape(-1, routes.shape[-1]).to(torch.int64)
+            routes = routes.to(torch.int64)
         ids_TK, w_TK = self.gate(x_TD, routes)
         out = self._routed(x_TD, ids_TK, w_TK, ctx, from_ctx)
         if self.shared_expert is not None:
@@ -272,12 +361,13 @@ class ReLibraMoE(nn.Module):
             out = out + shared
         return out.reshape(shape)
 
-    def _input_fault(self, x, routes, installed_TK: torch.Tensor | None) -> str:
+    def _input_fault(self, x, routes_TK, installed_TK: torch.Tensor | None) -> str:
         """Why this rank cannot run ``forward(x, routes)``, or "" (no communication).
 
         Checks what would otherwise fail on this rank alone, after or inside a collective:
-        ``x``'s type, width and device, and the routes (``installed_TK`` by the Balancer when
-        they replace ``routes``, else the passed ones) against ``x``'s token count.
+        ``x``'s type, width and device and its token count against the routes the Balancer
+        installed (``installed_TK``, when they replace ``routes_TK``); passed routes go through
+        :func:`relibra.routing.route_fault` (type, device, dtype, shape, ids).
         """
         if not isinstance(x, torch.Tensor):
             return f"x must be a tensor [..., {self.dim}], got {type(x).__name__}"
@@ -291,10 +381,8 @@ class ReLibraMoE(nn.Module):
                 return (f"installed routes have shape {tuple(installed_TK.shape)}, but x holds {T} tokens "
                         f"(need [{T}, {self.top_k}])")
             return ""
-        if routes is not None:
-            if isinstance(routes, torch.Tensor) and routes.dim() > 2:  # [B, S, K] like x [B, S, D]
-                routes = routes.reshape(-1, routes.shape[-1])
-            return routes_fault(routes, T, self.top_k, self.num_experts, device=x.device)
+        if routes_TK is not None:
+            return route_fault(routes_TK, (T, self.top_k), self.num_experts, device=x.device)
         return ""
 
     def _routed(self, x_TD, ids_TK, w_TK, ctx, from_ctx) -> torch.Tensor:

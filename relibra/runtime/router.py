@@ -14,39 +14,30 @@ Replayed ids may hold -1 (padding of some R3 producers): that copy is dropped (w
 
 from __future__ import annotations
 
+import math
+from numbers import Integral, Real
 from typing import Literal
 
 import torch
 import torch.nn as nn
 
-from ..routing.routes import route_fault
-
-__all__ = ["Router", "check_routes", "routes_fault"]
+__all__ = ["Router", "check_int_argument"]
 
 
-def routes_fault(routes_TK, num_tokens: int, top_k: int, num_experts: int, name: str = "routes",
-                 device: torch.device | str | None = None) -> str:
-    """Why ``routes_TK`` are not replayed routes ``[T, K]`` for these tokens, or "" if they are.
-
-    The text names ``name`` and the wrong type, device (when ``device`` is given, e.g. the
-    tokens' device), dtype, shape or expert id (:func:`relibra.routing.route_fault`).
-    """
-    if isinstance(routes_TK, torch.Tensor) and device is not None and routes_TK.device != torch.device(device):
-        return (f"{name} is on {routes_TK.device}, but the tokens are on {torch.device(device)}; "
-                f"move {name} to the tokens' device")
-    return route_fault(routes_TK, (num_tokens, top_k), num_experts, name)
+def check_int_argument(name: str, value, minimum: int = 1, maximum: int | None = None) -> int:
+    """``value`` as an int if it is one in ``[minimum, maximum]``; else ValueError naming ``name``."""
+    if not isinstance(value, Integral) or isinstance(value, bool):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must be an int {bound}, got {value}")
+    return int(value)
 
 
-def check_routes(routes_TK: torch.Tensor, num_tokens: int, top_k: int, num_experts: int,
-                 name: str = "routes", device: torch.device | str | None = None) -> torch.Tensor:
-    """Validate replayed routes ``[T, K]`` (ids in ``-1..E-1``); return them as int64.
-
-    Raises ValueError with :func:`routes_fault`'s text.
-    """
-    fault = routes_fault(routes_TK, num_tokens, top_k, num_experts, name, device)
-    if fault:
-        raise ValueError(fault)
-    return routes_TK.to(torch.int64)
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 class Router(nn.Module):
@@ -61,24 +52,32 @@ class Router(nn.Module):
                  route_scale: float = 1.0, num_expert_groups: int = 1, topk_groups: int | None = None,
                  score_correction_bias: bool = False, dtype=None, device=None) -> None:
         super().__init__()
+        dim = check_int_argument("dim", dim)
+        num_experts = check_int_argument("num_experts", num_experts)
+        top_k = check_int_argument("top_k", top_k, 1, num_experts)
         if score_func not in ("softmax", "sigmoid"):
             raise ValueError(f"score_func must be 'softmax' or 'sigmoid', got {score_func!r}")
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
-        if num_expert_groups < 1 or num_experts % num_expert_groups:
+        if not isinstance(route_scale, Real) or isinstance(route_scale, bool) \
+                or not math.isfinite(route_scale) or route_scale <= 0:
+            raise ValueError(f"route_scale must be a finite number > 0, got {route_scale!r}")
+        num_expert_groups = check_int_argument("num_expert_groups", num_expert_groups, 1, num_experts)
+        if num_experts % num_expert_groups:
             raise ValueError(f"num_expert_groups={num_expert_groups} must divide num_experts={num_experts}")
         topk_groups = num_expert_groups if topk_groups is None else topk_groups
-        if not 1 <= topk_groups <= num_expert_groups:
-            raise ValueError(f"topk_groups must be in [1, {num_expert_groups}], got {topk_groups}")
+        topk_groups = check_int_argument("topk_groups", topk_groups, 1, num_expert_groups)
+        if top_k > topk_groups * (num_experts // num_expert_groups):
+            raise ValueError(f"top_k={top_k} experts cannot be chosen from topk_groups={topk_groups} groups of "
+                             f"{num_experts // num_expert_groups} experts")
         self.num_experts, self.top_k = num_experts, top_k
-        self.score_func, self.norm_topk_prob, self.route_scale = score_func, norm_topk_prob, route_scale
+        self.score_func, self.route_scale = score_func, float(route_scale)
+        self.norm_topk_prob = _check_bool("norm_topk_prob", norm_topk_prob)
         self.num_expert_groups, self.topk_groups = num_expert_groups, topk_groups
         self.weight = nn.Parameter(torch.empty(num_experts, dim, dtype=dtype, device=device))
         # identity on the [T, E] logits: a forward hook here reads them without recomputing them
         # (relibra.integrations.router_logits hands them to transformers' aux loss)
         self.logits_tap = nn.Identity()
         nn.init.normal_(self.weight, std=dim ** -0.5)
-        if score_correction_bias:
+        if _check_bool("score_correction_bias", score_correction_bias):
             self.register_buffer("e_score_correction_bias",
                                  torch.zeros(num_experts, dtype=torch.float32, device=device))
         else:

@@ -272,12 +272,16 @@ def save_trace_file(path: str, loads: np.ndarray, top_k: int, meta: dict[str, An
     save_trace(path, loads, top_k, meta=meta)
 
 
-def load_trace_file(path: str) -> tuple[np.ndarray, int, dict[str, Any]]:
-    """Read a trace ``.npz`` as ``(loads int64 [S, M, L, E], top_k, meta)``; ValueError names the file."""
+def load_trace_file(path: str, max_bytes: int | None = None) -> tuple[np.ndarray, int, dict[str, Any]]:
+    """Read a trace ``.npz`` as ``(loads int64 [S, M, L, E], top_k, meta)``.
+
+    The file is untrusted input: see :func:`relibra.routing.load_trace`, which ``max_bytes``
+    is passed to. Every fault, a missing file included, raises ValueError naming the file.
+    """
     if not os.path.exists(path):
-        raise ValueError(f"trace file {path} does not exist")
-    trace = load_trace(path)
-    return trace.loads.numpy().astype(np.int64), int(trace.top_k), dict(trace.meta or {})
+        raise ValueError(f"trace file {path!r} does not exist")
+    trace = load_trace(path, max_bytes=max_bytes)
+    return trace.loads.numpy(), int(trace.top_k), dict(trace.meta)  # int64 already: no copy
 
 
 def main(argv: list[str] | None = None) -> int:

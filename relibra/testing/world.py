@@ -7,13 +7,14 @@ every rank's outcome (``.errors``: rank -> (exception type name, message)); if t
 not finish within ``timeout`` seconds, every process is killed and TimeoutError is raised, so a
 hung collective never hangs the test run.
 
-Results travel back as tensors / numbers / strings through a multiprocessing queue; keep them
-small (lists and dicts of tensors are fine).
+Results travel back pickled by value (the worker's own objects, never a data file) through a
+multiprocessing queue; keep them small (lists and dicts of CPU tensors are fine).
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import queue as _queue
 import socket
 import time
@@ -56,7 +57,9 @@ def _worker(rank, world_size, nodes, port, fn, args, out_queue):
         else:
             mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("gpu",))
         result = fn(rank, mesh, *args)
-        out_queue.put((rank, "ok", result, ""))
+        # by value: a tensor put on a torch.multiprocessing queue travels as a shared-memory
+        # handle that dies with this process, which may exit before the parent reads it
+        out_queue.put((rank, "ok", pickle.dumps(result), ""))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
         out_queue.put((rank, "error", (type(exc).__name__, str(exc)), traceback.format_exc()))
     finally:
@@ -113,7 +116,10 @@ def run_world(fn: Callable[..., Any], world_size: int = 4, nodes: int = 2, args:
                             rank, status, payload, tb = out_queue.get_nowait()
                         except _queue.Empty:
                             break
-                        (results if status == "ok" else errors)[rank] = payload
+                        if status == "ok":
+                            results[rank] = pickle.loads(payload)
+                        else:
+                            errors[rank] = payload
                         if tb:
                             tbs[rank] = tb
                     for r in dead:
@@ -124,7 +130,7 @@ def run_world(fn: Callable[..., Any], world_size: int = 4, nodes: int = 2, args:
                         raise WorldError(errors, tbs or {dead[0]: ""}) from None
                 continue
             if status == "ok":
-                results[rank] = payload
+                results[rank] = pickle.loads(payload)  # written by our own worker above
             else:
                 errors[rank] = payload
                 tbs[rank] = tb

@@ -86,9 +86,11 @@ def test_permute_backward_matches(device, case):
         xx = x.detach().clone().float().requires_grad_()
         x_perm, _, _ = kernels.permute(xx, dest, G, align, backend=backend)
         g = torch.arange(x_perm.numel(), dtype=torch.float32, device=device).view(x_perm.shape) % 7 - 3
-        grads.append(torch.autograd.grad(x_perm, xx, g, allow_unused=True)[0] if x_perm.numel() else None)
-    if grads[0] is not None:
-        assert torch.equal(grads[0], grads[1])  # small integers: sums are exact
+        # allow_unused: a backend that drops x from the graph gives None here, which must fail
+        (grad,) = torch.autograd.grad(x_perm, xx, g, allow_unused=True)
+        assert grad is not None, f"{backend} permute lost the gradient of x"
+        grads.append(grad)
+    assert torch.equal(grads[0], grads[1])  # small integers: sums are exact
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -106,6 +106,20 @@ def test_global_layer_ids_and_dense_rows():
     assert moe_layer_ids(2) == [0, 1]
 
 
+def test_moe_layers_must_be_integers():
+    # [0.5] used to be read as layer 0
+    assert moe_layer_ids(4, [np.int64(1), torch.tensor(3)]) == [1, 3]
+    assert moe_layer_ids(4, np.array([0, 2])) == [0, 2] and moe_layer_ids(4, torch.tensor([1, 2])) == [1, 2]
+    for bad in ([0.5], [1.0], [True], [np.float64(2.0)], [torch.tensor(1.5)], ["1"]):
+        with pytest.raises(ValueError, match=r"moe_layers must hold integer layer ids, got "):
+            moe_layer_ids(4, bad)
+    with pytest.raises(ValueError, match=r"moe_layers must be a sequence"):
+        moe_layer_ids(4, 3)
+    seq = torch.zeros(3, 4, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"got 0.5 \(float\)"):
+        micro_batch_loads([seq], 4, moe_layers=[0.5, 3])
+
+
 def test_micro_batch_sizes_and_index_lists():
     seqs = [np.full((1, 1, 1), e) for e in range(4)]
     by_size = micro_batch_loads(seqs, 4, micro_batches=[1, 3])
@@ -139,10 +153,10 @@ def test_torch_numpy_list_inputs_agree():
 @pytest.mark.parametrize(
     "seqs, kwargs, match",
     [
-        ([np.array([[[0, 7]]])], {}, r"expert id 7 at token 0, layer 0, slot 1"),
-        ([np.zeros((2, 3, 1), int), np.array([[[0], [0], [9]]])], {}, r"sequence 1: expert id 9 .* layer 2"),
-        ([np.array([[[0], [-2]]])], {}, r"expert id -2"),
-        ([np.zeros((2, 3, 1), int) + [[[0], [0], [6]]]], {"first_k_dense": 1}, r"layer 2"),
+        ([np.array([[[0, 7]]])], {}, r"sequence 0\[0, 0, 1\] = 7 is not an expert id in \[0, 6\)"),
+        ([np.zeros((2, 3, 1), int), np.array([[[0], [0], [9]]])], {}, r"sequence 1\[0, 2, 0\] = 9 is not an expert id"),
+        ([np.array([[[0], [-2]]])], {}, r"= -2 is not an expert id"),
+        ([np.zeros((2, 3, 1), int) + [[[0], [0], [6]]]], {"first_k_dense": 1}, r"sequence 0\[0, 2, 0\] = 6"),
         ([np.zeros((2, 2, 1), np.float32)], {}, r"integer expert ids, got dtype float32"),
         ([torch.zeros(2, 2, 1)], {}, r"integer expert ids, got dtype torch.float32"),
         ([np.zeros((2, 2, 1), bool)], {}, r"got dtype bool"),
@@ -185,7 +199,7 @@ def test_bad_ranks_and_num_experts():
         micro_batch_rank_loads(seqs, 2, [0, 3], 2)
     with pytest.raises(ValueError, match=r"num_experts"):
         micro_batch_loads(seqs, 0)
-    with pytest.raises(ValueError, match=r"expert id 4 at token 0, layer 1"):
+    with pytest.raises(ValueError, match=r"routes_TLK\[0, 1, 0\] = 4 is not an expert id"):
         loads_from_routes(torch.tensor([[[0], [4]]]), 4)
 
 
@@ -228,7 +242,7 @@ def test_engine_adapter_faults():
         decode_routed_experts(_b64(np.zeros(6)))
     with pytest.raises(ValueError, match=r"expected top_k=3"):
         decode_routed_experts(np.zeros((2, 2, 2), int), top_k=3)
-    with pytest.raises(ValueError, match=r"expert id 9"):
+    with pytest.raises(ValueError, match=r"= 9 is not an expert id in \[0, 8\)"):
         decode_routed_experts(np.full((1, 1, 1), 9), num_experts=8)
     with pytest.raises(ValueError, match=r"dtype must be an integer"):
         decode_routed_experts(_b64(np.zeros(2)), dtype="float32", num_layers=1, top_k=1)
@@ -331,7 +345,7 @@ def test_route_store_by_sequence_id():
         store.get("c")
     with pytest.raises(ValueError, match=r"batch row 0 holds 4 tokens"):
         store.gather(["a"], attention_mask=[[1, 1, 1, 1]])
-    with pytest.raises(ValueError, match=r"expert id 4"):
+    with pytest.raises(ValueError, match=r"= 4 is not an expert id"):
         store.put("bad", torch.tensor([[[4]]]))
     with pytest.raises(ValueError, match=r"the store holds \(1, 1\)"):
         store.put("wide", torch.zeros(1, 2, 1, dtype=torch.int64))
@@ -365,37 +379,64 @@ def test_trace_round_trip(tmp_path):
     assert load_trace(tmp_path / "nometa.npz").meta == {}
 
 
+_ZEROS = np.zeros((1, 1, 1, 2), np.int64)
+
+
 @pytest.mark.parametrize(
-    "arrays, match",
+    "arrays, key, match",
     [
-        ({"loads": np.array([1, 2], dtype=object), "top_k": np.int64(2)}, r"object array, which would need pickle"),
-        ({"top_k": np.int64(2)}, r"lacks key\(s\) \['loads'\]"),
-        ({"loads": np.zeros((1, 1, 1, 2), np.int64)}, r"lacks key\(s\) \['top_k'\]"),
-        ({"loads": np.zeros((1, 1, 2), np.int64), "top_k": np.int64(2)}, r"4 dimensions"),
-        ({"loads": np.full((1, 1, 1, 2), np.nan), "top_k": np.int64(2)}, r"integer array, got dtype float64"),
-        ({"loads": -np.ones((1, 1, 1, 2), np.int64), "top_k": np.int64(2)}, r"negative"),
-        ({"loads": np.zeros((1, 1, 1, 2), np.int64), "top_k": np.int64(0)}, r"top_k must be a positive int"),
-        (
-            {"loads": np.zeros((1, 1, 1, 2), np.int64), "top_k": np.zeros(2, np.int64)},
-            r"'top_k' must be an integer scalar",
-        ),
-        (
-            {"loads": np.zeros((1, 1, 1, 2), np.int64), "top_k": np.int64(2), "meta": np.array("{bad")},
-            r"not valid JSON",
-        ),
-        ({"loads": np.zeros((1, 1, 1, 2), np.int64), "top_k": np.int64(2), "meta": np.array("[1]")}, r"JSON object"),
-        (
-            {"loads": np.zeros((1, 1, 1, 2), np.int64), "top_k": np.int64(2), "extra": np.zeros(1)},
-            r"unknown key\(s\) \['extra'\]",
-        ),
+        ({"loads": np.array([1, 2], dtype=object), "top_k": np.int64(2)}, "loads",
+         r"object array \(dtype object\), which would need pickle"),
+        ({"top_k": np.int64(2)}, None, r"lacks key\(s\) \['loads'\]"),
+        ({"loads": _ZEROS}, None, r"lacks key\(s\) \['top_k'\]"),
+        ({"loads": np.zeros((1, 1, 2), np.int64), "top_k": np.int64(2)}, "loads", r"must be 4 dimensions"),
+        ({"loads": np.full((1, 1, 1, 2), np.nan), "top_k": np.int64(2)}, "loads",
+         r"must hold integers, got dtype float64"),
+        ({"loads": -np.ones((1, 1, 1, 2), np.int64), "top_k": np.int64(2)}, "loads", r"negative load -1 at index"),
+        ({"loads": np.full((1, 1, 1, 2), 2**64 - 1, np.uint64), "top_k": np.int64(2)}, "loads", r"beyond int64"),
+        ({"loads": np.asfortranarray(np.zeros((1, 1, 2, 2), np.int64)), "top_k": np.int64(2)}, "loads",
+         r"Fortran order"),
+        ({"loads": _ZEROS, "top_k": np.int64(0)}, "top_k", r"top_k must be a positive int"),
+        ({"loads": _ZEROS, "top_k": np.zeros(2, np.int64)}, "top_k", r"must be a scalar, got shape \(2,\)"),
+        ({"loads": _ZEROS, "top_k": np.float64(2.0)}, "top_k", r"must hold integers, got dtype float64"),
+        ({"loads": _ZEROS, "top_k": np.int64(2), "meta": np.array("{bad")}, "meta", r"not valid JSON"),
+        ({"loads": _ZEROS, "top_k": np.int64(2), "meta": np.array("[" * 100_000)}, "meta", r"not valid JSON"),
+        ({"loads": _ZEROS, "top_k": np.int64(2), "meta": np.array("[1]")}, "meta", r"JSON object"),
+        ({"loads": _ZEROS, "top_k": np.int64(2), "meta": np.array(b"{}")}, "meta", r"must hold unicode text"),
+        ({"loads": _ZEROS, "top_k": np.int64(2), "extra": np.zeros(1)}, None, r"unknown key\(s\) \['extra'\]"),
     ],
 )
-def test_bad_trace_files_name_file_and_fault(tmp_path, arrays, match):
+def test_bad_trace_files_name_file_and_fault(tmp_path, arrays, key, match):
     path = tmp_path / "bad.npz"
     np.savez(path, **arrays)
     with pytest.raises(ValueError, match=match) as info:
         load_trace(path)
-    assert "bad.npz" in str(info.value)
+    assert f"trace file {str(path)!r}" in str(info.value)
+    if key is not None:
+        assert f"key {key!r}" in str(info.value)
+
+
+def test_trace_loads_in_any_integer_dtype_and_byte_order(tmp_path):
+    # what np.savez / np.savez_compressed write from int32, uint16 or big-endian arrays reads as int64
+    loads = np.arange(2 * 3 * 4 * 5).reshape(2, 3, 4, 5)
+    for dtype in (np.int32, np.uint16, ">i8", np.uint64):
+        for save in (np.savez, np.savez_compressed):
+            path = tmp_path / "t.npz"
+            save(path, loads=loads.astype(dtype), top_k=np.array(3, dtype=">i4"), meta=np.array('{"a": 1}'))
+            trace = load_trace(path)
+            assert trace.loads.dtype == torch.int64 and torch.equal(trace.loads, torch.from_numpy(loads))
+            assert trace.top_k == 3 and trace.meta == {"a": 1}
+
+
+def test_trace_size_cap(tmp_path):
+    path = tmp_path / "t.npz"
+    save_trace(path, torch.zeros(4, 4, 4, 64, dtype=torch.int64), top_k=2)  # 32 KiB of loads
+    assert load_trace(path, max_bytes=40_000).num_steps == 4
+    with pytest.raises(ValueError, match=r"key 'loads': the arrays would take 32\d{3} bytes .* limit of 30000 "
+                                         r"bytes \(max_bytes\)"):
+        load_trace(path, max_bytes=30_000)
+    with pytest.raises(ValueError, match=r"max_bytes must be a positive int"):
+        load_trace(path, max_bytes=0)
 
 
 def test_trace_file_not_npz_and_bad_save(tmp_path):
@@ -457,3 +498,52 @@ def test_from_vllm_names_the_missing_attribute():
     with pytest.raises(ValueError, match=r"RequestOutput has no attribute 'routed_experts' \(a request output: "
                                          r"pass one of its \.outputs\)"):
         from_vllm(RequestOutput())
+
+
+@pytest.mark.parametrize(
+    "routes,match",
+    [
+        (torch.zeros(2, 2, dtype=torch.int64, device="meta"), r"routes is on meta, but the tokens are on cpu"),
+        (torch.zeros(2, 2, dtype=torch.uint8), r"routes is uint8, which cannot hold expert ids of 300 experts"),
+        (torch.zeros(2, 2, dtype=torch.int8), r"routes is int8, which cannot hold expert ids of 300 experts"),
+        (torch.zeros(2, 2, dtype=torch.bool), r"integer expert ids, got dtype torch.bool"),
+    ],
+)
+def test_route_fault_names_device_and_too_narrow_dtypes(routes, match):
+    from relibra.routing import route_fault
+
+    assert re.search(match, route_fault(routes, (2, 2), 300, device="cpu"))
+
+
+def test_uint8_padding_that_wrapped_to_255_is_named():
+    """verl's uint8 cannot hold -1: a -1 written into it is 255, an id beyond 8 experts."""
+    from relibra.routing import route_fault
+    from relibra.routing.routes import step_routes_fault
+
+    wrapped = torch.tensor([[3, -1]]).to(torch.uint8)
+    fault = route_fault(wrapped, (1, 2), 8)
+    assert re.search(r"routes\[0, 1\] = 255 is not an expert id in \[0, 8\).*wraps to 255", fault)
+    assert route_fault(wrapped, (1, 2), 256) == ""  # 255 is an expert of 256
+    with pytest.raises(ValueError, match=r"sequence 0\[0, 0, 1\] = 255 .*wraps to 255"):
+        micro_batch_loads([wrapped.view(1, 1, 2)], 8)
+    assert "wraps" not in route_fault(torch.tensor([[3, 255]]), (1, 2), 8)  # int64 255 is just out of range
+    assert re.search(r"routes\[1\]\[0, 0, 1\] = 255 .*wraps", step_routes_fault(
+        [torch.zeros(0, 1, 2, dtype=torch.uint8), wrapped.view(1, 1, 2)], 1, 2, 8))
+
+
+@pytest.mark.parametrize(
+    "routes,match",
+    [
+        (torch.zeros(3, 1, 2, dtype=torch.int64), r"routes must be a list of int tensors \[T_m, 1, 2\], one per "
+                                                   r"micro-batch, got Tensor"),
+        ([], r"non-empty list .* got an empty list"),
+        ([torch.zeros(3, 1, 2, dtype=torch.int64), torch.zeros(3, 2, 2, dtype=torch.int64)],
+         r"routes\[1\] must have shape \[T, 1, 2\], got \(3, 2, 2\)"),
+        ((torch.zeros(3, 1, 2), ), r"routes\[0\] must hold integer expert ids"),
+    ],
+)
+def test_step_routes_fault_names_the_micro_batch(routes, match):
+    from relibra.routing.routes import step_routes_fault
+
+    assert re.search(match, step_routes_fault(routes, 1, 2, 8))
+    assert step_routes_fault([torch.zeros(0, 1, 2, dtype=torch.int32), torch.full((2, 1, 2), -1)], 1, 2, 8) == ""

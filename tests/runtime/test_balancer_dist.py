@@ -264,3 +264,88 @@ def test_verl_uint8_routes_plan_and_run_like_int64():
     (p64, o64), (p8, o8) = results
     assert p64.placement.equal(p8.placement) and torch.equal(p64.slot_tokens, p8.slot_tokens)
     assert all(torch.equal(a, b) for a, b in zip(o64, o8))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(spare_slots_per_gpu=-1), r"spare_slots_per_gpu must be an int >= 0, got -1"),
+    (dict(spare_slots_per_gpu=1.5), r"spare_slots_per_gpu must be an int, got 1.5"),
+    (dict(policy_options=["x"]), r"policy_options must be a dict of keyword options, got list"),
+    (dict(replica_min_gain="0.1"), r"replica_min_gain must be a number in \[0, 1\), got '0.1'"),
+    (dict(replica_min_gain=float("nan")), r"replica_min_gain must be a number in \[0, 1\), got nan"),
+])
+def test_balancer_arguments_are_checked_by_name(kwargs, match):
+    """Also without a mesh, where spare slots do not apply: a bad value is a mistake, not ignored."""
+    with pytest.raises(ValueError, match=match):
+        Balancer(Net(None), None, "static", **kwargs)
+
+
+def _helper_deep_in_the_policy():
+    raise RuntimeError("boom from a custom policy")
+
+
+class _RaisesDeep:
+    def plan(self, loads, topology):
+        _helper_deep_in_the_policy()
+
+
+class _Interrupts:
+    def __init__(self, exc):
+        self.exc = exc
+
+    def plan(self, loads, topology):
+        raise self.exc
+
+
+def test_a_policy_error_keeps_its_traceback_and_an_interruption_propagates_single_process():
+    data = step_data(0, M)
+    routes = [torch.cat([r for _, r in data[m]]) for m in range(M)]
+    with pytest.raises(ValueError, match=r"policy '_RaisesDeep' failed: RuntimeError: boom") as info:
+        Balancer(Net(None), None, _RaisesDeep()).plan_step(routes)
+    assert isinstance(info.value.__cause__, RuntimeError), "the policy's exception is not chained"
+    assert "in _helper_deep_in_the_policy" in str(info.value), str(info.value)
+    with pytest.raises(KeyboardInterrupt):
+        Balancer(Net(None), None, _Interrupts(KeyboardInterrupt())).plan_step(routes)
+
+
+def _interrupt_worker(rank, mesh):
+    """Rank 0's policy raises (the others never run it): what does every rank raise?"""
+    torch.manual_seed(0)
+    model = Net(mesh)
+    data = step_data(0, M)
+    good = [data[m][rank][1] for m in range(M)]
+    out = {}
+    for case, policy in (("traceback", _RaisesDeep()), ("keyboard", _Interrupts(KeyboardInterrupt())),
+                         ("exit", _Interrupts(SystemExit(3)))):
+        bal = Balancer(model, mesh=mesh, policy=policy, spare_slots_per_gpu=1)
+        try:
+            bal.plan_step(good)
+            out[case] = ("no error", "", "")
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            cause = type(exc.__cause__).__name__ if exc.__cause__ is not None else ""
+            out[case] = (type(exc).__name__, str(exc), cause)
+            out[case + "_code"] = exc.code if isinstance(exc, SystemExit) else None
+        bal = Balancer(model, mesh=mesh, policy="static", spare_slots_per_gpu=1)  # the world still runs
+        bal.plan_step(good)
+        with bal.micro_batch(0):
+            model(data[0][rank][0]).sum().backward()
+        out[case + "_then"] = True
+    return out
+
+
+def test_policy_tracebacks_and_interruptions_on_rank_0_reach_every_rank():
+    results = run_world(_interrupt_worker, timeout=120)  # a peer left waiting would time out here
+    kinds = {r["traceback"][:2] for r in results}
+    assert len(kinds) == 1, f"ranks raised different errors: {kinds}"
+    kind, msg = kinds.pop()
+    assert kind == "ValueError" and "policy '_RaisesDeep' failed: RuntimeError: boom from a custom policy" in msg
+    assert "traceback on rank 0:" in msg and "in _helper_deep_in_the_policy" in msg, msg
+    assert [r["traceback"][2] for r in results] == ["RuntimeError", "", "", ""], "rank 0 does not chain the cause"
+    for case, interruption, shown in (("keyboard", "KeyboardInterrupt", "KeyboardInterrupt()"),
+                                      ("exit", "SystemExit", "SystemExit(3)")):
+        assert results[0][case][0] == interruption, results[0][case]
+        for rank, r in enumerate(results[1:], start=1):
+            kind, msg, _ = r[case]
+            assert kind == "RuntimeError", f"rank {rank}: {kind}: {msg}"
+            assert f"planning was interrupted on rank 0 by {shown}" in msg, msg
+    assert results[0]["exit_code"] == 3
+    assert all(r[case + "_then"] for r in results for case in ("traceback", "keyboard", "exit"))

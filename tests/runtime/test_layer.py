@@ -147,3 +147,33 @@ def test_sharded_layer_equals_single_process_under_a_permuted_placement():
         for key in ("live_out", "replayed_out", "live_expert_grad", "replayed_expert_grad"):
             assert res[key] < 1e-5, f"rank {rank}: {key} differs by {res[key]}"
         assert res["state_dict"], f"rank {rank}: state_dict is not in logical order"
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(dim=0), r"dim must be an int >= 1, got 0"),
+    (dict(hidden_dim=-3), r"hidden_dim must be an int >= 1, got -3"),
+    (dict(num_experts=0), r"num_experts must be an int >= 1, got 0"),
+    (dict(top_k=9), r"top_k must be an int in \[1, 8\], got 9"),
+    (dict(top_k=2.0), r"top_k must be an int, got 2.0"),
+    (dict(dim=True), r"dim must be an int, got True"),
+    (dict(score_func="relu"), r"score_func must be 'softmax' or 'sigmoid', got 'relu'"),
+    (dict(route_scale=0.0), r"route_scale must be a finite number > 0, got 0.0"),
+    (dict(route_scale=float("inf")), r"route_scale must be a finite number > 0, got inf"),
+    (dict(num_expert_groups=3), r"num_expert_groups=3 must divide num_experts=8"),
+    (dict(num_expert_groups=4, topk_groups=5), r"topk_groups must be an int in \[1, 4\], got 5"),
+    (dict(num_expert_groups=8, topk_groups=1), r"top_k=2 experts cannot be chosen from topk_groups=1 groups of 1"),
+    (dict(norm_topk_prob="yes"), r"norm_topk_prob must be True or False, got 'yes'"),
+    (dict(score_correction_bias=1), r"score_correction_bias must be True or False, got 1"),
+    (dict(shared_expert_hidden_dim=0), r"shared_expert_hidden_dim must be an int >= 1, got 0"),
+    (dict(shared_expert_gate=True), r"shared_expert_gate must be True \(with shared_expert_hidden_dim\)"),
+    (dict(spare_slots_per_gpu=-1), r"spare_slots_per_gpu must be an int >= 0, got -1"),
+    (dict(dtype=torch.int64), r"dtype must be a floating-point torch.dtype or None, got torch.int64"),
+    (dict(agree_input_errors=None), r"agree_input_errors must be True or False, got None"),
+    (dict(mesh="cpu"), r"mesh must be a DeviceMesh or None, got str"),
+])
+def test_every_constructor_argument_is_checked_by_name(kwargs, match):
+    args = dict(dim=8, hidden_dim=6, num_experts=8, top_k=2)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        ReLibraMoE(**args)
+
