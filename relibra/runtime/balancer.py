@@ -440,9 +440,18 @@ class Balancer:
             "plan_step_seconds": t_step,
         }
 
-    def metrics(self, gather_realised: bool = False) -> dict:
-        """Per-step metrics. With ``gather_realised`` (collective) also the realised GPU loads
-        ``[M, L, G]`` measured by the layers' dispatch (rows each rank computed)."""
+    def metrics(self, gather_realised: bool = False, as_tensors: bool = False) -> dict:
+        """This step's metrics as plain Python numbers, strings and (nested) lists.
+
+        A logger takes the dict as it is (``wandb.log(balancer.metrics())``; TensorBoard's
+        ``add_scalar`` per numeric key). Keys: ``policy``, ``planned_gpu_loads`` ``[M][L][G]``,
+        ``planned_imbalance`` (mean) / ``planned_imbalance_max`` (busiest over mean GPU),
+        ``static_imbalance`` (the same loads on the contiguous placement without replicas),
+        ``experts_moved``, ``migration_bytes_sent``, ``replica_bytes``, ``planning_seconds``,
+        ``plan_step_seconds``. With ``gather_realised`` (collective) also ``realised_gpu_loads``
+        ``[M][L][G]``, the rows each rank's dispatch computed, and ``realised_imbalance``.
+        ``as_tensors=True`` keeps the load tables as int64 tensors.
+        """
         out = dict(self._metrics)
         if gather_realised and self.plan is not None:
             M = self.plan.num_micro_batches
@@ -460,4 +469,12 @@ class Balancer:
             mean = g.mean(-1)
             imb = torch.where(mean > 0, g.amax(-1) / mean.clamp(min=1e-30), torch.ones_like(mean))
             out.update(realised_gpu_loads=real, realised_imbalance=float(imb.mean()))
+        if not as_tensors:
+            out = {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
         return out
+
+    def __repr__(self) -> str:
+        """One line: policy, layers, experts, topology and the installed plan (no tensors)."""
+        plan = "none" if self.plan is None else f"{self.plan.num_micro_batches} micro-batches"
+        return (f"Balancer(policy={self.policy_name!r}, layers={self.L}, experts={self.E}, top_k={self.K}, "
+                f"topology=[{self.topology}], plan={plan})")

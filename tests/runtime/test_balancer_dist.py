@@ -78,7 +78,7 @@ def _exact_worker(rank, mesh, policies, reference):
             err["grad"] = max(err["grad"], max_err(logical_grads(model), rec[s][2]))
             opt.step()
             opt.zero_grad()
-        realised = bal.metrics(gather_realised=True)
+        realised = bal.metrics(gather_realised=True, as_tensors=True)
         planned = bal.plan.gpu_loads().permute(0, 1, 2)
         err["weights"] = max_err({k: v for k, v in model.state_dict().items()}, ref_weights)
         err["state"] = max_err(logical_state(model, opt), ref_state)
