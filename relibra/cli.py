@@ -1,8 +1,14 @@
-"""The ``relibra`` console script: ``relibra bench`` and ``relibra launch``.
+"""The ``relibra`` console script: ``relibra bench``, ``measure``, ``calibrate`` and ``launch``.
 
 ``relibra bench`` simulates the balancing policies on a routing trace (the embedded default
 or ``--trace FILE``) with the cost model of :mod:`relibra.sim.cost` and prints the comparison;
-``--json`` prints one JSON object instead, ``--plot FILE.png`` draws it (needs matplotlib).
+``--json`` prints one JSON object instead, ``--plot FILE.png`` draws it (needs matplotlib);
+``--profile FILE`` prices with a machine profile from ``relibra calibrate``.
+
+``relibra measure`` runs the real stack (ReLibraMoE layers, the Balancer, AdamW) for every
+policy on real ranks and prints measured against modelled step times; ``relibra calibrate``
+measures the cost model's machine parameters on those ranks and writes a profile
+(:mod:`relibra.measure`, docs/measure.md).
 """
 
 from __future__ import annotations
@@ -12,7 +18,8 @@ import json
 import sys
 from typing import Any
 
-__all__ = ["main", "bench", "plot_bench", "check_policy_names", "relative_gpu_loads", "time_breakdown", "TIME_PARTS"]
+__all__ = ["main", "bench", "measure", "calibrate", "plot_bench", "check_policy_names", "relative_gpu_loads",
+           "time_breakdown", "TIME_PARTS"]
 
 _COLUMNS = (("step_time_s", "step s", "{:.2f}"), ("tokens_per_s", "tok/s", "{:,.0f}"),
             ("speedup_vs_static", "x static", "{:.2f}"), ("speedup_vs_eplb_oracle", "x eplb-or", "{:.2f}"),
@@ -127,6 +134,7 @@ def bench(args: argparse.Namespace) -> int:
         loads = loads[: args.steps]
     if loads.shape[2] != cfg.num_moe_layers:
         cfg = make_config(args.preset, args.cluster, {**_parse_sets(args.set), "num_moe_layers": loads.shape[2]})
+    cfg = _with_profile(cfg, args.profile)
     topology = cfg.topology(args.nodes, args.gpus_per_node, args.spare_slots)
     options = parse_options(args.option, names)
     bar = None
@@ -285,6 +293,100 @@ def plot_bench(results: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
+def _with_profile(cfg: Any, path: str | None) -> Any:
+    """``cfg`` with the machine parameters of the profile file ``path`` (unchanged for None)."""
+    if path is None:
+        return cfg
+    from .sim.profile import load_profile, profile_config
+
+    return profile_config(load_profile(path), cfg)
+
+
+def _measure_options(args: argparse.Namespace) -> Any:
+    from .measure import MeasureOptions
+
+    names = tuple(n.strip() for n in args.policies.split(",") if n.strip())
+    return MeasureOptions(args.nodes, args.gpus_per_node, args.spare_slots, args.dim, args.hidden, args.experts,
+                          args.top_k, args.layers, args.tokens, args.micro_batches, args.steps, args.warmup_steps,
+                          args.skew, args.seed, names).check()
+
+
+def measure(args: argparse.Namespace) -> int:
+    """``relibra measure``: every policy on real ranks, measured against modelled (docs/measure.md)."""
+    from .measure import run_measure
+    from .measure.report import format_table
+    from .measure.run import measure_fault
+    from .measure.world import shared_core_warning
+    from .sim.profile import load_profile
+
+    options = _measure_options(args)
+    profile = load_profile(args.profile) if args.profile else None
+    fault = measure_fault(options, profile)
+    if fault:
+        raise ValueError(fault)
+    warning = shared_core_warning(options.world_size)
+    if warning:
+        print(warning, file=sys.stderr)
+    result = run_measure(options, profile)
+    if result is None:  # a torchrun rank other than 0
+        return 0
+    print(json.dumps(result) if args.json else format_table(result))
+    return 0
+
+
+def calibrate(args: argparse.Namespace) -> int:
+    """``relibra calibrate``: measure the cost model's machine parameters, write a profile."""
+    from .measure import run_calibrate
+    from .sim.profile import profile_from_dict, save_profile
+
+    options = _measure_options(args)
+    profile = run_calibrate(options)
+    if profile is None:
+        return 0
+    saved = save_profile(profile_from_dict(profile, "from relibra calibrate"), args.out)
+    if args.json:
+        print(json.dumps(saved.to_dict()))
+        return 0
+    m = saved.machine
+    print(f"relibra calibrate: {options.nodes} node(s) x {options.gpus_per_node} ranks, {m['backend']} on "
+          f"{m['device']}, dim {options.dim}, hidden {options.hidden}, {options.experts} experts, load average "
+          f"{m['load_average'][0]:.2f}; wrote {args.out}")
+    for key, value in saved.cost.items():
+        print(f"  {key:24} {value:.6g}")
+    return 0
+
+
+def _add_world_options(p: argparse.ArgumentParser, with_steps: bool) -> None:
+    """The options ``measure`` and ``calibrate`` share (defaults from MeasureOptions)."""
+    from .measure.options import MeasureOptions
+
+    d = MeasureOptions()
+    p.add_argument("--nodes", type=int, default=d.nodes)
+    p.add_argument("--gpus-per-node", type=int, default=d.gpus_per_node, help="ranks per node")
+    p.add_argument("--spare-slots", type=int, default=d.spare_slots, help="spare slots per rank")
+    p.add_argument("--dim", type=int, default=d.dim, help="model width D")
+    p.add_argument("--hidden", type=int, default=d.hidden, help="expert intermediate size I")
+    p.add_argument("--experts", type=int, default=d.experts)
+    p.add_argument("--top-k", type=int, default=d.top_k)
+    p.add_argument("--layers", type=int, default=d.layers, help="ReLibraMoE layers in the stack")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--json", action="store_true", help="print one JSON object (the last line)")
+    if with_steps:
+        p.add_argument("--tokens", type=int, default=d.tokens, help="tokens per rank and micro-batch")
+        p.add_argument("--micro-batches", type=int, default=d.micro_batches)
+        p.add_argument("--steps", type=int, default=d.steps, help="timed steps per policy")
+        p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="untimed steps first")
+        p.add_argument("--skew", type=float, default=d.skew,
+                       help="share of tokens sent to each micro-batch's hot experts on GPU 0, in [0, 1)")
+        p.add_argument("--policies", default=",".join(d.policies))
+        p.add_argument("--profile", default=None, metavar="FILE",
+                       help="price plans with this profile from relibra calibrate (default: probe this world first)")
+    else:
+        p.set_defaults(tokens=d.tokens, micro_batches=d.micro_batches, steps=d.steps, warmup_steps=d.warmup_steps,
+                       skew=d.skew, policies=",".join(d.policies))
+        p.add_argument("--out", required=True, metavar="FILE", help="write the profile JSON here")
+
+
 def _launch(argv: list[str]) -> int:
     try:
         from .integrations import launcher  # type: ignore[attr-defined]
@@ -322,6 +424,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--option", action="append", default=[], metavar="POLICY.OPTION=VALUE",
                    help="pass an option to one policy row, e.g. hybrid.migration_weight=0.5 "
                         "(value read as a YAML scalar), repeatable")
+    b.add_argument("--profile", default=None, metavar="FILE",
+                   help="price with the machine parameters of a profile from relibra calibrate")
+    _add_world_options(sub.add_parser("measure", help="run every policy on real ranks: measured vs modelled"),
+                       with_steps=True)
+    _add_world_options(sub.add_parser("calibrate", help="measure the cost model's machine parameters, write "
+                                                        "a profile"), with_steps=False)
     sub.add_parser("launch", help="accelerate launch with relibra's settings", add_help=False)
     return ap
 
@@ -331,8 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "launch":
         return _launch(argv[1:])
     args = _parser().parse_args(argv)
+    command = {"bench": bench, "measure": measure, "calibrate": calibrate}[args.command]
     try:
-        return bench(args)
+        return command(args)
     except ValueError as exc:
-        print(f"relibra bench: error: {exc}", file=sys.stderr)
+        print(f"relibra {args.command}: error: {exc}", file=sys.stderr)
         return 2

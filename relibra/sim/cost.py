@@ -3,12 +3,17 @@
 Legend: ``M`` micro-batches, ``L`` MoE layers, ``E`` logical experts, ``G`` GPUs, ``N`` nodes,
 ``R`` spare slots (G*S), ``P`` physical slots.
 
-It is a model, not a measurement. Per micro-batch and MoE layer, forward plus backward
-(backward costs ``backward_factor`` = 2x forward):
+It is a model, not a measurement (``relibra measure`` checks it against one; ``relibra
+calibrate`` measures its machine parameters, :mod:`relibra.sim.profile` reads them). Per
+micro-batch and MoE layer, forward plus backward (backward costs ``backward_factor`` = 2x
+forward):
 
-1. Expert compute. GPU ``g`` computes ``c_g`` token copies (``plan.gpu_loads()``); each costs
-   ``3 matrices x 2 flops x hidden x expert_intermediate`` (gated MLP) forward. The layer
-   waits for the busiest GPU: ``max_g c_g * flops / (peak_flops * mfu)``.
+1. Expert compute. Slot ``s`` of GPU ``g`` computes ``r_s`` token copies (``plan.slot_tokens``);
+   each costs ``3 matrices x 2 flops x hidden x expert_intermediate`` (gated MLP) forward, and a
+   slot with any rows costs ``expert_half_rows`` rows more (its weights are read and its weight
+   gradients written whatever ``r_s`` is: the grouped GEMM runs at ``r / (r + expert_half_rows)``
+   of its large-batch rate). The layer waits for the busiest GPU:
+   ``max_g sum_s (r_s + n_half [r_s > 0]) * flops / (peak_flops * mfu)``.
 2. Non-MoE work (attention, shared expert, norms): ``2 * non_moe_params + 4 * attn_context *
    attn_width`` flops per token forward, spread evenly over GPUs (balanced by construction).
 3. Token all-to-all: dispatch and combine forward, and their two backward transfers, each
@@ -28,14 +33,40 @@ It is a model, not a measurement. Per micro-batch and MoE layer, forward plus ba
    (gradients accumulate in place), so a per-step replica set (EPLB) pays once a step; with
    ``replica_reuse`` = 0 every filled slot is fetched and its gradient returned every
    micro-batch, which is what ``ReLibraMoE`` does today (fractions in between pay that share).
+   A (micro-batch, layer) with replicas pays ``message_latency_s`` twice (fetch, return).
 5. Reorder: every expert whose home GPU changes moves weights and optimizer state
    (``state_bytes_per_param`` = 16) once a step; per GPU in and out counts on the tier of
-   the move; ``reorder_overlap`` of it hides behind rollout.
-6. Ideal baseline: every GPU exactly at the mean load, uniform traffic, nothing moved.
+   the move, and every byte a GPU sends or receives costs ``migration_s_per_byte`` more
+   (packing and checksums of :func:`relibra.runtime.migration.migrate_experts`);
+   ``reorder_overlap`` of it hides behind rollout.
+6. Optimizer and host: ``optimizer_s_per_param`` per parameter a GPU updates (its home experts,
+   its share of the rest), ``layer_call_s`` of host work per MoE layer call (forward and
+   backward of one micro-batch) and ``step_overhead_s`` per step (the Balancer's gathers and
+   broadcasts), the same for every policy.
+7. Ideal baseline: every GPU exactly at the mean load (its share of the busy experts' fixed
+   costs), uniform traffic, nothing moved.
 
 Not modelled: pipeline parallelism and its bubbles, token de-duplication per node (DeepEP),
-kernel efficiency falling with small expert batches, memory limits, congestion beyond the
-per-GPU link bandwidths, dense layers and the LM head (``extra_params`` adds them, balanced).
+memory limits, congestion beyond the per-GPU link bandwidths, per-token host work (permute,
+unpermute), the planner's own time (``relibra bench`` reports it apart), dense layers and the
+LM head (``extra_params`` adds them, balanced).
+
+Defaults of the machine parameters, for H100-class clusters (estimates, none measured on a GPU
+here; ``relibra calibrate`` measures them where it runs):
+
+- ``expert_half_rows`` = 150: an expert's weights (2 B/param) stream from HBM (3.35 TB/s) once per
+  call while each row costs ``2 flops/param`` at the effective ``989e12 * 0.5`` flop/s, so the
+  fixed cost equals ``494.5e12 * 2 / (2 * 3.35e12)`` = 148 rows (the roofline ridge);
+- ``message_latency_s`` = 30e-6: one NCCL all-to-all of small messages over 8 x 8 GPUs;
+- ``layer_call_s`` = 2e-4: kernel launches and the dispatch's host syncs of one layer's forward
+  and backward that do not overlap device work;
+- ``step_overhead_s`` = 0.01: ``Balancer.plan_step``'s load all-gather and plan broadcast;
+- ``optimizer_s_per_param`` = 1.2e-11: mixed-precision AdamW reads and writes ~36 B per
+  parameter at ~3 TB/s;
+- ``migration_s_per_byte`` = 0: not charged by default. Unmeasured on a GPU; the migration's
+  checksums widen every byte to int64 (~45 B of HBM traffic per byte moved, sender and
+  receiver), which suggests ~1.5e-11 s/B: on the default ``relibra bench`` trace that setting
+  raises hybrid's gap to ideal from +4.7 % to +10.6 % (``--set migration_s_per_byte=1.5e-11``).
 """
 
 from __future__ import annotations
@@ -49,7 +80,7 @@ from ..plan import Placement, Plan, as_loads
 from ..topology import Topology
 
 __all__ = ["CostConfig", "MODEL_PRESETS", "CLUSTER_PRESETS", "StepCost", "step_cost", "ideal_step_cost",
-           "make_config"]
+           "make_config", "expert_seconds", "fixed_seconds"]
 
 # Published numbers (REFERENCE.md). non_moe_params: attention + shared expert of one MoE layer.
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
@@ -82,9 +113,14 @@ class CostConfig:
     ``top_k``, ``num_moe_layers``, ``num_expert_groups``, ``non_moe_params`` (per MoE layer,
     balanced), ``attn_width`` (heads x head dim, for the attention score flops),
     ``attn_context`` (mean causal context per token), ``extra_params`` (dense layers, head).
-    Cluster: ``peak_flops`` per GPU, ``mfu`` (effective fraction of peak), bandwidths in bytes/s
-    per GPU per direction. Knobs: ``backward_factor``, byte sizes, overlap fractions in [0, 1] and
-    ``replica_reuse`` in [0, 1] (the share of a kept replica's traffic that is saved).
+    Cluster: ``peak_flops`` per GPU, ``mfu`` (effective fraction of peak at large batches),
+    ``expert_half_rows`` (rows per expert slot at which the grouped GEMM reaches half that
+    rate), bandwidths in bytes/s per GPU per direction, ``message_latency_s`` per transfer,
+    ``migration_s_per_byte`` per byte a migration sends or receives, ``optimizer_s_per_param``,
+    ``layer_call_s`` per MoE layer call (forward + backward of one micro-batch) and
+    ``step_overhead_s`` per step. Knobs: ``backward_factor``, byte sizes, overlap fractions in
+    [0, 1] and ``replica_reuse`` in [0, 1] (the share of a kept replica's traffic that is saved).
+    Defaults and where they come from: the module doc.
     """
 
     hidden: int = 7168
@@ -110,6 +146,12 @@ class CostConfig:
     state_bytes_per_param: float = 16.0
     reorder_overlap: float = 0.5
     replica_reuse: float = 1.0
+    expert_half_rows: float = 150.0
+    message_latency_s: float = 30e-6
+    migration_s_per_byte: float = 0.0
+    optimizer_s_per_param: float = 1.2e-11
+    layer_call_s: float = 2e-4
+    step_overhead_s: float = 0.01
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -173,7 +215,11 @@ def make_config(model: str = "deepseek-v3", cluster: str = "h100",
 
 @dataclass(frozen=True)
 class StepCost:
-    """Seconds of one step by part (already net of overlap), and its volumes."""
+    """Seconds of one step by part (already net of overlap), and its volumes.
+
+    ``optimizer_s`` and ``overhead_s`` (host: layer calls and the step's fixed cost) are the
+    same for every plan of one step's loads.
+    """
 
     expert_compute_s: float
     non_moe_s: float
@@ -184,11 +230,13 @@ class StepCost:
     tokens: float
     replica_bytes: float
     reorder_bytes: float
+    optimizer_s: float = 0.0
+    overhead_s: float = 0.0
 
     @property
     def total_s(self) -> float:
         return (self.expert_compute_s + self.non_moe_s + self.a2a_s + self.replica_s
-                + self.reorder_s + self.extra_s)
+                + self.reorder_s + self.extra_s + self.optimizer_s + self.overhead_s)
 
 
 def _fb(cfg: CostConfig) -> float:
@@ -228,8 +276,9 @@ def a2a_seconds(gpu_copies_MLG: torch.Tensor, topology: Topology, cfg: CostConfi
         recv_i, recv_o = (t * intra).sum(-2), (t * inter).sum(-2)
     b = cfg.hidden * cfg.a2a_bytes
     one = _tier_time(send_i * b, recv_i * b, send_o * b, recv_o * b, cfg).amax(-1)
+    latency = cfg.message_latency_s if G > 1 else 0.0
     # dispatch (to experts) and combine (back) take the same time: send and receive swap.
-    return 4.0 * one * (1.0 - cfg.a2a_overlap)
+    return 4.0 * (one + latency) * (1.0 - cfg.a2a_overlap)
 
 
 def source_traffic(plan: Plan, loads_MLE: torch.Tensor, source_loads_MLGE: torch.Tensor) -> torch.Tensor:
@@ -278,6 +327,7 @@ def replica_seconds(plan: Plan, cfg: CostConfig) -> tuple[torch.Tensor, float]:
     for moving, bytes_per_param in ((arrive, cfg.weight_bytes), (leave, cfg.replica_grad_bytes)):
         b = cfg.expert_params * bytes_per_param
         count += float(moving.sum()) * b
+        total += cfg.message_latency_s * (moving.sum(-1) > 0)  # one transfer for all of them
         per_tier = []
         for tier in (intra, ~intra):
             m = moving * tier  # [M, L, R] share of a copy each slot pays
@@ -309,7 +359,10 @@ def reorder_seconds(placement: Placement, previous: Placement | None, topology: 
         inn = torch.zeros(G, dtype=torch.float64).scatter_add_(0, new.flatten(), m.flatten())
         parts.append((out * b, inn * b))
     (si, ri), (so, ro) = parts
-    seconds = float(_tier_time(si, ri, so, ro, cfg).max())
+    if not bool(moved.any()):
+        return 0.0, 0.0
+    handled = (si + ri + so + ro) * cfg.migration_s_per_byte  # packed and checked, out and in
+    seconds = float((_tier_time(si, ri, so, ro, cfg) + handled).max()) + cfg.message_latency_s
     return seconds * (1.0 - cfg.reorder_overlap), float(moved.sum()) * b
 
 
@@ -324,6 +377,29 @@ def _common(loads_MLE: torch.Tensor, G: int, cfg: CostConfig) -> tuple[float, fl
     tok_per_gpu = float(tokens.sum()) / G * _fb(cfg) / cfg.flops
     per_token = 2.0 * cfg.non_moe_params + 4.0 * cfg.attn_context * cfg.attn_width
     return tok_per_gpu * per_token * L, tok_per_gpu * 2.0 * cfg.extra_params, float(tokens.sum())
+
+
+def fixed_seconds(loads_MLE: torch.Tensor, G: int, cfg: CostConfig) -> tuple[float, float]:
+    """``(optimizer_s, overhead_s)`` of one step: the same for every plan of these loads.
+
+    The optimizer updates a GPU's ``L * E / G`` home experts and its share of the rest; the host
+    pays ``layer_call_s`` per layer and micro-batch and ``step_overhead_s`` once.
+    """
+    M, L, E = loads_MLE.shape
+    params = L * (E // G) * cfg.expert_params + (L * cfg.non_moe_params + cfg.extra_params) / G
+    return params * cfg.optimizer_s_per_param, M * L * cfg.layer_call_s + cfg.step_overhead_s
+
+
+def expert_seconds(slot_tokens_MLP: torch.Tensor, topology: Topology, cfg: CostConfig) -> torch.Tensor:
+    """``[M, L]`` seconds of the busiest GPU's expert GEMMs, forward and backward.
+
+    A slot with ``r > 0`` rows costs ``r + expert_half_rows`` rows (module doc, part 1).
+    """
+    r = slot_tokens_MLP.to(torch.float64)
+    busy = r + cfg.expert_half_rows * (r > 0)
+    M, L, _ = r.shape
+    per_gpu = busy.reshape(M, L, topology.num_gpus, topology.slots_per_gpu).sum(-1)
+    return per_gpu.amax(-1) * 2.0 * cfg.expert_params * _fb(cfg) / cfg.flops
 
 
 def step_cost(plan: Plan, loads_MLE: Any, cfg: CostConfig, previous: Placement | None = None,
@@ -341,8 +417,7 @@ def step_cost(plan: Plan, loads_MLE: Any, cfg: CostConfig, previous: Placement |
         raise ValueError(f"loads have {loads.shape[2]} experts; cost config has {cfg.num_experts}, "
                          f"topology {t.num_experts}")
     gpu = plan.gpu_loads(loads).to(torch.float64)  # [M, L, G]
-    expert_flops = 2.0 * cfg.expert_params * _fb(cfg)
-    compute = float(gpu.amax(-1).sum()) * expert_flops / cfg.flops
+    compute = float(expert_seconds(plan.slot_tokens, t, cfg).sum())
     traffic = None
     if source_loads_MLGE is not None:
         src = as_loads(source_loads_MLGE, "source_loads", ndim=4)
@@ -354,16 +429,24 @@ def step_cost(plan: Plan, loads_MLE: Any, cfg: CostConfig, previous: Placement |
     rep, rep_bytes = replica_seconds(plan, cfg)
     reo, reo_bytes = reorder_seconds(plan.placement, previous, t, cfg)
     non_moe, extra, tokens = _common(loads, t.num_gpus, cfg)
-    return StepCost(compute, non_moe, a2a, float(rep.sum()), reo, extra, tokens, rep_bytes, reo_bytes)
+    optimizer, overhead = fixed_seconds(loads, t.num_gpus, cfg)
+    return StepCost(compute, non_moe, a2a, float(rep.sum()), reo, extra, tokens, rep_bytes, reo_bytes,
+                    optimizer, overhead)
 
 
 def ideal_step_cost(loads_MLE: Any, topology: Topology, cfg: CostConfig) -> StepCost:
-    """The idealised run: every GPU at the mean load, uniform traffic, nothing moved."""
+    """The idealised run: every GPU at the mean load, uniform traffic, nothing moved.
+
+    Each GPU also carries its share of the busy experts' fixed GEMM cost
+    (``expert_half_rows`` per expert with any load, over G).
+    """
     loads = as_loads(loads_MLE, "loads")
     G = topology.num_gpus
     mean = loads.to(torch.float64).sum(-1, keepdim=True) / G  # [M, L, 1]
     gpu = mean.expand(*loads.shape[:2], G)
-    compute = float(mean.sum()) * 2.0 * cfg.expert_params * _fb(cfg) / cfg.flops
+    busy = mean.sum() + cfg.expert_half_rows * float((loads > 0).sum()) / G
+    compute = float(busy) * 2.0 * cfg.expert_params * _fb(cfg) / cfg.flops
     a2a = float(a2a_seconds(gpu, topology, cfg).sum())
     non_moe, extra, tokens = _common(loads, G, cfg)
-    return StepCost(compute, non_moe, a2a, 0.0, 0.0, extra, tokens, 0.0, 0.0)
+    optimizer, overhead = fixed_seconds(loads, G, cfg)
+    return StepCost(compute, non_moe, a2a, 0.0, 0.0, extra, tokens, 0.0, 0.0, optimizer, overhead)

@@ -1,0 +1,233 @@
+"""``relibra calibrate``: measure, on the ranks at hand, what the cost model assumes.
+
+Legend: G ranks, E experts, H = E / G home slots per rank, D dim, I hidden, L MoE layers,
+r rows (token copies) one expert slot computes.
+
+Every rank runs every probe at the same time (between barriers), as in a real step, and the
+slowest rank's time counts; each figure is the median over repeats. Probes and the cost
+parameters fitted from them (:func:`fit_profile`):
+
+- ``gemm``: ``expert_mlp`` (the layer's grouped GEMM) over ``min(H, 4)`` slots of r rows each,
+  forward and forward + backward, r from 4 to 1024. A straight line per slot,
+  ``t(r) = a + b r``, gives the forward rate ``peak_flops = 2 x 3 D I / b_fwd`` (``mfu`` 1),
+  ``backward_factor = b_fb / b_fwd - 1`` and ``expert_half_rows = a_fb / b_fb``: the rows whose
+  time one slot's fixed cost equals (weights read and weight gradients written whatever r is),
+  i.e. efficiency ``r / (r + n_half)``.
+- ``a2a``: ``all_to_all_single`` of B bytes per peer: ``t = latency + (G - 1) B / bandwidth``
+  gives ``message_latency_s`` and both link bandwidths (all ranks of one host share one link
+  kind; on several hosts the slowest pair shows).
+- ``p2p``: ``batch_isend_irecv`` around the ring, B bytes each way: reported, not fitted.
+- ``migration``: :func:`relibra.runtime.migration.migrate_experts` swapping k experts per layer
+  between neighbouring ranks, with AdamW state: its time beyond ``bytes / bandwidth`` per byte
+  moved in and out is ``migration_s_per_byte`` (packing and checksums).
+- ``optimizer``: ``AdamW.step`` over this rank's expert and router parameters:
+  ``optimizer_s_per_param``.
+- ``layer_call``: a stack of L ``ReLibraMoE`` layers under a ``static`` Balancer with 16 tokens
+  per rank: one micro-batch's forward + backward, less its modelled GEMM and transfers, per
+  layer is ``layer_call_s``; ``plan_step`` is ``step_overhead_s``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import statistics
+import time
+from functools import partial
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..plan import Placement
+from ..runtime.dispatch import expert_mlp
+from ..runtime.migration import migrate_experts
+from ..sim.profile import PROFILE_FORMAT, PROFILE_VERSION
+from .options import MeasureOptions
+from .routes import step_routes
+from .step import build_stack
+
+__all__ = ["calibrate_rank", "fit_profile", "GEMM_ROWS", "A2A_BYTES"]
+
+GEMM_ROWS = (4, 16, 64, 256, 1024)
+A2A_BYTES = (16 << 10, 256 << 10, 1 << 20, 4 << 20)
+_TINY_TOKENS = 16
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """Median over ``repeats`` of the slowest rank's seconds for ``fn`` (one untimed run first)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+        dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+        times.append(float(dt))
+    return statistics.median(times)
+
+
+def _forward(x, gate_up, down, counts) -> None:
+    with torch.no_grad():
+        expert_mlp(x, gate_up, down, counts)
+
+
+def _forward_backward(x, gate_up, down, counts, dy) -> None:
+    expert_mlp(x, gate_up, down, counts).backward(dy)  # gradients accumulate, as over micro-batches
+
+
+def _gemm(o: MeasureOptions, device: torch.device, repeats: int) -> dict:
+    slots = min(o.home_slots, 4)
+    gu = torch.randn(slots, 2 * o.hidden, o.dim, device=device, requires_grad=True)
+    dn = torch.randn(slots, o.dim, o.hidden, device=device, requires_grad=True)
+    rows, fwd, fb = [], [], []
+    for r in GEMM_ROWS:
+        x = torch.randn(slots * r, o.dim, device=device, requires_grad=True)
+        dy = torch.randn(slots * r, o.dim, device=device)
+        counts = (r,) * slots
+        rows.append(r)
+        fwd.append(_timed(partial(_forward, x, gu, dn, counts), repeats, device) / slots)
+        fb.append(_timed(partial(_forward_backward, x, gu, dn, counts, dy), repeats, device) / slots)
+    return {"slots": slots, "rows": rows, "fwd_s_per_slot": fwd, "fwd_bwd_s_per_slot": fb}
+
+
+def _ring(send: torch.Tensor, recv: torch.Tensor) -> None:
+    """Send to the next rank and receive from the previous one (point to point)."""
+    G, rank = dist.get_world_size(), dist.get_rank()
+    ops = [dist.P2POp(dist.isend, send, (rank + 1) % G), dist.P2POp(dist.irecv, recv, (rank - 1) % G)]
+    for work in dist.batch_isend_irecv(ops):
+        work.wait()
+
+
+def _a2a(device: torch.device, repeats: int) -> dict:
+    G = dist.get_world_size()
+    out = {"bytes_per_peer": [], "a2a_s": [], "p2p_s": []}
+    for nbytes in A2A_BYTES:
+        n = nbytes // 4
+        send = torch.randn(n * G, device=device)
+        out["bytes_per_peer"].append(nbytes)
+        out["a2a_s"].append(_timed(partial(dist.all_to_all_single, torch.empty_like(send), send), repeats, device))
+        out["p2p_s"].append(_timed(partial(_ring, send[:n], torch.empty_like(send[:n])), repeats, device))
+    return out
+
+
+def _swap_placement(placement: Placement, G: int, H: int, k: int) -> Placement:
+    """Rank g's first k home experts trade places with rank g+1's (g even), in every layer."""
+    he = placement.home_experts.clone()
+    for g in range(0, G - 1, 2):
+        for j in range(k):
+            a, b = g * H + j, (g + 1) * H + j
+            he[:, [a, b]] = he[:, [b, a]]
+    return Placement(he)
+
+
+def _there_and_back(tensors, opt, old: Placement, new: Placement, topology, group, sent: list[int]) -> None:
+    """Migrate ``old -> new`` and back (so the stack ends where it began); note the bytes sent."""
+    sent.append(migrate_experts(tensors, opt, old, new, topology, group=group).bytes_sent)
+    migrate_experts(tensors, opt, new, old, topology, group=group)
+
+
+def _step_probes(rank: int, mesh, device: torch.device, o: MeasureOptions, repeats: int) -> dict:
+    """Layer call, plan_step, AdamW and migration on a real static stack."""
+    G = dist.get_world_size()
+    layers, opt, bal = build_stack(o, mesh, device, "static")
+    routes = step_routes(o.seed, 0, rank, 1, _TINY_TOKENS, o.layers, o.experts, o.top_k, G, 0.0)
+    x = torch.randn(_TINY_TOKENS, o.dim, device=device)
+
+    def micro_batch():
+        with bal.micro_batch(0):
+            h = x
+            for layer in layers:
+                h = layer(h)
+            h.square().mean().backward()
+
+    plan_step = _timed(lambda: bal.plan_step(routes), repeats, device)
+    call = _timed(micro_batch, repeats, device)
+    params = sum(getattr(p, "_local_tensor", p).numel() for p in layers.parameters())
+    adamw = _timed(opt.step, repeats, device)  # state exists after the untimed first call
+    tensors = [[layer.experts.gate_up_proj, layer.experts.down_proj] for layer in layers]
+    H = o.home_slots
+    moves = {"experts_per_layer": [], "bytes_sent": [], "seconds": []}
+    for k in sorted({1, max(1, H // 2)}):
+        sent: list[int] = []
+        swap = partial(_there_and_back, tensors, opt, bal.placement, _swap_placement(bal.placement, G, H, k),
+                       bal.topology, bal.group, sent)
+        moves["experts_per_layer"].append(k)
+        moves["seconds"].append(_timed(swap, repeats, device) / 2)
+        moves["bytes_sent"].append(max(sent))
+    return {"tokens": _TINY_TOKENS, "plan_step_s": plan_step, "micro_batch_s": call,
+            "optimizer_params": params, "optimizer_s": adamw, "migration": moves}
+
+
+def calibrate_rank(rank: int, mesh, device: torch.device, o: MeasureOptions, repeats: int = 3) -> dict | None:
+    """Every probe of the module doc on this rank; rank 0 returns the raw measurements."""
+    out = {"gemm": _gemm(o, device, repeats), "a2a": _a2a(device, repeats),
+           "step": _step_probes(rank, mesh, device, o, repeats)}
+    return out if rank == 0 else None
+
+
+def _line(x: list[float], t: list[float]) -> tuple[float, float]:
+    """``(a, b)`` of ``t = a + b x`` by least squares on relative error, ``a`` clamped at 0."""
+    X, T = np.asarray(x, dtype=np.float64), np.asarray(t, dtype=np.float64)
+    w = 1.0 / T
+    a, b = np.linalg.lstsq(np.stack([w, X * w], 1), np.ones_like(T), rcond=None)[0]
+    if a < 0:  # a line through the origin
+        a, b = 0.0, float((X * T * w * w).sum() / (X * X * w * w).sum())
+    return float(a), float(b)
+
+
+def fit_profile(raw: dict, o: MeasureOptions, backend: str, device: str) -> dict:
+    """A profile (see :mod:`relibra.sim.profile`) from :func:`calibrate_rank`'s measurements."""
+    g = raw["gemm"]
+    a_f, b_f = _line(g["rows"], g["fwd_s_per_slot"])
+    a_fb, b_fb = _line(g["rows"], g["fwd_bwd_s_per_slot"])
+    expert_params = 3.0 * o.dim * o.hidden
+    flops = 2.0 * expert_params / b_f
+    backward_factor = max(0.0, b_fb / b_f - 1.0)
+    half_rows = a_fb / b_fb
+    G = o.world_size
+    c = raw["a2a"]
+    latency, s_per_byte = _line([(G - 1) * b for b in c["bytes_per_peer"]], c["a2a_s"])
+    bandwidth = 1.0 / s_per_byte
+    s = raw["step"]
+    cost = dict(peak_flops=flops, mfu=1.0, backward_factor=backward_factor, expert_half_rows=half_rows,
+                intra_node_bandwidth=bandwidth, inter_node_bandwidth=bandwidth, message_latency_s=latency,
+                optimizer_s_per_param=s["optimizer_s"] / s["optimizer_params"])
+    # the tiny micro-batch: ~T K G / E rows per expert, every home slot busy
+    rows = _TINY_TOKENS * o.top_k * G / o.experts
+    gemm_s = o.home_slots * (rows + half_rows) * b_fb
+    a2a_s = 4 * (latency + _TINY_TOKENS * o.top_k * (G - 1) / G * o.dim * 4 / bandwidth)
+    cost["layer_call_s"] = max(0.0, s["micro_batch_s"] / o.layers - gemm_s - a2a_s)
+    cost["step_overhead_s"] = s["plan_step_s"]
+    m = s["migration"]
+    if len(m["bytes_sent"]) >= 2:
+        _, per_byte = _line(m["bytes_sent"], m["seconds"])
+    else:
+        per_byte = m["seconds"][0] / m["bytes_sent"][0]
+    cost["migration_s_per_byte"] = max(0.0, (per_byte - 1.0 / bandwidth) / 2.0)
+    element = 4.0  # fp32 throughout
+    cost.update(a2a_bytes=element, weight_bytes=element, replica_grad_bytes=element,
+                state_bytes_per_param=3 * element,  # weight + AdamW exp_avg, exp_avg_sq (grads are None then)
+                a2a_overlap=0.0, replica_overlap=0.0, reorder_overlap=0.0, replica_reuse=0.0)
+    return {
+        "format": PROFILE_FORMAT, "version": PROFILE_VERSION,
+        "machine": {"host": platform.node(), "processor": platform.processor() or platform.machine(),
+                    "cores": len(os.sched_getaffinity(0)), "backend": backend, "device": device,
+                    "torch": torch.__version__, "dtype": "float32",
+                    "load_average": list(os.getloadavg())},
+        "world": {"nodes": o.nodes, "gpus_per_node": o.gpus_per_node},
+        "sizes": {k: v for k, v in dataclasses.asdict(o).items()
+                  if k in ("dim", "hidden", "experts", "top_k", "layers", "spare_slots")},
+        "cost": cost,
+        "measured": raw,
+    }

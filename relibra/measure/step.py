@@ -1,0 +1,115 @@
+"""One rank of ``relibra measure``: real training steps of a ReLibraMoE stack under each policy.
+
+Legend: M micro-batches, L MoE layers, E experts, G ranks, K top-k, T tokens per rank and
+micro-batch, D dim, R = G x S spare slots, P physical slots.
+
+Every policy gets its own stack of L ``ReLibraMoE`` layers (same seed, so the same initial
+weights), its own AdamW and its own :class:`relibra.Balancer`. A step is what a training step
+is: ``plan_step`` (gather loads, plan, migrate), then forward + backward of every micro-batch
+with its replayed routes installed, then ``AdamW.step`` and ``zero_grad``. The policies run the
+same routes and inputs, interleaved step by step (step s of every policy before step s + 1), so
+machine noise hits them alike. The first ``warmup_steps`` steps are not timed (first-touch
+allocation of AdamW state, the first move away from the contiguous placement). The time of a
+step is the slowest rank's (each rank times itself between barriers; the maximum is taken).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..runtime import Balancer, ReLibraMoE
+from .options import MeasureOptions
+from .routes import step_routes
+
+__all__ = ["measure_rank", "build_stack"]
+
+
+def build_stack(o: MeasureOptions, mesh, device: torch.device, policy: str):
+    """``(layers, optimizer, balancer)`` of one policy: L ReLibraMoE layers seeded by ``o.seed``."""
+    torch.manual_seed(o.seed)
+    layers = nn.ModuleList([ReLibraMoE(o.dim, o.hidden, o.experts, o.top_k, mesh, spare_slots_per_gpu=o.spare_slots,
+                                       device=device) for _ in range(o.layers)])
+    opt = torch.optim.AdamW(layers.parameters(), lr=1e-4)
+    bal = Balancer(layers, mesh=mesh, policy=policy, optimizer=opt, spare_slots_per_gpu=o.spare_slots)
+    return layers, opt, bal
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _train_step(layers, opt, bal: Balancer, routes, xs, device) -> list[float]:
+    """One timed step on this rank: seconds of ``[total, plan_step, micro-batches, optimizer]``."""
+    _sync(device)
+    t0 = time.perf_counter()
+    bal.plan_step(routes)
+    _sync(device)
+    t1 = time.perf_counter()
+    for m, x in enumerate(xs):
+        with bal.micro_batch(m):
+            h = x
+            for layer in layers:
+                h = layer(h)
+            h.square().mean().backward()
+    _sync(device)
+    t2 = time.perf_counter()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    _sync(device)
+    t3 = time.perf_counter()
+    return [t3 - t0, t1 - t0, t2 - t1, t3 - t2]
+
+
+def _source_loads(routes: list[torch.Tensor], o: MeasureOptions) -> torch.Tensor:
+    """``[M, L, G, E]`` token copies every rank sends to every expert (all-gathered counts)."""
+    E = o.experts
+    local = torch.zeros(len(routes), o.layers, E, dtype=torch.int64)
+    for m, r in enumerate(routes):
+        ids_LX = r.permute(1, 0, 2).reshape(o.layers, -1)
+        local[m].scatter_add_(1, ids_LX, torch.ones_like(ids_LX))
+    out = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, local)
+    return torch.stack(out).permute(1, 2, 0, 3).contiguous()
+
+
+def measure_rank(rank: int, mesh, device: torch.device, o: MeasureOptions) -> dict | None:
+    """Run the measurement on this rank; rank 0 returns, per policy, one record per timed step.
+
+    A record: ``seconds`` ``[total, plan_step, micro_batches, optimizer]`` (slowest rank each),
+    ``planning_s`` (rank 0's ``policy.plan``), ``planned_imbalance``, ``realised_imbalance``,
+    and the plan the Balancer ran: ``home_experts [L, E]``, ``previous [L, E]``,
+    ``spare_experts [M, L, R]``, ``slot_tokens [M, L, P]``, with ``source_loads [M, L, G, E]``,
+    as nested lists (plain data outlives the rank's process; shared-memory tensors do not).
+    """
+    G = dist.get_world_size()
+    stacks = {name: build_stack(o, mesh, device, name) for name in o.policies}
+    records: dict[str, list[dict]] = {name: [] for name in o.policies}
+    gen = torch.Generator().manual_seed(o.seed * 7919 + rank)
+    for step in range(o.warmup_steps + o.steps):
+        routes = step_routes(o.seed, step, rank, o.micro_batches, o.tokens, o.layers, o.experts, o.top_k, G, o.skew)
+        xs = [torch.randn(o.tokens, o.dim, generator=gen).to(device) for _ in range(o.micro_batches)]
+        timed = step >= o.warmup_steps
+        source = _source_loads(routes, o) if timed else None
+        for name in o.policies:
+            layers, opt, bal = stacks[name]
+            previous = bal.placement.home_experts.clone()
+            dist.barrier()
+            seconds = torch.tensor(_train_step(layers, opt, bal, routes, xs, device), dtype=torch.float64)
+            dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+            metrics = bal.metrics(gather_realised=True)
+            if not timed or rank != 0:
+                continue
+            plan = bal.plan
+            records[name].append(dict(
+                seconds=seconds.tolist(), planning_s=float(metrics["planning_seconds"]),
+                planned_imbalance=float(metrics["planned_imbalance"]),
+                realised_imbalance=float(metrics["realised_imbalance"]),
+                home_experts=plan.placement.home_experts.tolist(), previous=previous.tolist(),
+                spare_experts=plan.spare_experts.tolist(), slot_tokens=plan.slot_tokens.tolist(),
+                source_loads=source.tolist()))
+    return records if rank == 0 else None
