@@ -31,7 +31,10 @@ class MeasureOptions:
 
     ``tokens`` are per rank and micro-batch; ``steps`` are timed steps after ``warmup_steps``
     untimed ones; ``skew`` in [0, 1) is the share of tokens sent to each micro-batch's hot
-    experts (see :mod:`relibra.measure.routes`). :meth:`fault` names the first bad option.
+    experts, and a set of hot experts lasts ``hot_steps`` steps (1: new ones every step, as in
+    RL where every step brings new prompts; 0: the same every step, so a placement that fits
+    them once fits for good) (see :mod:`relibra.measure.routes`). :meth:`fault` names the first
+    bad option.
     """
 
     nodes: int = 1
@@ -47,6 +50,7 @@ class MeasureOptions:
     steps: int = 6
     warmup_steps: int = 1
     skew: float = 0.7
+    hot_steps: int = 1
     seed: int = 0
     policies: tuple[str, ...] = DEFAULT_POLICIES
 
@@ -66,7 +70,7 @@ class MeasureOptions:
             v = getattr(self, f.name)
             if f.name in ("skew", "policies"):
                 continue
-            least = 0 if f.name in ("spare_slots", "warmup_steps", "seed") else 1
+            least = 0 if f.name in ("spare_slots", "warmup_steps", "seed", "hot_steps") else 1
             if not isinstance(v, int) or isinstance(v, bool) or v < least:
                 return f"--{f.name.replace('_', '-')} must be an integer >= {least}, got {v!r}"
         skew = self.skew

@@ -83,7 +83,8 @@ def format_table(result: dict) -> str:
     lines = [f"relibra measure: {t['nodes']} node(s) x {t['gpus_per_node']} rank(s) = {t['ranks']} ranks, "
              f"{t['backend']} on {t['device']}; dim {o['dim']}, hidden {o['hidden']}, {o['experts']} experts "
              f"({t['home_slots']} home + {o['spare_slots']} spare per rank), top-{o['top_k']}, {o['layers']} layers, "
-             f"{o['tokens']} tokens/rank x {o['micro_batches']} micro-batches, skew {o['skew']}; "
+             f"{o['tokens']} tokens/rank x {o['micro_batches']} micro-batches, skew {o['skew']} (hot experts "
+             f"{'fixed' if not o['hot_steps'] else 'new every %d step(s)' % o['hot_steps']}); "
              f"{o['steps']} timed steps after {o['warmup_steps']} warm-up",
              f"model: {result['profile']}; load average {t['load_average_before']:.2f} before, "
              f"{t['load_average_after']:.2f} after"]

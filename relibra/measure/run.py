@@ -19,7 +19,7 @@ from .calibrate import calibrate_rank, fit_profile
 from .options import MeasureOptions
 from .report import add_ratios, measured_config, policy_report
 from .step import measure_rank
-from .world import launch, shared_core_warning, under_torchrun
+from .world import busy_machine_warning, launch, shared_core_warning, under_torchrun
 
 __all__ = ["run_measure", "run_calibrate", "measure_fault", "backend_name"]
 
@@ -59,7 +59,7 @@ def run_measure(o: MeasureOptions, profile: Profile | None = None) -> dict | Non
     fault = measure_fault(o, profile)
     if fault:
         raise ValueError(fault)
-    warnings = [w for w in (shared_core_warning(o.world_size),) if w]
+    warnings = [w for w in (shared_core_warning(o.world_size), busy_machine_warning()) if w]
     before = os.getloadavg()[0]
     out = launch(_measure_world, o.nodes, o.gpus_per_node, (o, profile is None))
     if out is None:

@@ -91,7 +91,8 @@ def measure_rank(rank: int, mesh, device: torch.device, o: MeasureOptions) -> di
     records: dict[str, list[dict]] = {name: [] for name in o.policies}
     gen = torch.Generator().manual_seed(o.seed * 7919 + rank)
     for step in range(o.warmup_steps + o.steps):
-        routes = step_routes(o.seed, step, rank, o.micro_batches, o.tokens, o.layers, o.experts, o.top_k, G, o.skew)
+        routes = step_routes(o.seed, step, rank, o.micro_batches, o.tokens, o.layers, o.experts, o.top_k, G,
+                             o.skew, o.hot_steps)
         xs = [torch.randn(o.tokens, o.dim, generator=gen).to(device) for _ in range(o.micro_batches)]
         timed = step >= o.warmup_steps
         source = _source_loads(routes, o) if timed else None

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["launch", "under_torchrun", "usable_cores", "shared_core_warning"]
+__all__ = ["launch", "under_torchrun", "usable_cores", "shared_core_warning", "busy_machine_warning"]
 
 
 def under_torchrun() -> bool:
@@ -42,6 +42,16 @@ def shared_core_warning(world_size: int) -> str:
         return ""
     return (f"warning: {world_size} ranks share {cores} cores: a rank waiting for the busiest one gives its "
             f"core away, so shared cores hide the gain from balance (measured speed-ups understate it)")
+
+
+def busy_machine_warning() -> str:
+    """A warning when other processes already keep the cores busy (1-minute load average), else ""."""
+    cores = len(usable_cores())
+    load = os.getloadavg()[0]
+    if load <= 0.5 * cores:
+        return ""
+    return (f"warning: load average {load:.2f} on {cores} cores before the run: other processes compete for the "
+            f"ranks' cores, so times are slower and noisier than on a quiet machine")
 
 
 def _pinned(rank: int, mesh, fn: Callable[..., Any], cores: list[int], args: tuple) -> Any:

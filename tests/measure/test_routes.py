@@ -46,3 +46,12 @@ def test_hot_experts_live_on_gpu0_and_move_every_micro_batch():
         assert len(set().union(*sets)) == H  # disjoint: a new pair each micro-batch
     a = [hot_experts(0, s, 0, 0, E, G, K).tolist() for s in range(6)]
     assert len({tuple(x) for x in a}) > 1  # and new ones from step to step
+
+
+def test_hot_steps_sets_how_long_hot_experts_last():
+    def hot(step, hot_steps):
+        return hot_experts(0, step, 1, 0, E, G, K, hot_steps).tolist()
+
+    assert all(hot(s, 0) == hot(0, 0) for s in range(6))  # the same in every step
+    assert hot(0, 2) == hot(1, 2) and hot(2, 2) == hot(3, 2)
+    assert len({tuple(hot(s, 1)) for s in range(6)}) > 1
