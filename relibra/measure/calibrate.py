@@ -8,7 +8,7 @@ slowest rank's time counts; each figure is the median over repeats. Probes and t
 parameters fitted from them (:func:`fit_profile`):
 
 - ``gemm``: ``expert_mlp`` (the layer's grouped GEMM) over ``min(H, 4)`` slots of r rows each,
-  forward and forward + backward, r from 4 to 1024. A straight line per slot,
+  forward and forward + backward, r from 8 to 1024. A straight line per slot,
   ``t(r) = a + b r``, gives the forward rate ``peak_flops = 2 x 3 D I / b_fwd`` (``mfu`` 1),
   ``backward_factor = b_fb / b_fwd - 1`` and ``expert_half_rows = a_fb / b_fb``: the rows whose
   time one slot's fixed cost equals (weights read and weight gradients written whatever r is),
@@ -51,7 +51,7 @@ from .step import build_stack
 
 __all__ = ["calibrate_rank", "fit_profile", "GEMM_ROWS", "A2A_BYTES"]
 
-GEMM_ROWS = (4, 16, 64, 256, 1024)
+GEMM_ROWS = (8, 32, 128, 512, 1024)
 A2A_BYTES = (16 << 10, 256 << 10, 1 << 20, 4 << 20)
 _TINY_TOKENS = 16
 

@@ -79,7 +79,7 @@ def run_measure(o: MeasureOptions, profile: Profile | None = None) -> dict | Non
             "cost": profile.cost, "policies": policies, "warnings": warnings}
 
 
-def run_calibrate(o: MeasureOptions, repeats: int = 3) -> dict | None:
+def run_calibrate(o: MeasureOptions, repeats: int = 5) -> dict | None:
     """Measure the machine parameters on the world of ``o``; a profile dict (rank 0)."""
     o.check()
     out = launch(_calibrate_world, o.nodes, o.gpus_per_node, (o, repeats))

@@ -71,8 +71,10 @@ def _torchrun(fn: Callable[..., Any], nodes: int, gpus_per_node: int, args: tupl
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
         device, backend, kind = torch.device("cuda", local), "nccl", "cuda"
-    else:
+    else:  # a CPU world under torchrun: pinned as without it
         device, backend, kind = torch.device("cpu"), "gloo", "cpu"
+        cores = usable_cores()
+        os.sched_setaffinity(0, {cores[local % len(cores)]})
         torch.set_num_threads(1)
     dist.init_process_group(backend)
     try:
