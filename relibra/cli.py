@@ -213,7 +213,8 @@ def _describe(loads: Any, meta: dict[str, Any]) -> dict[str, Any]:
 
 #: step-time parts of the cost model drawn by ``--plot`` (``PolicyResult.breakdown_s`` key, label)
 TIME_PARTS = (("expert_compute_s", "expert compute"), ("non_moe_s", "dense layers"), ("a2a_s", "all-to-all"),
-              ("replica_s", "replicas"), ("reorder_s", "migration"), ("extra_s", "other"))
+              ("replica_s", "replicas"), ("reorder_s", "migration"), ("optimizer_s", "optimizer"),
+              ("overhead_s", "host"), ("extra_s", "other"))
 
 
 def relative_gpu_loads(results: dict[str, Any]) -> dict[str, Any]:

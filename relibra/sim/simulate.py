@@ -113,7 +113,7 @@ class PolicyResult:
 
 
 def _mean_cost(costs: list[StepCost]) -> dict[str, float]:
-    keys = ("expert_compute_s", "non_moe_s", "a2a_s", "replica_s", "reorder_s", "extra_s")
+    keys = ("expert_compute_s", "non_moe_s", "a2a_s", "replica_s", "reorder_s", "extra_s", "optimizer_s", "overhead_s")
     return {k: float(np.mean([getattr(c, k) for c in costs])) for k in keys}
 
 
