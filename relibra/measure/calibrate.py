@@ -4,7 +4,7 @@ Legend: G ranks, E experts, H = E / G home slots per rank, D dim, I hidden, L Mo
 r rows (token copies) one expert slot computes.
 
 Every rank runs every probe at the same time (between barriers), as in a real step, and the
-slowest rank's time counts; each figure is the median over repeats. Probes and the cost
+slowest rank's time counts; each figure is the fastest of its repeats. Probes and the cost
 parameters fitted from them (:func:`fit_profile`):
 
 - ``gemm``: ``expert_mlp`` (the layer's grouped GEMM) over ``min(H, 4)`` slots of r rows each,
@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
-import statistics
 import time
 from functools import partial
 from typing import Callable
@@ -62,7 +61,11 @@ def _sync(device: torch.device) -> None:
 
 
 def _timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Median over ``repeats`` of the slowest rank's seconds for ``fn`` (one untimed run first)."""
+    """Fastest of ``repeats`` runs of ``fn``, each timed on the slowest rank (one untimed run first).
+
+    A probe measures what the machine can do: other processes only ever add time, so the
+    fastest repeat is the least disturbed one.
+    """
     fn()
     times = []
     for _ in range(repeats):
@@ -74,7 +77,7 @@ def _timed(fn: Callable[[], object], repeats: int, device: torch.device) -> floa
         dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
         dist.all_reduce(dt, op=dist.ReduceOp.MAX)
         times.append(float(dt))
-    return statistics.median(times)
+    return min(times)
 
 
 def _forward(x, gate_up, down, counts) -> None:

@@ -44,8 +44,14 @@ def _sync(device: torch.device) -> None:
 
 
 def _train_step(layers, opt, bal: Balancer, routes, xs, device) -> list[float]:
-    """One timed step on this rank: seconds of ``[total, plan_step, micro-batches, optimizer]``."""
+    """One timed step on this rank: seconds of ``[total, plan_step, micro-batches, optimizer, cpu]``.
+
+    ``cpu`` is this process's CPU time over the step (all its threads). A rank waiting in gloo
+    uses none, so the busiest rank's CPU time is its own work: unlike wall time, it hardly grows
+    when other processes share the core.
+    """
     _sync(device)
+    c0 = time.process_time()
     t0 = time.perf_counter()
     bal.plan_step(routes)
     _sync(device)
@@ -62,7 +68,7 @@ def _train_step(layers, opt, bal: Balancer, routes, xs, device) -> list[float]:
     opt.zero_grad(set_to_none=True)
     _sync(device)
     t3 = time.perf_counter()
-    return [t3 - t0, t1 - t0, t2 - t1, t3 - t2]
+    return [t3 - t0, t1 - t0, t2 - t1, t3 - t2, time.process_time() - c0]
 
 
 def _source_loads(routes: list[torch.Tensor], o: MeasureOptions) -> torch.Tensor:
@@ -80,7 +86,7 @@ def _source_loads(routes: list[torch.Tensor], o: MeasureOptions) -> torch.Tensor
 def measure_rank(rank: int, mesh, device: torch.device, o: MeasureOptions) -> dict | None:
     """Run the measurement on this rank; rank 0 returns, per policy, one record per timed step.
 
-    A record: ``seconds`` ``[total, plan_step, micro_batches, optimizer]`` (slowest rank each),
+    A record: ``seconds`` ``[total, plan_step, micro_batches, optimizer, cpu]`` (slowest rank each),
     ``planning_s`` (rank 0's ``policy.plan``), ``planned_imbalance``, ``realised_imbalance``,
     and the plan the Balancer ran: ``home_experts [L, E]``, ``previous [L, E]``,
     ``spare_experts [M, L, R]``, ``slot_tokens [M, L, P]``, with ``source_loads [M, L, G, E]``,

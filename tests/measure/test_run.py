@@ -32,7 +32,7 @@ def test_calibrate_then_measure_with_the_profile(tmp_path, capsys):
         for key in ("measured_step_s", "measured_min_s", "modelled_step_s", "planned_imbalance",
                     "realised_imbalance"):
             assert row[key] > 0
-        assert row["measured_min_s"] <= row["measured_step_s"]
+        assert row["measured_min_s"] <= row["measured_step_s"] and row["measured_cpu_s"] > 0
         assert len(row["measured_steps_s"]) == 2
     # skewed routes: static's GPU 0 carries 1 + skew of the mean; replicas even it out, and what
     # the layers computed is what was planned
