@@ -7,12 +7,14 @@ T tokens per rank and micro-batch, M micro-batches per step.
 Defaults (2 ranks on 2 cores) are chosen so that a CPU rank is compute-bound, as a GPU rank
 is: an expert's forward + backward costs ``3 x 6 x D x I`` = 4.7 Mflop per token copy (about
 75 us on one core at ~60 Gflop/s) against ``D x 4`` = 1 KiB per copy and transfer through gloo
-(about 1 us at ~1 GB/s), so moving tokens costs ~1 % of computing them; ``T x K x G / E`` = 128
-rows per expert on average keeps the grouped GEMM near its large-batch rate (cold experts
-under skew get ~40 rows, which is where small batches run below peak, as on a GPU); 16 experts
-give GPU 0 eight home experts, so four micro-batches of two hot experts each use them all
-(``reorder`` can split every micro-batch's hot pair over two nodes). One step of ``static``
-takes about 1.5 s on a quiet core, so the defaults' 5 policies x 7 steps fit in ~2 minutes.
+(about 1 us at ~1 GB/s), so moving tokens costs ~1 % of computing them; and every expert slot
+gets many more rows than the ~30 whose time its fixed cost equals (weights read, weight
+gradients written and accumulated whatever the rows): ``T x K x G / E`` = 512 rows per expert
+on average, ~150 for a cold expert under the default skew, so the fixed costs stay a small part
+of a step (as on a GPU, where an expert sees thousands of rows). 16 experts give GPU 0
+eight home experts, so the micro-batches' hot pairs are disjoint and ``reorder`` can split
+every micro-batch's pair over two nodes. A ``static`` step takes about 2.3 s on a quiet core,
+so the defaults' 5 policies x 7 steps fit in ~2 minutes.
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ class MeasureOptions:
     experts: int = 16
     top_k: int = 2
     layers: int = 2
-    tokens: int = 512
-    micro_batches: int = 4
+    tokens: int = 2048
+    micro_batches: int = 2
     steps: int = 6
     warmup_steps: int = 1
     skew: float = 0.7
