@@ -49,11 +49,21 @@ def _modelled(record: dict, o: MeasureOptions, cfg: CostConfig) -> dict[str, flo
 
 
 def policy_report(records: list[dict], o: MeasureOptions, cfg: CostConfig) -> dict:
-    """One policy's row of the JSON from its timed steps (see :mod:`relibra.measure.step`)."""
+    """One policy's row of the JSON from its timed steps (see :mod:`relibra.measure.step`).
+
+    Times and plans are those of the undisturbed steps; all steps when every one was disturbed
+    (``steps_undisturbed`` 0 says so).
+    """
+    timed = len(records)
+    kept = [r for r in records if not r["disturbed"]]
+    records = kept or records
     measured = [r["seconds"][0] for r in records]
     modelled = [_modelled(r, o, cfg) for r in records]
     med = statistics.median
     return {
+        "steps_timed": timed,
+        "steps_undisturbed": len(kept),
+        "stolen_s": med(r["seconds"][5] for r in records),
         "measured_step_s": med(measured),
         "measured_min_s": min(measured),
         "modelled_step_s": med(m["total_s"] for m in modelled),
@@ -90,7 +100,7 @@ def format_table(result: dict) -> str:
              f"model: {result['profile']}; load average {t['load_average_before']:.2f} before, "
              f"{t['load_average_after']:.2f} after"]
     head = ("policy", "median s", "min s", "x static", "cpu s", "modelled s", "x static", "model err",
-            "planned imb", "realised imb", "plan s")
+            "planned imb", "realised imb", "plan s", "steps")
     rows = [head]
     for name, r in result["policies"].items():
         rows.append((name, f"{r['measured_step_s']:.3f}", f"{r['measured_min_s']:.3f}",
@@ -98,14 +108,16 @@ def format_table(result: dict) -> str:
                      f"{r['measured_cpu_s']:.3f}", f"{r['modelled_step_s']:.3f}",
                      f"{r['modelled_speedup_vs_static']:.2f}" if "modelled_speedup_vs_static" in r else "-",
                      f"{r['model_error']:+.1%}", f"{r['planned_imbalance']:.2f}", f"{r['realised_imbalance']:.2f}",
-                     f"{r['planning_s']:.3f}"))
+                     f"{r['planning_s']:.3f}", f"{r['steps_undisturbed']}/{r['steps_timed']}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     table = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
     table.insert(1, "-" * len(table[0]))
     lines += table
     lines.append("median/min s: measured step (plan_step + forward/backward of every micro-batch + AdamW), slowest "
                  "rank; cpu s: the busiest rank's CPU seconds per step (median); modelled s: relibra.sim.cost on "
-                 "the plan the Balancer ran + its measured planning time")
+                 "the plan the Balancer ran + its measured planning time; steps: undisturbed / timed (a step is "
+                 "disturbed when another process held a rank's core for over 2 % of it; medians are over the "
+                 "undisturbed ones)")
     for w in result.get("warnings", []):
         lines.append(w)
     return "\n".join(lines)

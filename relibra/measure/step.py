@@ -11,10 +11,19 @@ same routes and inputs, interleaved step by step (step s of every policy before 
 machine noise hits them alike. The first ``warmup_steps`` steps are not timed (first-touch
 allocation of AdamW state, the first move away from the contiguous placement). The time of a
 step is the slowest rank's (each rank times itself between barriers; the maximum is taken).
+
+A rank owns its core only while no other process wants it. Each rank reads how long its main
+thread sat runnable but not running during the step (its run-queue delay, ``/proc/self/schedstat``):
+a step in which some rank lost more than :data:`STOLEN_LIMIT` of the step so is *disturbed*.
+Rounds go on, interleaved as before, until every policy has ``steps`` undisturbed steps or
+``MAX_ROUNDS x steps`` rounds were timed. Other processes matter more than noise here: while a
+rank idles, waiting for the busiest one, another process can use its core for free, so on a
+busy machine balanced policies lose what an unbalanced one does not.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -25,7 +34,13 @@ from ..runtime import Balancer, ReLibraMoE
 from .options import MeasureOptions
 from .routes import step_routes
 
-__all__ = ["measure_rank", "build_stack"]
+__all__ = ["measure_rank", "build_stack", "STOLEN_LIMIT", "MAX_ROUNDS"]
+
+#: a step in which a rank waited longer than this share of the step for its core is disturbed
+STOLEN_LIMIT = 0.02
+#: at most this many times ``steps`` timed rounds, however many were disturbed
+MAX_ROUNDS = 3
+_SCHEDSTAT = "/proc/self/schedstat"
 
 
 def build_stack(o: MeasureOptions, mesh, device: torch.device, policy: str):
@@ -43,14 +58,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _run_delay() -> float:
+    """Seconds this process's main thread has spent runnable but not running (0 where unknown)."""
+    if not os.path.exists(_SCHEDSTAT):
+        return 0.0
+    with open(_SCHEDSTAT) as f:
+        return int(f.read().split()[1]) * 1e-9
+
+
 def _train_step(layers, opt, bal: Balancer, routes, xs, device) -> list[float]:
-    """One timed step on this rank: seconds of ``[total, plan_step, micro-batches, optimizer, cpu]``.
+    """One timed step on this rank: seconds of ``[total, plan_step, micro-batches, optimizer, cpu,
+    stolen]``.
 
     ``cpu`` is this process's CPU time over the step (all its threads). A rank waiting in gloo
     uses none, so the busiest rank's CPU time is its own work: unlike wall time, it hardly grows
-    when other processes share the core.
+    when other processes share the core. ``stolen`` is the main thread's run-queue delay.
     """
     _sync(device)
+    d0 = _run_delay()
     c0 = time.process_time()
     t0 = time.perf_counter()
     bal.plan_step(routes)
@@ -68,7 +93,7 @@ def _train_step(layers, opt, bal: Balancer, routes, xs, device) -> list[float]:
     opt.zero_grad(set_to_none=True)
     _sync(device)
     t3 = time.perf_counter()
-    return [t3 - t0, t1 - t0, t2 - t1, t3 - t2, time.process_time() - c0]
+    return [t3 - t0, t1 - t0, t2 - t1, t3 - t2, time.process_time() - c0, _run_delay() - d0]
 
 
 def _source_loads(routes: list[torch.Tensor], o: MeasureOptions) -> torch.Tensor:
@@ -86,17 +111,21 @@ def _source_loads(routes: list[torch.Tensor], o: MeasureOptions) -> torch.Tensor
 def measure_rank(rank: int, mesh, device: torch.device, o: MeasureOptions) -> dict | None:
     """Run the measurement on this rank; rank 0 returns, per policy, one record per timed step.
 
-    A record: ``seconds`` ``[total, plan_step, micro_batches, optimizer, cpu]`` (slowest rank each),
-    ``planning_s`` (rank 0's ``policy.plan``), ``planned_imbalance``, ``realised_imbalance``,
-    and the plan the Balancer ran: ``home_experts [L, E]``, ``previous [L, E]``,
-    ``spare_experts [M, L, R]``, ``slot_tokens [M, L, P]``, with ``source_loads [M, L, G, E]``,
+    A record: ``seconds`` ``[total, plan_step, micro_batches, optimizer, cpu, stolen]`` (the slowest
+    rank's each), ``disturbed`` (see the module doc), ``planning_s`` (rank 0's ``policy.plan``),
+    ``planned_imbalance``, ``realised_imbalance``, and the plan the Balancer ran:
+    ``home_experts [L, E]``, ``previous [L, E]``, ``spare_experts [M, L, R]``,
+    ``slot_tokens [M, L, P]``, with ``source_loads [M, L, G, E]``,
     as nested lists (plain data outlives the rank's process; shared-memory tensors do not).
     """
     G = dist.get_world_size()
     stacks = {name: build_stack(o, mesh, device, name) for name in o.policies}
     records: dict[str, list[dict]] = {name: [] for name in o.policies}
     gen = torch.Generator().manual_seed(o.seed * 7919 + rank)
-    for step in range(o.warmup_steps + o.steps):
+    clean = dict.fromkeys(o.policies, 0)  # the same on every rank: it comes from all-reduced times
+    for step in range(o.warmup_steps + MAX_ROUNDS * o.steps):
+        if step >= o.warmup_steps and min(clean.values()) >= o.steps:
+            break
         routes = step_routes(o.seed, step, rank, o.micro_batches, o.tokens, o.layers, o.experts, o.top_k, G,
                              o.skew, o.hot_steps)
         xs = [torch.randn(o.tokens, o.dim, generator=gen).to(device) for _ in range(o.micro_batches)]
@@ -109,11 +138,14 @@ def measure_rank(rank: int, mesh, device: torch.device, o: MeasureOptions) -> di
             seconds = torch.tensor(_train_step(layers, opt, bal, routes, xs, device), dtype=torch.float64)
             dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
             metrics = bal.metrics(gather_realised=True)
+            disturbed = bool(seconds[5] > STOLEN_LIMIT * seconds[0])
+            if timed:
+                clean[name] += not disturbed
             if not timed or rank != 0:
                 continue
             plan = bal.plan
             records[name].append(dict(
-                seconds=seconds.tolist(), planning_s=float(metrics["planning_seconds"]),
+                seconds=seconds.tolist(), disturbed=disturbed, planning_s=float(metrics["planning_seconds"]),
                 planned_imbalance=float(metrics["planned_imbalance"]),
                 realised_imbalance=float(metrics["realised_imbalance"]),
                 home_experts=plan.placement.home_experts.tolist(), previous=previous.tolist(),

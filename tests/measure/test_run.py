@@ -33,7 +33,9 @@ def test_calibrate_then_measure_with_the_profile(tmp_path, capsys):
                     "realised_imbalance"):
             assert row[key] > 0
         assert row["measured_min_s"] <= row["measured_step_s"] and row["measured_cpu_s"] > 0
-        assert len(row["measured_steps_s"]) == 2
+        # disturbed steps (another process held a core) are retried, at most 3 x --steps rounds
+        assert 2 <= row["steps_timed"] <= 6 and row["steps_undisturbed"] <= row["steps_timed"]
+        assert len(row["measured_steps_s"]) == (row["steps_undisturbed"] or row["steps_timed"])
     # skewed routes: static's GPU 0 carries 1 + skew of the mean; replicas even it out, and what
     # the layers computed is what was planned
     assert pol["static"]["planned_imbalance"] > 1.5
