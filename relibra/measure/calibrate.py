@@ -189,8 +189,12 @@ def _line(x: list[float], t: list[float]) -> tuple[float, float]:
     return float(a), float(b)
 
 
-def fit_profile(raw: dict, o: MeasureOptions, backend: str, device: str) -> dict:
-    """A profile (see :mod:`relibra.sim.profile`) from :func:`calibrate_rank`'s measurements."""
+def fit_profile(raw: dict, o: MeasureOptions, backend: str, device: str,
+                load_average: tuple[float, float, float] | None = None) -> dict:
+    """A profile (see :mod:`relibra.sim.profile`) from :func:`calibrate_rank`'s measurements.
+
+    ``load_average``: the machine's before the probes (default: now).
+    """
     g = raw["gemm"]
     a_f, b_f = _line(g["rows"], g["fwd_s_per_slot"])
     a_fb, b_fb = _line(g["rows"], g["fwd_bwd_s_per_slot"])
@@ -227,7 +231,7 @@ def fit_profile(raw: dict, o: MeasureOptions, backend: str, device: str) -> dict
         "machine": {"host": platform.node(), "processor": platform.processor() or platform.machine(),
                     "cores": len(os.sched_getaffinity(0)), "backend": backend, "device": device,
                     "torch": torch.__version__, "dtype": "float32",
-                    "load_average": list(os.getloadavg())},
+                    "load_average": list(load_average or os.getloadavg())},
         "world": {"nodes": o.nodes, "gpus_per_node": o.gpus_per_node},
         "sizes": {k: v for k, v in dataclasses.asdict(o).items()
                   if k in ("dim", "hidden", "experts", "top_k", "layers", "spare_slots")},

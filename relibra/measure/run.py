@@ -82,8 +82,9 @@ def run_measure(o: MeasureOptions, profile: Profile | None = None) -> dict | Non
 def run_calibrate(o: MeasureOptions, repeats: int = 5) -> dict | None:
     """Measure the machine parameters on the world of ``o``; a profile dict (rank 0)."""
     o.check()
+    before = os.getloadavg()
     out = launch(_calibrate_world, o.nodes, o.gpus_per_node, (o, repeats))
     if out is None:
         return None
     raw, backend, device = out
-    return fit_profile(raw, o, backend, device)
+    return fit_profile(raw, o, backend, device, before)
