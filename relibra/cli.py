@@ -307,9 +307,10 @@ def _measure_options(args: argparse.Namespace) -> Any:
     from .measure import MeasureOptions
 
     names = tuple(n.strip() for n in args.policies.split(",") if n.strip())
+    options = parse_options(args.option, list(names)) if args.option else {}
     return MeasureOptions(args.nodes, args.gpus_per_node, args.spare_slots, args.dim, args.hidden, args.experts,
                           args.top_k, args.layers, args.tokens, args.micro_batches, args.steps, args.warmup_steps,
-                          args.skew, args.hot_steps, args.seed, names).check()
+                          args.skew, args.hot_steps, args.seed, names, options).check()
 
 
 def measure(args: argparse.Namespace) -> int:
@@ -382,11 +383,13 @@ def _add_world_options(p: argparse.ArgumentParser, with_steps: bool) -> None:
         p.add_argument("--hot-steps", type=int, default=d.hot_steps,
                        help="steps a set of hot experts lasts (1: new every step; 0: the same in every step)")
         p.add_argument("--policies", default=",".join(d.policies))
+        p.add_argument("--option", action="append", default=[], metavar="POLICY.OPTION=VALUE",
+                       help="pass an option to one policy, e.g. hybrid.migration_weight=1 (YAML scalar), repeatable")
         p.add_argument("--profile", default=None, metavar="FILE",
                        help="price plans with this profile from relibra calibrate (default: probe this world first)")
     else:
         p.set_defaults(tokens=d.tokens, micro_batches=d.micro_batches, steps=d.steps, warmup_steps=d.warmup_steps,
-                       skew=d.skew, hot_steps=d.hot_steps, policies=",".join(d.policies))
+                       skew=d.skew, hot_steps=d.hot_steps, policies=",".join(d.policies), option=[])
         p.add_argument("--out", required=True, metavar="FILE", help="write the profile JSON here")
 
 

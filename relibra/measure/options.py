@@ -20,7 +20,7 @@ so the defaults' 5 policies x 7 steps fit in ~2 minutes.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 __all__ = ["MeasureOptions", "DEFAULT_POLICIES"]
 
@@ -35,8 +35,9 @@ class MeasureOptions:
     untimed ones; ``skew`` in [0, 1) is the share of tokens sent to each micro-batch's hot
     experts, and a set of hot experts lasts ``hot_steps`` steps (1: new ones every step, as in
     RL where every step brings new prompts; 0: the same every step, so a placement that fits
-    them once fits for good) (see :mod:`relibra.measure.routes`). :meth:`fault` names the first
-    bad option.
+    them once fits for good) (see :mod:`relibra.measure.routes`). ``policy_options`` maps a
+    policy to keyword options of its factory (``{"hybrid": {"migration_weight": 1.0}}``).
+    :meth:`fault` names the first bad option.
     """
 
     nodes: int = 1
@@ -55,6 +56,7 @@ class MeasureOptions:
     hot_steps: int = 1
     seed: int = 0
     policies: tuple[str, ...] = DEFAULT_POLICIES
+    policy_options: dict = field(default_factory=dict)
 
     @property
     def world_size(self) -> int:
@@ -70,7 +72,7 @@ class MeasureOptions:
         """Why these options cannot run, naming the option (``--name``), or "" if they can."""
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name in ("skew", "policies"):
+            if f.name in ("skew", "policies", "policy_options"):
                 continue
             least = 0 if f.name in ("spare_slots", "warmup_steps", "seed", "hot_steps") else 1
             if not isinstance(v, int) or isinstance(v, bool) or v < least:
@@ -101,6 +103,15 @@ class MeasureOptions:
         for name in self.policies:
             if name not in known:
                 return f"--policies: unknown policy {name!r}; registered: {', '.join(sorted(known))}"
+        from ..registry import get_policy
+
+        for name, opts in self.policy_options.items():
+            if name not in self.policies:
+                return f"--option for {name!r}, which is not in --policies ({','.join(self.policies)})"
+            try:
+                get_policy(name, **opts)
+            except (TypeError, ValueError) as exc:
+                return f"--option for policy {name!r} {opts}: {exc}"
         return ""
 
     def check(self) -> "MeasureOptions":

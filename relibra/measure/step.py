@@ -49,7 +49,8 @@ def build_stack(o: MeasureOptions, mesh, device: torch.device, policy: str):
     layers = nn.ModuleList([ReLibraMoE(o.dim, o.hidden, o.experts, o.top_k, mesh, spare_slots_per_gpu=o.spare_slots,
                                        device=device) for _ in range(o.layers)])
     opt = torch.optim.AdamW(layers.parameters(), lr=1e-4)
-    bal = Balancer(layers, mesh=mesh, policy=policy, optimizer=opt, spare_slots_per_gpu=o.spare_slots)
+    bal = Balancer(layers, mesh=mesh, policy=policy, optimizer=opt, spare_slots_per_gpu=o.spare_slots,
+                   policy_options=o.policy_options.get(policy))
     return layers, opt, bal
 
 

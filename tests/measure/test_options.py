@@ -20,6 +20,9 @@ from relibra.measure import MeasureOptions
     (dict(policies=("static", "nope")), "unknown policy 'nope'"),
     (dict(policies=("static", "static")), "names a policy twice"),
     (dict(policies=()), "names no policy"),
+    (dict(policy_options={"hybrid": {"nope": 1}}), "does not take option(s) ['nope']"),
+    (dict(policy_options={"hybrid": {"migration_weight": -1}}), "migration_weight must be a finite number >= 0"),
+    (dict(policies=("static",), policy_options={"hybrid": {}}), "--option for 'hybrid', which is not in --policies"),
 ])
 def test_bad_options_are_named(kw, text):
     o = MeasureOptions(**kw)
@@ -38,6 +41,7 @@ def test_defaults_are_valid_and_uniform_needs_no_hot_experts():
     (["measure", "--experts", "6", "--nodes", "2", "--gpus-per-node", "2"], "--experts 6 does not divide"),
     (["calibrate", "--out", "x.json", "--gpus-per-node", "3"], "relibra calibrate: error: --experts 16"),
     (["measure", "--policies", "static,hibrid"], "unknown policy 'hibrid'"),
+    (["measure", "--option", "hybrid.migration_weight=-1"], "--option for policy 'hybrid'"),
 ])
 def test_cli_prints_one_line_and_exits_2(argv, text, capsys):
     assert main(argv) == 2
