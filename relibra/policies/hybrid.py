@@ -16,7 +16,7 @@ from ..plan import Placement, Plan
 from ..topology import Topology
 from .base import check_loads
 from .reorder import ReorderPolicy
-from .replicate import replicate_on
+from .replicate import check_cross_node_options, replicate_on, resolve_price
 
 __all__ = ["HybridPolicy"]
 
@@ -27,10 +27,14 @@ class HybridPolicy:
     Args:
         migration_weight: as for ``reorder``.
         max_swaps: as for ``reorder``.
+        cross_node, cross_node_price: as for ``replicate``.
     """
 
-    def __init__(self, migration_weight: float = 0.02, max_swaps: int = 200) -> None:
+    def __init__(self, migration_weight: float = 0.02, max_swaps: int = 200, cross_node: bool = True,
+                 cross_node_price: float | None = None) -> None:
+        check_cross_node_options("hybrid", cross_node, cross_node_price)
         self.reorder = ReorderPolicy(migration_weight=migration_weight, max_swaps=max_swaps)
+        self.cross_node, self.cross_node_price = cross_node, cross_node_price
 
     @property
     def placement(self):
@@ -42,10 +46,11 @@ class HybridPolicy:
         start = time.perf_counter()
         placement = self.reorder.next_placement(loads, topology)
         reordered = time.perf_counter()
-        plan = replicate_on(loads, placement, topology, policy="hybrid")
+        plan = self.replan(loads, placement, topology)
         plan.info.update(reorder_seconds=reordered - start, plan_seconds=time.perf_counter() - start)
         return plan
 
     def replan(self, loads: torch.Tensor, placement: Placement, topology: Topology) -> Plan:
         """Replicas and split of ``loads`` on a placement chosen elsewhere (see the contract)."""
-        return replicate_on(loads, placement, topology, policy="hybrid")
+        price = resolve_price(self.cross_node, self.cross_node_price, topology)
+        return replicate_on(loads, placement, topology, policy="hybrid", cross_node_price=price)

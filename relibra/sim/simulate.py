@@ -29,13 +29,13 @@ import torch
 from ..plan import Placement
 from ..registry import get_policy
 from ..topology import Topology
-from .cost import CostConfig, StepCost, ideal_step_cost, step_cost
+from .cost import CostConfig, StepCost, cross_node_price, ideal_step_cost, step_cost
 
-__all__ = ["DEFAULT_POLICIES", "PolicyResult", "policy_factory", "policy_options", "timed_plan", "simulate",
-           "gap_breakdown"]
+__all__ = ["DEFAULT_POLICIES", "LIVE_ROWS", "ROW_SYSTEMS", "PolicyResult", "policy_factory", "policy_options",
+           "timed_plan", "simulate", "gap_breakdown"]
 
 DEFAULT_POLICIES = ("static", "eplb-history", "eplb-oracle", "eplb-oracle-global", "reorder", "replicate",
-                    "hybrid", "ideal")
+                    "replicate-live", "hybrid", "ideal")
 
 # bench names that map to one registered policy with options. ``eplb-oracle`` keeps EPLB's own
 # choice (hierarchical when the expert groups divide over the nodes: with DeepSeek-V3's 8 groups
@@ -45,6 +45,32 @@ _ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "eplb-history": ("eplb", {"source": "history"}),
     "eplb-oracle": ("eplb", {"source": "oracle"}),
     "eplb-oracle-global": ("eplb", {"source": "oracle", "mode": "global"}),
+    "replicate-live": ("replicate", {"cross_node": False}),
+    "hybrid-intra": ("hybrid", {"cross_node": False}),
+}
+#: rows whose plans are made at run time from the live router output: priced with
+#: ``CostConfig.live_planning_s`` per micro-batch and MoE layer on the critical path
+LIVE_ROWS = ("replicate-live",)
+#: built-in policies with a ``cross_node_price`` option: ``simulate`` passes the cost model's
+#: price (:func:`relibra.sim.cost.cross_node_price`) unless the row's options set it
+_PRICED = ("replicate", "hybrid")
+
+#: which system each bench row stands for (printed under ``relibra bench``'s table)
+ROW_SYSTEMS: dict[str, str] = {
+    "static": "Megatron-LM: contiguous placement, no replicas",
+    "eplb-history": "DeepSeek EPLB (vLLM/SGLang) from earlier steps' loads, one replica set per step",
+    "eplb-oracle": "DeepSeek EPLB given the step's own loads (hierarchical where groups divide over nodes)",
+    "eplb-oracle-global": "DeepSeek EPLB given the step's own loads, global mode",
+    "reorder": "ReLibra's inter-batch reordering alone",
+    "replicate": "MoonEP / Megatron-Core virtual-expert balancer (per micro-batch replicas in spare slots), "
+                 "planned ahead from replayed routes; on more than one NVLink domain relibra adds priced "
+                 "cross-domain replicas",
+    "replicate-live": "MoonEP / Megatron-Core virtual-expert balancer as they run: replicas inside each NVLink "
+                      "domain, planned at run time from the live router output (live_planning_s per micro-batch "
+                      "and layer on the critical path)",
+    "hybrid": "ReLibra: reorder once a step + replicate every micro-batch (cross-node replicas where they pay)",
+    "hybrid-intra": "ReLibra with intra-node replicas only",
+    "ideal": "every GPU at the mean load, uniform traffic, nothing moved (a bound, not a system)",
 }
 
 
@@ -113,7 +139,7 @@ class PolicyResult:
 
 
 def _mean_cost(costs: list[StepCost]) -> dict[str, float]:
-    keys = ("expert_compute_s", "non_moe_s", "a2a_s", "replica_s", "reorder_s", "extra_s")
+    keys = ("expert_compute_s", "non_moe_s", "a2a_s", "replica_s", "reorder_s", "extra_s", "planning_s")
     return {k: float(np.mean([getattr(c, k) for c in costs])) for k in keys}
 
 
@@ -154,13 +180,16 @@ def simulate(loads_SMLE: Any, topology: Topology, cfg: CostConfig,
             mean = loads[steady[0], 0].to(torch.float64).sum(-1, keepdim=True) / G
             res.gpu_loads_LG = mean.expand(L, G).numpy()
             continue
-        base, opts = policy_options(name, options.get(name))
+        asked = dict(options.get(name) or {})
+        base, opts = policy_options(name, asked)
+        if base in _PRICED and "cross_node_price" not in opts:
+            asked["cross_node_price"] = opts["cross_node_price"] = cross_node_price(cfg, topology)
         res.options = {"policy": base, **opts}
         if name in options:  # asked-for options must work: no silent skip
-            make = policy_factory(name, options[name])
+            make = policy_factory(name, asked)
         else:
             try:
-                make = policy_factory(name)
+                make = policy_factory(name, asked)
             except (ValueError, TypeError) as exc:
                 res.skipped = f"policy {name!r} unavailable: {exc}"
                 continue
@@ -169,7 +198,7 @@ def simulate(loads_SMLE: Any, topology: Topology, cfg: CostConfig,
         costs, plan_times, imb, imb_worst = [], [], [], []
         for s in range(S):
             plan, elapsed = timed_plan(policy, loads[s], topology)
-            cost = step_cost(plan, loads[s], cfg, previous=previous)
+            cost = step_cost(plan, loads[s], cfg, previous=previous, live_planning=name in LIVE_ROWS)
             previous = plan.placement
             if s < warmup_steps:
                 continue
@@ -214,12 +243,13 @@ def gap_breakdown(results: dict[str, PolicyResult], name: str) -> dict[str, floa
 
     ``compute``: expert compute above the mean (residual imbalance); ``a2a``: token all-to-all
     above ideal's uniform traffic; ``replicas``: replica weight copies and gradient reductions;
-    ``migration``: reorder's expert moves. Non-MoE and dense parts are equal in both, so the
-    parts add up to ``gap_to_ideal``. None when either row is missing or skipped.
+    ``migration``: reorder's expert moves; ``planning``: live planning on the critical path (0 for
+    plans made ahead). Non-MoE and dense parts are equal in both, so the parts add up to
+    ``gap_to_ideal``. None when either row is missing or skipped.
     """
     r, i = results.get(name), results.get("ideal")
     if r is None or i is None or r.skipped or i.skipped or not i.step_time_s:
         return None
     a, b, T = r.breakdown_s, i.breakdown_s, i.step_time_s
     return {"compute": (a["expert_compute_s"] - b["expert_compute_s"]) / T, "a2a": (a["a2a_s"] - b["a2a_s"]) / T,
-            "replicas": a["replica_s"] / T, "migration": a["reorder_s"] / T}
+            "replicas": a["replica_s"] / T, "migration": a["reorder_s"] / T, "planning": a["planning_s"] / T}

@@ -1,0 +1,240 @@
+"""Cross-node replicas: a node that cannot absorb its hot experts exports tokens to other nodes' spare slots.
+
+Legend (see :mod:`relibra.policies.replica_problems`):
+
+    Q  (micro-batch, layer) problems = M * L          N  nodes       Gn  GPUs per node
+    G  GPUs = N * Gn          H  home slots per GPU   S  spare slots per GPU
+    I  home slots per node = Gn * H                   B  node problems = Q * N (b = q * N + n)
+    C  (micro-batch, layer) problems that try exports Sn spare slots per node = Gn * S
+
+Intra-node replicas balance the GPUs of a node to (about) its own mean; they cannot lower a node
+whose load is above the group's mean, so the busiest GPU of a (micro-batch, layer) sits in its
+busiest node. :func:`plan_with_cross_node` lets such a node export: its hottest expert gets a
+replica in an empty spare slot of another node, taking a share of the expert's tokens (a
+cross-node replica: its weights come over the inter-node link, its gradient goes back). Per
+(micro-batch, layer), with the level ``T = ceil(total / G) + slack``:
+
+1. Nodes with room (load at most ``Gn * T``) are balanced only down to ``T``, each move on
+   the GPU whose room fits it most tightly
+   (:func:`~relibra.policies.replica_exports.fill_to_target`): the GPUs with most room keep
+   their spare slots empty. A node this does not bring down to ``T`` gets the intra-node plan.
+2. The node furthest above ``Gn * T`` exports its hottest expert to the GPU with the most room
+   and an empty spare slot on another node, one per round
+   (:func:`~relibra.policies.replica_exports.plan_exports`); one cross-node replica per GPU.
+3. The nodes above ``Gn * T`` are solved again by the intra-node solver with their experts'
+   shares lowered by what they exported.
+4. The result replaces the intra-node plan only where its busiest GPU is lower by more than
+   ``price * units`` tokens (:func:`cross_node_units`; ``price`` from :func:`cross_node_price`).
+   Elsewhere the plan is the intra-node one, bit for bit. The intra-node plan is solved only
+   where needed: where no cross-node replica can pay (``ceil(busiest node / Gn) - ceil(total /
+   G) <= price``) and where the cross-node result does not beat ``ceil(busiest node / Gn)``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .replica_exports import Exports, fill_to_target, plan_exports
+from .replica_greedy import greedy_replicas
+from .replica_problems import assemble
+
+__all__ = ["cross_node_price", "DEEPSEEK_V3_H100", "cross_node_units", "plan_with_cross_node", "CROSS_NODE_ROUNDS",
+           "CROSS_NODE_SLACK"]
+
+#: what :func:`cross_node_price` assumes when the caller does not say: a DeepSeek-V3 expert
+#: (intermediate 2048) on H100-class GPUs (989 TFLOP/s bf16 at 50 % MFU), relibra.sim.cost's
+#: default byte sizes and overlaps
+DEEPSEEK_V3_H100 = dict(expert_intermediate=2048, effective_flops=989e12 * 0.5, backward_factor=2.0,
+                        weight_bytes=2.0, replica_grad_bytes=2.0, replica_overlap=0.5, a2a_bytes=2.0,
+                        a2a_overlap=0.0)
+#: the export greedy stops after this many rounds (each gives every problem still exporting one
+#: more receiving GPU): a deterministic bound on its time
+CROSS_NODE_ROUNDS = 64
+#: the level aimed at is ``ceil(total / G)`` plus this fraction of it: a little above the
+#: perfect level, nodes with room keep more of their GPUs' room for imports
+CROSS_NODE_SLACK = 0.02
+
+Solver = Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray, np.ndarray, int]]
+
+
+def cross_node_price(num_nodes: int, gpus_per_node: int, inter_node_bandwidth: float, expert_intermediate: float,
+                     effective_flops: float, backward_factor: float, weight_bytes: float, replica_grad_bytes: float,
+                     replica_overlap: float, a2a_bytes: float, a2a_overlap: float) -> float:
+    """Token copies on the busiest GPU that one cross-node replica costs, as relibra.sim.cost prices them.
+
+    One replica's weights arrive and its gradient leaves over the inter-node link, net of
+    overlap: ``3 * hidden * I * (weight_bytes + replica_grad_bytes) * (1 - replica_overlap) /
+    bandwidth`` seconds. One token copy less on the busiest GPU saves its expert compute
+    (``2 * 3 * hidden * I * (1 + backward_factor) / flops``) and its share of the four token
+    transfers over the inter-node link (``4 * hidden * a2a_bytes * (G - Gn) / G * (1 -
+    a2a_overlap) / bandwidth``). ``hidden`` cancels. With one node there is nothing to price: inf.
+    """
+    if num_nodes < 2:
+        return float("inf")
+    G = num_nodes * gpus_per_node
+    replica_s = 3.0 * expert_intermediate * (weight_bytes + replica_grad_bytes) * (1.0 - replica_overlap)
+    replica_s /= inter_node_bandwidth
+    copy_s = 6.0 * expert_intermediate * (1.0 + backward_factor) / effective_flops
+    copy_s += 4.0 * a2a_bytes * (G - gpus_per_node) / G * (1.0 - a2a_overlap) / inter_node_bandwidth
+    return replica_s / copy_s
+
+
+def cross_node_units(exports: Exports, num_tried: int, home_per_gpu: int) -> np.ndarray:
+    """``[C]`` cross-node weight copies the slowest GPU sends or receives, per tried problem.
+
+    A receiving GPU gets one copy (one cross-node replica per GPU at most); a home GPU sends
+    each exported expert once however many nodes take it (a broadcast tree, as relibra.sim.cost
+    prices it), so the busiest sender counts its distinct exported experts. 0: no export.
+    """
+    units = np.zeros(num_tried, np.int64)
+    if exports.problem.size == 0:
+        return units
+    units[exports.problem] = 1
+    items = int(exports.item.max()) + 1
+    problem, item = np.divmod(np.unique(exports.problem * items + exports.item), items)  # distinct (problem, item)
+    gpus = (items - 1) // home_per_gpu + 1
+    senders, counts = np.unique(problem * gpus + item // home_per_gpu, return_counts=True)
+    np.maximum.at(units, senders // gpus, counts)
+    return units
+
+
+class _NodePlans:
+    """Per-node results (problem-last ``h [I, B]``, ``rep``, ``x [Sn, B]``) of some of the node problems."""
+
+    def __init__(self, I: int, Sn: int, B: int) -> None:
+        self.h = np.zeros((I, B), np.int64)
+        self.rep = np.full((Sn, B), -1, np.int64)
+        self.x = np.zeros((Sn, B), np.int64)
+        self.has = np.zeros(B, bool)
+
+    def put(self, nodes: np.ndarray, h: np.ndarray, rep: np.ndarray, x: np.ndarray) -> None:
+        self.h[:, nodes], self.rep[:, nodes], self.x[:, nodes] = h, rep, x
+        self.has[nodes] = True
+
+    def gpu_loads(self, nodes: np.ndarray, Gn: int) -> np.ndarray:
+        """``[Gn, len(nodes)]`` load of every GPU."""
+        I, S = self.h.shape[0], self.x.shape[0] // Gn
+        return self.h[:, nodes].reshape(Gn, I // Gn, -1).sum(1) + self.x[:, nodes].reshape(Gn, S, -1).sum(1)
+
+
+def plan_with_cross_node(hshare_BGH: np.ndarray, home_experts_LE: torch.Tensor, M: int, L: int, N: int, S: int,
+                         price: float, solve: Solver) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The plan of every node problem (module docstring), as ``spare_experts [M, L, G*S]``,
+    ``slot_tokens [M, L, P]`` and what was done (``plan.info``: ``cross_node_layers``,
+    ``cross_node_replicas``, ``cross_node_tried``, ``cross_node_rounds_cut``).
+
+    Args:
+        hshare_BGH: ``[B, Gn, H]`` home-expert loads of every node problem.
+        solve: the intra-node solver (:func:`~relibra.policies.replica_solve.solve_node_problems`
+            with its options bound), called on ``[B', Gn, H]`` problems.
+    """
+    B, Gn, H = hshare_BGH.shape
+    Q, I, G, Sn = M * L, Gn * H, N * Gn, Gn * S
+    share_QNI = hshare_BGH.reshape(Q, N, I)
+    node_load = share_QNI.sum(-1)  # [Q, N]
+    fair = -(-node_load.sum(1) // G)  # ceil(total / G): no plan goes below it
+    bound = (-(-node_load // Gn)).max(1)  # no intra-node plan goes below it
+    intra, cross = _NodePlans(I, Sn, B), _NodePlans(I, Sn, B)
+    tried = np.flatnonzero(bound - fair > price)  # elsewhere no cross-node replica can pay
+    info = dict(cross_node_tried=int(tried.size), cross_node_layers=0, cross_node_replicas=0,
+                cross_node_rounds_cut=False)
+    accept = np.zeros(Q, bool)
+    exports = None
+    if tried.size:
+        exports, cost = _try_exports(hshare_BGH, share_QNI, tried, fair, Gn, S, price, solve, intra, cross)
+        info["cross_node_rounds_cut"] = exports.rounds >= CROSS_NODE_ROUNDS
+        accept[tried] = cost < bound[tried]  # better than any intra-node plan
+    # the intra-node plan wherever the cross-node one is not sure to win
+    unsure = np.flatnonzero(~accept)
+    nodes = (unsure[:, None] * N + np.arange(N)).reshape(-1)
+    todo = nodes[~intra.has[nodes]]
+    if todo.size:
+        intra.put(todo, *solve(torch.from_numpy(hshare_BGH[todo]))[:3])
+    if tried.size:
+        level = intra.gpu_loads(np.arange(B), Gn).max(0).reshape(Q, N).max(1)
+        check = tried[~accept[tried]]
+        accept[check] = cost[np.searchsorted(tried, check)] < level[check]
+    final = cross if accept.any() else intra
+    if accept.any():
+        keep = np.repeat(~accept, N)
+        final.put(np.flatnonzero(keep), intra.h[:, keep], intra.rep[:, keep], intra.x[:, keep])
+    spare, tokens = assemble(final.h, final.rep, final.x, home_experts_LE, M, L, N, Gn, S)
+    if accept.any():
+        placed = _place_imports(exports, tried, accept, cross, spare, tokens, home_experts_LE, N, Gn, H, S)
+        info.update(cross_node_layers=int(accept.sum()), cross_node_replicas=placed)
+    return spare, tokens, info
+
+
+def _try_exports(hshare_BGH: np.ndarray, share_QNI: np.ndarray, tried: np.ndarray, fair: np.ndarray, Gn: int,
+                 S: int, price: float, solve: Solver, intra: _NodePlans, cross: _NodePlans
+                 ) -> tuple[Exports, np.ndarray]:
+    """Steps 1-3 of the module docstring on the ``tried`` problems: their cross-node plan goes into
+    ``cross``, the intra-node plans solved on the way into ``intra``. Returns the exports and,
+    per tried problem, its busiest GPU plus ``price * units`` (inf where nothing was exported)."""
+    C, (_, N, I), H = tried.size, share_QNI.shape, hshare_BGH.shape[2]
+    target = fair[tried] + np.ceil(fair[tried] * CROSS_NODE_SLACK).astype(np.int64)
+    nodes = (tried[:, None] * N + np.arange(N)).reshape(-1)  # [C*N]
+    node_target = np.repeat(target, N)
+    light = share_QNI[tried].sum(-1).reshape(-1) <= Gn * node_target
+    # 1. nodes with room: down to the target only; the rest of them get their intra-node plan
+    h_l = np.ascontiguousarray(hshare_BGH[nodes[light]].reshape(-1, I).T)
+    if S == 1:
+        rep_l, x_l = fill_to_target(h_l, Gn, node_target[light])
+    else:  # the direct greedy rule with the target: the GPUs it does not fill keep free slots
+        rep_l, x_l, _ = greedy_replicas(h_l, Gn, S, target=node_target[light])
+    load_l = h_l.reshape(Gn, H, -1).sum(1) + x_l.reshape(Gn, S, -1).sum(1)
+    ok = load_l.max(0) <= node_target[light]
+    cross.put(nodes[light][ok], h_l[:, ok], rep_l[:, ok], x_l[:, ok])
+    failed = nodes[light][~ok]
+    if failed.size:
+        plans = solve(torch.from_numpy(hshare_BGH[failed]))[:3]
+        intra.put(failed, *plans)
+        cross.put(failed, *plans)
+    # 2. exports from the nodes above the target into the empty slots of the others
+    lit = nodes[light]
+    load = np.zeros((Gn, C * N), np.int64)
+    load[:, light] = cross.gpu_loads(lit, Gn)
+    free = np.zeros((Gn, C * N), bool)
+    free[:, light] = (cross.x[:, lit] == 0).reshape(Gn, S, -1).any(1)
+    exports = plan_exports(share_QNI[tried], np.ascontiguousarray(load.T).reshape(C, -1),
+                           np.ascontiguousarray(free.T).reshape(C, -1), target, Gn, CROSS_NODE_ROUNDS)
+    # 3. the nodes above the target, solved with what they exported taken off
+    heavy = nodes[~light]
+    lowered = hshare_BGH[heavy].reshape(-1, I).copy()
+    src = tried[exports.problem] * N + exports.item // I
+    np.subtract.at(lowered, (np.searchsorted(heavy, src), exports.item % I), exports.amount)
+    plans = solve(torch.from_numpy(lowered.reshape(-1, Gn, H)))[:3]
+    cross.put(heavy, *plans)
+    unchanged = heavy[~np.isin(heavy, src)]  # exported nothing: that is their intra-node plan
+    if unchanged.size:
+        at = np.searchsorted(heavy, unchanged)
+        intra.put(unchanged, *(a[:, at] for a in plans))
+    level = cross.gpu_loads(nodes, Gn).max(0)
+    recv_node = np.searchsorted(nodes, tried[exports.problem] * N + exports.gpu // Gn)
+    np.maximum.at(level, recv_node, load.T.reshape(-1)[exports.problem * (N * Gn) + exports.gpu] + exports.amount)
+    units = cross_node_units(exports, C, H)
+    cost = np.where(units > 0, level.reshape(C, N).max(1) + price * units, np.inf)
+    return exports, cost
+
+
+def _place_imports(exports: Exports, tried: np.ndarray, accept: np.ndarray, cross: _NodePlans, spare: torch.Tensor,
+                   tokens: torch.Tensor, home_experts_LE: torch.Tensor, N: int, Gn: int, H: int, S: int) -> int:
+    """Write the accepted problems' cross-node replicas into ``spare [M, L, G*S]`` and ``tokens
+    [M, L, P]`` (the receiving GPU's first empty spare slot); returns how many."""
+    q = tried[exports.problem]
+    ok = accept[q]
+    q, g, item, amount = q[ok], exports.gpu[ok], exports.item[ok], exports.amount[ok]
+    if q.size == 0:
+        return 0
+    L, E = home_experts_LE.shape
+    node = q * N + g // Gn
+    empty = (cross.x[:, node] == 0).reshape(Gn, S, -1)[g % Gn, :, np.arange(q.size)]  # [X, S]
+    slot = empty.argmax(1)
+    expert = home_experts_LE.numpy().reshape(-1)[(q % L) * E + item]
+    Q = spare.shape[0] * spare.shape[1]
+    spare.view(Q, -1)[torch.from_numpy(q), torch.from_numpy(g * S + slot)] = torch.from_numpy(expert)
+    tokens.view(Q, -1)[torch.from_numpy(q), torch.from_numpy(g * (H + S) + H + slot)] = torch.from_numpy(amount)
+    return int(q.size)
