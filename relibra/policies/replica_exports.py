@@ -13,13 +13,14 @@ __all__ = ["fill_to_target", "Exports", "plan_exports"]
 
 
 def fill_to_target(hshare: np.ndarray, gpus_per_node: int, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Bring every GPU of a node down to ``target`` with as little of the node's room as it takes.
+    """Bring every GPU of a node down to ``target``, using as little of the node's room as it takes.
 
     One spare slot per GPU. Every round the busiest GPU above ``target`` copies its hottest
-    expert onto the GPU of the node whose room (``target`` minus its load) fits the move most
-    tightly (the least room that takes ``min(share, excess)``; the most room if none does), and
-    moves as much as fits. Unlike the intra-node greedy (the lightest GPU receives), this keeps
-    the GPUs with most room free for cross-node replicas. At most ``Gn`` rounds.
+    expert onto the GPU whose room (``target`` minus its load) fits the move most tightly (the
+    least room that takes ``min(share, excess)``; the most room if none does) and moves as much
+    as fits. Unlike the intra-node greedy (the lightest GPU receives), this keeps the GPUs with
+    most room free for cross-node replicas. At most ``Gn`` rounds, each over the problems still
+    above ``target``.
 
     Args:
         hshare: ``[Gn*H, B]`` home-expert loads; on return, what each home copy keeps.
@@ -33,27 +34,37 @@ def fill_to_target(hshare: np.ndarray, gpus_per_node: int, target: np.ndarray) -
     rep = np.full((Gn, B), -1, np.int64)
     x = np.zeros((Gn, B), np.int64)
     load = hshare.reshape(Gn, H, B).sum(1)
-    cols = np.arange(B)
+    # arg-min/max over GPUs as one min/max of (value << bits | GPU code): NumPy reduces those
+    # over the leading axis far faster than argmin/argmax
+    bits = max(Gn - 1, 1).bit_length()
+    mask = (1 << bits) - 1
+    gpu = np.arange(Gn)[:, None]
     big = np.iinfo(np.int64).max
+    act = np.arange(B)
     for _ in range(Gn):
-        donor = load.argmax(0)
-        need = load[donor, cols] - target
-        items = hshare.reshape(Gn, H, B)[donor, :, cols]  # [B, H]
-        j = items.argmax(1)
-        want = np.minimum(items[cols, j], need)
-        room = np.where(rep < 0, target - load, -1)  # [Gn, B] free GPUs only (the donor has none: above target)
-        fits = np.where(room >= want, room, big).argmin(0)
-        recv = np.where(room[fits, cols] >= want, fits, room.argmax(0))
-        amount = np.minimum(want, room[recv, cols])
-        go = np.flatnonzero((need > 0) & (amount > 0))
-        if go.size == 0:
+        ld = load[:, act]
+        top = ((ld << bits) | (mask - gpu)).max(0)  # ties to the lowest GPU
+        donor = mask - (top & mask)
+        need = (top >> bits) - target[act]
+        go = need > 0
+        act, ld, donor, need = act[go], ld[:, go], donor[go], need[go]
+        if act.size == 0:
             break
-        d, r, a = donor[go], recv[go], amount[go]
-        slot = d * H + j[go]
-        hshare[slot, go] -= a
-        load[d, go] -= a
-        load[r, go] += a
-        rep[r, go], x[r, go] = slot, a
+        cols = np.arange(act.size)
+        items = hshare.reshape(Gn, H, B)[donor, :, act]  # [b, H] the donor's experts
+        j = items.argmax(1) if H > 1 else np.zeros(act.size, np.int64)
+        want = np.minimum(items[cols, j], need)
+        room = np.where(rep[:, act] < 0, target[act] - ld, -1)  # free GPUs only (the donor: above target)
+        fits = np.where(room >= want, (room << bits) | gpu, big).min(0)  # the tightest fit, ties to the lowest
+        most = ((room << bits) | (mask - gpu)).max(0)
+        recv = np.where(fits < big, fits & mask, mask - (most & mask))
+        amount = np.minimum(want, np.where(fits < big, fits >> bits, most >> bits))
+        go = amount > 0
+        act, donor, recv, amount, slot = act[go], donor[go], recv[go], amount[go], donor[go] * H + j[go]
+        hshare[slot, act] -= amount
+        load[donor, act] -= amount
+        load[recv, act] += amount
+        rep[recv, act], x[recv, act] = slot, amount
     return rep, x
 
 
@@ -74,14 +85,20 @@ class Exports(NamedTuple):
 
 def plan_exports(share_CNI: np.ndarray, gpu_load_CG: np.ndarray, free_CG: np.ndarray, target_C: np.ndarray,
                  gpus_per_node: int, max_rounds: int) -> Exports:
-    """Step 1 of the module docstring, every problem at once.
+    """Step 2 of :mod:`relibra.policies.replica_cross`, every problem at once.
+
+    Every round, per problem, the node furthest above ``Gn * T`` moves ``min(share, excess,
+    room)`` of its hottest expert into the empty spare slot of the free GPU with most room below
+    ``T`` (on any other node). A receiving GPU takes one cross-node replica, so no GPU gets two
+    copies of an expert, even when a node takes it twice. A problem stops when its exporter
+    moves nothing.
 
     Args:
         share_CNI: ``[C, N, I]`` home-expert loads.
-        gpu_load_CG: ``[C, G]`` every GPU's load under the intra-node plan.
-        free_CG: ``[C, G]`` bool: the GPU has a spare slot the intra-node plan left empty.
+        gpu_load_CG: ``[C, G]`` every GPU's load (nodes with room: as planned so far).
+        free_CG: ``[C, G]`` bool: the GPU may receive (an empty spare slot, on a node with room).
         target_C: ``[C]`` the level ``T``.
-        max_rounds: at most this many rounds (each gives every exporting problem one receiver).
+        max_rounds: at most this many rounds.
     Returns:
         the exports in round order (a function of the inputs alone: deterministic).
     """
@@ -89,49 +106,37 @@ def plan_exports(share_CNI: np.ndarray, gpu_load_CG: np.ndarray, free_CG: np.nda
     Gn = gpus_per_node
     G = N * Gn
     share = share_CNI.reshape(C, N * I).astype(np.int64, copy=True)
-    W = share_CNI.sum(-1)  # [C, N]
+    excess = share_CNI.sum(-1) - Gn * target_C[:, None]  # [C, N]
     load = gpu_load_CG.astype(np.int64, copy=True)
     free = free_CG.copy()
-    cap = Gn * target_C[:, None]
-    gpu_bits = max(Gn - 1, 1).bit_length()
-    big = np.iinfo(np.int64).max
-    lightest = np.where(free, (load << gpu_bits) | (np.arange(G) % Gn), big).reshape(C, N, Gn).min(-1)  # [C, N]
-    held = np.zeros(C * N * N * I, bool)  # [C, receiving node, item]: the node holds a copy already
-    nodes = np.arange(N)
+    bits = max(Gn - 1, 1).bit_length()
+    mask, big = (1 << bits) - 1, np.iinfo(np.int64).max
+    lightest = np.where(free, (load << bits) | (np.arange(G) % Gn), big).reshape(C, N, Gn).min(-1)  # [C, N]
     out: list[tuple[np.ndarray, ...]] = []
-    active = np.ones(C, bool)
+    c = np.arange(C)
     rounds = 0
-    while rounds < max_rounds:
-        c = np.flatnonzero(active)
-        if c.size == 0:
-            break
+    while rounds < max_rounds and c.size:
         rounds += 1
         rows = np.arange(c.size)
-        excess = W[c] - cap[c]
-        donor = excess.argmax(1)
-        ex = excess[rows, donor]
+        ex = excess[c]
+        donor = ex.argmax(1)
         items = share[c[:, None], donor[:, None] * I + np.arange(I)]  # [c, I] the donor's experts
         j = items.argmax(1)
-        item, s = donor * I + j, items[rows, j]
-        blocked = held[(c[:, None] * N + nodes) * (N * I) + item[:, None]]
-        key = np.where(blocked, big, lightest[c])
-        recv = key.argmin(1)
-        best = key[rows, recv]
-        g = recv * Gn + (best & ((1 << gpu_bits) - 1))
-        room = target_C[c] - np.where(best < big, best >> gpu_bits, target_C[c])
-        amount = np.minimum(np.minimum(s, ex), room)
-        go = (ex > 0) & (amount > 0)
-        active[c[~go]] = False
-        c, recv, item, g, amount = c[go], recv[go], item[go], g[go], amount[go]
+        recv = lightest[c].argmin(1)
+        best = lightest[c, recv]
+        room = target_C[c] - np.where(best < big, best >> bits, target_C[c])
+        amount = np.minimum(np.minimum(items[rows, j], ex[rows, donor]), room)
+        go = amount > 0
+        c, donor, item, recv, amount = c[go], donor[go], donor[go] * I + j[go], recv[go], amount[go]
         if c.size == 0:
             break
+        g = recv * Gn + (best[go] & mask)
         share[c, item] -= amount
-        W[c, item // I] -= amount
+        excess[c, donor] -= amount
         load[c, g] += amount
         free[c, g] = False
-        held[(c * N + recv) * (N * I) + item] = True
         gpus = recv[:, None] * Gn + np.arange(Gn)
-        lightest[c, recv] = np.where(free[c[:, None], gpus], (load[c[:, None], gpus] << gpu_bits) | np.arange(Gn),
+        lightest[c, recv] = np.where(free[c[:, None], gpus], (load[c[:, None], gpus] << bits) | np.arange(Gn),
                                      big).min(1)
         out.append((c, item, g, amount))
     if not out:
