@@ -206,12 +206,8 @@ def _try_exports(hshare_BGH: np.ndarray, share_QNI: np.ndarray, tried: np.ndarra
     lowered = hshare_BGH[heavy].reshape(-1, I).copy()
     src = tried[exports.problem] * N + exports.item // I
     np.subtract.at(lowered, (np.searchsorted(heavy, src), exports.item % I), exports.amount)
-    plans = solve(torch.from_numpy(lowered.reshape(-1, Gn, H)))[:3]
+    plans = solve(torch.from_numpy(lowered.reshape(-1, Gn, H)), greedy_split=True)[:3]
     cross.put(heavy, *plans)
-    unchanged = heavy[~np.isin(heavy, src)]  # exported nothing: that is their intra-node plan
-    if unchanged.size:
-        at = np.searchsorted(heavy, unchanged)
-        intra.put(unchanged, *(a[:, at] for a in plans))
     level = cross.gpu_loads(nodes, Gn).max(0)
     recv_node = np.searchsorted(nodes, tried[exports.problem] * N + exports.gpu // Gn)
     np.maximum.at(level, recv_node, load.T.reshape(-1)[exports.problem * (N * Gn) + exports.gpu] + exports.amount)

@@ -31,41 +31,42 @@ def fill_to_target(hshare: np.ndarray, gpus_per_node: int, target: np.ndarray) -
     GH, B = hshare.shape
     Gn = gpus_per_node
     H = GH // Gn
-    rep = np.full((Gn, B), -1, np.int64)
-    x = np.zeros((Gn, B), np.int64)
-    load = hshare.reshape(Gn, H, B).sum(1)
-    # arg-min/max over GPUs as one min/max of (value << bits | GPU code): NumPy reduces those
-    # over the leading axis far faster than argmin/argmax
+    # problem-first inside (rows are the problems still moving: gathers of whole rows), flat
+    # indices for the updates, and arg-min/max over GPUs as one min/max of (value << bits | GPU)
+    share = np.ascontiguousarray(hshare.T)  # [B, GH]
+    share_flat = share.reshape(-1)
+    load = share.reshape(B, Gn, H).sum(-1)  # [B, Gn]
+    load_flat = load.reshape(-1)
+    rep = np.full((B, Gn), -1, np.int64)
+    x = np.zeros((B, Gn), np.int64)
     bits = max(Gn - 1, 1).bit_length()
-    mask = (1 << bits) - 1
-    gpu = np.arange(Gn)[:, None]
-    big = np.iinfo(np.int64).max
+    mask, big = (1 << bits) - 1, np.iinfo(np.int64).max
+    gpu = np.arange(Gn)
     act = np.arange(B)
     for _ in range(Gn):
-        ld = load[:, act]
-        top = ((ld << bits) | (mask - gpu)).max(0)  # ties to the lowest GPU
-        donor = mask - (top & mask)
+        ld = load[act]
+        top = ((ld << bits) | (mask - gpu)).max(1)  # ties to the lowest GPU
         need = (top >> bits) - target[act]
         go = need > 0
-        act, ld, donor, need = act[go], ld[:, go], donor[go], need[go]
+        act, ld, donor, need = act[go], ld[go], mask - (top[go] & mask), need[go]
         if act.size == 0:
             break
-        cols = np.arange(act.size)
-        items = hshare.reshape(Gn, H, B)[donor, :, act]  # [b, H] the donor's experts
-        j = items.argmax(1) if H > 1 else np.zeros(act.size, np.int64)
-        want = np.minimum(items[cols, j], need)
-        room = np.where(rep[:, act] < 0, target[act] - ld, -1)  # free GPUs only (the donor: above target)
-        fits = np.where(room >= want, (room << bits) | gpu, big).min(0)  # the tightest fit, ties to the lowest
-        most = ((room << bits) | (mask - gpu)).max(0)
+        items = share_flat.take((act * GH + donor * H)[:, None] + np.arange(H))  # [b, H] the donor's experts
+        j = items.argmax(1)
+        want = np.minimum(items[np.arange(act.size), j], need)
+        room = np.where(rep[act] < 0, target[act, None] - ld, -1)  # free GPUs only (the donor: above target)
+        fits = np.where(room >= want[:, None], (room << bits) | gpu, big).min(1)  # tightest fit, lowest GPU
+        most = ((room << bits) | (mask - gpu)).max(1)
         recv = np.where(fits < big, fits & mask, mask - (most & mask))
         amount = np.minimum(want, np.where(fits < big, fits >> bits, most >> bits))
         go = amount > 0
         act, donor, recv, amount, slot = act[go], donor[go], recv[go], amount[go], donor[go] * H + j[go]
-        hshare[slot, act] -= amount
-        load[donor, act] -= amount
-        load[recv, act] += amount
-        rep[recv, act], x[recv, act] = slot, amount
-    return rep, x
+        share_flat[act * GH + slot] -= amount
+        load_flat[act * Gn + donor] -= amount
+        load_flat[act * Gn + recv] += amount
+        rep.reshape(-1)[act * Gn + recv], x.reshape(-1)[act * Gn + recv] = slot, amount
+    hshare[...] = share.T
+    return np.ascontiguousarray(rep.T), np.ascontiguousarray(x.T)
 
 
 class Exports(NamedTuple):
@@ -112,18 +113,21 @@ def plan_exports(share_CNI: np.ndarray, gpu_load_CG: np.ndarray, free_CG: np.nda
     bits = max(Gn - 1, 1).bit_length()
     mask, big = (1 << bits) - 1, np.iinfo(np.int64).max
     lightest = np.where(free, (load << bits) | (np.arange(G) % Gn), big).reshape(C, N, Gn).min(-1)  # [C, N]
+    share_flat, excess_flat, load_flat, free_flat = share.reshape(-1), excess.reshape(-1), load.reshape(-1), \
+        free.reshape(-1)
+    node_gpus, node_items = np.arange(Gn), np.arange(I)
     out: list[tuple[np.ndarray, ...]] = []
     c = np.arange(C)
     rounds = 0
-    while rounds < max_rounds and c.size:
+    while rounds < max_rounds and c.size:  # flat indices and take: far faster than 2-D fancy indexing
         rounds += 1
         rows = np.arange(c.size)
         ex = excess[c]
         donor = ex.argmax(1)
-        items = share[c[:, None], donor[:, None] * I + np.arange(I)]  # [c, I] the donor's experts
+        items = share_flat.take((c * (N * I) + donor * I)[:, None] + node_items)  # [c, I] the donor's experts
         j = items.argmax(1)
         recv = lightest[c].argmin(1)
-        best = lightest[c, recv]
+        best = lightest.reshape(-1).take(c * N + recv)
         room = target_C[c] - np.where(best < big, best >> bits, target_C[c])
         amount = np.minimum(np.minimum(items[rows, j], ex[rows, donor]), room)
         go = amount > 0
@@ -131,13 +135,13 @@ def plan_exports(share_CNI: np.ndarray, gpu_load_CG: np.ndarray, free_CG: np.nda
         if c.size == 0:
             break
         g = recv * Gn + (best[go] & mask)
-        share[c, item] -= amount
-        excess[c, donor] -= amount
-        load[c, g] += amount
-        free[c, g] = False
-        gpus = recv[:, None] * Gn + np.arange(Gn)
-        lightest[c, recv] = np.where(free[c[:, None], gpus], (load[c[:, None], gpus] << bits) | np.arange(Gn),
-                                     big).min(1)
+        share_flat[c * (N * I) + item] -= amount
+        excess_flat[c * N + donor] -= amount
+        load_flat[c * G + g] += amount
+        free_flat[c * G + g] = False
+        at = (c * G + recv * Gn)[:, None] + node_gpus
+        lightest.reshape(-1)[c * N + recv] = np.where(free_flat.take(at), (load_flat.take(at) << bits) | node_gpus,
+                                                      big).min(1)
         out.append((c, item, g, amount))
     if not out:
         empty = np.zeros(0, np.int64)
