@@ -15,7 +15,7 @@ import torch
 from ..plan import Placement, Plan
 from ..topology import Topology
 from .base import check_loads
-from .reorder import ReorderPolicy
+from .reorder import WORK_BUDGET, ReorderPolicy
 from .replicate import check_cross_node_options, replicate_on, resolve_price
 
 __all__ = ["HybridPolicy"]
@@ -25,15 +25,17 @@ class HybridPolicy:
     """ReLibra: inter-batch reordering plus intra-batch, intra-node replication.
 
     Args:
-        migration_weight: as for ``reorder``.
-        max_swaps: as for ``reorder``.
+        migration_weight, max_swaps, work_budget, time_budget_s: as for ``reorder`` (the
+            budgets bound its searches; a plan one cut short says so in ``plan.info["budget_cut"]``).
         cross_node, cross_node_price: as for ``replicate``.
     """
 
     def __init__(self, migration_weight: float = 0.02, max_swaps: int = 200, cross_node: bool = True,
-                 cross_node_price: float | None = None) -> None:
+                 cross_node_price: float | None = None, work_budget: float = WORK_BUDGET,
+                 time_budget_s: float | None = None) -> None:
         check_cross_node_options("hybrid", cross_node, cross_node_price)
-        self.reorder = ReorderPolicy(migration_weight=migration_weight, max_swaps=max_swaps)
+        self.reorder = ReorderPolicy(migration_weight=migration_weight, max_swaps=max_swaps, work_budget=work_budget,
+                                     time_budget_s=time_budget_s)
         self.cross_node, self.cross_node_price = cross_node, cross_node_price
 
     @property
@@ -44,10 +46,13 @@ class HybridPolicy:
     def plan(self, loads: torch.Tensor, topology: Topology) -> Plan:
         loads = check_loads(loads, topology)
         start = time.perf_counter()
-        placement = self.reorder.next_placement(loads, topology)
+        budget = self.reorder.budget()
+        placement = self.reorder.next_placement(loads, topology, budget)
         reordered = time.perf_counter()
         plan = self.replan(loads, placement, topology)
-        plan.info.update(reorder_seconds=reordered - start, plan_seconds=time.perf_counter() - start)
+        cut = "; ".join(filter(None, (budget.cut, plan.info.get("budget_cut", ""))))
+        plan.info.update(reorder_seconds=reordered - start, plan_seconds=time.perf_counter() - start,
+                         reorder_work=budget.spent, budget_cut=cut)
         return plan
 
     def replan(self, loads: torch.Tensor, placement: Placement, topology: Topology) -> Plan:

@@ -124,7 +124,8 @@ def plan_with_cross_node(hshare_BGH: np.ndarray, home_experts_LE: torch.Tensor, 
                          price: float, solve: Solver) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """The plan of every node problem (module docstring), as ``spare_experts [M, L, G*S]``,
     ``slot_tokens [M, L, P]`` and what was done (``plan.info``: ``cross_node_layers``,
-    ``cross_node_replicas``, ``cross_node_tried``, ``cross_node_rounds_cut``).
+    ``cross_node_replicas``, ``cross_node_tried``; ``budget_cut`` says when the export greedy
+    stopped at :data:`CROSS_NODE_ROUNDS` with exports left to make).
 
     Args:
         hshare_BGH: ``[B, Gn, H]`` home-expert loads of every node problem.
@@ -139,13 +140,13 @@ def plan_with_cross_node(hshare_BGH: np.ndarray, home_experts_LE: torch.Tensor, 
     bound = (-(-node_load // Gn)).max(1)  # no intra-node plan goes below it
     intra, cross = _NodePlans(I, Sn, B), _NodePlans(I, Sn, B)
     tried = np.flatnonzero(bound - fair > price)  # elsewhere no cross-node replica can pay
-    info = dict(cross_node_tried=int(tried.size), cross_node_layers=0, cross_node_replicas=0,
-                cross_node_rounds_cut=False)
+    info = dict(cross_node_tried=int(tried.size), cross_node_layers=0, cross_node_replicas=0, budget_cut="")
     accept = np.zeros(Q, bool)
     exports = None
     if tried.size:
         exports, cost = _try_exports(hshare_BGH, share_QNI, tried, fair, Gn, S, price, solve, intra, cross)
-        info["cross_node_rounds_cut"] = exports.rounds >= CROSS_NODE_ROUNDS
+        if exports.rounds >= CROSS_NODE_ROUNDS:
+            info["budget_cut"] = f"cross-node exports stopped after {CROSS_NODE_ROUNDS} rounds"
         accept[tried] = cost < bound[tried]  # better than any intra-node plan
     # the intra-node plan wherever the cross-node one is not sure to win
     unsure = np.flatnonzero(~accept)

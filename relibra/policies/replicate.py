@@ -69,7 +69,7 @@ def replicate_on(loads_MLE: torch.Tensor, placement: Placement, topology: Topolo
     if cross_node_price is None or N == 1 or S == 0:
         h, rep, x, rounds = solve_node_problems(hshare_all, S, variants)
         spare, tokens = assemble(h, rep, x, placement.home_experts, M, L, N, Gn, S)
-        info: dict = dict(split_rounds=rounds)
+        info: dict = dict(split_rounds=rounds, budget_cut="")
     else:
         solve = functools.partial(solve_node_problems, S=S, variants=variants)
         spare, tokens, info = plan_with_cross_node(hshare_all.numpy(), placement.home_experts, M, L, N, S,
