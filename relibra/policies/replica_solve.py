@@ -36,7 +36,10 @@ def solve_node_problems(hshare_BGH: torch.Tensor, S: int, variants: tuple[tuple[
 
     ``greedy_split``: where the greedy rule's own split already reaches the optimal level, keep
     it instead of computing the split that moves fewest tokens (same busiest GPU, less time; the
-    cross-node planner uses it for the nodes it solves again).
+    cross-node planner uses it for the nodes it solves again). With more than one spare slot
+    per GPU this is always done: there the greedy moves replayed at the optimal level
+    (:func:`~relibra.policies.replica_split.resplit`) reach it on few nodes, and the augmenting
+    rounds from there cost several times the rest of the planner.
     """
     chunks = [_solve(h_c, S, variants, greedy_split) for h_c in hshare_BGH.split(PROBLEMS_PER_PASS)]
     if len(chunks) == 1:
@@ -56,15 +59,25 @@ def _solve(hshare: torch.Tensor, S: int, variants: tuple[tuple[bool, ...], ...],
     B, Gn, H = hshare.shape
     w = problem_last(hshare.reshape(B, Gn * H))
     rep, x, made, level, chain = best_of_greedy(w, Gn, S, variants)
-    if greedy_split and level is not None:
+    if (greedy_split or S > 1) and level is not None:
         kept = w - _slot_sums(rep, x, Gn * H)
-        at_level = (kept.reshape(Gn, H, B).sum(1) + x.reshape(Gn, S, B).sum(1)).max(0) <= level
-        rest = np.flatnonzero(~at_level)
-        if rest.size:
-            h_r, _, x_r, rounds = _solve(hshare[torch.from_numpy(rest)], S, variants)
-            kept[:, rest], x[:, rest] = h_r, x_r
-            return kept, rep, x, rounds
-        return kept, rep, x, 0
+        rest = np.flatnonzero((kept.reshape(Gn, H, B).sum(1) + x.reshape(Gn, S, B).sum(1)).max(0) > level)
+        if rest.size == 0:
+            return kept, rep, x, 0
+        h_r, x_r, rounds = _exact_split(hshare[torch.from_numpy(rest)], w[:, rest], rep[:, rest], x[:, rest],
+                                        made[:, rest], level[rest], chain[rest], S)
+        kept[:, rest], x[:, rest] = h_r, x_r
+        return kept, rep, x, rounds
+    h, x, rounds = _exact_split(hshare, w, rep, x, made, level, chain, S)
+    return h, rep, x, rounds
+
+
+def _exact_split(hshare: torch.Tensor, w: np.ndarray, rep: np.ndarray, x: np.ndarray, made: np.ndarray,
+                 level: np.ndarray | None, chain: np.ndarray, S: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """The min-max split that moves fewest tokens for the greedy's replicas (``hshare [B, Gn, H]``,
+    ``w`` its problem-last copy, the rest from :func:`~relibra.policies.replica_greedy.best_of_greedy`):
+    problem-last ``hshare [Gn*H, B]``, ``x [Sn, B]`` and the augmenting rounds."""
+    B, Gn, H = hshare.shape
     if level is not None and S == 1:  # exact split in two sweeps over the replica forest
         h, x, ok = forest_split(w, rep, level)
         bad = np.flatnonzero(~ok)
@@ -75,15 +88,15 @@ def _solve(hshare: torch.Tensor, S: int, variants: tuple[tuple[bool, ...], ...],
                                torch.from_numpy(chain[bad]))
             optimal_split(h_b, rep_b, x_b, S, level_B=level_b)
             h[:, bad], x[:, bad] = problem_last(h_b.reshape(bad.size, Gn * H)), problem_last(x_b)
-        return h, rep, x, int(bad.size)
-    rep, x, made, chain = problem_first(rep), problem_first(x), problem_first(made), torch.from_numpy(chain)
-    level = None if level is None else torch.from_numpy(level)
-    if level is not None:  # start the exact split from the greedy moves replayed at the optimum
-        hshare, x = resplit(hshare, rep, made, level, S, chain)
+        return h, x, int(bad.size)
+    rep_t, x_t, made_t, chain_t = problem_first(rep), problem_first(x), problem_first(made), torch.from_numpy(chain)
+    level_t = None if level is None else torch.from_numpy(level)
+    if level_t is not None:  # start the exact split from the greedy moves replayed at the optimum
+        hshare, x_t = resplit(hshare, rep_t, made_t, level_t, S, chain_t)
     else:  # wide nodes: the first rule's own split, made exact by the augmenting rounds
-        hshare = hshare - _scatter_x(hshare, rep, x)
-    rounds = optimal_split(hshare, rep, x, S, level_B=level)
-    return problem_last(hshare.reshape(B, Gn * H)), problem_last(rep), problem_last(x), rounds
+        hshare = hshare - _scatter_x(hshare, rep_t, x_t)
+    rounds = optimal_split(hshare, rep_t, x_t, S, level_B=level_t)
+    return problem_last(hshare.reshape(B, Gn * H)), problem_last(x_t), rounds
 
 
 def _slot_sums(rep: np.ndarray, x: np.ndarray, slots: int) -> np.ndarray:
