@@ -90,6 +90,15 @@ def _table(results: dict[str, Any]) -> str:
     return "\n".join(lines + skipped)
 
 
+def _row_systems(results: dict[str, Any]) -> str:
+    """Which system each bench row stands for (relibra.sim.simulate.ROW_SYSTEMS), one line each."""
+    from .sim.simulate import ROW_SYSTEMS
+
+    named = [n for n in results if n in ROW_SYSTEMS]
+    width = max((len(n) for n in named), default=0)
+    return "\n".join(["rows:"] + [f"  {n:{width}s}  {ROW_SYSTEMS[n]}" for n in named])
+
+
 def bench(args: argparse.Namespace) -> int:
     from .sim.cost import make_config
     from .sim.simulate import gap_breakdown, simulate
@@ -140,6 +149,9 @@ def bench(args: argparse.Namespace) -> int:
         if parts is not None and name != "ideal":
             results[name].breakdown_s["gap_parts"] = parts
     if args.json:
+        from .sim.simulate import ROW_SYSTEMS
+
+        header["row_systems"] = {n: ROW_SYSTEMS[n] for n in results if n in ROW_SYSTEMS}
         print(json.dumps({"policies": {n: r.to_json() for n, r in results.items()}, **header}))
     else:
         print(f"trace {header['trace']}: {S} steps x {M} micro-batches x {L} layers x {E} experts; "
@@ -151,6 +163,7 @@ def bench(args: argparse.Namespace) -> int:
         if options:
             print("policy options: " + "; ".join(f"{n}: {o}" for n, o in options.items()))
         print(_table(results))
+        print(_row_systems(results))
         parts = gap_breakdown(results, "hybrid")
         if parts is not None:
             print("hybrid's gap to ideal = " + " ".join(f"{k} {v:+.1%}" for k, v in parts.items()))
@@ -235,6 +248,7 @@ def _launch(argv: list[str]) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .sim.cost import CLUSTER_PRESETS
     from .sim.simulate import DEFAULT_POLICIES
 
     ap = argparse.ArgumentParser(prog="relibra", description="Expert load balancing for RL training of MoE models.")
@@ -242,7 +256,8 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="compare balancing policies on a routing trace with the cost model")
     b.add_argument("--trace", default=None, help="trace .npz (loads [steps, M, L, E], top_k); default: embedded")
     b.add_argument("--preset", default="deepseek-v3", choices=["deepseek-v3", "qwen3-30b-a3b", "qwen3-235b-a22b"])
-    b.add_argument("--cluster", default="h100", choices=["h100", "h800", "h200"])
+    b.add_argument("--cluster", default="h100", choices=list(CLUSTER_PRESETS),
+                   help="GPU and links; a node is one NVLink domain (gb200-nvl72: up to 72 GPUs per node)")
     b.add_argument("--nodes", type=int, default=8)
     b.add_argument("--gpus-per-node", type=int, default=8)
     b.add_argument("--spare-slots", type=int, default=1)

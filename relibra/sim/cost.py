@@ -165,22 +165,15 @@ class CostConfig:
         """A Topology of this model on ``num_nodes x gpus_per_node`` with this cluster's links.
 
         A node is one NVLink domain: ValueError (naming the numbers) when ``gpus_per_node``
-        exceeds ``gpus_per_domain``, when the experts do not divide over the GPUs, or when the
-        spare slots' replica weights and gradients (every MoE layer) alone exceed the GPU's memory.
+        exceeds ``gpus_per_domain`` or when the spare slots' replica weights and gradients (every
+        MoE layer) alone exceed the GPU's memory; :class:`~relibra.topology.Topology` refuses
+        experts that do not divide over the GPUs (and says how many GPUs per node would do).
         """
         if isinstance(gpus_per_node, int) and gpus_per_node > self.gpus_per_domain:
             raise ValueError(
                 f"{num_nodes} nodes x {gpus_per_node} GPUs: a node of the topology is one NVLink domain, and this "
                 f"cluster's domain holds {int(self.gpus_per_domain)} GPUs (gpus_per_domain); use at most "
                 f"{int(self.gpus_per_domain)} GPUs per node, or a cluster preset with larger domains")
-        if isinstance(gpus_per_node, int) and isinstance(num_nodes, int) and num_nodes * gpus_per_node > 0 \
-                and self.num_experts % (num_nodes * gpus_per_node):
-            usable = max((g for g in range(1, gpus_per_node + 1) if self.num_experts % (num_nodes * g) == 0), default=0)
-            hint = (f"; use {usable} of the {gpus_per_node} GPUs per node (NVLink domain) for expert parallelism "
-                    f"(gpus_per_node={usable})" if usable else "")
-            raise ValueError(
-                f"{int(self.num_experts)} experts do not divide over {num_nodes} nodes x {gpus_per_node} GPUs: relibra "
-                f"gives every GPU of the expert-parallel group the same number of home slots{hint}")
         if isinstance(spare_slots_per_gpu, int) and spare_slots_per_gpu > 0:
             need = (spare_slots_per_gpu * self.num_moe_layers * self.expert_params
                     * (self.weight_bytes + self.replica_grad_bytes))

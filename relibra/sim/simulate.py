@@ -58,19 +58,17 @@ _PRICED = ("replicate", "hybrid")
 #: which system each bench row stands for (printed under ``relibra bench``'s table)
 ROW_SYSTEMS: dict[str, str] = {
     "static": "Megatron-LM: contiguous placement, no replicas",
-    "eplb-history": "DeepSeek EPLB (vLLM/SGLang) from earlier steps' loads, one replica set per step",
-    "eplb-oracle": "DeepSeek EPLB given the step's own loads (hierarchical where groups divide over nodes)",
-    "eplb-oracle-global": "DeepSeek EPLB given the step's own loads, global mode",
-    "reorder": "ReLibra's inter-batch reordering alone",
-    "replicate": "MoonEP / Megatron-Core virtual-expert balancer (per micro-batch replicas in spare slots), "
-                 "planned ahead from replayed routes; on more than one NVLink domain relibra adds priced "
-                 "cross-domain replicas",
-    "replicate-live": "MoonEP / Megatron-Core virtual-expert balancer as they run: replicas inside each NVLink "
-                      "domain, planned at run time from the live router output (live_planning_s per micro-batch "
-                      "and layer on the critical path)",
-    "hybrid": "ReLibra: reorder once a step + replicate every micro-batch (cross-node replicas where they pay)",
-    "hybrid-intra": "ReLibra with intra-node replicas only",
-    "ideal": "every GPU at the mean load, uniform traffic, nothing moved (a bound, not a system)",
+    "eplb-history": "DeepSeek EPLB (vLLM, SGLang) on earlier steps' loads",
+    "eplb-oracle": "DeepSeek EPLB on the step's own loads (hierarchical where groups divide over nodes)",
+    "eplb-oracle-global": "DeepSeek EPLB on the step's own loads, global",
+    "reorder": "ReLibra's once-a-step reordering alone",
+    "replicate": "MoonEP / Megatron-Core virtual-expert balancer, planned ahead from replayed routes "
+                 "(+ priced cross-node replicas)",
+    "replicate-live": "MoonEP / Megatron-Core virtual-expert balancer as they run: planned live from the router "
+                      "output, inside NVLink domains",
+    "hybrid": "ReLibra: reorder + replicate (cross-node replicas where they pay)",
+    "hybrid-intra": "ReLibra with replicas inside nodes only",
+    "ideal": "a bound: every GPU at the mean load, nothing moved",
 }
 
 
@@ -243,13 +241,16 @@ def gap_breakdown(results: dict[str, PolicyResult], name: str) -> dict[str, floa
 
     ``compute``: expert compute above the mean (residual imbalance); ``a2a``: token all-to-all
     above ideal's uniform traffic; ``replicas``: replica weight copies and gradient reductions;
-    ``migration``: reorder's expert moves; ``planning``: live planning on the critical path (0 for
-    plans made ahead). Non-MoE and dense parts are equal in both, so the parts add up to
-    ``gap_to_ideal``. None when either row is missing or skipped.
+    ``migration``: reorder's expert moves; ``planning`` (live rows only): planning on the critical
+    path. Non-MoE and dense parts are equal in both, so the parts add up to ``gap_to_ideal``.
+    None when either row is missing or skipped.
     """
     r, i = results.get(name), results.get("ideal")
     if r is None or i is None or r.skipped or i.skipped or not i.step_time_s:
         return None
     a, b, T = r.breakdown_s, i.breakdown_s, i.step_time_s
-    return {"compute": (a["expert_compute_s"] - b["expert_compute_s"]) / T, "a2a": (a["a2a_s"] - b["a2a_s"]) / T,
-            "replicas": a["replica_s"] / T, "migration": a["reorder_s"] / T, "planning": a["planning_s"] / T}
+    parts = {"compute": (a["expert_compute_s"] - b["expert_compute_s"]) / T, "a2a": (a["a2a_s"] - b["a2a_s"]) / T,
+             "replicas": a["replica_s"] / T, "migration": a["reorder_s"] / T}
+    if a.get("planning_s", 0.0) > 0:
+        parts["planning"] = a["planning_s"] / T
+    return parts
