@@ -37,9 +37,11 @@ def solve_node_problems(hshare_BGH: torch.Tensor, S: int, variants: tuple[tuple[
     ``greedy_split``: where the greedy rule's own split already reaches the optimal level, keep
     it instead of computing the split that moves fewest tokens (same busiest GPU, less time; the
     cross-node planner uses it for the nodes it solves again). With more than one spare slot
-    per GPU this is always done: there the greedy moves replayed at the optimal level
-    (:func:`~relibra.policies.replica_split.resplit`) reach it on few nodes, and the augmenting
-    rounds from there cost several times the rest of the planner.
+    per GPU, and on nodes of more than 10 GPUs, this is always done: there the greedy moves
+    replayed at the optimal level (:func:`~relibra.policies.replica_split.resplit`) reach it on
+    few nodes, and the augmenting rounds (over ``Gn**2`` edges) cost many times the rest of the
+    planner. On wide nodes the optimum is not enumerated; a split at ``ceil(node load / Gn)``
+    is at it.
     """
     chunks = [_solve(h_c, S, variants, greedy_split) for h_c in hshare_BGH.split(PROBLEMS_PER_PASS)]
     if len(chunks) == 1:
@@ -59,13 +61,16 @@ def _solve(hshare: torch.Tensor, S: int, variants: tuple[tuple[bool, ...], ...],
     B, Gn, H = hshare.shape
     w = problem_last(hshare.reshape(B, Gn * H))
     rep, x, made, level, chain = best_of_greedy(w, Gn, S, variants)
-    if (greedy_split or S > 1) and level is not None:
+    if greedy_split or S > 1 or level is None:
+        # the optimum where best_level does not enumerate (wide nodes) is unknown, but a split at
+        # ceil(node load / Gn) is at it
+        optimum = level if level is not None else -(-w.sum(0) // Gn)
         kept = w - _slot_sums(rep, x, Gn * H)
-        rest = np.flatnonzero((kept.reshape(Gn, H, B).sum(1) + x.reshape(Gn, S, B).sum(1)).max(0) > level)
+        rest = np.flatnonzero((kept.reshape(Gn, H, B).sum(1) + x.reshape(Gn, S, B).sum(1)).max(0) > optimum)
         if rest.size == 0:
             return kept, rep, x, 0
         h_r, x_r, rounds = _exact_split(hshare[torch.from_numpy(rest)], w[:, rest], rep[:, rest], x[:, rest],
-                                        made[:, rest], level[rest], chain[rest], S)
+                                        made[:, rest], None if level is None else level[rest], chain[rest], S)
         kept[:, rest], x[:, rest] = h_r, x_r
         return kept, rep, x, rounds
     h, x, rounds = _exact_split(hshare, w, rep, x, made, level, chain, S)

@@ -123,6 +123,8 @@ class PolicyResult:
     bytes_moved_replicas: float = 0.0
     planning_time_s: float = 0.0
     breakdown_s: dict = field(default_factory=dict)
+    plan_info: dict = field(default_factory=dict)  # numeric plan.info entries (not timings), steady-step means
+    budget_cuts: int = 0  # steady steps whose plan a search budget cut short (plan.info["budget_cut"])
     options: dict = field(default_factory=dict)  # registered policy name and options used
     skipped: str | None = None
     gpu_loads_LG: Any = field(default=None, repr=False)  # one steady micro-batch, for plots
@@ -139,6 +141,15 @@ class PolicyResult:
 def _mean_cost(costs: list[StepCost]) -> dict[str, float]:
     keys = ("expert_compute_s", "non_moe_s", "a2a_s", "replica_s", "reorder_s", "extra_s", "planning_s")
     return {k: float(np.mean([getattr(c, k) for c in costs])) for k in keys}
+
+
+def _mean_info(infos: list[dict]) -> tuple[dict[str, float], int]:
+    """Steady-step means of the plans' numeric ``info`` entries (timings, ``*_seconds``, left out)
+    and how many plans a budget cut short."""
+    keys = sorted({k for i in infos for k, v in i.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and not k.endswith("seconds")})
+    means = {k: float(np.mean([i.get(k, 0.0) for i in infos])) for k in keys}
+    return means, sum(1 for i in infos if i.get("budget_cut"))
 
 
 def simulate(loads_SMLE: Any, topology: Topology, cfg: CostConfig,
@@ -193,7 +204,7 @@ def simulate(loads_SMLE: Any, topology: Topology, cfg: CostConfig,
                 continue
         policy = make()
         previous = Placement.contiguous(topology, L)
-        costs, plan_times, imb, imb_worst = [], [], [], []
+        costs, plan_times, imb, imb_worst, infos = [], [], [], [], []
         for s in range(S):
             plan, elapsed = timed_plan(policy, loads[s], topology)
             cost = step_cost(plan, loads[s], cfg, previous=previous, live_planning=name in LIVE_ROWS)
@@ -202,6 +213,7 @@ def simulate(loads_SMLE: Any, topology: Topology, cfg: CostConfig,
                 continue
             plan_times.append(elapsed)
             costs.append(cost)
+            infos.append(plan.info)
             ratio = plan.imbalance(loads[s])
             imb.append(float(ratio.mean()))
             imb_worst.append(float(ratio.max()))
@@ -216,6 +228,7 @@ def simulate(loads_SMLE: Any, topology: Topology, cfg: CostConfig,
         res.bytes_moved = res.bytes_moved_reorder + res.bytes_moved_replicas
         res.planning_time_s = float(np.mean(plan_times))
         res.breakdown_s = _mean_cost(costs)
+        res.plan_info, res.budget_cuts = _mean_info(infos)
     _relative(results)
     return results
 
