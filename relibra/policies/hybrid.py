@@ -2,8 +2,12 @@
 
 Reordering balances each micro-batch across nodes (slow links, moved once a step);
 replication then balances the GPUs inside every node with spare-slot replicas (fast links,
-refilled every micro-batch). Replicas never raise a GPU above the reordered placement without
-replicas, so ``hybrid`` is never worse than ``reorder`` alone.
+refilled every micro-batch), and, where a node cannot absorb its hot experts and the cost model
+says it pays, puts replicas in other nodes' spare slots (:mod:`relibra.policies.replica_cross`).
+Replicas never raise a GPU above the reordered placement without replicas, so ``hybrid`` is
+never worse than ``reorder`` alone. Its planning time is bounded: reorder's searches by a
+deterministic work budget (opt-in: wall-clock seconds), the cross-node exports by a round
+count; ``plan.info["budget_cut"]`` says when a bound stopped one.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 from ..plan import Placement, Plan
 from ..topology import Topology
 from .base import check_loads
+from .budget import check_budget_options
 from .reorder import WORK_BUDGET, ReorderPolicy
 from .replicate import check_cross_node_options, replicate_on, resolve_price
 
@@ -22,7 +27,7 @@ __all__ = ["HybridPolicy"]
 
 
 class HybridPolicy:
-    """ReLibra: inter-batch reordering plus intra-batch, intra-node replication.
+    """ReLibra: inter-batch reordering plus intra-batch replication (cross-node where it pays).
 
     Args:
         migration_weight, max_swaps, work_budget, time_budget_s: as for ``reorder`` (the
@@ -34,6 +39,7 @@ class HybridPolicy:
                  cross_node_price: float | None = None, work_budget: float = WORK_BUDGET,
                  time_budget_s: float | None = None) -> None:
         check_cross_node_options("hybrid", cross_node, cross_node_price)
+        check_budget_options("hybrid", work_budget, time_budget_s)
         self.reorder = ReorderPolicy(migration_weight=migration_weight, max_swaps=max_swaps, work_budget=work_budget,
                                      time_budget_s=time_budget_s)
         self.cross_node, self.cross_node_price = cross_node, cross_node_price

@@ -1,27 +1,20 @@
-"""``replicate``: every micro-batch, fill spare slots with intra-node replicas and split tokens.
+"""``replicate``: every micro-batch, fill spare slots with replicas and split tokens.
 
 The placement is given (contiguous by default, or the one ``reorder`` chose, see ``hybrid``);
-only the spare slots and the token split change from one micro-batch to the next. Replicas
-stay in their expert's home node (fast links), and the split is the exact integer min-max
-split for the chosen replicas. Every (micro-batch, layer, node) is one problem
-(:mod:`relibra.policies.replica_problems`).
+only the spare slots and the token split change from one micro-batch to the next. Every
+(micro-batch, layer, node) is one intra-node problem (:mod:`relibra.policies.replica_problems`),
+solved by :mod:`relibra.policies.replica_solve`: greedy rules choose replicas inside the node
+(:mod:`relibra.policies.replica_greedy`), and the split is the exact integer min-max split for
+them (:mod:`relibra.policies.replica_split`).
 
-Replica choice (:mod:`relibra.policies.replica_greedy`): greedy rules
-(:data:`~relibra.policies.replica_greedy.GREEDY_VARIANTS`), tried in order on every problem.
-First the overshoot rule: the busiest GPU copies its hottest expert to the lightest GPU and
-fills it up to the node mean, past its own excess while its own spare slot is still free, so a
-donor can end below the mean and take a replica from a second busy GPU (a node with one very
-hot GPU needs every light GPU as well as the donor's own slot for the next one). Only where
-that misses the lower bound ``ceil(node mean)`` do the direct rule (the receiver at most to the
-mean) and the chain rule (the receiver may go above the mean and pass its own experts on) run
-too. Each rule's replicas are scored by their exact optimal level and the best kept per problem
-(ties to the earlier rule), so the result is never worse than any rule alone.
-
-Split (:mod:`relibra.policies.replica_split`): with one spare slot per GPU the two-sweep forest
-split, about ``2 * (depth + 1)`` rounds, and augmenting rounds only for the rare node with two
-replica cycles; otherwise augmenting rounds aimed at the known level. Every round is a fixed
-number of NumPy operations over a pass of up to :data:`PROBLEMS_PER_PASS` problems, so the cost
-is mostly per-operation overhead (``python benchmarks/planners.py`` measures it).
+Replicas stay in their expert's home node (fast links) unless a node cannot absorb its hot
+experts: then, where the cost model's price of a cross-node replica (its weight fetch and
+gradient return over the slow link, half hidden) is less than what it takes off the busiest
+GPU, they also go to other nodes' empty spare slots (:mod:`relibra.policies.replica_cross`).
+Where none is chosen the plan is the intra-node one, bit for bit (and ``intra_node_replicas``
+stays True); one with a cross-node replica sets it False, and the runtime fetches replicas over
+the whole expert-parallel group. This is what MoonEP and Megatron-Core's virtual-expert balancer
+do inside one NVLink domain, planned ahead from replayed routes instead of live.
 """
 
 from __future__ import annotations
