@@ -82,7 +82,7 @@ def cross_node_price(num_nodes: int, gpus_per_node: int, inter_node_bandwidth: f
     return replica_s / copy_s
 
 
-def cross_node_units(exports: Exports, num_tried: int, home_per_gpu: int) -> np.ndarray:
+def cross_node_units(exports: Exports, num_tried: int, num_gpus: int, home_per_gpu: int) -> np.ndarray:
     """``[C]`` cross-node weight copies the slowest GPU sends or receives, per tried problem.
 
     A receiving GPU gets one copy (one cross-node replica per GPU at most); a home GPU sends
@@ -90,34 +90,46 @@ def cross_node_units(exports: Exports, num_tried: int, home_per_gpu: int) -> np.
     prices it), so the busiest sender counts its distinct exported experts. 0: no export.
     """
     units = np.zeros(num_tried, np.int64)
-    if exports.problem.size == 0:
-        return units
     units[exports.problem] = 1
-    items = int(exports.item.max()) + 1
-    problem, item = np.divmod(np.unique(exports.problem * items + exports.item), items)  # distinct (problem, item)
-    gpus = (items - 1) // home_per_gpu + 1
-    senders, counts = np.unique(problem * gpus + item // home_per_gpu, return_counts=True)
-    np.maximum.at(units, senders // gpus, counts)
-    return units
+    exported = np.zeros((num_tried, num_gpus * home_per_gpu), bool)
+    exported[exports.problem, exports.item] = True  # distinct (problem, expert)
+    return np.maximum(units, exported.reshape(num_tried, num_gpus, home_per_gpu).sum(-1).max(-1))
 
 
 class _NodePlans:
-    """Per-node results (problem-last ``h [I, B]``, ``rep``, ``x [Sn, B]``) of some of the node problems."""
+    """Per-node results of some node problems, problem-first: ``h [B, I]`` (tokens each home copy
+    keeps), ``rep`` and ``x [B, Sn]``; ``has [B]`` marks the problems filled in."""
 
-    def __init__(self, I: int, Sn: int, B: int) -> None:
-        self.h = np.zeros((I, B), np.int64)
-        self.rep = np.full((Sn, B), -1, np.int64)
-        self.x = np.zeros((Sn, B), np.int64)
+    def __init__(self, B: int, I: int, Sn: int) -> None:
+        self.h = np.zeros((B, I), np.int64)
+        self.rep = np.full((B, Sn), -1, np.int64)
+        self.x = np.zeros((B, Sn), np.int64)
         self.has = np.zeros(B, bool)
 
-    def put(self, nodes: np.ndarray, h: np.ndarray, rep: np.ndarray, x: np.ndarray) -> None:
-        self.h[:, nodes], self.rep[:, nodes], self.x[:, nodes] = h, rep, x
+    def put(self, nodes: np.ndarray, h_IB: np.ndarray, rep_SB: np.ndarray, x_SB: np.ndarray) -> None:
+        """Store the problem-last results of ``nodes`` (the solvers' layout)."""
+        self.h[nodes], self.rep[nodes], self.x[nodes] = h_IB.T, rep_SB.T, x_SB.T
         self.has[nodes] = True
 
+    def copy_from(self, other: "_NodePlans", nodes: np.ndarray) -> None:
+        self.h[nodes], self.rep[nodes], self.x[nodes] = other.h[nodes], other.rep[nodes], other.x[nodes]
+
     def gpu_loads(self, nodes: np.ndarray, Gn: int) -> np.ndarray:
-        """``[Gn, len(nodes)]`` load of every GPU."""
-        I, S = self.h.shape[0], self.x.shape[0] // Gn
-        return self.h[:, nodes].reshape(Gn, I // Gn, -1).sum(1) + self.x[:, nodes].reshape(Gn, S, -1).sum(1)
+        """``[len(nodes), Gn]`` load of every GPU."""
+        return self.h[nodes].reshape(nodes.size, Gn, -1).sum(-1) + self.x[nodes].reshape(nodes.size, Gn, -1).sum(-1)
+
+    def assemble(self, home_experts_LE: torch.Tensor, M: int, L: int, N: int, Gn: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Plan tensors ``spare_experts [M, L, G*S]`` and ``slot_tokens [M, L, P]`` (the layout of
+        :func:`~relibra.policies.replica_problems.assemble`; replicas with no tokens dropped)."""
+        B, I = self.h.shape
+        rep = np.where(self.x > 0, self.rep, -1)
+        b = np.arange(B)
+        first = ((b // N) % L) * (N * I) + (b % N) * I  # flat placement index of each node's slot 0
+        logical = home_experts_LE.numpy().reshape(-1).take(first[:, None] + np.maximum(rep, 0))
+        spare = np.where(rep >= 0, logical, -1)
+        tokens = np.concatenate([self.h.reshape(B, Gn, -1), self.x.reshape(B, Gn, -1)], 2)
+        return torch.from_numpy(spare).view(M, L, -1), torch.from_numpy(tokens).view(M, L, -1)
 
 
 def plan_with_cross_node(hshare_BGH: np.ndarray, home_experts_LE: torch.Tensor, M: int, L: int, N: int, S: int,
@@ -138,31 +150,29 @@ def plan_with_cross_node(hshare_BGH: np.ndarray, home_experts_LE: torch.Tensor, 
     node_load = share_QNI.sum(-1)  # [Q, N]
     fair = -(-node_load.sum(1) // G)  # ceil(total / G): no plan goes below it
     bound = (-(-node_load // Gn)).max(1)  # no intra-node plan goes below it
-    intra, cross = _NodePlans(I, Sn, B), _NodePlans(I, Sn, B)
     tried = np.flatnonzero(bound - fair > price)  # elsewhere no cross-node replica can pay
     info = dict(cross_node_tried=int(tried.size), cross_node_layers=0, cross_node_replicas=0, budget_cut="")
+    if tried.size == 0:
+        h, rep, x, _ = solve(torch.from_numpy(hshare_BGH))
+        return (*assemble(h, rep, x, home_experts_LE, M, L, N, Gn, S), info)
+    intra, cross = _NodePlans(B, I, Sn), _NodePlans(B, I, Sn)
+    exports, cost = _try_exports(hshare_BGH, share_QNI, tried, fair, Gn, S, price, solve, intra, cross)
+    if exports.rounds >= CROSS_NODE_ROUNDS:
+        info["budget_cut"] = f"cross-node exports stopped after {CROSS_NODE_ROUNDS} rounds"
     accept = np.zeros(Q, bool)
-    exports = None
-    if tried.size:
-        exports, cost = _try_exports(hshare_BGH, share_QNI, tried, fair, Gn, S, price, solve, intra, cross)
-        if exports.rounds >= CROSS_NODE_ROUNDS:
-            info["budget_cut"] = f"cross-node exports stopped after {CROSS_NODE_ROUNDS} rounds"
-        accept[tried] = cost < bound[tried]  # better than any intra-node plan
+    accept[tried] = cost < bound[tried]  # better than any intra-node plan
     # the intra-node plan wherever the cross-node one is not sure to win
-    unsure = np.flatnonzero(~accept)
-    nodes = (unsure[:, None] * N + np.arange(N)).reshape(-1)
+    nodes = (np.flatnonzero(~accept)[:, None] * N + np.arange(N)).reshape(-1)
     todo = nodes[~intra.has[nodes]]
     if todo.size:
         intra.put(todo, *solve(torch.from_numpy(hshare_BGH[todo]))[:3])
-    if tried.size:
-        level = intra.gpu_loads(np.arange(B), Gn).max(0).reshape(Q, N).max(1)
-        check = tried[~accept[tried]]
-        accept[check] = cost[np.searchsorted(tried, check)] < level[check]
-    final = cross if accept.any() else intra
-    if accept.any():
-        keep = np.repeat(~accept, N)
-        final.put(np.flatnonzero(keep), intra.h[:, keep], intra.rep[:, keep], intra.x[:, keep])
-    spare, tokens = assemble(final.h, final.rep, final.x, home_experts_LE, M, L, N, Gn, S)
+    check = tried[~accept[tried]]
+    if check.size:
+        check_nodes = (check[:, None] * N + np.arange(N)).reshape(-1)
+        level = intra.gpu_loads(check_nodes, Gn).max(1).reshape(-1, N).max(1)
+        accept[check] = cost[np.searchsorted(tried, check)] < level
+    cross.copy_from(intra, np.flatnonzero(np.repeat(~accept, N)))
+    spare, tokens = cross.assemble(home_experts_LE, M, L, N, Gn)
     if accept.any():
         placed = _place_imports(exports, tried, accept, cross, spare, tokens, home_experts_LE, N, Gn, H, S)
         info.update(cross_node_layers=int(accept.sum()), cross_node_replicas=placed)
@@ -181,38 +191,39 @@ def _try_exports(hshare_BGH: np.ndarray, share_QNI: np.ndarray, tried: np.ndarra
     node_target = np.repeat(target, N)
     light = share_QNI[tried].sum(-1).reshape(-1) <= Gn * node_target
     # 1. nodes with room: down to the target only; the rest of them get their intra-node plan
-    h_l = np.ascontiguousarray(hshare_BGH[nodes[light]].reshape(-1, I).T)
+    lit = nodes[light]
+    h_l = np.ascontiguousarray(hshare_BGH[lit].reshape(-1, I).T)
     if S == 1:
         rep_l, x_l = fill_to_target(h_l, Gn, node_target[light])
     else:  # the direct greedy rule with the target: the GPUs it does not fill keep free slots
         rep_l, x_l, _ = greedy_replicas(h_l, Gn, S, target=node_target[light])
-    load_l = h_l.reshape(Gn, H, -1).sum(1) + x_l.reshape(Gn, S, -1).sum(1)
-    ok = load_l.max(0) <= node_target[light]
-    cross.put(nodes[light][ok], h_l[:, ok], rep_l[:, ok], x_l[:, ok])
-    failed = nodes[light][~ok]
+    cross.put(lit, h_l, rep_l, x_l)
+    failed = lit[cross.gpu_loads(lit, Gn).max(1) > node_target[light]]
     if failed.size:
         plans = solve(torch.from_numpy(hshare_BGH[failed]))[:3]
         intra.put(failed, *plans)
         cross.put(failed, *plans)
     # 2. exports from the nodes above the target into the empty slots of the others
-    lit = nodes[light]
-    load = np.zeros((Gn, C * N), np.int64)
-    load[:, light] = cross.gpu_loads(lit, Gn)
-    free = np.zeros((Gn, C * N), bool)
-    free[:, light] = (cross.x[:, lit] == 0).reshape(Gn, S, -1).any(1)
-    exports = plan_exports(share_QNI[tried], np.ascontiguousarray(load.T).reshape(C, -1),
-                           np.ascontiguousarray(free.T).reshape(C, -1), target, Gn, CROSS_NODE_ROUNDS)
+    load = np.zeros((C * N, Gn), np.int64)
+    load[light] = cross.gpu_loads(lit, Gn)
+    free = np.zeros((C * N, Gn), bool)
+    free[light] = (cross.x[lit] == 0).reshape(-1, Gn, S).any(-1)
+    exports = plan_exports(share_QNI[tried], load.reshape(C, -1), free.reshape(C, -1), target, Gn,
+                           CROSS_NODE_ROUNDS)
     # 3. the nodes above the target, solved with what they exported taken off
-    heavy = nodes[~light]
-    lowered = hshare_BGH[heavy].reshape(-1, I).copy()
-    src = tried[exports.problem] * N + exports.item // I
-    np.subtract.at(lowered, (np.searchsorted(heavy, src), exports.item % I), exports.amount)
-    plans = solve(torch.from_numpy(lowered.reshape(-1, Gn, H)), greedy_split=True)[:3]
-    cross.put(heavy, *plans)
-    level = cross.gpu_loads(nodes, Gn).max(0)
-    recv_node = np.searchsorted(nodes, tried[exports.problem] * N + exports.gpu // Gn)
-    np.maximum.at(level, recv_node, load.T.reshape(-1)[exports.problem * (N * Gn) + exports.gpu] + exports.amount)
-    units = cross_node_units(exports, C, H)
+    heavy = np.flatnonzero(~light)  # positions in nodes
+    at = exports.problem * (N * I) + exports.item  # flat (tried problem, node, item)
+    lowered = (hshare_BGH[nodes].reshape(-1) - np.bincount(at, exports.amount, C * N * I).astype(np.int64))
+    lowered = lowered.reshape(C * N, I)[heavy]
+    heavy = nodes[heavy]
+    h_h, rep_h, x_h, _ = solve(torch.from_numpy(lowered.reshape(-1, Gn, H)), greedy_split=True)
+    cross.put(heavy, h_h, rep_h, x_h)
+    level = np.empty(C * N, np.int64)
+    level[~light] = (h_h.reshape(Gn, H, -1).sum(1) + x_h.reshape(Gn, S, -1).sum(1)).max(0)
+    imported = load.reshape(-1).copy()
+    imported[exports.problem * (N * Gn) + exports.gpu] += exports.amount  # one import per GPU at most
+    level[light] = imported.reshape(C * N, Gn)[light].max(1)
+    units = cross_node_units(exports, C, N * Gn, H)
     cost = np.where(units > 0, level.reshape(C, N).max(1) + price * units, np.inf)
     return exports, cost
 
@@ -227,8 +238,7 @@ def _place_imports(exports: Exports, tried: np.ndarray, accept: np.ndarray, cros
     if q.size == 0:
         return 0
     L, E = home_experts_LE.shape
-    node = q * N + g // Gn
-    empty = (cross.x[:, node] == 0).reshape(Gn, S, -1)[g % Gn, :, np.arange(q.size)]  # [X, S]
+    empty = (cross.x[q * N + g // Gn] == 0).reshape(q.size, Gn, S)[np.arange(q.size), g % Gn]  # [X, S]
     slot = empty.argmax(1)
     expert = home_experts_LE.numpy().reshape(-1)[(q % L) * E + item]
     Q = spare.shape[0] * spare.shape[1]
