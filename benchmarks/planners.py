@@ -1,14 +1,16 @@
 """Planning speed and balance of every policy at the DeepSeek-V3 shape, one CPU thread.
 
-    python benchmarks/planners.py [--nodes 8,16,32] [--steps 3] [--micro-batches 16] [--seed 0]
-        [--concentration 64] [--tokens-per-gpu 1024]
+    python benchmarks/planners.py [--nodes 8,16,32] [--spare-slots 1] [--loads trace|uniform]
+        [--steps 3] [--micro-batches 16] [--seed 0] [--concentration 64] [--tokens-per-gpu 1024]
 
 Shape: 58 MoE layers, 256 experts, top-8, N nodes x 8 GPUs (one table per N), 1 spare slot per
-GPU. Loads: relibra.sim.traces' GRPO generator around DeepSeek-V3's real popularity (SGLang
-``prefill_in4096`` counts shipped in relibra/sim/data): groups of 16 responses share a per-layer
-expert mix ``Dirichlet(concentration * popularity)``, ``--tokens-per-gpu`` tokens per GPU per
-micro-batch (65,536 per micro-batch at 8 x 8). Seeded, so runs repeat. ``replicate`` and
-``hybrid`` run with their defaults (cross-node replicas priced for DeepSeek-V3 on H100).
+GPU (``--spare-slots``). Loads (``--loads trace``): relibra.sim.traces' GRPO generator around
+DeepSeek-V3's real popularity (SGLang ``prefill_in4096`` counts shipped in relibra/sim/data):
+groups of 16 responses share a per-layer expert mix ``Dirichlet(concentration * popularity)``,
+``--tokens-per-gpu`` tokens per GPU per micro-batch (65,536 per micro-batch at 8 x 8). Seeded,
+so runs repeat. ``--loads uniform``: the README's example instead, ``torch.randint(0, 4000,
+[M, 58, 256])`` every step (seeded). ``replicate`` and ``hybrid`` run with their defaults
+(cross-node replicas priced for DeepSeek-V3 on H100, reorder's default work budget).
 
 Prints, per policy: ms per step (all micro-batches, reorder included), ms per micro-batch,
 mean and worst imbalance (busiest GPU / mean GPU, over micro-batches and layers), and mean
@@ -43,12 +45,16 @@ def imbalance_of_phy2log(phy2log_LR: torch.Tensor, logcnt_LE: torch.Tensor, load
 
 def run(args, nodes: int) -> list[tuple]:
     torch.set_num_threads(1)
-    topo = relibra.Topology(num_nodes=nodes, gpus_per_node=8, num_experts=256, spare_slots_per_gpu=1,
+    topo = relibra.Topology(num_nodes=nodes, gpus_per_node=8, num_experts=256, spare_slots_per_gpu=args.spare_slots,
                             num_expert_groups=8)
-    trace = TraceConfig(steps=args.steps, micro_batches=args.micro_batches,
-                        tokens_per_micro_batch=args.tokens_per_gpu * topo.num_gpus,
-                        concentration=args.concentration, seed=args.seed)
-    steps = torch.from_numpy(generate(trace))
+    if args.loads == "uniform":
+        g = torch.Generator().manual_seed(args.seed)
+        steps = torch.randint(0, 4000, (args.steps, args.micro_batches, 58, 256), generator=g)
+    else:
+        trace = TraceConfig(steps=args.steps, micro_batches=args.micro_batches,
+                            tokens_per_micro_batch=args.tokens_per_gpu * topo.num_gpus,
+                            concentration=args.concentration, seed=args.seed)
+        steps = torch.from_numpy(generate(trace))
     candidates = [("static", {}), ("reorder", {}), ("replicate", {}), ("hybrid", {}),
                   ("eplb", {"source": "oracle"}), ("eplb", {"source": "history"})]
     rows = []
@@ -97,6 +103,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", default="8,16,32", help="node counts, one table each")
     parser.add_argument("--tokens-per-gpu", type=int, default=1024)
+    parser.add_argument("--spare-slots", type=int, default=1)
+    parser.add_argument("--loads", choices=["trace", "uniform"], default="trace")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--micro-batches", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
@@ -105,8 +113,10 @@ def main() -> None:
     S, M = args.steps, args.micro_batches
     for nodes in (int(n) for n in args.nodes.split(",") if n.strip()):
         rows = run(args, nodes)
-        print(f"DeepSeek-V3 shape: 58 layers x 256 experts, {nodes}x8 GPUs, 1 spare/GPU, {M} micro-batches of "
-              f"{args.tokens_per_gpu} tokens per GPU, concentration {args.concentration:g}, {S} steps, 1 thread")
+        loads = "uniform random loads in [0, 4000)" if args.loads == "uniform" else \
+            f"{args.tokens_per_gpu} tokens per GPU, concentration {args.concentration:g}"
+        print(f"DeepSeek-V3 shape: 58 layers x 256 experts, {nodes}x8 GPUs, {args.spare_slots} spare/GPU, {M} "
+              f"micro-batches, {loads}, {S} steps, 1 thread")
         head = f"{'policy':30s} {'ms/step cpu':>11s} {'ms/step wall':>12s} {'ms/mb cpu':>9s} " \
                f"{'imb mean':>8s} {'imb worst':>9s} {'node imb':>8s}"
         print(head)
