@@ -39,7 +39,7 @@ import torch
 
 from .replica_exports import Exports, fill_to_target, plan_exports
 from .replica_greedy import greedy_replicas
-from .replica_problems import assemble
+from .replica_problems import assemble, node_rows
 
 __all__ = ["cross_node_price", "DEEPSEEK_V3_H100", "cross_node_units", "plan_with_cross_node", "CROSS_NODE_ROUNDS",
            "CROSS_NODE_SLACK"]
@@ -98,38 +98,33 @@ def cross_node_units(exports: Exports, num_tried: int, num_gpus: int, home_per_g
 
 class _NodePlans:
     """Per-node results of some node problems, problem-first: ``h [B, I]`` (tokens each home copy
-    keeps), ``rep`` and ``x [B, Sn]``; ``has [B]`` marks the problems filled in."""
+    keeps), ``rep`` and ``x [B, Sn]``."""
 
     def __init__(self, B: int, I: int, Sn: int) -> None:
         self.h = np.zeros((B, I), np.int64)
         self.rep = np.full((B, Sn), -1, np.int64)
         self.x = np.zeros((B, Sn), np.int64)
-        self.has = np.zeros(B, bool)
 
     def put(self, nodes: np.ndarray, h_IB: np.ndarray, rep_SB: np.ndarray, x_SB: np.ndarray) -> None:
         """Store the problem-last results of ``nodes`` (the solvers' layout)."""
         self.h[nodes], self.rep[nodes], self.x[nodes] = h_IB.T, rep_SB.T, x_SB.T
-        self.has[nodes] = True
-
-    def copy_from(self, other: "_NodePlans", nodes: np.ndarray) -> None:
-        self.h[nodes], self.rep[nodes], self.x[nodes] = other.h[nodes], other.rep[nodes], other.x[nodes]
 
     def gpu_loads(self, nodes: np.ndarray, Gn: int) -> np.ndarray:
         """``[len(nodes), Gn]`` load of every GPU."""
         return self.h[nodes].reshape(nodes.size, Gn, -1).sum(-1) + self.x[nodes].reshape(nodes.size, Gn, -1).sum(-1)
 
-    def assemble(self, home_experts_LE: torch.Tensor, M: int, L: int, N: int, Gn: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Plan tensors ``spare_experts [M, L, G*S]`` and ``slot_tokens [M, L, P]`` (the layout of
-        :func:`~relibra.policies.replica_problems.assemble`; replicas with no tokens dropped)."""
-        B, I = self.h.shape
-        rep = np.where(self.x > 0, self.rep, -1)
-        b = np.arange(B)
-        first = ((b // N) % L) * (N * I) + (b % N) * I  # flat placement index of each node's slot 0
+    def rows(self, nodes: np.ndarray, home_experts_LE: torch.Tensor, L: int, N: int, Gn: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """The rows of ``nodes`` in the plan: ``spare [b, Sn]`` (logical expert, -1 empty; replicas
+        with no tokens dropped) and ``tokens [b, Gn*(H+S)]``, as
+        :func:`~relibra.policies.replica_problems.node_rows` lays them out."""
+        I = self.h.shape[1]
+        x = self.x[nodes]
+        rep = np.where(x > 0, self.rep[nodes], -1)
+        first = ((nodes // N) % L) * (N * I) + (nodes % N) * I  # flat placement index of each node's slot 0
         logical = home_experts_LE.numpy().reshape(-1).take(first[:, None] + np.maximum(rep, 0))
-        spare = np.where(rep >= 0, logical, -1)
-        tokens = np.concatenate([self.h.reshape(B, Gn, -1), self.x.reshape(B, Gn, -1)], 2)
-        return torch.from_numpy(spare).view(M, L, -1), torch.from_numpy(tokens).view(M, L, -1)
+        tokens = np.concatenate([self.h[nodes].reshape(nodes.size, Gn, -1), x.reshape(nodes.size, Gn, -1)], 2)
+        return np.where(rep >= 0, logical, -1), tokens.reshape(nodes.size, -1)
 
 
 def plan_with_cross_node(hshare_BGH: np.ndarray, home_experts_LE: torch.Tensor, M: int, L: int, N: int, S: int,
@@ -152,39 +147,43 @@ def plan_with_cross_node(hshare_BGH: np.ndarray, home_experts_LE: torch.Tensor, 
     bound = (-(-node_load // Gn)).max(1)  # no intra-node plan goes below it
     tried = np.flatnonzero(bound - fair > price)  # elsewhere no cross-node replica can pay
     info = dict(cross_node_tried=int(tried.size), cross_node_layers=0, cross_node_replicas=0, budget_cut="")
-    if tried.size == 0:
-        h, rep, x, _ = solve(torch.from_numpy(hshare_BGH))
-        return (*assemble(h, rep, x, home_experts_LE, M, L, N, Gn, S), info)
-    intra, cross = _NodePlans(B, I, Sn), _NodePlans(B, I, Sn)
-    exports, cost = _try_exports(hshare_BGH, share_QNI, tried, fair, Gn, S, price, solve, intra, cross)
-    if exports.rounds >= CROSS_NODE_ROUNDS:
-        info["budget_cut"] = f"cross-node exports stopped after {CROSS_NODE_ROUNDS} rounds"
     accept = np.zeros(Q, bool)
-    accept[tried] = cost < bound[tried]  # better than any intra-node plan
-    # the intra-node plan wherever the cross-node one is not sure to win
-    nodes = (np.flatnonzero(~accept)[:, None] * N + np.arange(N)).reshape(-1)
-    todo = nodes[~intra.has[nodes]]
-    if todo.size:
-        intra.put(todo, *solve(torch.from_numpy(hshare_BGH[todo]))[:3])
-    check = tried[~accept[tried]]
+    if tried.size:
+        cross = _NodePlans(B, I, Sn)
+        exports, cost = _try_exports(hshare_BGH, share_QNI, tried, fair, Gn, S, price, solve, cross)
+        if exports.rounds >= CROSS_NODE_ROUNDS:
+            info["budget_cut"] = f"cross-node exports stopped after {CROSS_NODE_ROUNDS} rounds"
+        accept[tried] = cost < bound[tried]  # better than any intra-node plan
+    # the intra-node plan wherever the cross-node one is not sure to win (everywhere, when that is
+    # most problems: one plan to overwrite costs less than two to merge)
+    unsure = np.flatnonzero(~accept) if 2 * accept.sum() > Q else np.arange(Q)
+    nodes = (unsure[:, None] * N + np.arange(N)).reshape(-1)
+    h, rep, x, _ = solve(torch.from_numpy(hshare_BGH[nodes]))
+    check = np.flatnonzero(~accept[tried])  # tried problems, as rows of ``tried``
     if check.size:
-        check_nodes = (check[:, None] * N + np.arange(N)).reshape(-1)
-        level = intra.gpu_loads(check_nodes, Gn).max(1).reshape(-1, N).max(1)
-        accept[check] = cost[np.searchsorted(tried, check)] < level
-    cross.copy_from(intra, np.flatnonzero(np.repeat(~accept, N)))
-    spare, tokens = cross.assemble(home_experts_LE, M, L, N, Gn)
-    if accept.any():
-        placed = _place_imports(exports, tried, accept, cross, spare, tokens, home_experts_LE, N, Gn, H, S)
-        info.update(cross_node_layers=int(accept.sum()), cross_node_replicas=placed)
-    return spare, tokens, info
+        level = (h.reshape(Gn, H, -1).sum(1) + x.reshape(Gn, S, -1).sum(1)).max(0).reshape(-1, N).max(1)
+        accept[tried[check]] = cost[check] < level[np.searchsorted(unsure, tried[check])]
+    if unsure.size == Q:
+        spare_t, tokens_t = assemble(h, rep, x, home_experts_LE, M, L, N, Gn, S)
+        spare, tokens = spare_t.view(B, Sn).numpy(), tokens_t.view(B, -1).numpy()
+    else:
+        spare, tokens = np.empty((B, Sn), np.int64), np.empty((B, Gn * (H + S)), np.int64)
+        spare[nodes], tokens[nodes] = node_rows(h, rep, x, home_experts_LE, nodes, L, N, Gn, S)
+    if not accept.any():
+        return spare_t, tokens_t, info
+    taken = (np.flatnonzero(accept)[:, None] * N + np.arange(N)).reshape(-1)
+    spare[taken], tokens[taken] = cross.rows(taken, home_experts_LE, L, N, Gn)
+    spare_t, tokens_t = torch.from_numpy(spare).view(M, L, -1), torch.from_numpy(tokens).view(M, L, -1)
+    placed = _place_imports(exports, tried, accept, cross, spare_t, tokens_t, home_experts_LE, N, Gn, H, S)
+    info.update(cross_node_layers=int(accept.sum()), cross_node_replicas=placed)
+    return spare_t, tokens_t, info
 
 
 def _try_exports(hshare_BGH: np.ndarray, share_QNI: np.ndarray, tried: np.ndarray, fair: np.ndarray, Gn: int,
-                 S: int, price: float, solve: Solver, intra: _NodePlans, cross: _NodePlans
-                 ) -> tuple[Exports, np.ndarray]:
+                 S: int, price: float, solve: Solver, cross: _NodePlans) -> tuple[Exports, np.ndarray]:
     """Steps 1-3 of the module docstring on the ``tried`` problems: their cross-node plan goes into
-    ``cross``, the intra-node plans solved on the way into ``intra``. Returns the exports and,
-    per tried problem, its busiest GPU plus ``price * units`` (inf where nothing was exported)."""
+    ``cross``. Returns the exports and, per tried problem, its busiest GPU plus ``price * units``
+    (inf where nothing was exported)."""
     C, (_, N, I), H = tried.size, share_QNI.shape, hshare_BGH.shape[2]
     target = fair[tried] + np.ceil(fair[tried] * CROSS_NODE_SLACK).astype(np.int64)
     nodes = (tried[:, None] * N + np.arange(N)).reshape(-1)  # [C*N]
@@ -200,9 +199,7 @@ def _try_exports(hshare_BGH: np.ndarray, share_QNI: np.ndarray, tried: np.ndarra
     cross.put(lit, h_l, rep_l, x_l)
     failed = lit[cross.gpu_loads(lit, Gn).max(1) > node_target[light]]
     if failed.size:
-        plans = solve(torch.from_numpy(hshare_BGH[failed]))[:3]
-        intra.put(failed, *plans)
-        cross.put(failed, *plans)
+        cross.put(failed, *solve(torch.from_numpy(hshare_BGH[failed]))[:3])
     # 2. exports from the nodes above the target into the empty slots of the others
     load = np.zeros((C * N, Gn), np.int64)
     load[light] = cross.gpu_loads(lit, Gn)
