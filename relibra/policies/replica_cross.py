@@ -109,6 +109,10 @@ class _NodePlans:
         """Store the problem-last results of ``nodes`` (the solvers' layout)."""
         self.h[nodes], self.rep[nodes], self.x[nodes] = h_IB.T, rep_SB.T, x_SB.T
 
+    def put_rows(self, nodes: np.ndarray, h_BI: np.ndarray, rep_BS: np.ndarray, x_BS: np.ndarray) -> None:
+        """Store problem-first results of ``nodes``."""
+        self.h[nodes], self.rep[nodes], self.x[nodes] = h_BI, rep_BS, x_BS
+
     def gpu_loads(self, nodes: np.ndarray, Gn: int) -> np.ndarray:
         """``[len(nodes), Gn]`` load of every GPU."""
         return self.h[nodes].reshape(nodes.size, Gn, -1).sum(-1) + self.x[nodes].reshape(nodes.size, Gn, -1).sum(-1)
@@ -173,10 +177,10 @@ def plan_with_cross_node(hshare_BGH: np.ndarray, home_experts_LE: torch.Tensor, 
         return spare_t, tokens_t, info
     taken = (np.flatnonzero(accept)[:, None] * N + np.arange(N)).reshape(-1)
     spare[taken], tokens[taken] = cross.rows(taken, home_experts_LE, L, N, Gn)
-    spare_t, tokens_t = torch.from_numpy(spare).view(M, L, -1), torch.from_numpy(tokens).view(M, L, -1)
-    placed = _place_imports(exports, tried, accept, cross, spare_t, tokens_t, home_experts_LE, N, Gn, H, S)
+    placed = _place_imports(exports, tried, accept, cross, spare.reshape(Q, -1), tokens.reshape(Q, -1),
+                            home_experts_LE, N, Gn, H, S)
     info.update(cross_node_layers=int(accept.sum()), cross_node_replicas=placed)
-    return spare_t, tokens_t, info
+    return torch.from_numpy(spare).view(M, L, -1), torch.from_numpy(tokens).view(M, L, -1), info
 
 
 def _try_exports(hshare_BGH: np.ndarray, share_QNI: np.ndarray, tried: np.ndarray, fair: np.ndarray, Gn: int,
@@ -191,12 +195,13 @@ def _try_exports(hshare_BGH: np.ndarray, share_QNI: np.ndarray, tried: np.ndarra
     light = share_QNI[tried].sum(-1).reshape(-1) <= Gn * node_target
     # 1. nodes with room: down to the target only; the rest of them get their intra-node plan
     lit = nodes[light]
-    h_l = np.ascontiguousarray(hshare_BGH[lit].reshape(-1, I).T)
+    h_l = hshare_BGH[lit].reshape(-1, I)  # a copy, problem-first
     if S == 1:
-        rep_l, x_l = fill_to_target(h_l, Gn, node_target[light])
+        cross.put_rows(lit, h_l, *fill_to_target(h_l, Gn, node_target[light]))
     else:  # the direct greedy rule with the target: the GPUs it does not fill keep free slots
+        h_l = np.ascontiguousarray(h_l.T)
         rep_l, x_l, _ = greedy_replicas(h_l, Gn, S, target=node_target[light])
-    cross.put(lit, h_l, rep_l, x_l)
+        cross.put(lit, h_l, rep_l, x_l)
     failed = lit[cross.gpu_loads(lit, Gn).max(1) > node_target[light]]
     if failed.size:
         cross.put(failed, *solve(torch.from_numpy(hshare_BGH[failed]))[:3])
@@ -225,10 +230,10 @@ def _try_exports(hshare_BGH: np.ndarray, share_QNI: np.ndarray, tried: np.ndarra
     return exports, cost
 
 
-def _place_imports(exports: Exports, tried: np.ndarray, accept: np.ndarray, cross: _NodePlans, spare: torch.Tensor,
-                   tokens: torch.Tensor, home_experts_LE: torch.Tensor, N: int, Gn: int, H: int, S: int) -> int:
-    """Write the accepted problems' cross-node replicas into ``spare [M, L, G*S]`` and ``tokens
-    [M, L, P]`` (the receiving GPU's first empty spare slot); returns how many."""
+def _place_imports(exports: Exports, tried: np.ndarray, accept: np.ndarray, cross: _NodePlans, spare_QR: np.ndarray,
+                   tokens_QP: np.ndarray, home_experts_LE: torch.Tensor, N: int, Gn: int, H: int, S: int) -> int:
+    """Write the accepted problems' cross-node replicas into ``spare_QR [Q, G*S]`` and ``tokens_QP
+    [Q, P]`` (the receiving GPU's first empty spare slot); returns how many."""
     q = tried[exports.problem]
     ok = accept[q]
     q, g, item, amount = q[ok], exports.gpu[ok], exports.item[ok], exports.amount[ok]
@@ -237,8 +242,6 @@ def _place_imports(exports: Exports, tried: np.ndarray, accept: np.ndarray, cros
     L, E = home_experts_LE.shape
     empty = (cross.x[q * N + g // Gn] == 0).reshape(q.size, Gn, S)[np.arange(q.size), g % Gn]  # [X, S]
     slot = empty.argmax(1)
-    expert = home_experts_LE.numpy().reshape(-1)[(q % L) * E + item]
-    Q = spare.shape[0] * spare.shape[1]
-    spare.view(Q, -1)[torch.from_numpy(q), torch.from_numpy(g * S + slot)] = torch.from_numpy(expert)
-    tokens.view(Q, -1)[torch.from_numpy(q), torch.from_numpy(g * (H + S) + H + slot)] = torch.from_numpy(amount)
+    spare_QR[q, g * S + slot] = home_experts_LE.numpy().reshape(-1)[(q % L) * E + item]
+    tokens_QP[q, g * (H + S) + H + slot] = amount
     return int(q.size)

@@ -12,7 +12,7 @@ import numpy as np
 __all__ = ["fill_to_target", "Exports", "plan_exports"]
 
 
-def fill_to_target(hshare: np.ndarray, gpus_per_node: int, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def fill_to_target(share_BI: np.ndarray, gpus_per_node: int, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Bring every GPU of a node down to ``target``, using as little of the node's room as it takes.
 
     One spare slot per GPU. Every round the busiest GPU above ``target`` copies its hottest
@@ -23,19 +23,18 @@ def fill_to_target(hshare: np.ndarray, gpus_per_node: int, target: np.ndarray) -
     above ``target``.
 
     Args:
-        hshare: ``[Gn*H, B]`` home-expert loads; on return, what each home copy keeps.
+        share_BI: ``[B, Gn*H]`` home-expert loads, problem-first; on return, what each home copy keeps.
         target: ``[B]``.
     Returns:
-        ``rep [Gn, B]`` (local home slot copied into each GPU's spare slot, -1 empty) and ``x [Gn, B]``.
+        ``rep [B, Gn]`` (local home slot copied into each GPU's spare slot, -1 empty) and ``x [B, Gn]``.
     """
-    GH, B = hshare.shape
+    B, GH = share_BI.shape
     Gn = gpus_per_node
     H = GH // Gn
-    # problem-first inside (rows are the problems still moving: gathers of whole rows), flat
-    # indices for the updates, and arg-min/max over GPUs as one min/max of (value << bits | GPU)
-    share = np.ascontiguousarray(hshare.T)  # [B, GH]
-    share_flat = share.reshape(-1)
-    load = share.reshape(B, Gn, H).sum(-1)  # [B, Gn]
+    # rows are the problems still moving (gathers of whole rows), flat indices for the updates,
+    # and arg-min/max over GPUs as one min/max of (value << bits | GPU code)
+    share_flat = share_BI.reshape(-1)
+    load = share_BI.reshape(B, Gn, H).sum(-1)  # [B, Gn]
     load_flat = load.reshape(-1)
     rep = np.full((B, Gn), -1, np.int64)
     x = np.zeros((B, Gn), np.int64)
@@ -65,8 +64,7 @@ def fill_to_target(hshare: np.ndarray, gpus_per_node: int, target: np.ndarray) -
         load_flat[act * Gn + donor] -= amount
         load_flat[act * Gn + recv] += amount
         rep.reshape(-1)[act * Gn + recv], x.reshape(-1)[act * Gn + recv] = slot, amount
-    hshare[...] = share.T
-    return np.ascontiguousarray(rep.T), np.ascontiguousarray(x.T)
+    return rep, x
 
 
 class Exports(NamedTuple):

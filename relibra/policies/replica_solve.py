@@ -19,7 +19,7 @@ import torch
 
 from .replica_greedy import best_of_greedy
 from .replica_problems import problem_first, problem_last
-from .replica_split import forest_split, optimal_split, resplit
+from .replica_split import forest_split, optimal_split, resplit, slot_sums
 
 __all__ = ["solve_node_problems", "PROBLEMS_PER_PASS"]
 
@@ -65,7 +65,7 @@ def _solve(hshare: torch.Tensor, S: int, variants: tuple[tuple[bool, ...], ...],
         # the optimum where best_level does not enumerate (wide nodes) is unknown, but a split at
         # ceil(node load / Gn) is at it
         optimum = level if level is not None else -(-w.sum(0) // Gn)
-        kept = w - _slot_sums(rep, x, Gn * H)
+        kept = w - slot_sums(x, rep, Gn * H)
         rest = np.flatnonzero((kept.reshape(Gn, H, B).sum(1) + x.reshape(Gn, S, B).sum(1)).max(0) > optimum)
         if rest.size == 0:
             return kept, rep, x, 0
@@ -102,14 +102,6 @@ def _exact_split(hshare: torch.Tensor, w: np.ndarray, rep: np.ndarray, x: np.nda
         hshare = hshare - _scatter_x(hshare, rep_t, x_t)
     rounds = optimal_split(hshare, rep_t, x_t, S, level_B=level_t)
     return problem_last(hshare.reshape(B, Gn * H)), problem_last(x_t), rounds
-
-
-def _slot_sums(rep: np.ndarray, x: np.ndarray, slots: int) -> np.ndarray:
-    """``[slots, B]`` tokens each home slot gave to its replicas (``rep``, ``x``: ``[Sn, B]``)."""
-    Sn, B = rep.shape
-    out = np.zeros((slots + 1) * B, np.int64)
-    np.add.at(out, (np.where(rep >= 0, rep, slots) * B + np.arange(B)).ravel(), x.ravel())
-    return out[: slots * B].reshape(slots, B)
 
 
 def _scatter_x(hshare_BGH: torch.Tensor, rep_BSn: torch.Tensor, x_BSn: torch.Tensor) -> torch.Tensor:

@@ -128,23 +128,23 @@ def test_cross_node_off_and_one_node_plan_intra_node():
 def test_fill_to_target_conserves_and_never_raises_a_gpu_above_target(seed, gpus, homes):
     rng = np.random.default_rng(seed)
     B = 12
-    w = rng.integers(0, 100, size=(gpus * homes, B)) * (rng.random((gpus * homes, B)) < 0.6)
-    target = -(-w.sum(0) // gpus) + rng.integers(0, 20, size=B)
+    w = rng.integers(0, 100, size=(B, gpus * homes)) * (rng.random((B, gpus * homes)) < 0.6)
+    target = -(-w.sum(1) // gpus) + rng.integers(0, 20, size=B)
     h = w.copy()
     rep, x = fill_to_target(h, gpus, target)
     assert (h >= 0).all() and (x >= 0).all()
     given_away = np.zeros_like(w)
-    for g in range(gpus):
-        for b in range(B):
-            if rep[g, b] >= 0:
-                assert rep[g, b] // homes != g  # never a copy on its home GPU
-                given_away[rep[g, b], b] += x[g, b]
+    for b in range(B):
+        for g in range(gpus):
+            if rep[b, g] >= 0:
+                assert rep[b, g] // homes != g  # never a copy on its home GPU
+                given_away[b, rep[b, g]] += x[b, g]
     assert (h + given_away == w).all()  # every token kept or moved once
-    load = h.reshape(gpus, homes, B).sum(1) + x
-    before = w.reshape(gpus, homes, B).sum(1)
+    load = h.reshape(B, gpus, homes).sum(-1) + x
+    before = w.reshape(B, gpus, homes).sum(-1)
     received = rep >= 0
-    assert (load[received] <= np.broadcast_to(target, load.shape)[received]).all()  # receivers end at most at T
-    assert (load.max(0) <= np.maximum(before.max(0), target)).all()
+    assert (load[received] <= np.broadcast_to(target[:, None], load.shape)[received]).all()  # receivers at most T
+    assert (load.max(1) <= np.maximum(before.max(1), target)).all()
 
 
 def test_plan_exports_fill_free_gpus_once_and_within_room():
