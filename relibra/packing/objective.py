@@ -61,9 +61,12 @@ class Packing:
     def num_micro_batches(self) -> int:
         return int(self.loads.shape[0])
 
-    def sequences_of(self, micro_batch: int) -> torch.Tensor:
-        """Indices (ascending) of the sequences in ``micro_batch``."""
-        return (self.micro_batch_of == micro_batch).nonzero().flatten()
+    def groups(self) -> list[list[int]]:
+        """The sequence indices of every micro-batch (ascending): the index lists
+        :func:`relibra.routing.micro_batch_loads` and ``micro_batch_groups`` take."""
+        order = torch.argsort(self.micro_batch_of, stable=True)
+        counts = torch.bincount(self.micro_batch_of, minlength=self.num_micro_batches).tolist()
+        return [part.tolist() for part in order.split(counts)]
 
 
 def sum_by_micro_batch(sequence_loads_QLE: torch.Tensor, micro_batch_of_Q: torch.Tensor,

@@ -305,3 +305,17 @@ def test_no_packing_found_is_an_error_and_a_start_rescues_it():
 def test_joint_rounds_checked():
     with pytest.raises(ValueError, match="rounds must be an int >= 1, got 0"):
         pack_with_reorder(LOADS, TOKENS, 2, 8, TOPO, rounds=0)
+
+
+def test_groups_feed_the_route_counting():
+    """Routes -> per-sequence loads -> pack -> groups -> the routing wing's micro-batch loads."""
+    from relibra.routing import loads_from_routes, micro_batch_loads
+
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 9, 3, 12, 7, 4, 8, 6]
+    routes = [torch.randint(0, 8, (t, 2, 2), generator=g) for t in lengths]  # [T_i, L, K]
+    sequence_loads = torch.stack([loads_from_routes(r, 8) for r in routes])  # [Q, L, E]
+    result = pack(sequence_loads, torch.tensor(lengths), 3, 20, PLACEMENT, TOPO)
+    groups = result.groups()
+    assert sorted(i for group in groups for i in group) == list(range(len(lengths)))
+    assert torch.equal(micro_batch_loads(routes, 8, micro_batches=groups), result.loads)
