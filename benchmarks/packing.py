@@ -164,14 +164,20 @@ def timing(args, topo) -> None:
     }
     print(f"\npacking CPU time, one thread: {Q} sequences x {L} layers x {E} experts, {M} micro-batches of "
           f"{budget} tokens, {topo.num_nodes} x {topo.gpus_per_node} GPUs, {args.repeats} runs")
-    print(f"{'':32s}{'min ms':>8s}{'median ms':>11s}")
+    for k in (256, 128, 0):
+        runs[f"pack, scored_sequences={k}"] = (lambda k=k: pack(step.sequence_loads, step.sequence_tokens, M, budget,
+                                                                placement, topo, scored_sequences=k))
+    rollout = pack(step.sequence_loads, step.sequence_tokens, M, budget, placement, topo, scored_sequences=0,
+                   start=step.micro_batch_of).info["start_objective"]
+    print(f"{'':32s}{'min ms':>8s}{'median ms':>11s}  objective F / rollout's (contiguous placement)")
     for label, run in runs.items():
         seconds = []
         for _ in range(args.repeats):
             t0 = time.process_time()
-            run()
+            result = run()
             seconds.append(time.process_time() - t0)
-        print(f"{label:32s}{min(seconds) * 1e3:8.1f}{np.median(seconds) * 1e3:11.1f}")
+        quality = f"{result.objective / rollout:.3f}" if hasattr(result, "objective") else ""
+        print(f"{label:32s}{min(seconds) * 1e3:8.1f}{np.median(seconds) * 1e3:11.1f}  {quality}")
 
 
 def main(argv: list[str] | None = None) -> int:

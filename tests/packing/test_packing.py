@@ -189,6 +189,14 @@ def test_scored_sequences_bounds_the_route_placed_sequences(case, scored):
         assert torch.equal(result.micro_batch_of, baseline)
 
 
+def test_time_limit_places_the_rest_by_tokens():
+    tokens = torch.tensor([4, 3, 3, 2, 2, 5, 1])
+    loads = torch.randint(0, 9, (7, 2, 8), generator=torch.Generator().manual_seed(0))
+    result = pack(loads, tokens, 3, 9, PLACEMENT, TOPO, time_limit_s=1e-9)  # spent before the first block
+    assert result.info["scored"] == 0
+    assert torch.equal(result.micro_batch_of, pack_tokens(tokens, 3, 9))
+
+
 def test_route_aware_packing_spreads_prompt_groups():
     from relibra.sim.traces import TraceConfig, generate_sequences
 
