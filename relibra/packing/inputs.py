@@ -35,6 +35,19 @@ def _positive_int(value: Any, name: str) -> int:
     return value
 
 
+def _integer_vector(value: Any, name: str) -> torch.Tensor:
+    """``value`` as a 1-D int64 CPU tensor; ValueError naming ``name`` for another rank or a
+    non-integer entry."""
+    vector = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+    if vector.dim() != 1:
+        raise ValueError(f"{name} must have 1 dimension [Q], got shape {tuple(vector.shape)}")
+    if vector.dtype not in _INTEGER_DTYPES:
+        if not vector.is_floating_point() or not bool(torch.isfinite(vector).all()) \
+                or bool((vector != vector.round()).any()):
+            raise ValueError(f"{name} must hold integers, got dtype {vector.dtype}")
+    return vector.detach().cpu().to(torch.int64)
+
+
 def check_budget(num_micro_batches: Any, tokens_per_micro_batch: Any) -> tuple[int, int]:
     """``(M, budget)`` as ints; ValueError naming the argument unless both are positive ints."""
     return (_positive_int(num_micro_batches, "num_micro_batches"),
@@ -44,10 +57,14 @@ def check_budget(num_micro_batches: Any, tokens_per_micro_batch: Any) -> tuple[i
 def check_sequence_tokens(sequence_tokens: Any, num_micro_batches: int, tokens_per_micro_batch: int) -> torch.Tensor:
     """``sequence_tokens [Q]`` as int64, each sequence within the budget, all within ``M`` budgets.
 
-    Raises ValueError naming the first sequence longer than ``tokens_per_micro_batch`` (or with
-    negative tokens), or the total when the step holds more tokens than ``M`` micro-batches can.
+    Raises ValueError naming a sequence with negative tokens or longer than
+    ``tokens_per_micro_batch``, or the total when the step holds more tokens than ``M``
+    micro-batches can.
     """
-    tokens = as_loads(sequence_tokens, "sequence_tokens", ndim=1)
+    tokens = _integer_vector(sequence_tokens, "sequence_tokens")
+    if tokens.numel() and int(tokens.min()) < 0:
+        i = int(tokens.argmin())
+        raise ValueError(f"sequence_tokens: sequence {i} has {int(tokens[i])} tokens")
     if tokens.numel():
         longest = int(tokens.argmax())
         if int(tokens[longest]) > tokens_per_micro_batch:
@@ -100,7 +117,7 @@ def check_assignment(micro_batch_of: Any, sequence_tokens: torch.Tensor, num_mic
     Raises ValueError naming ``name``: wrong shape, a micro-batch id outside ``[0, M)`` (the
     sequence is named), or a micro-batch whose sequences exceed ``tokens_per_micro_batch``.
     """
-    assign = as_loads(micro_batch_of, name, ndim=1)
+    assign = _integer_vector(micro_batch_of, name)
     Q = sequence_tokens.numel()
     if assign.numel() != Q:
         raise ValueError(f"{name} has {assign.numel()} entries, there are {Q} sequences")

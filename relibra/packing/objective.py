@@ -45,8 +45,9 @@ class Packing:
         loads: ``[M, L, E]`` int64 loads of every micro-batch (its sequences' loads summed).
         tokens: ``[M]`` int64 tokens of every micro-batch (each within the budget).
         objective: ``F`` of ``loads`` under the placement given to the packer.
-        method: ``"routes"`` (route-aware), ``"start"`` (the given start was kept: it scored at
-            least as well), or ``"tokens"`` (token-only baseline).
+        method: ``"routes"`` (route-aware); ``"start"`` (the given start was kept: it scored at
+            least as well, or the greedy found no room); ``"tokens"`` (the greedy found no room
+            and no start was given: the token-only packing).
         info: free-form numbers (``seconds``, ``start_objective``, ``exchanges``, ...); not compared.
     """
 

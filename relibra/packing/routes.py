@@ -125,13 +125,8 @@ def pack(sequence_loads: Any, sequence_tokens: Any, num_micro_batches: int, toke
         assign, packed = greedy.micro_batch_of, greedy.loads_MLE
     objective = packing_objective(packed, placement, topology, gpu_weight)
     method = "routes" if info["fallback"] is None else info["fallback"]
-    if start_assign is not None:
-        if method == "start":
-            start_loads = packed
-        elif greedy is not None:
-            start_loads = greedy.start_loads_MLE
-        else:
-            start_loads = sum_by_micro_batch(loads, start_assign, M)
+    if start_assign is not None:  # the greedy summed the start's loads, unless it fell back to the start
+        start_loads = packed if method == "start" else greedy.start_loads_MLE
         info["start_objective"] = start_objective = packing_objective(start_loads, placement, topology, gpu_weight)
         if start_objective <= objective:
             assign, packed, objective, method = start_assign, start_loads, start_objective, "start"
