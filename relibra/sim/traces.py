@@ -226,9 +226,11 @@ class SequenceStep:
     def loads(self, micro_batch_of: np.ndarray | None = None) -> np.ndarray:
         """``[M, L, E]`` int64 loads of the packing ``micro_batch_of [N]`` (default: rollout order)."""
         mb = self.micro_batch_of if micro_batch_of is None else np.asarray(micro_batch_of, dtype=np.int64)
-        _, L, E = self.sequence_loads.shape
+        Q, L, E = self.sequence_loads.shape
+        flat = self.sequence_loads.reshape(Q, L * E)
         out = np.zeros((self.num_micro_batches, L * E), dtype=np.int64)
-        np.add.at(out, mb, self.sequence_loads.reshape(len(mb), L * E))
+        for m in range(self.num_micro_batches):  # one gather per micro-batch (np.add.at is 20x slower)
+            out[m] = flat[np.flatnonzero(mb == m)].sum(0, dtype=np.int64)
         return out.reshape(self.num_micro_batches, L, E)
 
 
