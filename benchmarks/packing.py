@@ -151,7 +151,7 @@ def timing(args, topo) -> None:
     tcfg = TraceConfig(steps=1, micro_batches=args.timing_micro_batches, tokens_per_micro_batch=args.timing_tokens,
                        group_size=args.group_size, concentration=64.0, seed=args.seed)
     step = next(generate_sequences(tcfg))
-    Q, L, E = step.sequence_loads.shape
+    Z, L, E = step.sequence_loads.shape
     M, budget = step.num_micro_batches, step.tokens_per_micro_batch
     placement = Placement.contiguous(topo, L)
     runs = {
@@ -162,7 +162,7 @@ def timing(args, topo) -> None:
         "pack_with_reorder (1 round)": lambda: pack_with_reorder(step.sequence_loads, step.sequence_tokens, M,
                                                                  budget, topo, placement),
     }
-    print(f"\npacking CPU time, one thread: {Q} sequences x {L} layers x {E} experts, {M} micro-batches of "
+    print(f"\npacking CPU time, one thread: {Z} sequences x {L} layers x {E} experts, {M} micro-batches of "
           f"{budget} tokens, {topo.num_nodes} x {topo.gpus_per_node} GPUs, {args.repeats} runs")
     for k in (256, 128, 0):
         runs[f"pack, scored_sequences={k}"] = (lambda k=k: pack(step.sequence_loads, step.sequence_tokens, M, budget,

@@ -11,9 +11,9 @@ packing by routes spreads them before any expert moves.
 - :func:`pack_with_reorder`: pack, reorder on the packed loads, re-pack (:mod:`.joint`);
 - :func:`packing_objective`, :func:`sum_by_micro_batch`, :class:`Packing`.
 
-Legend: Q sequences of the step, M micro-batches, L MoE layers, E logical experts (the rest as
-in :mod:`relibra.topology`). Inputs: ``sequence_loads [Q, L, E]`` (token copies of every
-sequence), ``sequence_tokens [Q]``; output ``micro_batch_of [Q]``. docs/packing.md has the
+Legend: see CONTRIBUTING.md (Z sequences of the step, M micro-batches, L MoE layers, E logical
+experts). Inputs: ``sequence_loads [Z, L, E]`` (token copies of every
+sequence), ``sequence_tokens [Z]``; output ``micro_batch_of [Z]``. docs/packing.md has the
 algorithm, the objective and the measurements.
 """
 

@@ -1,6 +1,6 @@
 """Checked inputs of the packers: a step's sequences, the token budget, an assignment.
 
-Legend: Q sequences of the step, M micro-batches, L MoE layers, E logical experts.
+Legend: see CONTRIBUTING.md (Z sequences of the step, M micro-batches, L MoE layers, E logical experts).
 
 Every fault raises one ValueError naming the thing (argument, sequence index, micro-batch),
 before any work, so a bad step plans nothing.
@@ -40,7 +40,7 @@ def _integer_vector(value: Any, name: str) -> torch.Tensor:
     non-integer entry."""
     vector = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
     if vector.dim() != 1:
-        raise ValueError(f"{name} must have 1 dimension [Q], got shape {tuple(vector.shape)}")
+        raise ValueError(f"{name} must have 1 dimension [Z], got shape {tuple(vector.shape)}")
     if vector.dtype not in _INTEGER_DTYPES:
         if not vector.is_floating_point() or not bool(torch.isfinite(vector).all()) \
                 or bool((vector != vector.round()).any()):
@@ -55,7 +55,7 @@ def check_budget(num_micro_batches: Any, tokens_per_micro_batch: Any) -> tuple[i
 
 
 def check_sequence_tokens(sequence_tokens: Any, num_micro_batches: int, tokens_per_micro_batch: int) -> torch.Tensor:
-    """``sequence_tokens [Q]`` as int64, each sequence within the budget, all within ``M`` budgets.
+    """``sequence_tokens [Z]`` as int64, each sequence within the budget, all within ``M`` budgets.
 
     Raises ValueError naming a sequence with negative tokens or longer than
     ``tokens_per_micro_batch``, or the total when the step holds more tokens than ``M``
@@ -83,7 +83,7 @@ def check_sequence_tokens(sequence_tokens: Any, num_micro_batches: int, tokens_p
 
 def check_sequence_loads(sequence_loads: Any, num_sequences: int, placement: Placement | None,
                          topology: Topology) -> torch.Tensor:
-    """``sequence_loads [Q, L, E]`` as an integer CPU tensor (an integer dtype is kept: int32
+    """``sequence_loads [Z, L, E]`` as an integer CPU tensor (an integer dtype is kept: int32
     halves the memory of a DeepSeek-V3 step).
 
     Raises ValueError naming the shape (rows vs ``sequence_tokens``, experts vs the topology,
@@ -93,15 +93,15 @@ def check_sequence_loads(sequence_loads: Any, num_sequences: int, placement: Pla
     if loads.dtype in _INTEGER_DTYPES:
         loads = loads.detach().cpu()
         if loads.dim() != 3:
-            raise ValueError(f"sequence_loads must have 3 dimensions [Q, L, E], got shape {tuple(loads.shape)}")
+            raise ValueError(f"sequence_loads must have 3 dimensions [Z, L, E], got shape {tuple(loads.shape)}")
         if loads.numel() and int(loads.min()) < 0:
             idx = tuple(int(i) for i in (loads < 0).nonzero()[0])
             raise ValueError(f"sequence_loads contains a negative load {int(loads[idx])} at index {idx}")
     else:
         loads = as_loads(loads, "sequence_loads")
-    Q, L, E = loads.shape
-    if Q != num_sequences:
-        raise ValueError(f"sequence_loads has {Q} sequences (rows), sequence_tokens has {num_sequences}")
+    Z, L, E = loads.shape
+    if Z != num_sequences:
+        raise ValueError(f"sequence_loads has {Z} sequences (rows), sequence_tokens has {num_sequences}")
     if E != topology.num_experts:
         raise ValueError(f"sequence_loads has {E} experts in its last dimension, the topology has "
                          f"{topology.num_experts}")
@@ -112,15 +112,15 @@ def check_sequence_loads(sequence_loads: Any, num_sequences: int, placement: Pla
 
 def check_assignment(micro_batch_of: Any, sequence_tokens: torch.Tensor, num_micro_batches: int,
                      tokens_per_micro_batch: int, name: str = "micro_batch_of") -> torch.Tensor:
-    """``micro_batch_of [Q]`` as int64: every sequence in one micro-batch, none over the budget.
+    """``micro_batch_of [Z]`` as int64: every sequence in one micro-batch, none over the budget.
 
     Raises ValueError naming ``name``: wrong shape, a micro-batch id outside ``[0, M)`` (the
     sequence is named), or a micro-batch whose sequences exceed ``tokens_per_micro_batch``.
     """
     assign = _integer_vector(micro_batch_of, name)
-    Q = sequence_tokens.numel()
-    if assign.numel() != Q:
-        raise ValueError(f"{name} has {assign.numel()} entries, there are {Q} sequences")
+    Z = sequence_tokens.numel()
+    if assign.numel() != Z:
+        raise ValueError(f"{name} has {assign.numel()} entries, there are {Z} sequences")
     outside = (assign < 0) | (assign >= num_micro_batches)
     if bool(outside.any()):
         i = int(outside.nonzero()[0])

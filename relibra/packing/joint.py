@@ -1,6 +1,6 @@
 """Packing and reorder planned together: pack, reorder on the packed loads, re-pack.
 
-Legend: Q sequences, M micro-batches, L MoE layers, E logical experts.
+Legend: see CONTRIBUTING.md (Z sequences, M micro-batches, L MoE layers, E logical experts).
 
 Which sequences share a micro-batch changes the loads ``reorder`` balances, and the placement
 ``reorder`` picks changes what a good packing is. :func:`pack_with_reorder` alternates the two:
@@ -68,7 +68,7 @@ def pack_with_reorder(sequence_loads: Any, sequence_tokens: Any, num_micro_batch
         raise ValueError(f"pack_with_reorder option rounds must be an int >= 1, got {rounds!r}")
     loads = torch.as_tensor(sequence_loads)
     if loads.dim() != 3:
-        raise ValueError(f"sequence_loads must have 3 dimensions [Q, L, E], got shape {tuple(loads.shape)}")
+        raise ValueError(f"sequence_loads must have 3 dimensions [Z, L, E], got shape {tuple(loads.shape)}")
     first = previous is None
     current = Placement.contiguous(topology, loads.shape[1]) if first else previous
     weight = 0.0 if first else migration_weight

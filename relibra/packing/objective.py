@@ -1,7 +1,7 @@
 """What a packing costs under a placement, and the result every packer returns.
 
-Legend: Q sequences, M micro-batches, L MoE layers, E logical experts, G GPUs, N nodes,
-H home slots per GPU.
+Legend: see CONTRIBUTING.md (Z sequences, M micro-batches, L MoE layers, E logical experts,
+G GPUs, N nodes, H home slots per GPU).
 
 The objective of a packing under a placement (home slots, no replicas) is::
 
@@ -41,7 +41,7 @@ class Packing:
     """A step's sequences assigned to micro-batches, with what that costs.
 
     Attributes:
-        micro_batch_of: ``[Q]`` int64 micro-batch of every sequence.
+        micro_batch_of: ``[Z]`` int64 micro-batch of every sequence.
         loads: ``[M, L, E]`` int64 loads of every micro-batch (its sequences' loads summed).
         tokens: ``[M]`` int64 tokens of every micro-batch (each within the budget).
         objective: ``F`` of ``loads`` under the placement given to the packer.
@@ -70,14 +70,14 @@ class Packing:
         return [part.tolist() for part in order.split(counts)]
 
 
-def sum_by_micro_batch(sequence_loads_QLE: torch.Tensor, micro_batch_of_Q: torch.Tensor,
+def sum_by_micro_batch(sequence_loads_ZLE: torch.Tensor, micro_batch_of_Z: torch.Tensor,
                        num_micro_batches: int) -> torch.Tensor:
     """``[M, L, E]`` int64: the loads of every micro-batch, its sequences' loads summed."""
-    Q, L, E = sequence_loads_QLE.shape
-    x_QD = sequence_loads_QLE.reshape(Q, L * E)
+    Z, L, E = sequence_loads_ZLE.shape
+    flat = sequence_loads_ZLE.reshape(Z, L * E)
     out = torch.zeros(num_micro_batches, L * E, dtype=torch.float64)  # exact: integer sums below 2**53
-    for lo in range(0, Q, 64):  # blocks: no converted copy of the whole step (its page faults cost more)
-        out.index_add_(0, micro_batch_of_Q[lo:lo + 64], x_QD[lo:lo + 64].to(torch.float64))
+    for lo in range(0, Z, 64):  # blocks: no converted copy of the whole step (its page faults cost more)
+        out.index_add_(0, micro_batch_of_Z[lo:lo + 64], flat[lo:lo + 64].to(torch.float64))
     return out.to(torch.int64).view(num_micro_batches, L, E)
 
 

@@ -1,6 +1,6 @@
 """Route-aware packing: which of a step's sequences share a micro-batch, chosen from their routes.
 
-Legend: Q sequences, M micro-batches, L MoE layers, E logical experts, D = L * E.
+Legend: see CONTRIBUTING.md (Z sequences, M micro-batches, L MoE layers, E logical experts).
 
 The responses of one GRPO prompt route alike, so the rollout order (a prompt's responses side
 by side) piles each prompt's hot experts into one micro-batch. :func:`pack` spreads them. It
@@ -19,7 +19,7 @@ one, gains nothing (docs/packing.md has the measurements).
 1. Spread greedy. Sequences by tokens, longest first (ties by index), each into the micro-batch
    with room whose loads have the smallest inner product with its own: the least rise of
    ``V`` (ties: fewest tokens, then lowest index). One pass; the scores of a block of
-   sequences come from one matrix product, so it costs about ``Q * (M + 8) * D``
+   sequences come from one matrix product, so it costs about ``Z * (M + 8) * L * E``
    multiply-adds. ``scored_sequences`` (or ``time_limit_s``) bounds it: the sequences left
    (the shortest) go, longest first, to the micro-batch with the fewest tokens.
 2. Guard. With a ``start`` packing (the rollout order), the result is kept only if its ``F`` is
@@ -53,7 +53,7 @@ __all__ = ["pack"]
 
 
 class _Greedy(NamedTuple):
-    micro_batch_of: torch.Tensor  # [Q] int64
+    micro_batch_of: torch.Tensor  # [Z] int64
     loads_MLE: torch.Tensor  # [M, L, E] int64 micro-batch sums
     scored: int  # sequences placed by routes
     start_loads_MLE: torch.Tensor | None  # [M, L, E] int64 sums of the start packing, when given
@@ -69,14 +69,14 @@ def pack(sequence_loads: Any, sequence_tokens: Any, num_micro_batches: int, toke
     """Assign a step's sequences to ``num_micro_batches`` micro-batches by their routes.
 
     Args:
-        sequence_loads: ``[Q, L, E]`` integer token copies of every sequence per layer and expert
+        sequence_loads: ``[Z, L, E]`` integer token copies of every sequence per layer and expert
             (int32 is kept as is: no copy of the step's loads is made).
-        sequence_tokens: ``[Q]`` tokens of every sequence.
+        sequence_tokens: ``[Z]`` tokens of every sequence.
         num_micro_batches: M.
         tokens_per_micro_batch: token budget of one micro-batch; no micro-batch exceeds it.
         placement: the home placement the step runs on (``F`` is scored under it).
         topology: nodes, GPUs and experts.
-        start: ``[Q]`` a packing to beat (the rollout order): returned unchanged when the
+        start: ``[Z]`` a packing to beat (the rollout order): returned unchanged when the
             route-aware packing does not lower ``F`` (``method="start"``) or finds no room.
         gpu_weight: weight of the busiest-GPU term of ``F`` (finite, >= 0).
         scored_sequences: at most this many sequences (the longest) are placed by their routes,
@@ -102,11 +102,11 @@ def pack(sequence_loads: Any, sequence_tokens: Any, num_micro_batches: int, toke
     placement.validate(topology)
     start_assign = None if start is None else check_assignment(start, tokens, M, budget, "start")
     _check_options(gpu_weight, scored_sequences, time_limit_s)
-    Q, L, E = loads.shape
+    Z, L, E = loads.shape
     deadline = None if time_limit_s is None else began + time_limit_s
-    limit = Q if scored_sequences is None else min(scored_sequences, Q)
+    limit = Z if scored_sequences is None else min(scored_sequences, Z)
     # float32 holds every micro-batch sum exactly when no column of the step reaches 2**24
-    exact32 = Q == 0 or int(loads.max()) * Q < 2**24
+    exact32 = Z == 0 or int(loads.max()) * Z < 2**24
     greedy = _spread_greedy(loads, tokens, M, budget, limit, deadline, exact32, start_assign)
     info: dict[str, Any] = {"fallback": None, "scored": 0 if greedy is None else greedy.scored}
     if greedy is None:
@@ -116,7 +116,7 @@ def pack(sequence_loads: Any, sequence_tokens: Any, num_micro_batches: int, toke
             try:
                 assign = pack_tokens(tokens, M, budget)
             except ValueError as exc:
-                raise ValueError(f"no packing of the {Q} sequences ({int(tokens.sum())} tokens) into {M} micro-batches "
+                raise ValueError(f"no packing of the {Z} sequences ({int(tokens.sum())} tokens) into {M} micro-batches "
                                  f"of {budget} tokens found: the route-aware greedy ran out of room and {exc}; "
                                  "pass a start packing that fits") from None
             info["fallback"] = "tokens"
@@ -147,8 +147,8 @@ def _check_options(gpu_weight: Any, scored_sequences: Any, time_limit_s: Any) ->
         raise ValueError(f"pack option time_limit_s must be None or a number > 0, got {time_limit_s!r}")
 
 
-def _spread_greedy(x_QLE: torch.Tensor, tokens: torch.Tensor, M: int, budget: int, limit: int,
-                   deadline: float | None, exact32: bool, start_Q: torch.Tensor | None) -> _Greedy | None:
+def _spread_greedy(x_ZLE: torch.Tensor, tokens: torch.Tensor, M: int, budget: int, limit: int,
+                   deadline: float | None, exact32: bool, start_Z: torch.Tensor | None) -> _Greedy | None:
     """Phase 1 (module docstring), or None when a sequence finds no micro-batch with room.
 
     With ``exact32`` (every micro-batch sum fits float32's 24-bit mantissa) the block products
@@ -156,22 +156,22 @@ def _spread_greedy(x_QLE: torch.Tensor, tokens: torch.Tensor, M: int, budget: in
     a layer's product of ``E`` non-negative terms is within a relative ``(E + 1) * 2**-24`` of
     the truth whatever the summation order. Every choice that this error could flip is rescored
     exactly in float64, so the result is that of exact arithmetic. Otherwise all in float64.
-    ``start_Q`` (a start packing) has its micro-batch sums taken in the same pass.
+    ``start_Z`` (a start packing) has its micro-batch sums taken in the same pass.
     """
-    Q, L, E = x_QLE.shape
+    Z, L, E = x_ZLE.shape
     work = torch.float32 if exact32 else torch.float64
     slack = 1.01 * (E + 1) * 2.0**-24 if exact32 else 0.0
     order = torch.argsort(-tokens, stable=True)
     sums = torch.zeros(M, L, E, dtype=work)
-    start_sums = None if start_Q is None else torch.zeros(M, L, E, dtype=work)
+    start_sums = None if start_Z is None else torch.zeros(M, L, E, dtype=work)
     used = [0] * M  # per micro-batch; plain lists: M is small and the choice runs once per sequence
-    assign = np.full(Q, -1, dtype=np.int64)
+    assign = np.full(Z, -1, dtype=np.int64)
     length = tokens.tolist()
-    block_in, block = torch.empty(_BLOCK, L, E, dtype=x_QLE.dtype), torch.empty(_BLOCK, L, E, dtype=work)
+    block_in, block = torch.empty(_BLOCK, L, E, dtype=x_ZLE.dtype), torch.empty(_BLOCK, L, E, dtype=work)
     scored = 0
-    for lo in range(0, Q, _BLOCK):
+    for lo in range(0, Z, _BLOCK):
         idx = order[lo:lo + _BLOCK]
-        xb = block[:idx.numel()].copy_(torch.index_select(x_QLE, 0, idx, out=block_in[:idx.numel()]))
+        xb = block[:idx.numel()].copy_(torch.index_select(x_ZLE, 0, idx, out=block_in[:idx.numel()]))
         by_routes = scored < limit and (deadline is None or time.perf_counter() < deadline)
         if by_routes:
             x_LbE = xb.transpose(0, 1)
@@ -203,7 +203,7 @@ def _spread_greedy(x_QLE: torch.Tensor, tokens: torch.Tensor, M: int, budget: in
             assign[i] = m
         sums.index_add_(0, torch.tensor(picked, dtype=torch.int64), xb)
         if start_sums is not None:
-            start_sums.index_add_(0, start_Q[idx], xb)
+            start_sums.index_add_(0, start_Z[idx], xb)
     to_loads = (lambda t: None if t is None else t.to(torch.int64))  # noqa: E731 - exact integer sums
     return _Greedy(torch.from_numpy(assign), to_loads(sums), scored, to_loads(start_sums))
 

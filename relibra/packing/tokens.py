@@ -1,6 +1,6 @@
 """Token-only packing: the baseline that balances sequence lengths and ignores routes.
 
-Legend: Q sequences, M micro-batches.
+Legend: see CONTRIBUTING.md (Z sequences, M micro-batches).
 
 Longest processing time first (LPT): sequences by tokens, longest first (ties by index), each
 into the micro-batch holding the fewest tokens so far (ties: lowest index). It is what
@@ -22,7 +22,7 @@ __all__ = ["pack_tokens"]
 
 
 def pack_tokens(sequence_tokens: Any, num_micro_batches: int, tokens_per_micro_batch: int) -> torch.Tensor:
-    """``micro_batch_of [Q]`` int64 by LPT on ``sequence_tokens [Q]``. Deterministic.
+    """``micro_batch_of [Z]`` int64 by LPT on ``sequence_tokens [Z]``. Deterministic.
 
     Raises ValueError naming the fault of the input (see :func:`~relibra.packing.inputs.
     check_sequence_tokens`), or naming the sequence that LPT cannot place: the emptiest

@@ -1,6 +1,7 @@
 """RL routing traces: exact-looking expert loads per step and micro-batch, from real skew.
 
-Legend: ``S`` steps, ``M`` micro-batches per step, ``L`` MoE layers, ``E`` experts, ``W`` workloads.
+Legend: ``S`` steps, ``M`` micro-batches per step, ``L`` MoE layers, ``E`` experts, ``W`` workloads;
+per sequence ``Z`` sequences of a step and ``U`` (prompt, micro-batch) groups of its sequences.
 
 What is real and what is modelled, plainly:
 
@@ -201,14 +202,14 @@ def generate(cfg: TraceConfig = TraceConfig(), popularity: np.ndarray | None = N
 
 @dataclass(frozen=True)
 class SequenceStep:
-    """One step of a GRPO trace, per sequence (``N`` sequences, in rollout order).
+    """One step of a GRPO trace, per sequence (``Z`` sequences, in rollout order).
 
     Attributes:
-        sequence_loads: ``[N, L, E]`` int32 token copies of each sequence per layer and expert
+        sequence_loads: ``[Z, L, E]`` int32 token copies of each sequence per layer and expert
             (each row of a layer sums to ``top_k`` times the sequence's tokens).
-        sequence_tokens: ``[N]`` int64 tokens of each sequence (prompt + response).
-        sequence_prompt: ``[N]`` int64 prompt group of each sequence (0-based within the step).
-        micro_batch_of: ``[N]`` int64 micro-batch of each sequence in the rollout-order packing
+        sequence_tokens: ``[Z]`` int64 tokens of each sequence (prompt + response).
+        sequence_prompt: ``[Z]`` int64 prompt group of each sequence (0-based within the step).
+        micro_batch_of: ``[Z]`` int64 micro-batch of each sequence in the rollout-order packing
             (non-decreasing, every micro-batch within ``tokens_per_micro_batch``).
         num_micro_batches: ``M``.
         tokens_per_micro_batch: the token budget of one micro-batch.
@@ -224,10 +225,10 @@ class SequenceStep:
     top_k: int
 
     def loads(self, micro_batch_of: np.ndarray | None = None) -> np.ndarray:
-        """``[M, L, E]`` int64 loads of the packing ``micro_batch_of [N]`` (default: rollout order)."""
+        """``[M, L, E]`` int64 loads of the packing ``micro_batch_of [Z]`` (default: rollout order)."""
         mb = self.micro_batch_of if micro_batch_of is None else np.asarray(micro_batch_of, dtype=np.int64)
-        Q, L, E = self.sequence_loads.shape
-        flat = self.sequence_loads.reshape(Q, L * E)
+        Z, L, E = self.sequence_loads.shape
+        flat = self.sequence_loads.reshape(Z, L * E)
         out = np.zeros((self.num_micro_batches, L * E), dtype=np.int64)
         for m in range(self.num_micro_batches):  # one gather per micro-batch (np.add.at is 20x slower)
             out[m] = flat[np.flatnonzero(mb == m)].sum(0, dtype=np.int64)
@@ -289,17 +290,17 @@ def generate_sequences(cfg: TraceConfig = TraceConfig(), popularity: np.ndarray 
         )
 
 
-def _split_draws(rng: np.random.Generator, draws_QLE: np.ndarray, members: list[list[int]],
-                 copies_N: np.ndarray) -> np.ndarray:
-    """``[N, L, E]`` int32: group ``q``'s copies ``draws_QLE[q]`` dealt to its sequences ``members[q]``.
+def _split_draws(rng: np.random.Generator, draws_ULE: np.ndarray, members: list[list[int]],
+                 copies_Z: np.ndarray) -> np.ndarray:
+    """``[Z, L, E]`` int32: group ``q``'s copies ``draws_ULE[q]`` dealt to its sequences ``members[q]``.
 
-    Sequence ``k`` of a group takes ``copies_N[k]`` copies of every layer, drawn without
+    Sequence ``k`` of a group takes ``copies_Z[k]`` copies of every layer, drawn without
     replacement from what its group's earlier sequences left (multivariate hypergeometric, one
     expert at a time, vectorised over groups and layers); the last sequence takes the rest.
     """
-    Q, L, E = draws_QLE.shape
-    out = np.zeros((len(copies_N), L, E), dtype=np.int32)
-    left = draws_QLE.astype(np.int64)  # [Q, L, E] copies not yet dealt
+    U, L, E = draws_ULE.shape
+    out = np.zeros((len(copies_Z), L, E), dtype=np.int32)
+    left = draws_ULE.astype(np.int64)  # [U, L, E] copies not yet dealt
     for k in range(max(len(s) for s in members)):
         last = [q for q, s in enumerate(members) if len(s) == k + 1]
         for q in last:
@@ -308,7 +309,7 @@ def _split_draws(rng: np.random.Generator, draws_QLE: np.ndarray, members: list[
         if not split:
             continue
         rows = left[split].reshape(-1, E)  # [len(split) * L, E]
-        need = np.repeat(copies_N[[members[q][k] for q in split]], L)
+        need = np.repeat(copies_Z[[members[q][k] for q in split]], L)
         tail = rows[:, ::-1].cumsum(1)[:, ::-1]  # copies of experts e.. onwards
         taken = np.zeros_like(rows)
         for e in range(E - 1):

@@ -32,23 +32,23 @@ def steps(draw, min_sequences=0, max_sequences=40):
     nodes, gpus, homes = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 2))
     topo = relibra.Topology(num_nodes=nodes, gpus_per_node=gpus, num_experts=nodes * gpus * homes)
     E, L = topo.num_experts, draw(st.integers(1, 3))
-    Q, M = draw(st.integers(min_sequences, max_sequences)), draw(st.integers(1, 6))
+    Z, M = draw(st.integers(min_sequences, max_sequences)), draw(st.integers(1, 6))
     rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
-    tokens = rng.integers(1, 61, size=Q)
-    longest = int(tokens.max()) if Q else 1
+    tokens = rng.integers(1, 61, size=Z)
+    longest = int(tokens.max()) if Z else 1
     budget = max(longest, -(-int(tokens.sum()) // M) + draw(st.integers(0, 40)))
     kind = draw(st.sampled_from(["uniform", "grouped", "sparse", "large"]))
     if kind == "grouped":  # groups of 4 share a skewed expert mix per layer
-        mix = rng.dirichlet(np.full(E, 0.3), size=(Q // 4 + 1, L))
+        mix = rng.dirichlet(np.full(E, 0.3), size=(Z // 4 + 1, L))
         loads = np.array([rng.multinomial(2 * t, mix[q // 4, l]) for q, t in enumerate(tokens) for l in range(L)],
-                         dtype=np.int64).reshape(Q * L, E)
+                         dtype=np.int64).reshape(Z * L, E)
     elif kind == "sparse":
-        loads = (rng.random((Q * L, E)) < 0.3) * rng.integers(1, 40, size=(Q * L, E))
+        loads = (rng.random((Z * L, E)) < 0.3) * rng.integers(1, 40, size=(Z * L, E))
     elif kind == "large":  # column sums beyond 2**24: the float64 path
-        loads = rng.integers(0, 1_000_000, size=(Q * L, E))
+        loads = rng.integers(0, 1_000_000, size=(Z * L, E))
     else:
-        loads = rng.integers(0, 30, size=(Q * L, E))
-    loads = torch.from_numpy(loads.reshape(Q, L, E).astype(np.int32 if kind != "large" else np.int64))
+        loads = rng.integers(0, 30, size=(Z * L, E))
+    loads = torch.from_numpy(loads.reshape(Z, L, E).astype(np.int32 if kind != "large" else np.int64))
     homes_LE = [rng.permutation(np.repeat(np.arange(topo.num_gpus), homes)) for _ in range(L)]
     home_gpu = torch.from_numpy(np.stack(homes_LE))
     placement = Placement.from_home_gpu(home_gpu, topo)
@@ -271,7 +271,7 @@ TOKENS = torch.tensor([4, 3, 3, 2, 2])
     (dict(num_micro_batches=1), "hold 14 tokens, more than num_micro_batches=1 x tokens_per_micro_batch=8"),
     (dict(sequence_tokens=[4, 3, -3, 2, 2]), "sequence_tokens: sequence 2 has -3 tokens"),
     (dict(sequence_tokens=[4, 3, 3, 2]), "sequence_loads has 5 sequences .rows., sequence_tokens has 4"),
-    (dict(sequence_tokens=[[4, 3, 3, 2, 2]]), "sequence_tokens must have 1 dimension .Q., got shape .1, 5."),
+    (dict(sequence_tokens=[[4, 3, 3, 2, 2]]), "sequence_tokens must have 1 dimension .Z., got shape .1, 5."),
     (dict(sequence_tokens=[4, 3, 2.5, 2, 2]), "sequence_tokens must hold integers"),
     (dict(sequence_loads=torch.ones(5, 2, 6, dtype=torch.int32)), "6 experts in its last dimension, the topology has"),
     (dict(sequence_loads=torch.ones(5, 3, 8, dtype=torch.int32)), "sequence_loads has 3 layers, the placement has 2"),
@@ -325,7 +325,7 @@ def test_groups_feed_the_route_counting():
     g = torch.Generator().manual_seed(0)
     lengths = [5, 9, 3, 12, 7, 4, 8, 6]
     routes = [torch.randint(0, 8, (t, 2, 2), generator=g) for t in lengths]  # [T_i, L, K]
-    sequence_loads = torch.stack([loads_from_routes(r, 8) for r in routes])  # [Q, L, E]
+    sequence_loads = torch.stack([loads_from_routes(r, 8) for r in routes])  # [Z, L, E]
     result = pack(sequence_loads, torch.tensor(lengths), 3, 20, PLACEMENT, TOPO)
     groups = result.groups()
     assert sorted(i for group in groups for i in group) == list(range(len(lengths)))
