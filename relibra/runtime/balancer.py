@@ -28,12 +28,25 @@ another order, an empty one skipped) makes every rank raise the same ValueError 
 each side is, instead of aborting or hanging the world. relibra can catch this only at its own
 collectives: a rank that skips the whole block of a step's last micro-batch reaches the
 caller's next collective (a loss all-reduce, the optimizer's) first.
+
+Replicas live a run, not a micro-batch (:mod:`relibra.runtime.replica_cache` has the details). A
+replica staying in one spare slot over micro-batches ``a..b`` is fetched once as ``micro_batch(a)``
+starts (one all-to-all for all layers; under FSDP in each layer's forward) and kept on the rank;
+its gradient accumulates there and goes home once, in ``b``'s backward (the slot changes next, or
+the step ends), added into the home expert's gradient inside autograd, where the optimizer and
+FSDP see it. Expert weights must not change within a step. Before ``optimizer.step()``, run
+micro-batches 0..M-1 in order, each with its backward (in its block or after it, before the next
+one's); a checkpointing recompute re-runs the forward, never the fetch. Breaking this raises:
+ValueError entering a micro-batch other than the current or next while gradient waits,
+RuntimeError for a backward out of order or an optimizer step while gradient waits. After an
+exception in a block, the next ``plan_step`` drops what waits (zero the grads, as for any
+abandoned step).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import functools
 import sys
 import time
 import traceback
@@ -51,8 +64,9 @@ from ..routing.routes import step_routes_fault
 from ..topology import Topology
 from .comm import all_gather_flat, all_gather_text, all_reduce_, broadcast_, first_error
 from .fsdp import edp_plan, fsdp_layers
-from .layer import BLOCK_END, BLOCK_START, PHASES, ReLibraMoE, agree_in_step
-from .replicas import fetch_replicas_many
+from .layer import BLOCK_END, BLOCK_START, PHASES, LayerMicroBatch, ReLibraMoE, agree_in_step
+from .layout import replay_layouts, slot_tables
+from .replica_cache import ReplicaCache, refuse_steps_while_waiting
 from .router import check_int_argument
 
 __all__ = ["Balancer"]
@@ -141,6 +155,8 @@ class Balancer:
         self._routes: list[torch.Tensor] | None = None
         self._offsets_MLE: torch.Tensor | None = None
         self._metrics: dict = {}
+        self._replicas: ReplicaCache | None = None  # this step's replica weights and gradients
+        self._guarded = None  # the optimizer that refuses to step while replica gradient waits
 
     # ------------------------------------------------------------------ placement
     @property
@@ -190,6 +206,9 @@ class Balancer:
         t0 = time.perf_counter()
         # a failed step must not leave the previous step's routes installable by micro_batch
         self.plan, self._routes, self._offsets_MLE, self._metrics = None, None, None, {}
+        if self._replicas is not None:  # the last step is over: its replica gradients not yet home are dropped
+            self._replicas.close()
+            self._replicas = None
         error = step_routes_fault(routes, self.L, self.K, self.E) or self._check_optimizer()
         M = len(routes) if not error else -1
         if self.group is not None:
@@ -248,6 +267,12 @@ class Balancer:
             layer.realised_rows = {}
         self._offsets_MLE = (source_GMLE.cumsum(0) - source_GMLE)[self.rank]
         self._source_MLGE = source_GMLE.permute(1, 2, 0, 3)
+        if self.group is not None and self.topology.spare_slots_per_gpu:
+            self._replicas = ReplicaCache(self.layers, plan.spare_experts, plan.placement.home_experts,
+                                          plan.intra_node_replicas, self.topology, self.rank, prefetch=not self._fsdp)
+            if self.optimizer is not None and self.optimizer is not self._guarded:
+                refuse_steps_while_waiting(self.optimizer, self._waiting_replica_gradient)
+                self._guarded = self.optimizer
         self._record_metrics(plan, loads, migration, t_plan, time.perf_counter() - t0)
         return plan
 
@@ -370,6 +395,7 @@ class Balancer:
         block agrees its position with the EP group as it starts (before the replica fetch, a
         collective) and as it ends normally, unless every layer was built with
         ``agree_input_errors=False``; a rank out of step raises the same ValueError everywhere.
+
         """
         if self.plan is None:
             raise RuntimeError("Balancer.micro_batch: no plan is installed (plan_step was not called, or the "
@@ -378,18 +404,15 @@ class Balancer:
             raise ValueError(f"Balancer.micro_batch: the micro-batch index must be an int, got {m!r}")
         phase = PHASES.index("train")  # the only phase the Balancer runs today
         agree_order = self.group is not None and any(layer.agree_input_errors for layer in self.layers)
+        fault = "" if self._replicas is None else self._replicas.entry_fault(m)
         if agree_order:  # before the range check: a rank alone at a bad index is out of step
-            agree_in_step(self.group, phase, m, BLOCK_START)
+            found = agree_in_step(self.group, phase, m, BLOCK_START, fault)
+            fault = "" if found is None else f"rank {found[0]}: {found[1]}"
+        if fault:
+            raise ValueError(f"Balancer.micro_batch: {fault}")
         if not 0 <= m < self.plan.num_micro_batches:
             raise IndexError(f"micro-batch {m} out of range [0, {self.plan.num_micro_batches})")
-        plan = self.plan
-        ctxs = [layer.micro_batch_context(plan.spare_experts[m, l], plan.slot_tokens[m, l],
-                                          self._routes[m][:, l, :], self._offsets_MLE[m, l],
-                                          plan.intra_node_replicas, index=m,
-                                          source_loads_GE=self._source_MLGE[m, l], phase=phase)
-                for l, layer in enumerate(self.layers)]
-        ctxs = self._prefetch_replicas(ctxs)
-        for layer, ctx in zip(self.layers, ctxs):
+        for layer, ctx in zip(self.layers, self._contexts(m, phase)):
             layer.install(ctx)
         in_flight = sys.exc_info()[1]
         try:
@@ -402,24 +425,26 @@ class Balancer:
             for layer in self.layers:
                 layer.install(None)
 
-    def _prefetch_replicas(self, ctxs):
-        """Fetch the replica weights of every layer in one all-to-all (one per backward too)."""
-        idx = [i for i, c in enumerate(ctxs) if c.replica_route is not None]
-        if self.group is None or not idx or self._fsdp:  # FSDP: experts unshard in the layer's forward
-            return ctxs
-        layers = [self.layers[i] for i in idx]
-        dtypes = {layer.experts.gate_up_proj.dtype for layer in layers}
-        groups = {tuple(ctxs[i].replica_route.group_ranks) for i in idx}
-        if len(dtypes) > 1 or len(groups) > 1:  # mixed layers: each layer fetches its own
-            return ctxs
-        weights = [layer.experts.local_weights() for layer in layers]
-        routes = [ctxs[i].replica_route for i in idx]
-        fetched = fetch_replicas_many(weights, routes, self.topology.spare_slots_per_gpu,
-                                      layers[0].replica_group(routes[0]))
-        out = list(ctxs)
-        for i, w in zip(idx, fetched):
-            out[i] = dataclasses.replace(ctxs[i], spare_weights=w)
-        return out
+    def _contexts(self, m: int, phase: int) -> list[LayerMicroBatch]:
+        """Every layer's context for micro-batch ``m``: all sizes of the dispatch computed on the
+        host at once (no device value is read in the forward or backward), and the replicas
+        (fetched now, one collective for all layers, unless the layers fetch in their forward)."""
+        plan, dev = self.plan, self.layers[0].gate.weight.device
+        host = slot_tables(plan.placement.home_experts, plan.spare_experts[m], plan.slot_tokens[m], self.topology)
+        tables, layouts = replay_layouts(host, self._source_MLGE[m], self.topology, self.rank, dev)
+        routes_LTK = self._routes[m].transpose(0, 1).contiguous().to(dev)
+        offsets_LE = self._offsets_MLE[m].to(dev)
+        cache = self._replicas
+        spare = [None] * self.L if cache is None else cache.enter(m)
+        source = None if cache is None or cache.prefetch else cache.layer_weights
+        return [LayerMicroBatch(tables[l], routes_LTK[l], offsets_LE[l], layouts[l], m, phase, spare[l],
+                                None if source is None else functools.partial(source, l)) for l in range(self.L)]
+
+    def _waiting_replica_gradient(self, optimizer) -> str:
+        """Why ``optimizer`` must not step now (replica gradient not yet home), or ""."""
+        if optimizer is not self.optimizer or self._replicas is None:
+            return ""
+        return self._replicas.pending_fault()
 
     # ------------------------------------------------------------------ metrics
     def _record_metrics(self, plan: Plan, loads, migration, t_plan: float, t_step: float) -> None:

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from relibra.runtime.dispatch import combine, dispatch, expert_mlp, slot_table, split_counts
+from relibra.runtime.dispatch import combine, dispatch, expert_mlp
+from relibra.runtime.layout import slot_table, split_counts
 from relibra.runtime.replicas import replica_route
 from relibra.topology import Topology
 
@@ -108,7 +109,7 @@ def test_split_counts_match_assign_copies_per_source_rank():
     plan = Plan.with_spares(Placement(home[None]), spare[None, None], loads_GE.sum(0)[None, None], t)
     plan.validate(t, loads_GE.sum(0)[None, None])
     table = slot_table(home, t, spare, plan.slot_tokens[0, 0])
-    counts = split_counts(table, loads_GE, SL)
+    (counts,) = split_counts([table], loads_GE[None], SL)
     off = loads_GE.cumsum(0) - loads_GE
     for s, r in enumerate(routes):
         dest = kernels.assign_copies(r, table.copy_slots_EX, table.copy_ends_EX, off[s])

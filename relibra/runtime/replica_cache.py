@@ -1,0 +1,320 @@
+"""Replica lifecycle within a step: weights kept in their spare slot, gradients home once.
+
+Legend: M micro-batches of the step, L MoE layers, G ranks of the expert-parallel group, H home
+and S spare slots per rank, R = G*S spare slots of the group, F = 2*hidden, D dim, I hidden.
+
+A *run* is one replica staying in one spare slot over consecutive micro-batches ``a..b`` of a
+step (the plan's ``spare_experts [M, L, R]`` says which; expert weights cannot change within a
+step). The layer computes with the replica in each of them, but the replica is fetched from its
+home rank once, as micro-batch ``a``'s block starts, and its gradient goes home once, in
+micro-batch ``b``'s backward, where it is added into the home expert's gradient before anything
+else can see it. Micro-batch ``b`` is the run's last: the slot holds something else at ``b + 1``,
+or ``b`` is the step's last micro-batch.
+
+Where things live (per layer, on this rank, plain tensors outside autograd):
+
+- ``weights``: ``[S, F, D]`` and ``[S, D, I]``, what the spare slots hold now (zeros where empty).
+  A fetch writes new tensors, so a micro-batch whose backward is still to come keeps the weights
+  it computed with.
+- ``grads``: the same shapes, the gradient the runs in the slots have gathered in the backward
+  of their micro-batches so far; ``owner`` names the run each slot's gradient belongs to.
+
+Collectives (one ``all_to_all_single`` over the replica group for all layers at once, taken or
+skipped alike on every rank from the plan): :meth:`ReplicaCache.enter` fetches the replicas
+arriving at micro-batch m (every filled slot when m does not follow the micro-batch held now);
+the backward of m sends home the gradients of the runs ending at m. Under FSDP the experts are
+whole only inside the layer's forward, so there each layer fetches in its forward and returns
+in its own backward (the index tensors of both are still built as the block starts).
+
+The autograd link: the layer computes with ``_ReplicaWeights.apply(visit, *home_weights)``,
+whose forward returns the cached replica weights and whose backward hands their gradient to
+the cache and returns, as the home weights' gradient, what arrived for them. So the replica
+gradient reaches the home parameter inside autograd, where FSDP's reduce-scatter also sees it,
+and a backward outside the block or an activation-checkpointing recompute inside it (which
+re-runs the forward, never the fetch) changes nothing.
+
+What the caller must do: run the step's micro-batches 0..M-1 in order, each micro-batch's
+backward once and before the next micro-batch's backward, and all of them before
+``optimizer.step()``. What breaks that is reported, never silently lost:
+
+- entering a micro-batch other than the one held or the next while gradients wait in a slot:
+  :meth:`entry_fault` (a ValueError on every rank, agreed as the block starts);
+- a backward out of order, or one that never ran before a slot's next run: RuntimeError in the
+  backward;
+- ``optimizer.step()`` while gradients still wait: :meth:`pending_fault` (the Balancer raises it
+  from an optimizer step pre-hook); a step abandoned after an exception is dropped by the next
+  ``plan_step`` (call ``optimizer.zero_grad()`` as for any abandoned step).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..topology import Topology
+from .replicas import ReplicaRoute, exchange_rows, replica_route
+
+__all__ = ["ReplicaCache", "refuse_steps_while_waiting"]
+
+
+class _Transfer:
+    """One layer's replica transfer for this rank: its route and index tensors on the device."""
+
+    def __init__(self, route: ReplicaRoute, device) -> None:
+        self.route = route
+        self.send_rows = torch.tensor(route.send_rows, dtype=torch.int64, device=device)    # home slots
+        self.recv_slots = torch.tensor(route.recv_slots, dtype=torch.int64, device=device)  # spare slots
+
+
+class _Visit:
+    """Micro-batch ``m``'s use of the cache by layers ``ids`` (one autograd node).
+
+    ``slots[l]``: ``(slot, run, leaves)`` of this rank's filled spare slots of layer l at m (plain
+    ints, so the backward reads nothing from a tensor); ``returns[l]``: layer l's gradient
+    transfer home, where the replica group has runs ending at m.
+    """
+
+    def __init__(self, cache: "ReplicaCache", m: int, ids: list[int], returns: dict[int, _Transfer],
+                 slots: dict[int, list[tuple[int, int, bool]]]) -> None:
+        self.cache, self.m, self.ids, self.returns, self.slots = cache, m, ids, returns, slots
+
+    def backward(self, grads, homes) -> list[torch.Tensor | None]:
+        return self.cache._backward(self, grads, homes)
+
+
+class _ReplicaWeights(torch.autograd.Function):
+    """Forward: the cached spare weights of ``visit.ids``; backward: their gradient to the cache,
+    and what arrived home as the gradient of ``home_weights`` (``gate_up, down`` per layer)."""
+
+    @staticmethod
+    def forward(ctx, visit: _Visit, *home_weights):
+        ctx.visit = visit
+        ctx.homes = [(w.shape, w.dtype, w.device) for w in home_weights]
+        return tuple(w.detach() for l in visit.ids for w in visit.cache.weights[l])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, *ctx.visit.backward(grads, ctx.homes))
+
+
+class ReplicaCache:
+    """The replica weights and gradients of one step on this rank (see the module doc).
+
+    Args:
+        layers: the Balancer's ReLibraMoE layers (model order).
+        spare_MLR: ``[M, L, R]`` int64 the plan's spare-slot contents (-1 empty), on the host.
+        home_LK: ``[L, G*H]`` the placement the step runs on.
+        intra_node: every replica sits in its expert's home node (the node's group carries them).
+        topology, rank: the EP group's topology and this rank in it.
+        prefetch: fetch for all layers as the block starts (False under FSDP: in each forward).
+    """
+
+    def __init__(self, layers, spare_MLR: torch.Tensor, home_LK: torch.Tensor, intra_node: bool,
+                 topology: Topology, rank: int, prefetch: bool) -> None:
+        t = topology
+        self.layers, self.topology, self.rank, self.prefetch = layers, t, rank, prefetch
+        self.home_LK, self.intra_node = home_LK, intra_node
+        M, L, R = spare_MLR.shape
+        S = t.spare_slots_per_gpu
+        self.spare_MLR = spare_MLR
+        empty = torch.full((1, L, R), -1, dtype=torch.int64)
+        prev, nxt = torch.cat([empty, spare_MLR[:-1]]), torch.cat([spare_MLR[1:], empty])
+        self.arriving_MLR = torch.where(spare_MLR != prev, spare_MLR, -1)
+        self.leaving_MLR = torch.where(spare_MLR != nxt, spare_MLR, -1)
+        m_idx = torch.arange(M)[:, None, None].expand(M, L, R)
+        self.run_start_MLR = torch.where(spare_MLR != prev, m_idx, 0).cummax(0).values
+        self.run_end_MLR = torch.where(spare_MLR != nxt, m_idx, M).flip(0).cummin(0).values.flip(0)
+        ranks = list(t.gpus_of_node(t.node_of_gpu(rank))) if intra_node else list(range(t.num_gpus))
+        self.group = layers[0].node_group if len(ranks) < t.num_gpus else layers[0].ep_group
+        self.group_slots = torch.tensor([g * S + s for g in ranks for s in range(S)], dtype=torch.int64)
+        self.mine = slice(rank * S, (rank + 1) * S)
+        self.device = layers[0].gate.weight.device
+        self.held = -1  # the micro-batch whose replicas the slots hold
+        self.weights: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * L
+        self.grads: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * L
+        self.owner = [[-1] * S for _ in range(L)]  # run (its first micro-batch) whose gradient each slot row holds
+        self._flushed: set[tuple[int, int, int]] = set()  # (layer, slot, run) whose gradient went home
+        self._fetches: dict[int, _Transfer] = {}  # still to fetch in the layer's forward (FSDP)
+        self._visits: dict[int, _Visit] = {}
+        self.closed = False
+        #: replica rows (whole experts) fetched into / sent home from this rank's slots this step, and bytes
+        self.fetched_rows = self.returned_rows = self.fetched_bytes = self.returned_bytes = 0
+
+    # ------------------------------------------------------------------ checks
+    def _waiting(self) -> tuple[int, int] | None:
+        """(layer, slot) of the first gradient row still waiting to go home, or None."""
+        return next(((l, s) for l, row in enumerate(self.owner) for s, run in enumerate(row) if run >= 0), None)
+
+    def _lost(self, l: int, s: int) -> str:
+        run = self.owner[l][s]
+        e = int(self.spare_MLR[run, l, self.mine.start + s])
+        end = int(self.run_end_MLR[run, l, self.mine.start + s])
+        return (f"the gradient of the replica of expert {e} in spare slot {s} of MoE layer {l} (micro-batches "
+                f"{run}..{end}) has not gone home: it goes in the backward of micro-batch {end}")
+
+    def entry_fault(self, m: int) -> str:
+        """Why entering micro-batch ``m`` would lose replica gradient, or "" (no communication)."""
+        waiting = self._waiting()
+        if not 0 <= m < self.spare_MLR.shape[0] or m in (self.held, self.held + 1) or waiting is None:
+            return ""
+        l, s = waiting
+        return (f"micro-batch {m} entered after micro-batch {self.held}, but {self._lost(l, s)}. Run the step's "
+                f"micro-batches in order 0..{self.spare_MLR.shape[0] - 1}, each with its backward")
+
+    def pending_fault(self) -> str:
+        """Why an optimizer step now would miss replica gradient, or ""."""
+        waiting = self._waiting()
+        if waiting is None:
+            return ""
+        l, s = waiting
+        return (f"optimizer.step() before every replica gradient of the step went home: {self._lost(l, s)}. Run "
+                f"every micro-batch of the step (0..{self.spare_MLR.shape[0] - 1}) with its backward first, or "
+                f"zero the gradients and call plan_step again")
+
+    # ------------------------------------------------------------------ forward side
+    def _transfer(self, l: int, row_R: torch.Tensor) -> _Transfer | None:
+        """Layer ``l``'s transfer for the replicas of ``row_R`` (None if none in the replica group)."""
+        if not bool((row_R[self.group_slots] >= 0).any()):
+            return None
+        return _Transfer(replica_route(self.home_LK[l], row_R, self.topology, self.rank, self.intra_node),
+                         self.device)
+
+    def enter(self, m: int) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Prepare micro-batch ``m`` (collective when prefetching); per layer its spare weights
+        (prefetch) or None (no replicas at m, or fetched in the layer's forward)."""
+        L = len(self.layers)
+        if m == self.held:
+            arriving = torch.full_like(self.spare_MLR[m], -1)
+        else:
+            arriving = self.arriving_MLR[m] if m == self.held + 1 else self.spare_MLR[m]
+        ids = [l for l in range(L) if bool((self.spare_MLR[m, l] >= 0).any())]
+        fetches = {l: f for l in ids if (f := self._transfer(l, arriving[l])) is not None}
+        returns = {l: f for l in ids if (f := self._transfer(l, self.leaving_MLR[m, l])) is not None}
+        self.held = m
+        mine = self.spare_MLR[m, :, self.mine]
+        runs, ends = self.run_start_MLR[m, :, self.mine].tolist(), (self.leaving_MLR[m, :, self.mine] >= 0).tolist()
+        slots = {l: [(s, runs[l][s], ends[l][s]) for s in (mine[l] >= 0).nonzero().flatten().tolist()] for l in ids}
+        out: list = [None] * L
+        if not self.prefetch:
+            self._fetches = fetches
+            self._visits = {l: _Visit(self, m, [l], {l: returns[l]} if l in returns else {}, slots) for l in ids}
+            return out
+        homes = {l: self.layers[l].experts.local_weights() for l in ids}
+        self._fetch(fetches, homes)
+        if ids:
+            spare = _ReplicaWeights.apply(_Visit(self, m, ids, returns, slots), *(w for l in ids for w in homes[l]))
+            for i, l in enumerate(ids):
+                out[l] = (spare[2 * i], spare[2 * i + 1])
+        return out
+
+    def layer_weights(self, l: int, gate_up_HFD: torch.Tensor, down_HDI: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``l``'s spare weights ``([S, F, D], [S, D, I])``, from its forward (no prefetch):
+        fetches on the first call of the micro-batch (not in a recompute)."""
+        fetch = self._fetches.pop(l, None)
+        if fetch is not None:
+            self._fetch({l: fetch}, {l: (gate_up_HFD, down_HDI)})
+        else:
+            self._ensure(l, gate_up_HFD, down_HDI)
+        gu, dn = _ReplicaWeights.apply(self._visits[l], gate_up_HFD, down_HDI)
+        return gu, dn
+
+    def _ensure(self, l: int, gu: torch.Tensor, dn: torch.Tensor) -> None:
+        if self.weights[l] is None:
+            S = self.topology.spare_slots_per_gpu
+            self.weights[l] = (gu.new_zeros(S, *gu.shape[1:]), dn.new_zeros(S, *dn.shape[1:]))
+
+    @torch.no_grad()
+    def _fetch(self, fetches: dict[int, _Transfer], homes: dict) -> None:
+        """Replace the arriving replicas' rows of ``weights`` (new tensors), one all-to-all."""
+        for l, (gu, dn) in homes.items():
+            self._ensure(l, gu, dn)
+        if not fetches:
+            return
+        ids = sorted(fetches)
+        rows = [torch.cat([homes[l][0].index_select(0, fetches[l].send_rows).flatten(1),
+                           homes[l][1].index_select(0, fetches[l].send_rows).flatten(1)], 1) for l in ids]
+        got = exchange_rows(rows, [fetches[l].route.send_splits for l in ids],
+                            [fetches[l].route.recv_splits for l in ids], self.group)
+        for l, new in zip(ids, got):
+            gu, dn = self.weights[l]
+            width = gu[0].numel()
+            slots = fetches[l].recv_slots
+            self.weights[l] = (gu.index_copy(0, slots, new[:, :width].view(-1, *gu.shape[1:])),
+                               dn.index_copy(0, slots, new[:, width:].view(-1, *dn.shape[1:])))
+            self.fetched_rows += new.shape[0]
+            self.fetched_bytes += new.numel() * new.element_size()
+
+    # ------------------------------------------------------------------ backward side
+    def _accumulate(self, visit: _Visit, l: int, g_gu: torch.Tensor, g_dn: torch.Tensor) -> None:
+        """Add micro-batch ``visit.m``'s gradient of layer ``l``'s slots (empty slots add zeros)."""
+        m = visit.m
+        for s, run, leaves in visit.slots[l]:
+            owner = self.owner[l][s]
+            if owner not in (-1, run):
+                raise RuntimeError(f"ReLibraMoE replica backward of micro-batch {m}: {self._lost(l, s)}, which "
+                                   f"has not run (run each micro-batch's backward, in order, before the next's)")
+            if not leaves and (l, s, run) in self._flushed:
+                raise RuntimeError(f"ReLibraMoE replica backward of micro-batch {m} ran after the backward that "
+                                   f"sent the gradient of the replica in spare slot {s} of MoE layer {l} home "
+                                   f"(run each micro-batch's backward, in order, before the next's)")
+            self.owner[l][s] = run
+        acc = self.grads[l]
+        self.grads[l] = (g_gu.clone(), g_dn.clone()) if acc is None else (acc[0] + g_gu, acc[1] + g_dn)
+
+    def _backward(self, visit: _Visit, grads, homes) -> list[torch.Tensor | None]:
+        if self.closed:
+            raise RuntimeError(f"ReLibraMoE replica backward of micro-batch {visit.m} ran after plan_step started "
+                               "the next step: run every micro-batch's backward before the next plan_step")
+        for i, l in enumerate(visit.ids):
+            self._accumulate(visit, l, grads[2 * i], grads[2 * i + 1])
+        out: list[torch.Tensor | None] = [None] * (2 * len(visit.ids))
+        if not visit.returns:
+            return out
+        ids = sorted(visit.returns)
+        rows = []
+        for l in ids:
+            slots = visit.returns[l].recv_slots
+            g_gu, g_dn = self.grads[l]
+            rows.append(torch.cat([g_gu.index_select(0, slots).flatten(1), g_dn.index_select(0, slots).flatten(1)], 1))
+            g_gu.index_fill_(0, slots, 0)
+            g_dn.index_fill_(0, slots, 0)
+            for s in visit.returns[l].route.recv_slots:
+                self._flushed.add((l, s, self.owner[l][s]))
+                self.owner[l][s] = -1
+            self.returned_rows += rows[-1].shape[0]
+            self.returned_bytes += rows[-1].numel() * rows[-1].element_size()
+        got = exchange_rows(rows, [visit.returns[l].route.recv_splits for l in ids],
+                            [visit.returns[l].route.send_splits for l in ids], self.group)
+        for l, new in zip(ids, got):
+            i = visit.ids.index(l)
+            (gu_shape, gu_dtype, dev), (dn_shape, dn_dtype, _) = homes[2 * i], homes[2 * i + 1]
+            if not new.shape[0]:
+                continue
+            home = visit.returns[l].send_rows
+            width = gu_shape[1:].numel()
+            out[2 * i] = torch.zeros(gu_shape, dtype=gu_dtype, device=dev).index_add_(
+                0, home, new[:, :width].view(-1, *gu_shape[1:]))
+            out[2 * i + 1] = torch.zeros(dn_shape, dtype=dn_dtype, device=dev).index_add_(
+                0, home, new[:, width:].view(-1, *dn_shape[1:]))
+        return out
+
+    def close(self) -> None:
+        """The step is over (plan_step is planning the next): a late backward raises."""
+        self.closed = True
+
+
+def refuse_steps_while_waiting(optimizer, why_not: Callable[[object], str]) -> None:
+    """Register a step pre-hook on ``optimizer`` that raises RuntimeError with ``why_not(optimizer)``
+    when it is not "" (replica gradient not yet home). Optimizers without hooks are left alone."""
+    register = getattr(optimizer, "register_step_pre_hook", None)
+    if register is None:
+        return
+
+    def refuse(opt, args, kwargs):
+        fault = why_not(opt)
+        if fault:
+            raise RuntimeError(f"Balancer: {fault}")
+
+    register(refuse)
