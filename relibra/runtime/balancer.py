@@ -66,7 +66,7 @@ from .comm import all_gather_flat, all_gather_text, all_reduce_, broadcast_, fir
 from .fsdp import edp_plan, fsdp_layers
 from .layer import BLOCK_END, BLOCK_START, PHASES, LayerMicroBatch, ReLibraMoE, agree_in_step
 from .layout import replay_layouts, slot_tables
-from .replica_cache import ReplicaCache, refuse_steps_while_waiting
+from .replica_cache import ReplicaCache, guard_optimizer
 from .router import check_int_argument
 
 __all__ = ["Balancer"]
@@ -156,7 +156,7 @@ class Balancer:
         self._offsets_MLE: torch.Tensor | None = None
         self._metrics: dict = {}
         self._replicas: ReplicaCache | None = None  # this step's replica weights and gradients
-        self._guarded = None  # the optimizer that refuses to step while replica gradient waits
+        self._guarded = None  # the optimizer hooked by replica_cache.guard_optimizer
 
     # ------------------------------------------------------------------ placement
     @property
@@ -271,7 +271,7 @@ class Balancer:
             self._replicas = ReplicaCache(self.layers, plan.spare_experts, plan.placement.home_experts,
                                           plan.intra_node_replicas, self.topology, self.rank, prefetch=not self._fsdp)
             if self.optimizer is not None and self.optimizer is not self._guarded:
-                refuse_steps_while_waiting(self.optimizer, self._waiting_replica_gradient)
+                guard_optimizer(self.optimizer, lambda opt: self._replicas if opt is self.optimizer else None)
                 self._guarded = self.optimizer
         self._record_metrics(plan, loads, migration, t_plan, time.perf_counter() - t0)
         return plan
@@ -439,12 +439,6 @@ class Balancer:
         source = None if cache is None or cache.prefetch else cache.layer_weights
         return [LayerMicroBatch(tables[l], routes_LTK[l], offsets_LE[l], layouts[l], m, phase, spare[l],
                                 None if source is None else functools.partial(source, l)) for l in range(self.L)]
-
-    def _waiting_replica_gradient(self, optimizer) -> str:
-        """Why ``optimizer`` must not step now (replica gradient not yet home), or ""."""
-        if optimizer is not self.optimizer or self._replicas is None:
-            return ""
-        return self._replicas.pending_fault()
 
     # ------------------------------------------------------------------ metrics
     def _record_metrics(self, plan: Plan, loads, migration, t_plan: float, t_step: float) -> None:

@@ -55,7 +55,7 @@ import torch
 from ..topology import Topology
 from .replicas import ReplicaRoute, exchange_rows, replica_route
 
-__all__ = ["ReplicaCache", "refuse_steps_while_waiting"]
+__all__ = ["ReplicaCache", "guard_optimizer"]
 
 
 class _Transfer:
@@ -130,7 +130,7 @@ class ReplicaCache:
         self.group_slots = torch.tensor([g * S + s for g in ranks for s in range(S)], dtype=torch.int64)
         self.mine = slice(rank * S, (rank + 1) * S)
         self.device = layers[0].gate.weight.device
-        self.held = -1  # the micro-batch whose replicas the slots hold
+        self.held = -1  # the micro-batch whose replicas the slots hold (-1: none, or stale weights)
         self.weights: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * L
         self.grads: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * L
         self.owner = [[-1] * S for _ in range(L)]  # run (its first micro-batch) whose gradient each slot row holds
@@ -184,10 +184,9 @@ class ReplicaCache:
         """Prepare micro-batch ``m`` (collective when prefetching); per layer its spare weights
         (prefetch) or None (no replicas at m, or fetched in the layer's forward)."""
         L = len(self.layers)
-        if m == self.held:
-            arriving = torch.full_like(self.spare_MLR[m], -1)
-        else:
-            arriving = self.arriving_MLR[m] if m == self.held + 1 else self.spare_MLR[m]
+        # after the micro-batch held, only arrivals; else (a new pass, the same micro-batch again,
+        # weights changed by an optimizer step) every filled slot
+        arriving = self.arriving_MLR[m] if m == self.held + 1 else self.spare_MLR[m]
         ids = [l for l in range(L) if bool((self.spare_MLR[m, l] >= 0).any())]
         fetches = {l: f for l in ids if (f := self._transfer(l, arriving[l])) is not None}
         returns = {l: f for l in ids if (f := self._transfer(l, self.leaving_MLR[m, l])) is not None}
@@ -305,16 +304,23 @@ class ReplicaCache:
         self.closed = True
 
 
-def refuse_steps_while_waiting(optimizer, why_not: Callable[[object], str]) -> None:
-    """Register a step pre-hook on ``optimizer`` that raises RuntimeError with ``why_not(optimizer)``
-    when it is not "" (replica gradient not yet home). Optimizers without hooks are left alone."""
-    register = getattr(optimizer, "register_step_pre_hook", None)
-    if register is None:
+def guard_optimizer(optimizer, cache_for: Callable[[object], ReplicaCache | None]) -> None:
+    """Hooks on ``optimizer`` (if it has them) for the cache ``cache_for(optimizer)`` (None: none):
+    before a step, RuntimeError while replica gradient waits to go home; after it, the cached
+    replica weights are stale, so the next micro-batch fetches every replica again."""
+    if not hasattr(optimizer, "register_step_pre_hook"):
         return
 
-    def refuse(opt, args, kwargs):
-        fault = why_not(opt)
+    def refuse_while_waiting(opt, args, kwargs):
+        cache = cache_for(opt)
+        fault = "" if cache is None else cache.pending_fault()
         if fault:
             raise RuntimeError(f"Balancer: {fault}")
 
-    register(refuse)
+    def forget_weights(opt, args, kwargs):
+        cache = cache_for(opt)
+        if cache is not None:
+            cache.held = -1
+
+    optimizer.register_step_pre_hook(refuse_while_waiting)
+    optimizer.register_step_post_hook(forget_weights)
