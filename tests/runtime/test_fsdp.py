@@ -7,6 +7,8 @@ home + 1 spare slot per rank); :func:`relibra.runtime.fsdp.apply_fsdp` shards th
 loss per step and every logical weight and AdamW moment equal a single process trained on all
 ranks' tokens. ``_Rotate`` moves every expert to the other GPU each step, so migration of
 FSDP-sharded weights and optimizer state is exercised whatever the built-in policies decide.
+Steps have four micro-batches, so some replicas stay in their spare slot (fetched in the first
+forward of their run, gradient sent home through FSDP's reduction once, in its last backward).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from relibra.plan import Placement, Plan
 from relibra.runtime.balancer import Balancer
 from relibra.testing import run_world
 
-STEPS, M = 3, 2
+STEPS, M = 3, 4
 POLICIES = ("static", "replicate", "hybrid", "rotate")
 
 
@@ -100,12 +102,14 @@ def _worker(rank, _mesh, runs, references):
         apply_fsdp(model, dp_mesh, edp_mesh, reduce=reduce)
         opt = torch.optim.AdamW(model.parameters(), lr=2e-2)
         bal = Balancer(model, mesh=ep_mesh, policy=_policy(name), optimizer=opt, spare_slots_per_gpu=1)
-        loss_err, moved, replicas = 0.0, 0, 0
+        loss_err, moved, replicas, kept = 0.0, 0, 0, 0
         for s in range(STEPS):
             data = step_data(s, M)
             plan = bal.plan_step([data[m][rank][1] for m in range(M)])
             moved += bal.metrics()["experts_moved"]
             replicas += int(plan.replicas().sum())
+            sp = plan.spare_experts
+            kept += int(((sp[1:] >= 0) & (sp[1:] == sp[:-1])).sum())
             loss = torch.zeros(())
             for m in range(M):
                 with bal.micro_batch(m):
@@ -123,6 +127,7 @@ def _worker(rank, _mesh, runs, references):
         st = _logical_state(model, opt)
         s_err = max(float((st[k] - ref_state[k]).abs().max()) for k in ref_state)
         results[name, reduce] = dict(loss=loss_err, weights=w_err, state=s_err, moved=moved, replicas=replicas,
+                                     kept=kept,
                              keys=sorted(weights) == sorted(ref_weights),
                              placement=bal.placement.home_experts.tolist())
     results["errors"] = _misuse_errors(dp_mesh, edp_mesh, ep_mesh)
@@ -174,6 +179,7 @@ def test_fsdp_expert_data_parallel_equals_single_process(policy, reduce, results
     assert per_rank[0]["placement"] == per_rank[2]["placement"]
     if policy in ("replicate", "hybrid"):
         assert per_rank[0]["replicas"] + per_rank[2]["replicas"] > 0, f"{policy} made no replica: untested"
+        assert per_rank[0]["kept"] + per_rank[2]["kept"] > 0, f"{policy} kept no replica in its slot: untested"
     if policy == "rotate":
         assert per_rank[0]["moved"] > 0, "no expert moved: migration under FSDP untested"
 
