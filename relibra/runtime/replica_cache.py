@@ -17,7 +17,11 @@ Where things live (per layer, on this rank, plain tensors outside autograd):
   A fetch writes new tensors, so a micro-batch whose backward is still to come keeps the weights
   it computed with.
 - ``grads``: the same shapes, the gradient the runs in the slots have gathered in the backward
-  of their micro-batches so far; ``owner`` names the run each slot's gradient belongs to.
+  of their micro-batches so far.
+
+Every rank also keeps, from the plan alone, which runs of the whole group have begun their
+backward and which have sent their gradient home, so all ranks reach the same verdict on a
+misuse and raise together.
 
 Collectives (one ``all_to_all_single`` over the replica group for all layers at once, taken or
 skipped alike on every rank from the plan): :meth:`ReplicaCache.enter` fetches the replicas
@@ -37,8 +41,9 @@ What the caller must do: run the step's micro-batches 0..M-1 in order, each micr
 backward once and before the next micro-batch's backward, and all of them before
 ``optimizer.step()``. What breaks that is reported, never silently lost:
 
-- entering a micro-batch other than the one held or the next while gradients wait in a slot:
-  :meth:`entry_fault` (a ValueError on every rank, agreed as the block starts);
+- entering a micro-batch other than the one held or the next while gradient waits in a slot:
+  :meth:`entry_fault` (a ValueError on every rank, agreed as the block starts; entering the one
+  held again, or micro-batch 0 after a finished pass, fetches every replica again);
 - a backward out of order, or one that never ran before a slot's next run: RuntimeError in the
   backward;
 - ``optimizer.step()`` while gradients still wait: :meth:`pending_fault` (the Balancer raises it
@@ -70,14 +75,15 @@ class _Transfer:
 class _Visit:
     """Micro-batch ``m``'s use of the cache by layers ``ids`` (one autograd node).
 
-    ``slots[l]``: ``(slot, run, leaves)`` of this rank's filled spare slots of layer l at m (plain
-    ints, so the backward reads nothing from a tensor); ``returns[l]``: layer l's gradient
-    transfer home, where the replica group has runs ending at m.
+    ``runs[l]``: ``(slot, run, leaves)`` of every filled spare slot of the group in layer l at m
+    (slot in ``0..R-1``, run = its first micro-batch, leaves = m is its last; plain ints, so the
+    backward reads no tensor); ``returns[l]``: layer l's gradient transfer home, where the
+    replica group has runs ending at m.
     """
 
     def __init__(self, cache: "ReplicaCache", m: int, ids: list[int], returns: dict[int, _Transfer],
-                 slots: dict[int, list[tuple[int, int, bool]]]) -> None:
-        self.cache, self.m, self.ids, self.returns, self.slots = cache, m, ids, returns, slots
+                 runs: dict[int, list[tuple[int, int, bool]]]) -> None:
+        self.cache, self.m, self.ids, self.returns, self.runs = cache, m, ids, returns, runs
 
     def backward(self, grads, homes) -> list[torch.Tensor | None]:
         return self.cache._backward(self, grads, homes)
@@ -128,49 +134,41 @@ class ReplicaCache:
         ranks = list(t.gpus_of_node(t.node_of_gpu(rank))) if intra_node else list(range(t.num_gpus))
         self.group = layers[0].node_group if len(ranks) < t.num_gpus else layers[0].ep_group
         self.group_slots = torch.tensor([g * S + s for g in ranks for s in range(S)], dtype=torch.int64)
-        self.mine = slice(rank * S, (rank + 1) * S)
         self.device = layers[0].gate.weight.device
         self.held = -1  # the micro-batch whose replicas the slots hold (-1: none, or stale weights)
         self.weights: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * L
         self.grads: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * L
-        self.owner = [[-1] * S for _ in range(L)]  # run (its first micro-batch) whose gradient each slot row holds
-        self._flushed: set[tuple[int, int, int]] = set()  # (layer, slot, run) whose gradient went home
+        self._open: dict[tuple[int, int], int] = {}  # (layer, slot) -> run whose backward began, gradient not home
+        self._returned: set[tuple[int, int, int]] = set()  # (layer, slot, run) whose gradient went home
         self._fetches: dict[int, _Transfer] = {}  # still to fetch in the layer's forward (FSDP)
         self._visits: dict[int, _Visit] = {}
         self.closed = False
-        #: replica rows (whole experts) fetched into / sent home from this rank's slots this step, and bytes
-        self.fetched_rows = self.returned_rows = self.fetched_bytes = self.returned_bytes = 0
 
     # ------------------------------------------------------------------ checks
-    def _waiting(self) -> tuple[int, int] | None:
-        """(layer, slot) of the first gradient row still waiting to go home, or None."""
-        return next(((l, s) for l, row in enumerate(self.owner) for s, run in enumerate(row) if run >= 0), None)
-
-    def _lost(self, l: int, s: int) -> str:
-        run = self.owner[l][s]
-        e = int(self.spare_MLR[run, l, self.mine.start + s])
-        end = int(self.run_end_MLR[run, l, self.mine.start + s])
-        return (f"the gradient of the replica of expert {e} in spare slot {s} of MoE layer {l} (micro-batches "
-                f"{run}..{end}) has not gone home: it goes in the backward of micro-batch {end}")
+    def _waiting(self, l: int, slot: int, run: int) -> str:
+        S, M = self.topology.spare_slots_per_gpu, self.spare_MLR.shape[0]
+        e, end = int(self.spare_MLR[run, l, slot]), int(self.run_end_MLR[run, l, slot])
+        return (f"the gradient of the replica of expert {e} in spare slot {slot % S} of rank {slot // S}, MoE layer "
+                f"{l} (micro-batches {run}..{end} of {M}) has not gone home: it goes in the backward of "
+                f"micro-batch {end}")
 
     def entry_fault(self, m: int) -> str:
-        """Why entering micro-batch ``m`` would lose replica gradient, or "" (no communication)."""
-        waiting = self._waiting()
-        if not 0 <= m < self.spare_MLR.shape[0] or m in (self.held, self.held + 1) or waiting is None:
+        """Why entering micro-batch ``m`` would lose replica gradient, or "" (no communication;
+        the same on every rank)."""
+        if not 0 <= m < self.spare_MLR.shape[0] or m in (self.held, self.held + 1) or not self._open:
             return ""
-        l, s = waiting
-        return (f"micro-batch {m} entered after micro-batch {self.held}, but {self._lost(l, s)}. Run the step's "
-                f"micro-batches in order 0..{self.spare_MLR.shape[0] - 1}, each with its backward")
+        (l, slot), run = next(iter(self._open.items()))
+        return (f"micro-batch {m} entered after micro-batch {self.held}, but {self._waiting(l, slot, run)}. Run the "
+                f"step's micro-batches in order, each with its backward")
 
     def pending_fault(self) -> str:
         """Why an optimizer step now would miss replica gradient, or ""."""
-        waiting = self._waiting()
-        if waiting is None:
+        if not self._open:
             return ""
-        l, s = waiting
-        return (f"optimizer.step() before every replica gradient of the step went home: {self._lost(l, s)}. Run "
-                f"every micro-batch of the step (0..{self.spare_MLR.shape[0] - 1}) with its backward first, or "
-                f"zero the gradients and call plan_step again")
+        (l, slot), run = next(iter(self._open.items()))
+        return (f"optimizer.step() before every replica gradient of the step went home: {self._waiting(l, slot, run)}. "
+                f"Run every micro-batch of the step with its backward first, or zero the gradients and call "
+                f"plan_step again")
 
     # ------------------------------------------------------------------ forward side
     def _transfer(self, l: int, row_R: torch.Tensor) -> _Transfer | None:
@@ -191,18 +189,18 @@ class ReplicaCache:
         fetches = {l: f for l in ids if (f := self._transfer(l, arriving[l])) is not None}
         returns = {l: f for l in ids if (f := self._transfer(l, self.leaving_MLR[m, l])) is not None}
         self.held = m
-        mine = self.spare_MLR[m, :, self.mine]
-        runs, ends = self.run_start_MLR[m, :, self.mine].tolist(), (self.leaving_MLR[m, :, self.mine] >= 0).tolist()
-        slots = {l: [(s, runs[l][s], ends[l][s]) for s in (mine[l] >= 0).nonzero().flatten().tolist()] for l in ids}
+        starts, leaves = self.run_start_MLR[m].tolist(), (self.leaving_MLR[m] >= 0).tolist()
+        runs = {l: [(x, starts[l][x], leaves[l][x]) for x in (self.spare_MLR[m, l] >= 0).nonzero().flatten().tolist()]
+                for l in ids}
         out: list = [None] * L
         if not self.prefetch:
             self._fetches = fetches
-            self._visits = {l: _Visit(self, m, [l], {l: returns[l]} if l in returns else {}, slots) for l in ids}
+            self._visits = {l: _Visit(self, m, [l], {l: returns[l]} if l in returns else {}, runs) for l in ids}
             return out
         homes = {l: self.layers[l].experts.local_weights() for l in ids}
         self._fetch(fetches, homes)
         if ids:
-            spare = _ReplicaWeights.apply(_Visit(self, m, ids, returns, slots), *(w for l in ids for w in homes[l]))
+            spare = _ReplicaWeights.apply(_Visit(self, m, ids, returns, runs), *(w for l in ids for w in homes[l]))
             for i, l in enumerate(ids):
                 out[l] = (spare[2 * i], spare[2 * i + 1])
         return out
@@ -242,23 +240,25 @@ class ReplicaCache:
             slots = fetches[l].recv_slots
             self.weights[l] = (gu.index_copy(0, slots, new[:, :width].view(-1, *gu.shape[1:])),
                                dn.index_copy(0, slots, new[:, width:].view(-1, *dn.shape[1:])))
-            self.fetched_rows += new.shape[0]
-            self.fetched_bytes += new.numel() * new.element_size()
 
     # ------------------------------------------------------------------ backward side
     def _accumulate(self, visit: _Visit, l: int, g_gu: torch.Tensor, g_dn: torch.Tensor) -> None:
-        """Add micro-batch ``visit.m``'s gradient of layer ``l``'s slots (empty slots add zeros)."""
+        """Add micro-batch ``visit.m``'s gradient of layer ``l``'s slots (empty slots add zeros);
+        the runs' bookkeeping covers the whole group, so every rank raises alike."""
         m = visit.m
-        for s, run, leaves in visit.slots[l]:
-            owner = self.owner[l][s]
-            if owner not in (-1, run):
-                raise RuntimeError(f"ReLibraMoE replica backward of micro-batch {m}: {self._lost(l, s)}, which "
-                                   f"has not run (run each micro-batch's backward, in order, before the next's)")
-            if not leaves and (l, s, run) in self._flushed:
-                raise RuntimeError(f"ReLibraMoE replica backward of micro-batch {m} ran after the backward that "
-                                   f"sent the gradient of the replica in spare slot {s} of MoE layer {l} home "
-                                   f"(run each micro-batch's backward, in order, before the next's)")
-            self.owner[l][s] = run
+        for slot, run, leaves in visit.runs[l]:
+            began = self._open.get((l, slot), run)
+            if began != run:
+                raise RuntimeError(f"ReLibraMoE replica backward of micro-batch {m}: {self._waiting(l, slot, began)}, "
+                                   f"which has not run (run each micro-batch's backward, in order, before the next's)")
+            if not leaves and (l, slot, run) in self._returned:
+                raise RuntimeError(f"ReLibraMoE replica backward of micro-batch {m} ran after the backward that sent "
+                                   f"the gradient of the replica in spare slot {slot} (group numbering) of MoE layer "
+                                   f"{l} home (run each micro-batch's backward, in order, before the next's)")
+            self._open[(l, slot)] = run
+            if leaves:  # its gradient goes home in this backward
+                del self._open[(l, slot)]
+                self._returned.add((l, slot, run))
         acc = self.grads[l]
         self.grads[l] = (g_gu.clone(), g_dn.clone()) if acc is None else (acc[0] + g_gu, acc[1] + g_dn)
 
@@ -279,11 +279,6 @@ class ReplicaCache:
             rows.append(torch.cat([g_gu.index_select(0, slots).flatten(1), g_dn.index_select(0, slots).flatten(1)], 1))
             g_gu.index_fill_(0, slots, 0)
             g_dn.index_fill_(0, slots, 0)
-            for s in visit.returns[l].route.recv_slots:
-                self._flushed.add((l, s, self.owner[l][s]))
-                self.owner[l][s] = -1
-            self.returned_rows += rows[-1].shape[0]
-            self.returned_bytes += rows[-1].numel() * rows[-1].element_size()
         got = exchange_rows(rows, [visit.returns[l].route.recv_splits for l in ids],
                             [visit.returns[l].route.send_splits for l in ids], self.group)
         for l, new in zip(ids, got):
