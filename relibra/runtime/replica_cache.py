@@ -185,6 +185,8 @@ class ReplicaCache:
         # after the micro-batch held, only arrivals; else (a new pass, the same micro-batch again,
         # weights changed by an optimizer step) every filled slot
         arriving = self.arriving_MLR[m] if m == self.held + 1 else self.spare_MLR[m]
+        if m != self.held and (m == 0 or m != self.held + 1):  # a new pass over the plan: its runs begin afresh
+            self._returned.clear()
         ids = [l for l in range(L) if bool((self.spare_MLR[m, l] >= 0).any())]
         fetches = {l: f for l in ids if (f := self._transfer(l, arriving[l])) is not None}
         returns = {l: f for l in ids if (f := self._transfer(l, self.leaving_MLR[m, l])) is not None}
