@@ -124,8 +124,9 @@ def grouped_mm_capable(x_ND: torch.Tensor, w_SOI: torch.Tensor) -> bool:
 
     Decided from metadata alone, before the call: the torch build has ``_grouped_mm``; both
     tensors on one CPU or CUDA (compute capability >= 8.0) device in a dtype it takes there;
-    ``x_ND [N, I]`` row-major and ``w_SOI [S, O, I]`` row-major in its last two dims with their
-    leading strides and data pointers multiples of 16 bytes. Anything else runs the loop.
+    ``x_ND [N, I]`` and ``w_SOI [S, O, I]`` row-major in their last two dims, with their row
+    strides, the output's rows (``O`` elements: the backward multiplies by their gradient) and
+    both data pointers multiples of 16 bytes. Anything else runs the loop.
     """
     if not hasattr(torch, "_grouped_mm") or x_ND.device != w_SOI.device or x_ND.dtype != w_SOI.dtype:
         return False
@@ -136,7 +137,7 @@ def grouped_mm_capable(x_ND: torch.Tensor, w_SOI: torch.Tensor) -> bool:
         return False
     align = 16 // x_ND.element_size()
     return (x_ND.dim() == 2 and w_SOI.dim() == 3 and x_ND.stride(1) == 1 and w_SOI.stride(2) == 1
-            and x_ND.stride(0) % align == 0 and w_SOI.stride(1) % align == 0
+            and x_ND.stride(0) % align == 0 and w_SOI.stride(1) % align == 0 and w_SOI.shape[1] % align == 0
             and x_ND.data_ptr() % 16 == 0 and w_SOI.data_ptr() % 16 == 0)
 
 
