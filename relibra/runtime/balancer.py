@@ -29,24 +29,17 @@ each side is, instead of aborting or hanging the world. relibra can catch this o
 collectives: a rank that skips the whole block of a step's last micro-batch reaches the
 caller's next collective (a loss all-reduce, the optimizer's) first.
 
-Replicas live a run, not a micro-batch (:mod:`relibra.runtime.replica_cache` has the details). A
-replica staying in one spare slot over micro-batches ``a..b`` is fetched once as ``micro_batch(a)``
-starts (one all-to-all for all layers; under FSDP in each layer's forward) and kept on the rank;
-its gradient accumulates there and goes home once, in ``b``'s backward (the slot changes next, or
-the step ends), added into the home expert's gradient inside autograd, where the optimizer and
-FSDP see it. Expert weights must not change within a step. Before ``optimizer.step()``, run
-micro-batches 0..M-1 in order, each with its backward (in its block or after it, before the next
-one's); a checkpointing recompute re-runs the forward, never the fetch. Breaking this raises:
-ValueError entering a micro-batch other than the current or next while gradient waits,
-RuntimeError for a backward out of order or an optimizer step while gradient waits. After an
-exception in a block, the next ``plan_step`` drops what waits (zero the grads, as for any
-abandoned step).
+Replicas live a run, not a micro-batch: one kept in its spare slot over micro-batches ``a..b`` is
+fetched once as ``micro_batch(a)`` starts and its gradient, accumulated on the rank, goes home once
+in ``b``'s backward, added into the home expert's gradient inside autograd. So run micro-batches
+0..M-1 in order, each with its backward (in its block or after it, before the next one's), before
+``optimizer.step()``; expert weights must not change within a step. What breaks this raises on
+every rank (:mod:`relibra.runtime.replica_cache` has the lifecycle, checkpointing and exceptions).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import sys
 import time
 import traceback
@@ -64,8 +57,7 @@ from ..routing.routes import step_routes_fault
 from ..topology import Topology
 from .comm import all_gather_flat, all_gather_text, all_reduce_, broadcast_, first_error
 from .fsdp import edp_plan, fsdp_layers
-from .layer import BLOCK_END, BLOCK_START, PHASES, LayerMicroBatch, ReLibraMoE, agree_in_step
-from .layout import replay_layouts, slot_tables
+from .layer import BLOCK_END, BLOCK_START, PHASES, ReLibraMoE, agree_in_step, micro_batch_contexts
 from .replica_cache import ReplicaCache, guard_optimizer
 from .router import check_int_argument
 
@@ -395,7 +387,6 @@ class Balancer:
         block agrees its position with the EP group as it starts (before the replica fetch, a
         collective) and as it ends normally, unless every layer was built with
         ``agree_input_errors=False``; a rank out of step raises the same ValueError everywhere.
-
         """
         if self.plan is None:
             raise RuntimeError("Balancer.micro_batch: no plan is installed (plan_step was not called, or the "
@@ -412,7 +403,9 @@ class Balancer:
             raise ValueError(f"Balancer.micro_batch: {fault}")
         if not 0 <= m < self.plan.num_micro_batches:
             raise IndexError(f"micro-batch {m} out of range [0, {self.plan.num_micro_batches})")
-        for layer, ctx in zip(self.layers, self._contexts(m, phase)):
+        ctxs = micro_batch_contexts(self.layers, self.plan, m, phase, self._routes[m], self._offsets_MLE[m],
+                                    self._source_MLGE[m], self.rank, self._replicas)
+        for layer, ctx in zip(self.layers, ctxs):
             layer.install(ctx)
         in_flight = sys.exc_info()[1]
         try:
@@ -424,21 +417,6 @@ class Balancer:
         finally:
             for layer in self.layers:
                 layer.install(None)
-
-    def _contexts(self, m: int, phase: int) -> list[LayerMicroBatch]:
-        """Every layer's context for micro-batch ``m``: all sizes of the dispatch computed on the
-        host at once (no device value is read in the forward or backward), and the replicas
-        (fetched now, one collective for all layers, unless the layers fetch in their forward)."""
-        plan, dev = self.plan, self.layers[0].gate.weight.device
-        host = slot_tables(plan.placement.home_experts, plan.spare_experts[m], plan.slot_tokens[m], self.topology)
-        tables, layouts = replay_layouts(host, self._source_MLGE[m], self.topology, self.rank, dev)
-        routes_LTK = self._routes[m].transpose(0, 1).contiguous().to(dev)
-        offsets_LE = self._offsets_MLE[m].to(dev)
-        cache = self._replicas
-        spare = [None] * self.L if cache is None else cache.enter(m)
-        source = None if cache is None or cache.prefetch else cache.layer_weights
-        return [LayerMicroBatch(tables[l], routes_LTK[l], offsets_LE[l], layouts[l], m, phase, spare[l],
-                                None if source is None else functools.partial(source, l)) for l in range(self.L)]
 
     # ------------------------------------------------------------------ metrics
     def _record_metrics(self, plan: Plan, loads, migration, t_plan: float, t_step: float) -> None:

@@ -33,6 +33,7 @@ instead of a collective mismatch that aborts or hangs the world.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -45,10 +46,11 @@ from ..routing.routes import route_fault
 from ..topology import Topology
 from . import dispatch as _dispatch
 from .comm import agree
-from .layout import ReplayLayout, SlotTable, slot_table
+from .layout import ReplayLayout, SlotTable, replay_layouts, slot_table, slot_tables
 from .router import Router, check_int_argument
 
-__all__ = ["BLOCK_END", "BLOCK_START", "PHASES", "Experts", "LayerMicroBatch", "ReLibraMoE", "agree_in_step"]
+__all__ = ["BLOCK_END", "BLOCK_START", "PHASES", "Experts", "LayerMicroBatch", "ReLibraMoE", "agree_in_step",
+           "micro_batch_contexts"]
 
 #: names of the phases a micro-batch runs in, by id; the Balancer installs one per micro-batch
 PHASES = ("train",)
@@ -129,6 +131,28 @@ class LayerMicroBatch:
     phase: int = 0
     spare_weights: tuple[torch.Tensor, torch.Tensor] | None = None
     spare_source: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
+def micro_batch_contexts(layers: list, plan, m: int, phase: int, routes_TLK: torch.Tensor, offsets_LE: torch.Tensor,
+                         source_LGE: torch.Tensor, rank: int, replicas) -> list[LayerMicroBatch]:
+    """Every layer's :class:`LayerMicroBatch` for micro-batch ``m`` of ``plan`` (on EP rank ``rank``).
+
+    ``routes_TLK [T, L, K]`` this rank's replayed routes, ``offsets_LE [L, E]`` the token copies of
+    each expert on lower ranks, ``source_LGE [L, G, E]`` every rank's expert counts: all sizes of
+    the dispatch are computed here on the host, for all layers at once, so the forward and backward
+    read no device value. ``replicas`` (a :class:`relibra.runtime.replica_cache.ReplicaCache`, or
+    None) enters m: it fetches now for all layers (one collective) unless the layers fetch in their
+    forward.
+    """
+    dev, topology = layers[0].gate.weight.device, layers[0].topology
+    host = slot_tables(plan.placement.home_experts, plan.spare_experts[m], plan.slot_tokens[m], topology)
+    tables, layouts = replay_layouts(host, source_LGE, topology, rank, dev)
+    routes_LTK = routes_TLK.transpose(0, 1).contiguous().to(dev)
+    offsets_LE = offsets_LE.to(dev)
+    spare = [None] * len(layers) if replicas is None else replicas.enter(m)
+    source = None if replicas is None or replicas.prefetch else replicas.layer_weights
+    return [LayerMicroBatch(tables[l], routes_LTK[l], offsets_LE[l], layouts[l], m, phase, spare[l],
+                            None if source is None else functools.partial(source, l)) for l in range(len(layers))]
 
 
 class Experts(nn.Module):
