@@ -4,12 +4,11 @@ Legend: M micro-batches of the step, L MoE layers, G ranks of the expert-paralle
 and S spare slots per rank, R = G*S spare slots of the group, F = 2*hidden, D dim, I hidden.
 
 A *run* is one replica staying in one spare slot over consecutive micro-batches ``a..b`` of a
-step (the plan's ``spare_experts [M, L, R]`` says which; expert weights cannot change within a
-step). The layer computes with the replica in each of them, but the replica is fetched from its
-home rank once, as micro-batch ``a``'s block starts, and its gradient goes home once, in
-micro-batch ``b``'s backward, where it is added into the home expert's gradient before anything
-else can see it. Micro-batch ``b`` is the run's last: the slot holds something else at ``b + 1``,
-or ``b`` is the step's last micro-batch.
+step (the plan's ``spare_experts [M, L, R]`` says which). The layer computes with the replica in
+each of them, but the replica is fetched from its home rank once, as micro-batch ``a``'s block
+starts, and its gradient goes home once, in micro-batch ``b``'s backward, where it is added into
+the home expert's gradient before anything else can see it. Micro-batch ``b`` is the run's last:
+the slot holds something else at ``b + 1``, or ``b`` is the step's last micro-batch.
 
 Where things live (per layer, on this rank, plain tensors outside autograd):
 
@@ -33,22 +32,30 @@ in its own backward (the index tensors of both are still built as the block star
 The autograd link: the layer computes with ``_ReplicaWeights.apply(visit, *home_weights)``,
 whose forward returns the cached replica weights and whose backward hands their gradient to
 the cache and returns, as the home weights' gradient, what arrived for them. So the replica
-gradient reaches the home parameter inside autograd, where FSDP's reduce-scatter also sees it,
-and a backward outside the block or an activation-checkpointing recompute inside it (which
-re-runs the forward, never the fetch) changes nothing.
+gradient reaches the home parameter inside autograd, where FSDP's reduce-scatter also sees it;
+a backward after the block is fine; an activation-checkpointing recompute inside the block
+re-runs the forward, never the fetch. Reentrant checkpointing runs the node's backward once per
+checkpointed region, each time with that region's share: a run ending at m then goes home in
+parts, one collective each (still exact).
+
+Expert weights must not change while a replica is kept: an optimizer step between micro-batches
+(allowed only while no gradient waits) makes the next micro-batch fetch every replica again, as
+does entering the held micro-batch again or starting a new pass over the plan at micro-batch 0.
 
 What the caller must do: run the step's micro-batches 0..M-1 in order, each micro-batch's
-backward once and before the next micro-batch's backward, and all of them before
-``optimizer.step()``. What breaks that is reported, never silently lost:
+backward (in its block or after it) before the backward of the next micro-batch, all of them
+before ``optimizer.step()``. What breaks that is reported, never silently lost:
 
-- entering a micro-batch other than the one held or the next while gradient waits in a slot:
-  :meth:`entry_fault` (a ValueError on every rank, agreed as the block starts; entering the one
-  held again, or micro-batch 0 after a finished pass, fetches every replica again);
-- a backward out of order, or one that never ran before a slot's next run: RuntimeError in the
-  backward;
-- ``optimizer.step()`` while gradients still wait: :meth:`pending_fault` (the Balancer raises it
-  from an optimizer step pre-hook); a step abandoned after an exception is dropped by the next
-  ``plan_step`` (call ``optimizer.zero_grad()`` as for any abandoned step).
+- entering a micro-batch other than the one held or the next while gradient waits:
+  :meth:`entry_fault` (a ValueError on every rank, agreed as the block starts);
+- a backward out of order (a run's gradient already sent home, or a slot's earlier run not yet):
+  RuntimeError in the backward, on every rank;
+- ``optimizer.step()`` while gradient waits: :meth:`pending_fault`, raised by the optimizer step
+  pre-hook of :func:`guard_optimizer` (the Balancer's optimizer).
+
+After an exception inside a block (its backward never runs) the step cannot end exact: the
+gradient of runs ending there waits, so the optimizer refuses to step; the next ``plan_step``
+drops it (zero the gradients, as for any abandoned step).
 """
 
 from __future__ import annotations
@@ -183,8 +190,11 @@ class ReplicaCache:
         (prefetch) or None (no replicas at m, or fetched in the layer's forward)."""
         L = len(self.layers)
         # after the micro-batch held, only arrivals; else (a new pass, the same micro-batch again,
-        # weights changed by an optimizer step) every filled slot
-        arriving = self.arriving_MLR[m] if m == self.held + 1 else self.spare_MLR[m]
+        # weights changed by an optimizer step) every filled slot; so too for a layer whose forward
+        # did not run to fetch the held micro-batch's replicas (FSDP)
+        arriving = self.arriving_MLR[m].clone() if m == self.held + 1 else self.spare_MLR[m]
+        for l in self._fetches:
+            arriving[l] = self.spare_MLR[m, l]
         if m != self.held and (m == 0 or m != self.held + 1):  # a new pass over the plan: its runs begin afresh
             self._returned.clear()
         ids = [l for l in range(L) if bool((self.spare_MLR[m, l] >= 0).any())]
@@ -231,12 +241,11 @@ class ReplicaCache:
             self._ensure(l, gu, dn)
         if not fetches:
             return
-        ids = sorted(fetches)
-        rows = [torch.cat([homes[l][0].index_select(0, fetches[l].send_rows).flatten(1),
-                           homes[l][1].index_select(0, fetches[l].send_rows).flatten(1)], 1) for l in ids]
-        got = exchange_rows(rows, [fetches[l].route.send_splits for l in ids],
-                            [fetches[l].route.recv_splits for l in ids], self.group)
-        for l, new in zip(ids, got):
+        rows = {l: torch.cat([homes[l][0].index_select(0, f.send_rows).flatten(1),
+                              homes[l][1].index_select(0, f.send_rows).flatten(1)], 1) for l, f in fetches.items()}
+        got = self._exchange(rows, {l: f.route.send_splits for l, f in fetches.items()},
+                             {l: f.route.recv_splits for l, f in fetches.items()})
+        for l, new in got.items():
             gu, dn = self.weights[l]
             width = gu[0].numel()
             slots = fetches[l].recv_slots
@@ -273,17 +282,16 @@ class ReplicaCache:
         out: list[torch.Tensor | None] = [None] * (2 * len(visit.ids))
         if not visit.returns:
             return out
-        ids = sorted(visit.returns)
-        rows = []
-        for l in ids:
-            slots = visit.returns[l].recv_slots
+        rows = {}
+        for l, ret in visit.returns.items():
             g_gu, g_dn = self.grads[l]
-            rows.append(torch.cat([g_gu.index_select(0, slots).flatten(1), g_dn.index_select(0, slots).flatten(1)], 1))
-            g_gu.index_fill_(0, slots, 0)
-            g_dn.index_fill_(0, slots, 0)
-        got = exchange_rows(rows, [visit.returns[l].route.recv_splits for l in ids],
-                            [visit.returns[l].route.send_splits for l in ids], self.group)
-        for l, new in zip(ids, got):
+            rows[l] = torch.cat([g_gu.index_select(0, ret.recv_slots).flatten(1),
+                                 g_dn.index_select(0, ret.recv_slots).flatten(1)], 1)
+            g_gu.index_fill_(0, ret.recv_slots, 0)
+            g_dn.index_fill_(0, ret.recv_slots, 0)
+        got = self._exchange(rows, {l: r.route.recv_splits for l, r in visit.returns.items()},
+                             {l: r.route.send_splits for l, r in visit.returns.items()})
+        for l, new in got.items():
             i = visit.ids.index(l)
             (gu_shape, gu_dtype, dev), (dn_shape, dn_dtype, _) = homes[2 * i], homes[2 * i + 1]
             if not new.shape[0]:
@@ -294,6 +302,18 @@ class ReplicaCache:
                 0, home, new[:, :width].view(-1, *gu_shape[1:]))
             out[2 * i + 1] = torch.zeros(dn_shape, dtype=dn_dtype, device=dev).index_add_(
                 0, home, new[:, width:].view(-1, *dn_shape[1:]))
+        return out
+
+    def _exchange(self, rows: dict[int, torch.Tensor], send_splits: dict[int, list[int]],
+                  recv_splits: dict[int, list[int]]) -> dict[int, torch.Tensor]:
+        """:func:`exchange_rows` of layers ``rows`` over the replica group: one all-to-all per
+        dtype (one in all but mixed-precision models), in the same order on every rank."""
+        out = {}
+        for dtype in sorted({r.dtype for r in rows.values()}, key=str):
+            ids = [l for l in sorted(rows) if rows[l].dtype == dtype]
+            got = exchange_rows([rows[l] for l in ids], [send_splits[l] for l in ids], [recv_splits[l] for l in ids],
+                                self.group)
+            out.update(zip(ids, got))
         return out
 
     def close(self) -> None:
