@@ -131,7 +131,33 @@ def _worker(rank, _mesh, runs, references):
                              keys=sorted(weights) == sorted(ref_weights),
                              placement=bal.placement.home_experts.tolist())
     results["errors"] = _misuse_errors(dp_mesh, edp_mesh, ep_mesh)
+    results["skipped_forward"] = _skipped_forward(rank, dp_mesh, edp_mesh, ep_mesh, references["sum"][0])
     return results
+
+
+def _skipped_forward(rank, dp_mesh, edp_mesh, ep_mesh, init) -> float:
+    """Micro-batch 0's block entered without a forward (so no layer fetched its replicas there),
+    then micro-batches 1..M-1 as usual: replicate's weights after an SGD step minus static's (SGD:
+    AdamW's first step turns gradient noise around zero into whole steps)."""
+    from relibra.runtime.fsdp import apply_fsdp
+
+    weights = []
+    for policy in ("static", "replicate"):
+        model = Net(ep_mesh)
+        model.load_state_dict(init)
+        apply_fsdp(model, dp_mesh, edp_mesh, reduce="sum")
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        bal = Balancer(model, mesh=ep_mesh, policy=policy, optimizer=opt, spare_slots_per_gpu=1)
+        data = step_data(0, M, hold=M)  # hot experts (and their replicas) stay for the whole step
+        plan = bal.plan_step([data[m][rank][1] for m in range(M)])
+        assert policy == "static" or bool((plan.spare_experts[1] >= 0).any()), "no replica in micro-batch 1"
+        for m in range(M):
+            with bal.micro_batch(m):
+                if m:
+                    model(data[m][rank][0]).square().sum().backward()
+        opt.step()
+        weights.append({k: _full(v) for k, v in model.state_dict().items()})
+    return max(float((weights[0][k] - weights[1][k]).abs().max()) for k in weights[0])
 
 
 def _misuse_errors(dp_mesh, edp_mesh, ep_mesh) -> list[str]:
@@ -182,6 +208,11 @@ def test_fsdp_expert_data_parallel_equals_single_process(policy, reduce, results
         assert per_rank[0]["kept"] + per_rank[2]["kept"] > 0, f"{policy} kept no replica in its slot: untested"
     if policy == "rotate":
         assert per_rank[0]["moved"] > 0, "no expert moved: migration under FSDP untested"
+
+
+def test_fsdp_replicas_not_fetched_in_a_skipped_forward_are_fetched_in_the_next(results):
+    for rank, r in enumerate(results):
+        assert r["skipped_forward"] < 2e-5, f"rank {rank}: weights differ from static by {r['skipped_forward']}"
 
 
 def test_fsdp_misuse_raises_clear_errors(results):
