@@ -100,8 +100,7 @@ def dispatch(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, table: SlotTable, to
         recv_GS = recv.cpu()  # host sync: the split sizes
     recv_splits = tuple(recv_GS.sum(1).tolist())
     x_recv = all_to_all_autograd(x_send, recv_splits, send_splits, group)
-    (to_slot,), (from_slot,) = slot_order(recv_GS[None])
-    to_slot, from_slot = to_slot.to(x_TD.device), from_slot.to(x_TD.device)
+    (to_slot,), (from_slot,) = slot_order(recv_GS[None], x_TD.device)
     meta = DispatchMeta(row_index, send_splits, recv_splits, to_slot, from_slot, tuple(recv_GS.sum(0).tolist()),
                         group)
     return x_recv.index_select(0, to_slot), meta

@@ -112,7 +112,8 @@ def split_counts(tables: list[SlotTable], source_loads_LGE: torch.Tensor, slots_
     Exactly what :func:`relibra.kernels.assign_copies` produces for routes whose per-rank expert
     counts are ``source_loads_LGE``: the copies of expert e from rank s occupy positions
     ``[off[s, e], off[s, e] + load[s, e])`` of e's order over all ranks, copy c of e takes
-    positions ``[end[c-1], end[c])``, and positions past the last end go to the last copy.
+    positions ``[end[c-1], end[c])``, and positions past the last end go to the last copy. So
+    each physical slot takes from each source rank the overlap of two ranges (O(L * G * P)).
     """
     L, G, E = source_loads_LGE.shape
     P = G * slots_per_rank
@@ -125,38 +126,47 @@ def split_counts(tables: list[SlotTable], source_loads_LGE: torch.Tensor, slots_
     copies = (slots >= 0).sum(2, keepdim=True)                                   # [L, E, 1]
     ends = torch.where(torch.arange(X) == copies - 1, _BIG, ends)                # the last copy takes the rest
     starts = torch.cat([torch.zeros(L, E, 1, dtype=torch.int64), ends[..., :-1]], 2)
+    # each physical slot's expert and range of that expert's positions (column P: empty slots)
+    where = torch.where(slots >= 0, slots, P).view(L, E * X)
+    expert_LP = torch.full((L, P + 1), -1, dtype=torch.int64)
+    expert_LP.scatter_(1, where, torch.arange(E).repeat_interleave(X).expand(L, -1))
+    start_LP = torch.zeros(L, P + 1, dtype=torch.int64).scatter_(1, where, starts.view(L, -1))[:, None, :P]
+    end_LP = torch.zeros(L, P + 1, dtype=torch.int64).scatter_(1, where, ends.view(L, -1))[:, None, :P]
+    expert_LP = expert_LP[:, None, :P]
+    e_LGP = expert_LP.clamp(min=0).expand(L, G, P)
     src_start = source_loads_LGE.cumsum(1) - source_loads_LGE                    # [L, G, E]
-    src_end = src_start + source_loads_LGE
-    lo = torch.maximum(src_start[..., None], starts[:, None])                    # [L, G, E, X]
-    hi = torch.minimum(src_end[..., None], ends[:, None])
-    n = (hi - lo).clamp(min=0) * (slots >= 0)[:, None]
-    out = torch.zeros(L, G, P + 1, dtype=torch.int64)
-    dest = torch.where(slots >= 0, slots, P).view(L, 1, E * X).expand(L, G, E * X)
-    out.scatter_add_(2, dest, n.reshape(L, G, E * X))
-    return out[..., :P]
+    lo = torch.maximum(src_start.gather(2, e_LGP), start_LP)
+    hi = torch.minimum((src_start + source_loads_LGE).gather(2, e_LGP), end_LP)
+    return torch.where(expert_LP >= 0, (hi - lo).clamp(min=0), 0)
 
 
-def slot_order(recv_LGS: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Row orders of received blocks, per layer, on the host (one pass over all layers).
+def slot_order(recv_LGS: torch.Tensor, device=None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Row orders of received blocks, per layer, built on ``device`` from host counts.
 
-    ``recv_LGS [L, G, SL]``: rows this rank receives from each source rank for each local slot;
-    they arrive ordered by (source, slot). Returns ``(to_slot, from_slot)``, lists of ``[N_l]``
-    int64: row ``to_slot[j]`` of the received buffer is row j of the (slot, source)-ordered one
-    that the grouped GEMM reads, and ``from_slot`` is its inverse.
+    ``recv_LGS [L, G, SL]`` (host): rows this rank receives from each source rank for each local
+    slot; they arrive ordered by (source, slot). Returns ``(to_slot, from_slot)``, lists of
+    ``[N_l]`` int64 on ``device``: row ``to_slot[j]`` of the received buffer is row j of the
+    (slot, source)-ordered one that the grouped GEMM reads, and ``from_slot`` is its inverse.
+    One small copy to the device, then one pass for all layers there; every size is a host int,
+    so nothing is read back.
     """
     L, G, SL = recv_LGS.shape
     per_layer = recv_LGS.reshape(L, -1).sum(1)                                   # [L] N_l
     N = int(per_layer.sum())
     recv_start = (recv_LGS.reshape(L, -1).cumsum(1) - recv_LGS.reshape(L, -1)).view(L, G, SL)
     by_slot = recv_LGS.transpose(1, 2).reshape(L, -1)                            # blocks in (slot, source) order
-    slot_start = by_slot.cumsum(1) - by_slot
     layer_base = per_layer.cumsum(0) - per_layer                                 # [L]
     # row j of block b (in slot order) comes from recv_start[b] + (j - slot_start[b]); j counts
     # from the layer's base in the one arange over all layers
-    shift = recv_start.transpose(1, 2).reshape(L, -1) - slot_start - layer_base[:, None]   # [L, SL*G]
-    to_slot = torch.repeat_interleave(shift.reshape(-1), by_slot.reshape(-1), output_size=N) + torch.arange(N)
-    base = torch.repeat_interleave(layer_base, per_layer, output_size=N)
-    from_global = torch.empty(N, dtype=torch.int64).scatter_(0, to_slot + base, torch.arange(N) - base)
+    shift = recv_start.transpose(1, 2).reshape(L, -1) - (by_slot.cumsum(1) - by_slot) - layer_base[:, None]
+    # each row's block and layer by a sorted search of the blocks' ends (repeat_interleave with
+    # output_size reads nothing back either, but its CPU kernel is slow with long blocks)
+    small = torch.cat([shift.reshape(-1), by_slot.reshape(-1).cumsum(0), layer_base, per_layer.cumsum(0)]).to(device)
+    shift_d, block_end_d, base_d, layer_end_d = small.split([L * G * SL, L * G * SL, L, L])
+    arange = torch.arange(N, device=small.device)
+    to_slot = shift_d[torch.searchsorted(block_end_d, arange, right=True)] + arange
+    base = base_d[torch.searchsorted(layer_end_d, arange, right=True)]
+    from_global = torch.empty(N, dtype=torch.int64, device=small.device).scatter_(0, to_slot + base, arange - base)
     sizes = per_layer.tolist()
     return list(to_slot.split(sizes)), list(from_global.split(sizes))
 
@@ -195,8 +205,9 @@ def replay_layouts(tables: list[SlotTable], source_loads_LGE: torch.Tensor, topo
     """Every layer's slot table and :class:`ReplayLayout` for EP rank ``rank``, on ``device``.
 
     ``tables``: the host tables of :func:`slot_tables`; ``source_loads_LGE [L, G, E]``: every
-    rank's expert counts of its replayed routes. Host work and three copies to the device in
-    all (int64 indices, int32 offsets, the tables).
+    rank's expert counts of its replayed routes. Host work on counts (no per-token work), three
+    small copies to the device (counts for the row orders, int32 offsets, the tables) and the row
+    orders expanded there.
     """
     H, S = topology.home_slots_per_gpu, topology.spare_slots_per_gpu
     SL = H + S
@@ -204,10 +215,9 @@ def replay_layouts(tables: list[SlotTable], source_loads_LGE: torch.Tensor, topo
     L, G, _ = counts_LGP.shape
     send_LG = counts_LGP[:, rank].view(L, G, SL).sum(2)
     recv_LGS = counts_LGP[:, :, rank * SL:(rank + 1) * SL]
-    to_slot, from_slot = slot_order(recv_LGS)
+    to_slot, from_slot = slot_order(recv_LGS, device)
     slot_LS = recv_LGS.sum(1)
     offsets = torch.cat([slot_LS[:, :H].cumsum(1), slot_LS[:, H:].cumsum(1)], 1).to(torch.int32)
-    orders = _to_device(to_slot + from_slot, device)
     offs = _to_device(list(offsets), device)
     flat_tables = _to_device([x for t in tables for x in (t.copy_slots_EX, t.copy_ends_EX, t.spare_experts_R)],
                              device)
@@ -215,6 +225,6 @@ def replay_layouts(tables: list[SlotTable], source_loads_LGE: torch.Tensor, topo
     for l, t in enumerate(tables):
         out_tables.append(SlotTable(*flat_tables[3 * l:3 * l + 3], t.has_replicas))
         layouts.append(ReplayLayout(tuple(send_LG[l].tolist()), tuple(recv_LGS[l].sum(1).tolist()),
-                                    tuple(slot_LS[l].tolist()), orders[l], orders[L + l],
+                                    tuple(slot_LS[l].tolist()), to_slot[l], from_slot[l],
                                     offs[l][:H], offs[l][H:]))
     return out_tables, layouts
