@@ -58,6 +58,7 @@ from ..topology import Topology
 from .comm import all_gather_flat, all_gather_text, all_reduce_, broadcast_, first_error
 from .fsdp import edp_plan, fsdp_layers
 from .layer import BLOCK_END, BLOCK_START, PHASES, ReLibraMoE, agree_in_step, micro_batch_contexts
+from .optimizer_stamp import placement_stamp, stamp_optimizer
 from .replica_cache import ReplicaCache, guard_optimizer
 from .router import check_int_argument
 
@@ -149,6 +150,8 @@ class Balancer:
         self._metrics: dict = {}
         self._replicas: ReplicaCache | None = None  # this step's replica weights and gradients
         self._guarded = None  # the optimizer hooked by replica_cache.guard_optimizer
+        if optimizer is not None:  # a plain optimizer.state_dict() names the placement its rows follow
+            stamp_optimizer(optimizer, lambda: placement_stamp(self.placement, self.topology, self.rank))
 
     # ------------------------------------------------------------------ placement
     @property
