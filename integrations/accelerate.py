@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .ddp import exclude_experts_from_ddp, expert_parameter_names
 from .plugin import RelibraPlugin
 
 __all__ = ["RelibraPlugin", "prepare", "build_mesh", "expert_parameter_names"]
@@ -69,18 +70,6 @@ def build_mesh(accelerator: Any, plugin: RelibraPlugin):
     return init_device_mesh(device_type, (nodes, world // nodes), mesh_dim_names=("node", "gpu"))
 
 
-def expert_parameter_names(model: nn.Module) -> list[str]:
-    """Qualified names of every ReLibraMoE's sharded expert parameters."""
-    from relibra.runtime.layer import ReLibraMoE
-
-    out = []
-    for name, module in model.named_modules():
-        if isinstance(module, ReLibraMoE):
-            prefix = f"{name}.experts." if name else "experts."
-            out += [prefix + "gate_up_proj", prefix + "down_proj"]
-    return out
-
-
 def _rebind_optimizer(optimizer: torch.optim.Optimizer, old: dict[str, nn.Parameter],
                       new: dict[str, nn.Parameter]) -> None:
     """Point ``optimizer``'s param groups at the swapped parameters, by name."""
@@ -111,7 +100,8 @@ def prepare(accelerator: Any, model: nn.Module, optimizer: torch.optim.Optimizer
     Swaps the sparse MoE blocks (:func:`relibra.integrations.transformers.swap_moe_blocks`) with
     experts sharded over :func:`build_mesh`'s mesh, re-points ``optimizer`` at the new parameters,
     keeps the expert parameters out of DDP (``_ddp_params_and_buffers_to_ignore``) and FSDP
-    (the plugin's ``ignored_modules``), scales their gradients by ``1 / world``, and builds the
+    (the plugin's ``ignored_modules``), scales their gradients by ``1 / world``, sets the dispatch
+    kernels' backend (``RELIBRA_KERNEL_BACKEND``) to ``plugin.kernel_backend``, and builds the
     Balancer with the plugin's policy. Returns None when ``plugin.enabled`` is false.
 
     Raises ValueError (before changing anything) for an already wrapped model, a model without
@@ -129,25 +119,22 @@ def prepare(accelerator: Any, model: nn.Module, optimizer: torch.optim.Optimizer
     if not find_moe_blocks(model):
         raise ValueError(f"relibra prepare: {type(model).__name__} has no sparse MoE block relibra can swap")
     mesh = build_mesh(accelerator, plugin)
+    from relibra.kernels import ENV_VAR as KERNEL_BACKEND_ENV
+
+    os.environ[KERNEL_BACKEND_ENV] = plugin.kernel_backend  # the dispatch kernels read it on every call
     old = dict(model.named_parameters())
     swap_moe_blocks(model, mesh, spare_slots_per_gpu=plugin.spare_slots_per_gpu)
     new = dict(model.named_parameters())
     if optimizer is not None:
         _rebind_optimizer(optimizer, old, new)
     if mesh is not None:
-        names = expert_parameter_names(model)
-        ignore = list(getattr(model, "_ddp_params_and_buffers_to_ignore", [])) + names
-        model._ddp_params_and_buffers_to_ignore = ignore
+        exclude_experts_from_ddp(model, int(accelerator.num_processes))  # see relibra.integrations.ddp
         fsdp = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
         if fsdp is not None:
             from relibra.runtime.layer import ReLibraMoE
 
             experts = [m.experts for m in model.modules() if isinstance(m, ReLibraMoE)]
             fsdp.ignored_modules = list(getattr(fsdp, "ignored_modules", None) or []) + experts
-        world = int(accelerator.num_processes)
-        if world > 1:
-            for n in names:
-                new[n].register_hook(lambda g, w=world: g / w)
     return Balancer(model, mesh=mesh, policy=plugin.policy, optimizer=optimizer,
                     spare_slots_per_gpu=plugin.spare_slots_per_gpu if mesh is not None else 0,
                     policy_options=plugin.policy_options)

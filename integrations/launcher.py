@@ -17,9 +17,9 @@ import sys
 import tempfile
 from typing import Iterator, Optional, Sequence
 
-from .plugin import CONFIG_ENV
+from .plugin import CONFIG_ENV, RelibraPlugin
 
-__all__ = ["main", "split_config", "rewrite_argv"]
+__all__ = ["main", "split_config", "rewrite_argv", "validate_section"]
 
 
 def split_config(path: str) -> tuple[dict, Optional[dict]]:
@@ -45,6 +45,20 @@ def split_config(path: str) -> tuple[dict, Optional[dict]]:
     if section is not None and not isinstance(section, dict):
         raise ValueError(f"relibra launch: the 'relibra:' section of {path!r} must be a mapping, got {section!r}")
     return data, section
+
+
+def validate_section(path: str) -> None:
+    """Check the ``relibra:`` section of ``path`` as every rank will read it, before any rank starts.
+
+    Raises one ValueError naming the user's file and the key (unknown keys, wrong types, bad
+    values, an unknown policy or an option it does not take; :func:`relibra.config.load_config`).
+    """
+    from relibra.config import load_config
+
+    try:
+        load_config(path, section="relibra")
+    except ValueError as exc:
+        raise ValueError(f"relibra launch: invalid 'relibra:' section in {path}: {exc}") from None
 
 
 def _find_config_file(argv: Sequence[str]) -> tuple[Optional[int], Optional[str]]:
@@ -78,6 +92,7 @@ def rewrite_argv(argv: Sequence[str]) -> Iterator[tuple[list[str], dict[str, str
     if section is None:
         yield argv, {}
         return
+    validate_section(path)
     with tempfile.TemporaryDirectory(prefix="relibra_launch_") as tmp:
         accel_path = os.path.join(tmp, "accelerate_config.yaml")
         relibra_path = os.path.join(tmp, "relibra.yaml")
@@ -100,19 +115,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     parser = launch_command_parser()
     parser.prog = "relibra launch"
-    with rewrite_argv(argv) as (new_argv, env):
-        args = parser.parse_args(new_argv)
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            launch_command(args)
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    with contextlib.ExitStack() as stack:
+        try:  # bad settings: one message here, before any rank starts
+            new_argv, env = stack.enter_context(rewrite_argv(argv))
+            stack.enter_context(_environment(env))
+            RelibraPlugin()  # the settings as every rank will read them (file and RELIBRA_* variables)
+        except ValueError as exc:
+            text = str(exc)
+            print(text if text.startswith("relibra launch") else f"relibra launch: {text}", file=sys.stderr)
+            return 2
+        launch_command(parser.parse_args(new_argv))
     return 0
+
+
+@contextlib.contextmanager
+def _environment(env: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` updated with ``env`` for the block (the launched ranks inherit it)."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 if __name__ == "__main__":  # pragma: no cover

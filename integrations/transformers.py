@@ -28,6 +28,10 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from relibra.runtime.layer import ReLibraMoE
+
+from .shared_experts import SharedExpertsMoE
+
 __all__ = ["swap_moe_blocks", "moe_options", "SharedExpertsMoE", "FAMILY_ROUTERS", "find_moe_blocks"]
 
 #: router class name -> family; blocks whose gate is of another class are left alone.
@@ -38,31 +42,6 @@ FAMILY_ROUTERS: dict[str, str] = {
     "OlmoeTopKRouter": "olmoe",
     "DeepseekV3TopkRouter": "deepseek_v3",
 }
-
-
-def _relibra_moe_cls():
-    from relibra.runtime.layer import ReLibraMoE  # late: the layer lives in the execution wing
-
-    return ReLibraMoE
-
-
-def _shared_cls():
-    ReLibraMoE = _relibra_moe_cls()
-    global SharedExpertsMoE
-    if not isinstance(SharedExpertsMoE, type) or not issubclass(SharedExpertsMoE, ReLibraMoE):
-
-        class _SharedExpertsMoE(ReLibraMoE):
-            """ReLibraMoE plus an ungated shared MLP kept under DeepSeek's name ``shared_experts``."""
-
-            def forward(self, x: torch.Tensor, routes: torch.Tensor | None = None) -> torch.Tensor:
-                return super().forward(x, routes) + self.shared_experts(x)
-
-        _SharedExpertsMoE.__name__ = _SharedExpertsMoE.__qualname__ = "SharedExpertsMoE"
-        SharedExpertsMoE = _SharedExpertsMoE
-    return SharedExpertsMoE
-
-
-SharedExpertsMoE: Any = None  # built on first use (needs relibra.ReLibraMoE)
 
 
 def _is_moe_block(module: nn.Module) -> bool:
@@ -152,7 +131,7 @@ def _build(block: nn.Module, family: str, name: str, mesh, extra: dict[str, Any]
     device = extra.pop("device", None)
     if device is None:
         device = ref.device if mesh is None else torch.device(mesh.device_type)
-    cls = _shared_cls() if family == "deepseek_v3" else _relibra_moe_cls()
+    cls = SharedExpertsMoE if family == "deepseek_v3" else ReLibraMoE
     dim, hidden, E, K = (opts.pop(k) for k in ("dim", "hidden_dim", "num_experts", "top_k"))
     layer = cls(dim, hidden, E, K, mesh, dtype=ref.dtype, device=device, **opts, **extra)
     if family == "deepseek_v3":
@@ -192,13 +171,27 @@ def swap_moe_blocks(
     Raises:
         ValueError naming the block when a block cannot be reproduced exactly; nothing is
         swapped then (all blocks are built before any is installed).
+
+    The swapped gates hand transformers their router logits when a forward asks for them
+    (``output_router_logits=True``), so the aux loss is the unswapped model's
+    (:mod:`relibra.integrations.router_logits`). With a ``mesh``, the expert parameters are
+    sharded DTensors: wrap the model for data parallelism with
+    :func:`relibra.integrations.ddp.wrap_ddp` (or FSDP2, :mod:`relibra.runtime.fsdp`), not with a
+    bare ``DistributedDataParallel`` (which refuses it, saying so).
     """
+    from .router_logits import record_router_logits
+
     blocks = [b for b in find_moe_blocks(model) if families is None or b[2] in families]
     built = [(name, old, _build(old, fam, name, mesh, dict(opts))) for name, old, fam in blocks]
+    record_router_logits(model, [(name, old, new, fam) for (name, old, new), (_, _, fam) in zip(built, blocks)])
     for name, old, new in built:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)
         if on_swap is not None:
             on_swap(name, old, new)
+    if mesh is not None:
+        from .ddp import guard_bare_ddp
+
+        guard_bare_ddp(model)
     return [name for name, _, _ in built]

@@ -70,12 +70,8 @@ class RelibraGRPOTrainer(GRPOTrainer):
         if self.balancer is None:
             raise ValueError("RelibraGRPOTrainer: the RelibraPlugin is disabled")
         self.route_store = RouteStore(num_experts=self.balancer.E)
-        # transformers records router logits for the aux loss by hooking its own router class,
-        # which the swap replaced; with replayed routes the aux loss is off (as in R3 training)
-        self.aux_loss_enabled = False
-        for m in (self.model, getattr(self.model, "config", None)):
-            if m is not None and hasattr(getattr(m, "config", m), "output_router_logits"):
-                getattr(m, "config", m).output_router_logits = False
+        # TRL's router aux loss (on when the config has a router_aux_loss_coef) stays as TRL set it:
+        # the swapped gates hand transformers their live router logits even while routes are replayed
         self._relibra_mb = None
 
     def create_optimizer(self, *args: Any, **kwargs: Any):

@@ -12,7 +12,7 @@ import json
 import sys
 from typing import Any
 
-__all__ = ["main", "bench", "plot_bench"]
+__all__ = ["main", "bench", "plot_bench", "check_policy_names", "relative_gpu_loads", "time_breakdown", "TIME_PARTS"]
 
 _COLUMNS = (("step_time_s", "step s", "{:.2f}"), ("tokens_per_s", "tok/s", "{:,.0f}"),
             ("speedup_vs_static", "x static", "{:.2f}"), ("speedup_vs_eplb_oracle", "x eplb-or", "{:.2f}"),
@@ -69,6 +69,27 @@ def parse_options(items: list[str], policies: list[str]) -> dict[str, dict[str, 
     return out
 
 
+def check_policy_names(text: str) -> list[str]:
+    """The bench rows of ``--policies`` (comma-separated); ValueError for a name that is neither a
+    bench row (``relibra.sim.simulate.ROW_SYSTEMS``) nor a registered policy, with the
+    closest known names as a suggestion."""
+    import difflib
+
+    from .registry import available_policies
+    from .sim.simulate import DEFAULT_POLICIES, ROW_SYSTEMS
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"--policies names no policy: {text!r}")
+    known = list(dict.fromkeys([*DEFAULT_POLICIES, *ROW_SYSTEMS, *available_policies()]))
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+            raise ValueError(f"--policies: unknown policy {name!r}; {hint}known: {', '.join(known)}")
+    return names
+
+
 def _table(results: dict[str, Any]) -> str:
     head = ["policy"] + [c[1] for c in _COLUMNS]
     rows = [head]
@@ -104,6 +125,7 @@ def bench(args: argparse.Namespace) -> int:
     from .sim.simulate import gap_breakdown, simulate
     from .sim.traces import default_trace_path, load_trace_file
 
+    names = check_policy_names(args.policies)  # before any work: a typo is not a skipped row
     cfg = make_config(args.preset, args.cluster, _parse_sets(args.set))
     loads, top_k, meta = load_trace_file(args.trace or default_trace_path())
     if top_k != cfg.top_k:
@@ -115,7 +137,6 @@ def bench(args: argparse.Namespace) -> int:
     if loads.shape[2] != cfg.num_moe_layers:
         cfg = make_config(args.preset, args.cluster, {**_parse_sets(args.set), "num_moe_layers": loads.shape[2]})
     topology = cfg.topology(args.nodes, args.gpus_per_node, args.spare_slots)
-    names = [n.strip() for n in args.policies.split(",") if n.strip()]
     options = parse_options(args.option, names)
     bar = None
     try:
@@ -195,9 +216,44 @@ def _describe(loads: Any, meta: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
-def plot_bench(results: dict[str, Any], path: str) -> None:
-    """Bar chart of step time per policy and per-GPU load heatmaps (static vs hybrid).
+#: step-time parts of the cost model drawn by ``--plot`` (``PolicyResult.breakdown_s`` key, label)
+TIME_PARTS = (("expert_compute_s", "expert compute"), ("non_moe_s", "dense layers"), ("a2a_s", "all-to-all"),
+              ("replica_s", "replicas"), ("reorder_s", "migration"), ("extra_s", "other"),
+              ("planning_s", "live planning"))
 
+
+def relative_gpu_loads(results: dict[str, Any]) -> dict[str, Any]:
+    """Each policy's ``[L, G]`` token copies per GPU (one steady micro-batch) over the layer's mean.
+
+    1.0 everywhere is perfect balance; a layer without tokens reads 1.0. ``ideal`` and skipped
+    rows are left out.
+    """
+    import numpy as np
+
+    out = {}
+    for name, r in results.items():
+        if r.skipped or name == "ideal" or r.gpu_loads_LG is None:
+            continue
+        g = np.asarray(r.gpu_loads_LG, dtype=np.float64)
+        mean = g.mean(axis=1, keepdims=True)
+        out[name] = np.divide(g, mean, out=np.ones_like(g), where=mean > 0)
+    return out
+
+
+def time_breakdown(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Each policy's modelled step seconds by part (:data:`TIME_PARTS` labels), skipped rows left out."""
+    return {name: {label: float(r.breakdown_s.get(key, 0.0)) for key, label in TIME_PARTS}
+            for name, r in results.items() if not r.skipped}
+
+
+def plot_bench(results: dict[str, Any], path: str) -> None:
+    """Step-time breakdown per policy, and every policy's GPU load relative to the mean on one scale.
+
+    Top: stacked bars of the modelled step time (expert compute, dense layers, all-to-all,
+    replicas, migration, other). Below: one heatmap per policy of :func:`relative_gpu_loads`
+    (MoE layer x GPU) on one diverging colour scale centred on 1.0 (0 blue, 2x the mean and
+    above full red), so a balanced policy is a pale field and the busiest GPUs of an unbalanced
+    one stand out.
     Raises ValueError when matplotlib is missing (``pip install 'relibra[plot]'``).
     """
     try:
@@ -205,34 +261,40 @@ def plot_bench(results: dict[str, Any], path: str) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.colors import TwoSlopeNorm
     except ImportError as exc:
         raise ValueError(f"--plot needs matplotlib ({exc}); pip install 'relibra[plot]'") from None
     import numpy as np
 
-    ok = {n: r for n, r in results.items() if not r.skipped}
-    have = [n for n in ok if n != "ideal" and ok[n].gpu_loads_LG is not None]
-    before = "static" if "static" in have else (have[0] if have else None)
-    after = "hybrid" if "hybrid" in have else min(have, key=lambda n: ok[n].step_time_s, default=None)
-    maps = [n for n in dict.fromkeys((before, after)) if n is not None]
-    fig, axes = plt.subplots(1, 1 + len(maps), figsize=(5 + 5 * len(maps), 4.5), squeeze=False)
-    ax = axes[0, 0]
-    names = list(ok)
-    times = [ok[n].step_time_s for n in names]
-    ax.barh(names, times, color=["#888" if n in ("static", "ideal") else "#3a7" for n in names])
-    for i, t in enumerate(times):
-        ax.text(t, i, f" {t:.1f}s", va="center", fontsize=8)
+    parts = time_breakdown(results)
+    maps = relative_gpu_loads(results)
+    cols = max(1, len(maps))
+    fig = plt.figure(figsize=(max(10.0, 2.6 * cols + 1.5), 4.0 + 3.8 * bool(maps)), layout="constrained")
+    grid = fig.add_gridspec(2 if maps else 1, cols, height_ratios=[1.0, 1.1] if maps else None)
+    ax = fig.add_subplot(grid[0, :])
+    names = list(parts)
+    left = np.zeros(len(names))
+    for _, label in TIME_PARTS:
+        widths = np.array([parts[n][label] for n in names])
+        ax.barh(names, widths, left=left, label=label)
+        left += widths
+    for i, total in enumerate(left):
+        ax.text(total, i, f" {total:.2f}s", va="center", fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("modelled step time (s)")
-    ax.set_title("policies (cost model)")
-    vmax = max(float(np.max(ok[n].gpu_loads_LG)) for n in maps) if maps else 1.0
-    for ax, name in zip(axes[0, 1:], maps):
-        g = np.asarray(ok[name].gpu_loads_LG, dtype=np.float64)
-        im = ax.imshow(g, aspect="auto", cmap="magma", vmin=0, vmax=vmax)
-        ax.set_title(f"{name}: token copies per GPU (micro-batch 0)")
-        ax.set_xlabel("GPU")
-        ax.set_ylabel("MoE layer")
-        fig.colorbar(im, ax=ax)
-    fig.tight_layout()
+    ax.set_title("step time by part (relibra.sim.cost model, steady steps)")
+    ax.legend(loc="lower right", fontsize=7, ncol=3)
+    if maps:
+        norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=2.0)  # 2x the mean and more: full red
+        im = None
+        for i, (name, rel) in enumerate(maps.items()):
+            axm = fig.add_subplot(grid[1, i])
+            im = axm.imshow(rel, aspect="auto", cmap="RdBu_r", norm=norm)
+            axm.set_title(f"{name}\nbusiest/mean {float(rel.max(axis=1).mean()):.2f} (1 micro-batch)", fontsize=9)
+            axm.set_xlabel("GPU")
+            if i == 0:
+                axm.set_ylabel("MoE layer")
+        fig.colorbar(im, ax=fig.axes[1:], label="GPU load / layer mean (1 = balanced)", extend="max")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -248,10 +310,12 @@ def _launch(argv: list[str]) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
     from .sim.cost import CLUSTER_PRESETS
     from .sim.simulate import DEFAULT_POLICIES
 
     ap = argparse.ArgumentParser(prog="relibra", description="Expert load balancing for RL training of MoE models.")
+    ap.add_argument("--version", action="version", version=f"relibra {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="compare balancing policies on a routing trace with the cost model")
     b.add_argument("--trace", default=None, help="trace .npz (loads [steps, M, L, E], top_k); default: embedded")

@@ -201,6 +201,17 @@ class Plan:
         crossing = src_node[:, None] != copy_node[..., None, :]  # [M, L, E, G, X]
         return (overlap * crossing).sum(dim=(-1, -2, -3))
 
+    def __repr__(self) -> str:
+        """One line: policy, sizes, topology, replicas and GPU imbalance (no tensors)."""
+        M, L = self.num_micro_batches, self.num_layers
+        text = (f"Plan(policy={self.policy!r}, micro_batches={M}, layers={L}, topology=[{self.topology}], "
+                f"replicas={int(self.replicas().sum())}")
+        P = self.topology.num_physical_slots
+        if self.slot_tokens.numel() and tuple(self.slot_tokens.shape) == (M, L, P):  # else validate() says why
+            imbalance = self.imbalance()
+            text += f", imbalance mean {float(imbalance.mean()):.3f} max {float(imbalance.max()):.3f}"
+        return text + ")"
+
     # ------------------------------------------------------------------ checks
     def _check_loads(self, loads: torch.Tensor) -> None:
         M, L, E = self.num_micro_batches, self.num_layers, self.topology.num_experts

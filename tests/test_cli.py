@@ -10,7 +10,7 @@ import pytest
 from relibra.cli import main
 from relibra.sim.traces import save_trace_file
 
-POL = "static,no-such-policy,ideal"
+POL = "static,ideal"
 
 
 @pytest.fixture
@@ -29,13 +29,12 @@ def test_bench_json_contract(small_trace, capsys):
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     pol = out["policies"]
-    assert set(pol) == {"static", "no-such-policy", "ideal"}
+    assert set(pol) == {"static", "ideal"}
     for key in ("step_time_s", "tokens_per_s", "speedup_vs_static", "speedup_vs_eplb_oracle", "gap_to_ideal",
                 "imbalance_mean", "imbalance_worst", "bytes_moved", "planning_time_s"):
         assert key in pol["static"]
     assert pol["static"]["speedup_vs_static"] == pytest.approx(1.0)
     assert pol["ideal"]["step_time_s"] <= pol["static"]["step_time_s"]
-    assert "unknown policy" in pol["no-such-policy"]["skipped"]
     assert out["cost"]["mfu"] == 0.4 and out["layers"] == 3
 
 
@@ -157,3 +156,49 @@ def test_launch_delegates(monkeypatch):
     monkeypatch.setattr(launcher, "main", lambda argv: seen.append(argv) or 0)
     assert main(["launch", "--foo", "x.py"]) == 0
     assert seen == [["--foo", "x.py"]]
+
+
+@pytest.mark.parametrize("policies, needles", [
+    ("static,hybird", ["'hybird'", "did you mean 'hybrid'"]),    # a typo gets the closest name
+    ("static,xyzzy", ["'xyzzy'", "known: static"]),             # no close name: the known ones
+    (" , ", ["names no policy"]),
+])
+def test_bench_unknown_policy_is_an_error_with_a_suggestion(small_trace, capsys, policies, needles):
+    rc = main(["bench", "--trace", small_trace, "--preset", "qwen3-30b-a3b", "--nodes", "2", "--gpus-per-node", "4",
+               "--policies", policies])
+    assert rc == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # failed before simulating anything
+    for needle in needles:
+        assert needle in captured.err
+
+
+def test_version(capsys):
+    import relibra
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"relibra {relibra.__version__}"
+
+
+def test_bench_plot_data_relative_loads_and_time_parts(small_trace):
+    from relibra.cli import TIME_PARTS, relative_gpu_loads, time_breakdown
+    from relibra.sim.cost import make_config
+    from relibra.sim.simulate import simulate
+    from relibra.sim.traces import load_trace_file
+
+    loads, _, _ = load_trace_file(small_trace)
+    cfg = make_config("qwen3-30b-a3b", "h100", {"num_moe_layers": 3})
+    results = simulate(loads, cfg.topology(2, 4, 1), cfg, ["static", "hybrid", "ideal"])
+    rel = relative_gpu_loads(results)
+    assert sorted(rel) == ["hybrid", "static"]  # ideal is the flat reference, not drawn
+    for r in rel.values():
+        assert r.shape == (3, 8)
+        np.testing.assert_allclose(r.mean(axis=1), 1.0)  # relative to each layer's mean: one scale for all
+    assert rel["hybrid"].max() < rel["static"].max()  # balance is visible on that scale
+    parts = time_breakdown(results)
+    for name, r in results.items():
+        assert list(parts[name]) == [label for _, label in TIME_PARTS]
+        assert sum(parts[name].values()) == pytest.approx(r.step_time_s)  # the parts make up the step
+    assert parts["static"]["migration"] == 0.0 and parts["static"]["replicas"] == 0.0

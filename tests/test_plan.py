@@ -130,6 +130,18 @@ def test_as_loads_rejects_bad_input(bad, match):
         as_loads(bad)
 
 
+def test_plan_repr_is_one_line_without_tensors():
+    import relibra
+
+    t = Topology(2, 2, 8, 1)
+    loads = torch.tensor([[[90, 5, 5, 5, 5, 5, 5, 5], [5, 5, 5, 5, 5, 5, 5, 90]]])
+    plan = relibra.get_policy("replicate").plan(loads, t)
+    text = repr(plan)
+    assert "\n" not in text and "tensor" not in text and len(text) < 250
+    assert text.startswith("Plan(policy='replicate', micro_batches=1, layers=2, topology=[2 nodes x 2 GPUs")
+    assert f"replicas={int(plan.replicas().sum())}" in text and "imbalance mean" in text
+
+
 def test_loads_whose_total_passes_int64_are_refused():
     # two loads of 2**62 on one GPU summed to a negative gpu_loads (imbalance 1.0): refused, with the index
     top = 2**63 - 1

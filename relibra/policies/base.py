@@ -15,6 +15,14 @@ Balancer uses it under expert data parallelism, where one replica's placement se
 expert-parallel group and each group splits its own tokens on it; without it those groups run
 that placement without replicas.
 
+A policy that keeps state may also offer ``state_dict() -> dict`` and ``load_state_dict(state)``
+(as ``reorder``, ``hybrid`` and ``eplb`` do): the state as plain tensors, numbers, strings,
+None, lists and dicts (``torch.load(weights_only=True)`` must read it back), and a load that
+checks everything before it changes anything, raising ValueError that names the key. The
+Balancer saves them with its own state (``Balancer.state_dict``) and restores them for the
+same policy, so a resumed run plans exactly as the uninterrupted one; a policy without them
+starts fresh after a resume.
+
 Memory is the same for every policy: ``E / G`` home slots per GPU plus the topology's spare
 slots. ``eplb`` fills spare slots once for the whole step, ``replicate`` and ``hybrid`` refill
 them every micro-batch, ``static`` and ``reorder`` leave them empty.

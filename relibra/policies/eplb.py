@@ -164,6 +164,41 @@ class EplbPolicy:
         else:
             self._ema = self.ema_decay * self._ema + (1.0 - self.ema_decay) * step_LE
 
+    def state_dict(self) -> dict:
+        """The recorded load history: ``{"history": "window" | "ema", "steps": [...], "ema": ...}``,
+        ``steps`` the last ``window`` steps' summed loads (each ``[L, E]`` float64, oldest
+        first; empty for ``"ema"``), ``ema`` the ``[L, E]`` float64 average (None for
+        ``"window"`` or before any step)."""
+        return {"history": self.history, "steps": [s.clone() for s in self._steps],
+                "ema": None if self._ema is None else self._ema.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output. Raises ValueError naming the key, with the policy
+        unchanged, if it does not fit this policy's ``history``; a ``window`` history longer than
+        this policy's ``window`` keeps its last ``window`` steps."""
+        if not isinstance(state, dict) or set(state) != {"history", "steps", "ema"}:
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"eplb state must be a dict with the keys 'ema', 'history', 'steps', got {got}")
+        if state["history"] != self.history:
+            raise ValueError(f"eplb state key 'history': the state was recorded with history="
+                             f"{state['history']!r}, this policy uses {self.history!r}")
+        steps, ema = state["steps"], state["ema"]
+        if not isinstance(steps, list) or (steps and self.history == "ema"):
+            raise ValueError("eplb state key 'steps' must be a list of [L, E] tensors (empty for history='ema')")
+        if ema is not None and self.history == "window":
+            raise ValueError("eplb state key 'ema' must be None for history='window'")
+        loads = steps + ([] if ema is None else [ema])
+        for i, t in enumerate(loads):
+            key = "ema" if ema is not None and i == len(loads) - 1 else f"steps[{i}]"
+            if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.dtype != torch.float64:
+                raise ValueError(f"eplb state key {key!r} must be a float64 tensor [L, E], got "
+                                 f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+            if t.shape != loads[0].shape:
+                raise ValueError(f"eplb state key {key!r} has shape {tuple(t.shape)}, the history before it "
+                                 f"{tuple(loads[0].shape)}")
+        self._steps = deque((t.detach().cpu().clone() for t in steps), maxlen=self.window)
+        self._ema = None if ema is None else ema.detach().cpu().clone()
+
 
 def even_split_plan(
     placement: Placement,

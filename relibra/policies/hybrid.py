@@ -65,3 +65,15 @@ class HybridPolicy:
         """Replicas and split of ``loads`` on a placement chosen elsewhere (see the contract)."""
         price = resolve_price(self.cross_node, self.cross_node_price, topology)
         return replicate_on(loads, placement, topology, policy="hybrid", cross_node_price=price)
+
+    def state_dict(self) -> dict:
+        """``{"reorder": ...}``: the reorder stage's state (:meth:`ReorderPolicy.state_dict`);
+        the replicas are planned afresh every micro-batch and keep none."""
+        return {"reorder": self.reorder.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output (ValueError naming the key, policy unchanged)."""
+        if not isinstance(state, dict) or set(state) != {"reorder"}:
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"hybrid state must be a dict with the one key 'reorder', got {got}")
+        self.reorder.load_state_dict(state["reorder"])

@@ -322,3 +322,36 @@ class ReorderPolicy:
         plan.info.update(reorder_seconds=time.perf_counter() - start, reorder_work=budget.spent,
                          budget_cut=budget.cut)
         return plan
+
+    def state_dict(self) -> dict:
+        """What the next plan depends on: ``{"placement": [L, E] int64, "topology": its fields}``
+        of the last plan, or ``{}`` before the first. Plain tensors and numbers."""
+        if self.placement is None:
+            return {}
+        return {"placement": self.placement.home_experts.clone(), "topology": dict(vars(self._topology))}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output. Raises ValueError naming the key, with the policy
+        unchanged, unless ``state`` is ``{}`` or a placement that validates on its topology."""
+        if not isinstance(state, dict):
+            raise ValueError(f"reorder state must be a dict, got {type(state).__name__}")
+        if not state:
+            self.placement, self._topology = None, None
+            return
+        if set(state) != {"placement", "topology"}:
+            raise ValueError(f"reorder state must hold the keys 'placement' and 'topology', got {sorted(state)}")
+        fields, home = state["topology"], state["placement"]
+        try:
+            if not isinstance(fields, dict):
+                raise ValueError(f"must be a dict of Topology fields, got {type(fields).__name__}")
+            topology = Topology(**fields)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"reorder state key 'topology': {exc}") from None
+        if not isinstance(home, torch.Tensor):
+            raise ValueError(f"reorder state key 'placement' must be a tensor [L, E], got {type(home).__name__}")
+        placement = Placement(home.detach().cpu().clone())
+        try:
+            placement.validate(topology)
+        except ValueError as exc:
+            raise ValueError(f"reorder state key 'placement': {exc}") from None
+        self.placement, self._topology = placement, topology

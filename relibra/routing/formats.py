@@ -110,6 +110,10 @@ def decode_routed_experts(
     return tensor
 
 
+#: what :func:`decode_routed_experts` reads as routes (arrays, nested lists, buffers)
+_ROUTE_DATA = (torch.Tensor, np.ndarray, list, tuple, str, bytes, bytearray, memoryview)
+
+
 def _field(obj: Any, key: str, hint: str, name: str) -> Any:
     if isinstance(obj, Mapping):
         value = obj.get(key)
@@ -125,8 +129,13 @@ def from_vllm(output: Any, **kwargs: Any) -> torch.Tensor:
 
     Keyword arguments go to :func:`decode_routed_experts` (``num_layers``, ``top_k``, ...).
     """
+    hint = "start vLLM with enable_return_routed_experts=True"
     if isinstance(output, Mapping) or hasattr(output, "routed_experts"):
-        output = _field(output, "routed_experts", "start vLLM with enable_return_routed_experts=True", "vLLM output")
+        output = _field(output, "routed_experts", hint, "vLLM output")
+    elif not isinstance(output, _ROUTE_DATA):  # an output object without the field, not route data
+        where = " (a request output: pass one of its .outputs)" if hasattr(output, "outputs") else ""
+        raise ValueError(f"vLLM output of type {type(output).__name__} has no attribute 'routed_experts'{where}; "
+                         f"{hint}, or pass the routes array itself")
     return decode_routed_experts(output, name="vLLM routed_experts", **kwargs)
 
 

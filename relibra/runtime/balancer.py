@@ -28,12 +28,18 @@ another order, an empty one skipped) makes every rank raise the same ValueError 
 each side is, instead of aborting or hanging the world. relibra can catch this only at its own
 collectives: a rank that skips the whole block of a step's last micro-batch reaches the
 caller's next collective (a loss all-reduce, the optimizer's) first.
+
+Replicas live a run, not a micro-batch: one kept in its spare slot over micro-batches ``a..b`` is
+fetched once as ``micro_batch(a)`` starts and its gradient, accumulated on the rank, goes home once
+in ``b``'s backward, added into the home expert's gradient inside autograd. So run micro-batches
+0..M-1 in order, each with its backward (in its block or after it, before the next one's), before
+``optimizer.step()``; expert weights must not change within a step. What breaks this raises on
+every rank (:mod:`relibra.runtime.replica_cache` has the lifecycle, checkpointing and exceptions).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import sys
 import time
 import traceback
@@ -51,8 +57,9 @@ from ..routing.routes import step_routes_fault
 from ..topology import Topology
 from .comm import all_gather_flat, all_gather_text, all_reduce_, broadcast_, first_error
 from .fsdp import edp_plan, fsdp_layers
-from .layer import BLOCK_END, BLOCK_START, PHASES, ReLibraMoE, agree_in_step
-from .replicas import fetch_replicas_many
+from .layer import BLOCK_END, BLOCK_START, PHASES, ReLibraMoE, agree_in_step, micro_batch_contexts
+from .optimizer_stamp import placement_stamp, stamp_optimizer
+from .replica_cache import ReplicaCache, guard_optimizer
 from .router import check_int_argument
 
 __all__ = ["Balancer"]
@@ -99,7 +106,7 @@ class Balancer:
                  replica_min_gain: float = 0.05, edp_mesh=None) -> None:
         named = [(n, m) for n, m in model.named_modules() if isinstance(m, ReLibraMoE)]
         self.layers: list[ReLibraMoE] = [m for _, m in named]
-        self._layer_names = [n or "<model>" for n, _ in named]
+        self.layer_names = [n or "<model>" for n, _ in named]  # module names, "<model>" for the root
         if not self.layers:
             raise ValueError("model holds no ReLibraMoE layer")
         first = self.layers[0]
@@ -137,9 +144,14 @@ class Balancer:
             layer.set_topology(self.topology)
             layer.moe_layer_index = i
         self.plan: Plan | None = None
+        self.steps_planned = 0  # successful plan_step calls (restored by load_state_dict)
         self._routes: list[torch.Tensor] | None = None
         self._offsets_MLE: torch.Tensor | None = None
         self._metrics: dict = {}
+        self._replicas: ReplicaCache | None = None  # this step's replica weights and gradients
+        self._guarded = None  # the optimizer hooked by replica_cache.guard_optimizer
+        if optimizer is not None:  # a plain optimizer.state_dict() names the placement its rows follow
+            stamp_optimizer(optimizer, lambda: placement_stamp(self.placement, self.topology, self.rank))
 
     # ------------------------------------------------------------------ placement
     @property
@@ -178,7 +190,7 @@ class Balancer:
         for l, layer in enumerate(self.layers):
             for name in ("gate_up_proj", "down_proj"):
                 if id(getattr(layer.experts, name)) not in held:
-                    return (f"the optimizer does not hold MoE layer {l} ({self._layer_names[l]}) "
+                    return (f"the optimizer does not hold MoE layer {l} ({self.layer_names[l]}) "
                             f"experts.{name}; a reorder would move its weights but not its optimizer "
                             f"state (build the optimizer from the model's parameters after wrapping)")
         return ""
@@ -189,6 +201,9 @@ class Balancer:
         t0 = time.perf_counter()
         # a failed step must not leave the previous step's routes installable by micro_batch
         self.plan, self._routes, self._offsets_MLE, self._metrics = None, None, None, {}
+        if self._replicas is not None:  # the last step is over: its replica gradients not yet home are dropped
+            self._replicas.close()
+            self._replicas = None
         error = step_routes_fault(routes, self.L, self.K, self.E) or self._check_optimizer()
         M = len(routes) if not error else -1
         if self.group is not None:
@@ -240,24 +255,19 @@ class Balancer:
                     error, failure, plan = _failure_text(f"policy {self.policy_name!r}", exc), exc, None
             t_plan = time.perf_counter() - tp
         plan = self._share_plan(plan, error, failure, M, t_plan)
-        old = self.placement
-        migration = None
-        if not plan.placement.equal(old):
-            from .migration import migrate_experts
-
-            tensors = [[layer.experts.gate_up_proj, layer.experts.down_proj] for layer in self.layers]
-            if self.group is None:  # single process: a local permutation
-                migration = self._permute_local(old, plan.placement)
-            else:
-                migration = migrate_experts(tensors, self.optimizer, old, plan.placement, self.topology,
-                                            group=self.group, agree_group=self.edp_group)
-            for l, layer in enumerate(self.layers):
-                layer._set_home_experts(plan.placement.home_experts[l])
+        migration = self._adopt_placement(plan.placement)
         self.plan, self._routes = plan, routes
+        self.steps_planned += 1
         for layer in self.layers:
             layer.realised_rows = {}
         self._offsets_MLE = (source_GMLE.cumsum(0) - source_GMLE)[self.rank]
         self._source_MLGE = source_GMLE.permute(1, 2, 0, 3)
+        if self.group is not None and self.topology.spare_slots_per_gpu:
+            self._replicas = ReplicaCache(self.layers, plan.spare_experts, plan.placement.home_experts,
+                                          plan.intra_node_replicas, self.topology, self.rank, prefetch=not self._fsdp)
+            if self.optimizer is not None and self.optimizer is not self._guarded:
+                guard_optimizer(self.optimizer, lambda opt: self._replicas if opt is self.optimizer else None)
+                self._guarded = self.optimizer
         self._record_metrics(plan, loads, migration, t_plan, time.perf_counter() - t0)
         return plan
 
@@ -323,20 +333,53 @@ class Balancer:
                     sp.view(M, self.L, t.num_spare_slots).clone(), st.view(M, self.L, t.num_physical_slots).clone(),
                     bool(head[1]), self.policy_name)
 
-    @torch.no_grad()
-    def _permute_local(self, old: Placement, new: Placement) -> None:
-        """Single process: reorder expert rows (and grads / optimizer state) to ``new``."""
-        old_slot = old.home_slot()
+    def _adopt_placement(self, new: Placement):
+        """Move the experts (weights, grads, optimizer state) to ``new``, then switch every layer
+        to it. Returns the migration's report (None in one process or when nothing moves); a
+        failed migration raises on every rank with nothing changed."""
+        from .migration import migrate_experts, permute_experts
+
+        old, migration = self.placement, None
+        if new.equal(old):
+            return None
+        tensors = [[layer.experts.gate_up_proj, layer.experts.down_proj] for layer in self.layers]
+        if self.group is None:
+            permute_experts(tensors, self.optimizer, old, new)
+        else:
+            migration = migrate_experts(tensors, self.optimizer, old, new, self.topology,
+                                        group=self.group, agree_group=self.edp_group)
         for l, layer in enumerate(self.layers):
-            rows = old_slot[l][new.home_experts[l]]
-            for p in (layer.experts.gate_up_proj, layer.experts.down_proj):
-                ts = [p] + ([p.grad] if p.grad is not None else [])
-                if self.optimizer is not None:
-                    ts += [v for v in self.optimizer.state.get(p, {}).values()
-                           if isinstance(v, torch.Tensor) and v.dim() > 0]
-                for x in ts:
-                    x.copy_(x[rows])
-        return None
+            layer._set_home_experts(new.home_experts[l])
+        return migration
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """The Balancer's part of a checkpoint, the same on every rank (collective): ``version``,
+        ``policy``, ``policy_state`` (the planning rank's), ``placement [L, E]``, ``topology``,
+        ``layers``, ``top_k``, ``steps_planned``; plain data (docs/checkpoints.md)."""
+        from .checkpoint import planner_policy_state
+
+        return {"version": 1, "policy": self.policy_name, "policy_state": planner_policy_state(self),
+                "placement": self.placement.home_experts.clone(), "topology": dict(vars(self.topology)),
+                "layers": list(self.layer_names), "top_k": self.K, "steps_planned": self.steps_planned}
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        """Restore :meth:`state_dict`'s output (collective). Checked first: a fault raises the same
+        ValueError naming the key on every rank, nothing changed. Then the experts move to the
+        saved placement if the topology is this one's, the policy's state is restored if it is
+        the same policy (another: an error with ``strict``, else it starts fresh), and the step
+        count. No plan is installed afterwards (docs/checkpoints.md)."""
+        from .checkpoint import agree_fault, restored_placement
+        from .checkpoint_checks import balancer_state_fault
+
+        agree_fault(self, balancer_state_fault(self, state, strict), "Balancer.load_state_dict")
+        placement = restored_placement(self, state)
+        if placement is not None:
+            self._adopt_placement(placement)
+        if state["policy"] == self.policy_name and hasattr(self.policy, "load_state_dict"):
+            self.policy.load_state_dict(state["policy_state"])
+        self.steps_planned = int(state["steps_planned"])
+        self.plan, self._routes, self._offsets_MLE, self._metrics = None, None, None, {}
 
     # ------------------------------------------------------------------ micro-batches
     @contextlib.contextmanager
@@ -355,17 +398,16 @@ class Balancer:
             raise ValueError(f"Balancer.micro_batch: the micro-batch index must be an int, got {m!r}")
         phase = PHASES.index("train")  # the only phase the Balancer runs today
         agree_order = self.group is not None and any(layer.agree_input_errors for layer in self.layers)
+        fault = "" if self._replicas is None else self._replicas.entry_fault(m)
         if agree_order:  # before the range check: a rank alone at a bad index is out of step
-            agree_in_step(self.group, phase, m, BLOCK_START)
+            found = agree_in_step(self.group, phase, m, BLOCK_START, fault)
+            fault = "" if found is None else f"rank {found[0]}: {found[1]}"
+        if fault:
+            raise ValueError(f"Balancer.micro_batch: {fault}")
         if not 0 <= m < self.plan.num_micro_batches:
             raise IndexError(f"micro-batch {m} out of range [0, {self.plan.num_micro_batches})")
-        plan = self.plan
-        ctxs = [layer.micro_batch_context(plan.spare_experts[m, l], plan.slot_tokens[m, l],
-                                          self._routes[m][:, l, :], self._offsets_MLE[m, l],
-                                          plan.intra_node_replicas, index=m,
-                                          source_loads_GE=self._source_MLGE[m, l], phase=phase)
-                for l, layer in enumerate(self.layers)]
-        ctxs = self._prefetch_replicas(ctxs)
+        ctxs = micro_batch_contexts(self.layers, self.plan, m, phase, self._routes[m], self._offsets_MLE[m],
+                                    self._source_MLGE[m], self.rank, self._replicas)
         for layer, ctx in zip(self.layers, ctxs):
             layer.install(ctx)
         in_flight = sys.exc_info()[1]
@@ -378,25 +420,6 @@ class Balancer:
         finally:
             for layer in self.layers:
                 layer.install(None)
-
-    def _prefetch_replicas(self, ctxs):
-        """Fetch the replica weights of every layer in one all-to-all (one per backward too)."""
-        idx = [i for i, c in enumerate(ctxs) if c.replica_route is not None]
-        if self.group is None or not idx or self._fsdp:  # FSDP: experts unshard in the layer's forward
-            return ctxs
-        layers = [self.layers[i] for i in idx]
-        dtypes = {layer.experts.gate_up_proj.dtype for layer in layers}
-        groups = {tuple(ctxs[i].replica_route.group_ranks) for i in idx}
-        if len(dtypes) > 1 or len(groups) > 1:  # mixed layers: each layer fetches its own
-            return ctxs
-        weights = [layer.experts.local_weights() for layer in layers]
-        routes = [ctxs[i].replica_route for i in idx]
-        fetched = fetch_replicas_many(weights, routes, self.topology.spare_slots_per_gpu,
-                                      layers[0].replica_group(routes[0]))
-        out = list(ctxs)
-        for i, w in zip(idx, fetched):
-            out[i] = dataclasses.replace(ctxs[i], spare_weights=w)
-        return out
 
     # ------------------------------------------------------------------ metrics
     def _record_metrics(self, plan: Plan, loads, migration, t_plan: float, t_step: float) -> None:
@@ -417,9 +440,18 @@ class Balancer:
             "plan_step_seconds": t_step,
         }
 
-    def metrics(self, gather_realised: bool = False) -> dict:
-        """Per-step metrics. With ``gather_realised`` (collective) also the realised GPU loads
-        ``[M, L, G]`` measured by the layers' dispatch (rows each rank computed)."""
+    def metrics(self, gather_realised: bool = False, as_tensors: bool = False) -> dict:
+        """This step's metrics as plain Python numbers, strings and (nested) lists.
+
+        A logger takes the dict as it is (``wandb.log(balancer.metrics())``; TensorBoard's
+        ``add_scalar`` per numeric key). Keys: ``policy``, ``planned_gpu_loads`` ``[M][L][G]``,
+        ``planned_imbalance`` (mean) / ``planned_imbalance_max`` (busiest over mean GPU),
+        ``static_imbalance`` (the same loads on the contiguous placement without replicas),
+        ``experts_moved``, ``migration_bytes_sent``, ``replica_bytes``, ``planning_seconds``,
+        ``plan_step_seconds``. With ``gather_realised`` (collective) also ``realised_gpu_loads``
+        ``[M][L][G]``, the rows each rank's dispatch computed, and ``realised_imbalance``.
+        ``as_tensors=True`` keeps the load tables as int64 tensors.
+        """
         out = dict(self._metrics)
         if gather_realised and self.plan is not None:
             M = self.plan.num_micro_batches
@@ -437,4 +469,12 @@ class Balancer:
             mean = g.mean(-1)
             imb = torch.where(mean > 0, g.amax(-1) / mean.clamp(min=1e-30), torch.ones_like(mean))
             out.update(realised_gpu_loads=real, realised_imbalance=float(imb.mean()))
+        if not as_tensors:
+            out = {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
         return out
+
+    def __repr__(self) -> str:
+        """One line: policy, layers, experts, topology and the installed plan (no tensors)."""
+        plan = "none" if self.plan is None else f"{self.plan.num_micro_batches} micro-batches"
+        return (f"Balancer(policy={self.policy_name!r}, layers={self.L}, experts={self.E}, top_k={self.K}, "
+                f"topology=[{self.topology}], plan={plan})")

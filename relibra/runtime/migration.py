@@ -13,25 +13,28 @@ For one MoE layer ``l`` every rank ``r`` holds, in each per-expert tensor, the r
     optimizer.state[param][k]    [H, ...]   (AdamW exp_avg, exp_avg_sq, ...); 0-dim state
                                             such as AdamW ``step`` is shared by all rows and kept
 
-:func:`migrate_experts` rewrites those rows so that they follow a new placement. An expert
-whose home rank changes is sent point to point (``batch_isend_irecv``); one that only changes
-slot on its rank is a local permutation. The move is a transaction:
+:func:`migrate_experts` rewrites those rows so that they
+follow a new placement. An expert whose home rank changes is sent point to point
+(``batch_isend_irecv``); one that only changes slot on its rank is a local permutation. The
+move is a transaction in six stages, each a function below:
 
-1. Validate locally and ``all_gather`` (error text, signature of shapes/dtypes/placements):
-   every rank raises the same ``ValueError`` before any transfer if any rank is wrong.
-2. Each sender packs the rows it sends to a peer into one byte buffer (every piece 16-byte
-   aligned) plus one checksum per piece ``(weighted byte sum, float64 sum of the values)``.
-   Every rank packs all its buffers first and the ranks agree (one ``all_reduce``) that all
-   packed before any transfer is posted, so a rank failing to pack cannot leave its peers
-   waiting on a receive; they all raise :class:`MigrationError` with nothing changed.
-3. Receivers receive into fresh staging buffers and recompute the checksums.
-4. ``all_gather`` of every rank's verdict. All good: the new local tensors are built, then
-   written in place with ``copy_`` (parameter identity, and so the optimizer, is preserved).
-   Otherwise every rank raises the same :class:`MigrationError` and nothing was changed.
+1. validate and agree: every rank checks its input and all-gathers (error text, signature of
+   shapes/dtypes/placements); every rank raises the same ``ValueError`` before any transfer if
+   any rank is wrong;
+2. pack: each sender packs the rows it sends to a peer into one byte buffer (every piece
+   16-byte aligned) plus one checksum per piece (:mod:`.checksums`); receivers allocate fresh
+   staging buffers; nothing is posted yet;
+3. agree everyone packed: one ``all_reduce``; a rank that failed to pack makes every rank
+   raise :class:`MigrationError` before any transfer, so none is left waiting on a receive;
+4. transfer and verify: the transfers run, receivers recompute the checksums;
+5. agree the verdict: ``all_gather`` of every rank's verdict; any failure raises the same
+   :class:`MigrationError` everywhere and nothing was changed;
+6. stage and commit: the new local tensors are built, then written in place with ``copy_``
+   (parameter identity, and so the optimizer, is preserved).
 
 With ``agree_group`` (the expert-data-parallel replicas of this rank, which run the same
 migration in their own expert-parallel groups on other shards of the same experts), every
-verdict of steps 1, 2 and 4 is also agreed over that group: if any replica's migration fails,
+verdict of stages 1, 3 and 5 is also agreed over that group: if any replica's migration fails,
 every replica raises and none commits, so the shards never end up under different placements.
 
 The caller switches its placement only after :func:`migrate_experts` returned.
@@ -39,9 +42,8 @@ The caller switches its placement only after :func:`migrate_experts` returned.
 
 from __future__ import annotations
 
-import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import zip_longest
 from typing import Callable, NamedTuple, Sequence
 
@@ -50,13 +52,11 @@ import torch.distributed as dist
 
 from ..plan import Placement
 from ..topology import Topology
+from .checksums import checksums, first_mismatch, hash_weights
 from .comm import all_gather_text, all_reduce_, comm_device, first_error
+from .pieces import Piece, collect_pieces
 
-__all__ = ["Move", "MigrationError", "MigrationReport", "plan_moves", "migrate_experts"]
-
-_ALIGN = 16                 # bytes; every piece starts aligned so views of any dtype work
-_HASH_PERIOD = 65521        # weights of the byte hash repeat with this period (a prime)
-_HASH_BLOCK = _HASH_PERIOD * 64
+__all__ = ["Move", "MigrationError", "MigrationReport", "plan_moves", "migrate_experts", "permute_experts"]
 
 
 class Move(NamedTuple):
@@ -127,129 +127,9 @@ def plan_moves(old: Placement, new: Placement, topology: Topology, layer: int) -
     ]
 
 
-# ---------------------------------------------------------------------------------- pieces
-class _Piece(NamedTuple):
-    """One per-expert tensor of one layer: ``local [H, ...]``, its row size in bytes."""
-
-    name: str                 # e.g. "param 0 exp_avg"
-    local: torch.Tensor
-    row_nbytes: int
-
-    @property
-    def row_padded(self) -> int:
-        return -(-self.row_nbytes // _ALIGN) * _ALIGN
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor, the tensor itself otherwise (shares storage)."""
-    inner = getattr(t, "_local_tensor", None)
-    return inner if isinstance(inner, torch.Tensor) else t
-
-
-def _collect(tensors_by_layer, optimizer, old, new, topology, world):
-    """Local checks and the pieces of every layer. Returns ``(pieces_by_layer, error, signature)``.
-
-    Never raises: the error text is shared with every rank first.
-    """
-    sig: list[str] = []
-    pieces_by_layer: list[list[_Piece]] = []
-    try:
-        if not isinstance(old, Placement) or not isinstance(new, Placement):
-            return [], f"old and new must be Placement objects, got {type(old).__name__}, {type(new).__name__}", sig
-        old.validate(topology)
-        new.validate(topology)
-        if world != topology.num_gpus:
-            return [], f"the process group has {world} ranks but the topology has {topology.num_gpus} GPUs", sig
-        L, H = old.num_layers, topology.home_slots_per_gpu
-        if new.num_layers != L:
-            return [], f"old placement has {L} layers, new has {new.num_layers}", sig
-        if len(tensors_by_layer) != L:
-            return [], f"tensors_by_layer has {len(tensors_by_layer)} layers, the placements have {L}", sig
-        for name, p in (("old", old), ("new", new)):
-            digest = hashlib.sha256(p.home_experts.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
-            sig.append(f"{name} placement sha256={digest}")
-        state = getattr(optimizer, "state", {}) if optimizer is not None else {}
-        seen: set[int] = set()
-        device = None
-        for l, params in enumerate(tensors_by_layer):
-            pieces: list[_Piece] = []
-            for i, p in enumerate(params):
-                if not isinstance(p, torch.Tensor):
-                    return [], f"layer {l} param {i} is a {type(p).__name__}, not a tensor", sig
-                if id(p) in seen:
-                    return [], f"layer {l} param {i} appears twice in tensors_by_layer", sig
-                seen.add(id(p))
-                named = [("", p)]
-                if p.grad is not None:
-                    named.append(("grad", p.grad))
-                st = state.get(p, {}) if hasattr(state, "get") else {}
-                for key in sorted(st, key=str):
-                    v = st[key]
-                    if not isinstance(v, torch.Tensor):
-                        continue
-                    if v.dim() == 0:  # shared by all rows (AdamW step): kept, must agree
-                        sig.append(f"layer {l} param {i} state {key!s}={float(_local(v).detach().cpu())!r}")
-                        continue
-                    named.append((f"state {key!s}", v))
-                for kind, t in named:
-                    loc = _local(t)
-                    what = f"layer {l} param {i}" + (f" {kind}" if kind else "")
-                    if loc.dim() < 1 or loc.shape[0] != H:
-                        return [], (f"{what} has local shape {tuple(loc.shape)}; its leading dim must be "
-                                    f"the H={H} home slots of this rank"), sig
-                    if device is None:
-                        device = loc.device
-                    elif loc.device != device:
-                        return [], f"{what} is on {loc.device}, other expert tensors on {device}", sig
-                    row_nbytes = loc[0].numel() * loc.element_size()
-                    pieces.append(_Piece(what, loc, row_nbytes))
-                    sig.append(f"{what}: {loc.dtype} {tuple(loc.shape)}")
-            pieces_by_layer.append(pieces)
-        return pieces_by_layer, "", sig
-    except Exception as exc:  # noqa: BLE001 - any local fault must reach every rank as text
-        return [], f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc), sig
-
-
-# ---------------------------------------------------------------------------------- checksums
-def _hash_weights(n: int, device: torch.device) -> torch.Tensor:
-    idx = torch.arange(min(n, _HASH_BLOCK), dtype=torch.int64, device=device)
-    return (idx * 40503 + 1) % _HASH_PERIOD + 1
-
-
-def _piece_checksum(raw_u8: torch.Tensor, dtype: torch.dtype, weights: torch.Tensor) -> torch.Tensor:
-    """``[2]`` int64: position-weighted byte sum (exact) and the float64 sum's bits."""
-    h = torch.zeros((), dtype=torch.int64, device=raw_u8.device)
-    for s in range(0, raw_u8.numel(), _HASH_BLOCK):
-        block = raw_u8[s: s + _HASH_BLOCK].to(torch.int64)
-        h = h + (block * weights[: block.numel()]).sum()
-    values = raw_u8.view(dtype)
-    if values.is_complex():
-        values = torch.view_as_real(values)
-    f = values.to(torch.float64).sum().reshape(1).view(torch.int64)[0]
-    return torch.stack([h, f])
-
-
-def _checksums(buf: torch.Tensor, layout: list[tuple[int, _Piece]], weights) -> torch.Tensor:
-    """``[len(layout), 2]`` checksums of the pieces ``(offset, piece)`` packed in ``buf``."""
-    if not layout:
-        return torch.zeros(0, 2, dtype=torch.int64, device=buf.device)
-    return torch.stack([_piece_checksum(buf[o: o + pc.row_nbytes], pc.local.dtype, weights) for o, pc in layout])
-
-
-def _first_mismatch(sent: torch.Tensor, got: torch.Tensor) -> int:
-    """Index of the first piece whose checksums differ, -1 if none."""
-    if sent.shape != got.shape:
-        return 0
-    hash_bad = sent[:, 0] != got[:, 0]
-    fs, fg = sent[:, 1].view(torch.float64), got[:, 1].view(torch.float64)
-    float_bad = ~torch.isclose(fs, fg, rtol=1e-9, atol=1e-12, equal_nan=True)
-    bad = (hash_bad | float_bad).nonzero()
-    return int(bad[0]) if bad.numel() else -1
-
-
-# ---------------------------------------------------------------------------------- migrate
+# ---------------------------------------------------------------------------------- agreement
 def _input_fault(texts: list[str], world: int) -> str:
-    """The first fault in every rank's step-1 text (error line, then signature lines), or ""."""
+    """The first fault in every rank's stage-1 text (error line, then signature lines), or ""."""
     for r, t in enumerate(texts):
         e = t.split("\n", 1)[0]
         if e:
@@ -277,6 +157,186 @@ def _agree(verdict: str, agree_group, exc_type: type[Exception]) -> None:
         raise exc_type(verdict)
 
 
+# ---------------------------------------------------------------------------------- stages
+#: Test hook (tests set it with monkeypatch to corrupt a transfer): when not None it is called
+#: as ``hook(rank, {src_rank: received uint8 buffer})`` after the transfers, before verifying.
+_received_hook: Callable[[int, dict[int, torch.Tensor]], None] | None = None
+
+
+class _Row(NamedTuple):
+    """One piece of one moved expert at ``offset`` bytes in the buffer between two ranks."""
+
+    offset: int
+    layer: int
+    piece: Piece
+    move: Move
+
+
+@dataclass
+class _Exchange:
+    """This rank's side of the transfers, packed before any is posted (stage 2).
+
+    ``received`` maps each peer that sends to this rank to ``(rows, uint8 staging buffer,
+    [len(rows), 2] checksums)``; ``error`` is why packing failed ("" if it did not).
+    """
+
+    ops: list = field(default_factory=list)
+    received: dict[int, tuple[list[_Row], torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    weights: torch.Tensor | None = None
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    error: str = ""
+
+
+def _validate_and_agree(tensors_by_layer, optimizer, old, new, topology, group, agree_group) -> list[list[Piece]]:
+    """Stage 1: check this rank's input, all-gather every rank's verdict and signature (shapes,
+    dtypes, placements, 0-dim optimizer state) and raise the same ValueError on every rank, and
+    on every rank of ``agree_group``, if any rank is wrong or two disagree. Returns this rank's
+    pieces per layer."""
+    world = dist.get_world_size(group)
+    pieces_by_layer, error, sig = collect_pieces(tensors_by_layer, optimizer, old, new, topology, world)
+    texts = all_gather_text(error.replace("\n", " ") + "\n" + "\n".join(sig), group)
+    _agree(_input_fault(texts, world), agree_group, ValueError)
+    return pieces_by_layer
+
+
+def _rows_between(moves, pieces_by_layer, src: int, dst: int) -> tuple[list[_Row], int]:
+    """Layout of the buffer rank ``src`` sends to ``dst`` and its size in bytes: per layer, per
+    move in order, per piece; every piece 16-byte aligned. Every rank derives the same one."""
+    rows, offset = [], 0
+    for l, layer_moves in enumerate(moves):
+        for mv in layer_moves:
+            if mv.src_rank == src and mv.dst_rank == dst:
+                for pc in pieces_by_layer[l]:
+                    rows.append(_Row(offset, l, pc, mv))
+                    offset += pc.row_padded
+    return rows, offset
+
+
+def _spans(rows: list[_Row]) -> list[tuple[int, int, torch.dtype]]:
+    return [(r.offset, r.piece.row_nbytes, r.piece.local.dtype) for r in rows]
+
+
+def _pack(pieces_by_layer, moves, group, device: torch.device) -> _Exchange:
+    """Stage 2: pack every send buffer with its checksums and allocate every receive buffer,
+    posting nothing yet. Never raises: a failure comes back as ``error`` for stage 3."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    ex = _Exchange()
+    max_row = max((pc.row_nbytes for ps in pieces_by_layer for pc in ps), default=1)
+    try:
+        with torch.no_grad():
+            ex.weights = hash_weights(max(max_row, 1), device)
+            for q in range(world):
+                if q == rank:
+                    continue
+                peer = q if group is None else dist.get_global_rank(group, q)
+                rows, size = _rows_between(moves, pieces_by_layer, rank, q)
+                if rows:
+                    buf = torch.zeros(size, dtype=torch.uint8, device=device)
+                    for off, _, pc, mv in rows:
+                        buf[off: off + pc.row_nbytes].view(pc.local.dtype).view(pc.local.shape[1:]).copy_(
+                            pc.local[mv.src_local_slot])
+                    sums = checksums(buf, _spans(rows), ex.weights)
+                    ex.ops += [dist.P2POp(dist.isend, buf, peer, group, tag=0),
+                               dist.P2POp(dist.isend, sums, peer, group, tag=1)]
+                    ex.bytes_sent += buf.numel() + sums.numel() * 8
+                rows, size = _rows_between(moves, pieces_by_layer, q, rank)
+                if rows:
+                    rbuf = torch.empty(size, dtype=torch.uint8, device=device)
+                    rsums = torch.empty(len(rows), 2, dtype=torch.int64, device=device)
+                    ex.received[q] = (rows, rbuf, rsums)
+                    ex.ops += [dist.P2POp(dist.irecv, rbuf, peer, group, tag=0),
+                               dist.P2POp(dist.irecv, rsums, peer, group, tag=1)]
+                    ex.bytes_received += rbuf.numel() + rsums.numel() * 8
+    except Exception as exc:  # noqa: BLE001 - shared in stage 3, before any rank posts a transfer
+        ex.error = f"packing failed on rank {rank}: {type(exc).__name__}: {exc}"
+    return ex
+
+
+def _agree_packed(error: str, n_transfers: int, group, agree_group) -> None:
+    """Stage 3: one all-reduce says whether every rank packed; if one did not, every rank (and
+    every rank of ``agree_group``) raises the same MigrationError before any transfer is posted,
+    so no rank is left waiting on a receive. Nothing to agree on without transfers."""
+    if not n_transfers:  # every rank knows the same moves
+        return
+    flag = all_reduce_(torch.tensor([1 if error else 0], dtype=torch.int64), group)
+    if int(flag[0]):
+        found = first_error(error.replace("\n", " "), group)
+        _agree(f"migrate_experts aborted before any transfer, every rank kept its old experts and "
+               f"placement: {found[1] if found else 'a rank failed to pack'}", agree_group, MigrationError)
+
+
+def _transfer_and_verify(ex: _Exchange, rank: int) -> str:
+    """Stage 4: run the transfers into the staging buffers and recompute every received
+    checksum. Returns why this rank's transfers failed or arrived corrupted ("" if intact)."""
+    try:
+        with torch.no_grad():
+            if ex.ops:
+                for work in dist.batch_isend_irecv(ex.ops):
+                    work.wait()
+            if _received_hook is not None:
+                _received_hook(rank, {q: rbuf for q, (_, rbuf, _) in ex.received.items()})
+            for q, (rows, rbuf, rsums) in ex.received.items():
+                bad = first_mismatch(rsums, checksums(rbuf, _spans(rows), ex.weights))
+                if bad >= 0:
+                    _, l, pc, mv = rows[bad]
+                    return (f"layer {l} expert {mv.expert} ({pc.name}) sent by rank {q} arrived corrupted "
+                            f"on rank {rank}: checksum mismatch")
+    except Exception as exc:  # noqa: BLE001 - a failed transfer: shared in stage 5, nothing committed
+        return f"transfer failed on rank {rank}: {type(exc).__name__}: {exc}"
+    return ""
+
+
+def _agree_verdict(error: str, n_transfers: int, group, agree_group) -> None:
+    """Stage 5: all-gather every rank's verdict; if any failed, every rank (and every rank of
+    ``agree_group``) raises the same MigrationError naming the first failure, nothing changed."""
+    verdict = ""
+    if n_transfers:
+        failed = [v for v in all_gather_text(error.replace("\n", " "), group) if v]
+        if failed:
+            verdict = (f"migrate_experts aborted, every rank kept its old experts and placement: "
+                       f"{failed[0]}" + (f" (and {len(failed) - 1} more ranks failed)" if len(failed) > 1 else ""))
+    elif error:  # cannot happen without transfers; keep ranks consistent anyway
+        verdict = error
+    _agree(verdict, agree_group, MigrationError)
+
+
+@torch.no_grad()
+def _stage_and_commit(pieces_by_layer, moves, received, old: Placement, new: Placement, topology: Topology,
+                      rank: int) -> None:
+    """Stage 6: build every changed local tensor in ``new``'s slot order from the kept rows and
+    the staging buffers, then write them all in place with ``copy_`` (so the parameters, and the
+    optimizer's hold on them, stay the same objects)."""
+    H = topology.home_slots_per_gpu
+    incoming = {(l, mv.expert): (q, off) for q, (rows, _, _) in received.items()
+                for off, l, pc, mv in rows if pc is pieces_by_layer[l][0]}
+    old_slots = old.home_slot()
+    staged: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for l, layer_moves in enumerate(moves):
+        if not any(rank in (mv.src_rank, mv.dst_rank) for mv in layer_moves):
+            continue
+        new_ids = new.home_experts[l, rank * H:(rank + 1) * H].tolist()
+        old_slot = old_slots[l].tolist()
+        rel, acc = [], 0  # offset of each piece inside one expert's chunk
+        for pc in pieces_by_layer[l]:
+            rel.append(acc)
+            acc += pc.row_padded
+        for k, pc in enumerate(pieces_by_layer[l]):
+            fresh = torch.empty_like(pc.local)
+            for j, e in enumerate(new_ids):
+                src_gpu, src_row = divmod(old_slot[e], H)
+                if src_gpu == rank:
+                    fresh[j].copy_(pc.local[src_row])
+                else:
+                    q, off = incoming[(l, e)]
+                    raw = received[q][1][off + rel[k]: off + rel[k] + pc.row_nbytes]
+                    fresh[j].copy_(raw.view(pc.local.dtype).view(pc.local.shape[1:]))
+            staged.append((pc.local, fresh))
+    for dst, fresh in staged:
+        dst.copy_(fresh)
+
+
+# ---------------------------------------------------------------------------------- migrate
 def migrate_experts(
     tensors_by_layer: Sequence[Sequence[torch.Tensor]],
     optimizer: torch.optim.Optimizer | None,
@@ -286,12 +346,12 @@ def migrate_experts(
     group: dist.ProcessGroup | None = None,
     *,
     agree_group: dist.ProcessGroup | None = None,
-    _corrupt: Callable[[int, dict[int, torch.Tensor]], None] | None = None,
 ) -> MigrationReport:
     """Move home experts from ``old`` to ``new`` placement: rows, grads and optimizer state.
 
     Collective over ``group`` (default: the world group), whose rank ``r`` is GPU ``r`` of
     ``topology``. Call it on every rank with the same placements, between optimizer steps.
+    The stages are those of the module doc.
 
     Args:
         tensors_by_layer: per MoE layer, this rank's per-expert parameters (e.g.
@@ -305,8 +365,6 @@ def migrate_experts(
         agree_group: optional group whose ranks must reach the same verdict (this rank's
             expert-data-parallel replicas, each migrating its own shards); every rank of it
             must call :func:`migrate_experts` with the same placements.
-        _corrupt: test hook, called as ``_corrupt(rank, {src_rank: received uint8 buffer})``
-            after receiving and before verifying.
     Returns:
         A :class:`MigrationReport`. Afterwards local row ``j`` of every tensor holds expert
         ``new.home_experts[l, r*H + j]``; the tensor objects are the same (written in place).
@@ -317,126 +375,35 @@ def migrate_experts(
             no tensor was changed on any rank.
     """
     t0 = time.perf_counter()
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    cdev = comm_device(group)
-
-    # 1. validate everywhere before any transfer
-    pieces_by_layer, error, sig = _collect(tensors_by_layer, optimizer, old, new, topology, world)
-    texts = all_gather_text(error.replace("\n", " ") + "\n" + "\n".join(sig), group)
-    _agree(_input_fault(texts, world), agree_group, ValueError)
-
-    L, H = old.num_layers, topology.home_slots_per_gpu
-    moves = tuple(tuple(plan_moves(old, new, topology, l)) for l in range(L))
+    rank = dist.get_rank(group)
+    pieces_by_layer = _validate_and_agree(tensors_by_layer, optimizer, old, new, topology, group, agree_group)
+    moves = tuple(tuple(plan_moves(old, new, topology, l)) for l in range(old.num_layers))
     n_transfers = sum(m.is_transfer for ms in moves for m in ms)
     n_local = sum(not m.is_transfer for ms in moves for m in ms)
-    device = next((pc.local.device for ps in pieces_by_layer for pc in ps), cdev)
+    device = next((pc.local.device for ps in pieces_by_layer for pc in ps), comm_device(group))
+    exchange = _pack(pieces_by_layer, moves, group, device)
+    _agree_packed(exchange.error, n_transfers, group, agree_group)
+    error = _transfer_and_verify(exchange, rank) or exchange.error
+    _agree_verdict(error, n_transfers, group, agree_group)
+    _stage_and_commit(pieces_by_layer, moves, exchange.received, old, new, topology, rank)
+    return MigrationReport(n_transfers, n_local, exchange.bytes_sent, exchange.bytes_received,
+                           time.perf_counter() - t0, moves)
 
-    # 2. pack: per peer, per (layer, move) in order, per piece; all ranks derive the same layout
-    def layout(src: int, dst: int) -> tuple[list[tuple[int, int, _Piece, Move]], int]:
-        out, off = [], 0
-        for l in range(L):
-            for mv in moves[l]:
-                if mv.src_rank == src and mv.dst_rank == dst:
-                    for pc in pieces_by_layer[l]:
-                        out.append((off, l, pc, mv))
-                        off += pc.row_padded
-        return out, off
 
-    max_row = max((pc.row_nbytes for ps in pieces_by_layer for pc in ps), default=1)
-    ops, recv, bytes_sent, bytes_recv = [], {}, 0, 0
-    error = ""
-    try:  # pack every send buffer and allocate every receive buffer before posting anything
-        with torch.no_grad():
-            weights = _hash_weights(max(max_row, 1), device)
-            for q in range(world):
-                if q == rank:
-                    continue
-                peer = q if group is None else dist.get_global_rank(group, q)
-                lay, size = layout(rank, q)
-                if lay:
-                    buf = torch.zeros(size, dtype=torch.uint8, device=device)
-                    for off, _, pc, mv in lay:
-                        buf[off: off + pc.row_nbytes].view(pc.local.dtype).view(pc.local.shape[1:]).copy_(
-                            pc.local[mv.src_local_slot])
-                    sums = _checksums(buf, [(o, pc) for o, _, pc, _ in lay], weights)
-                    ops += [dist.P2POp(dist.isend, buf, peer, group, tag=0),
-                            dist.P2POp(dist.isend, sums, peer, group, tag=1)]
-                    bytes_sent += buf.numel() + sums.numel() * 8
-                lay, size = layout(q, rank)
-                if lay:
-                    rbuf = torch.empty(size, dtype=torch.uint8, device=device)
-                    rsums = torch.empty(len(lay), 2, dtype=torch.int64, device=device)
-                    recv[q] = (lay, rbuf, rsums)
-                    ops += [dist.P2POp(dist.irecv, rbuf, peer, group, tag=0),
-                            dist.P2POp(dist.irecv, rsums, peer, group, tag=1)]
-                    bytes_recv += rbuf.numel() + rsums.numel() * 8
-    except Exception as exc:  # noqa: BLE001 - shared below, before any rank posts a transfer
-        error = f"packing failed on rank {rank}: {type(exc).__name__}: {exc}"
-    if n_transfers:  # all ranks agree (same moves): post the transfers only if every rank packed
-        flag = all_reduce_(torch.tensor([1 if error else 0], dtype=torch.int64), group)
-        if int(flag[0]):
-            found = first_error(error.replace("\n", " "), group)
-            # raises here, after telling the expert-data-parallel replicas (if any)
-            _agree(f"migrate_experts aborted before any transfer, every rank kept its old experts and "
-                   f"placement: {found[1] if found else 'a rank failed to pack'}", agree_group, MigrationError)
-    try:
-        with torch.no_grad():
-            # 3. transfer into fresh staging buffers
-            if ops:
-                for work in dist.batch_isend_irecv(ops):
-                    work.wait()
-            if _corrupt is not None:
-                _corrupt(rank, {q: rbuf for q, (_, rbuf, _) in recv.items()})
-            for q, (lay, rbuf, rsums) in recv.items():
-                bad = _first_mismatch(rsums, _checksums(rbuf, [(o, pc) for o, _, pc, _ in lay], weights))
-                if bad >= 0:
-                    _, l, pc, mv = lay[bad]
-                    error = (f"layer {l} expert {mv.expert} ({pc.name}) sent by rank {q} arrived corrupted "
-                             f"on rank {rank}: checksum mismatch")
-                    break
-    except Exception as exc:  # a failed transfer: share the reason, do not commit
-        error = f"transfer failed on rank {rank}: {type(exc).__name__}: {exc}"
+@torch.no_grad()
+def permute_experts(tensors_by_layer: Sequence[Sequence[torch.Tensor]], optimizer: torch.optim.Optimizer | None,
+                    old: Placement, new: Placement) -> None:
+    """One process (every expert local): reorder rows, grads and optimizer state from ``old``'s
+    slot order to ``new``'s, in place; :func:`migrate_experts`' single-process counterpart.
 
-    # 4. every rank's verdict; all or nothing (also over the expert-data-parallel replicas)
-    verdict = ""
-    if n_transfers:
-        verdicts = all_gather_text(error.replace("\n", " "), group)
-        failed = [v for v in verdicts if v]
-        if failed:
-            verdict = (f"migrate_experts aborted, every rank kept its old experts and placement: "
-                       f"{failed[0]}" + (f" (and {len(failed) - 1} more ranks failed)" if len(failed) > 1 else ""))
-    elif error:  # cannot happen without transfers; keep ranks consistent anyway
-        verdict = error
-    _agree(verdict, agree_group, MigrationError)
-
-    # 5. stage new local tensors, then commit in place
-    staged: list[tuple[torch.Tensor, torch.Tensor]] = []
-    with torch.no_grad():
-        incoming = {(l, mv.expert): (q, off) for q, (lay, rbuf, _) in recv.items()
-                    for off, l, pc, mv in lay if pc is pieces_by_layer[l][0]}
-        old_slots = old.home_slot()
-        for l in range(L):
-            mine = [mv for mv in moves[l] if rank in (mv.src_rank, mv.dst_rank)]
-            if not mine:
-                continue
-            new_ids = new.home_experts[l, rank * H:(rank + 1) * H].tolist()
-            old_slot = old_slots[l].tolist()
-            # offset of each piece inside one expert's chunk
-            rel, acc = [], 0
-            for pc in pieces_by_layer[l]:
-                rel.append(acc)
-                acc += pc.row_padded
-            for k, pc in enumerate(pieces_by_layer[l]):
-                fresh = torch.empty_like(pc.local)
-                for j, e in enumerate(new_ids):
-                    src_gpu, src_row = divmod(old_slot[e], H)
-                    if src_gpu == rank:
-                        fresh[j].copy_(pc.local[src_row])
-                    else:
-                        q, off = incoming[(l, e)]
-                        raw = recv[q][1][off + rel[k]: off + rel[k] + pc.row_nbytes]
-                        fresh[j].copy_(raw.view(pc.local.dtype).view(pc.local.shape[1:]))
-                staged.append((pc.local, fresh))
-        for dst, fresh in staged:
-            dst.copy_(fresh)
-    return MigrationReport(n_transfers, n_local, bytes_sent, bytes_recv, time.perf_counter() - t0, moves)
+    ``tensors_by_layer``: per layer, plain per-expert tensors ``[E, ...]`` in ``old``'s order.
+    """
+    old_slot = old.home_slot()
+    for l, params in enumerate(tensors_by_layer):
+        rows = old_slot[l][new.home_experts[l]]
+        for p in params:
+            ts = [p] + ([p.grad] if p.grad is not None else [])
+            if optimizer is not None:
+                ts += [v for v in optimizer.state.get(p, {}).values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+            for x in ts:
+                x.copy_(x[rows])

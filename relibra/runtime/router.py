@@ -73,6 +73,9 @@ class Router(nn.Module):
         self.norm_topk_prob = _check_bool("norm_topk_prob", norm_topk_prob)
         self.num_expert_groups, self.topk_groups = num_expert_groups, topk_groups
         self.weight = nn.Parameter(torch.empty(num_experts, dim, dtype=dtype, device=device))
+        # identity on the [T, E] logits: a forward hook here reads them without recomputing them
+        # (relibra.integrations.router_logits hands them to transformers' aux loss)
+        self.logits_tap = nn.Identity()
         nn.init.normal_(self.weight, std=dim ** -0.5)
         if _check_bool("score_correction_bias", score_correction_bias):
             self.register_buffer("e_score_correction_bias",
@@ -82,7 +85,7 @@ class Router(nn.Module):
 
     def scores(self, x_TD: torch.Tensor) -> torch.Tensor:
         """``[T, E]`` float32 scores (softmax or sigmoid of the logits)."""
-        logits = (x_TD @ self.weight.T).float()
+        logits = self.logits_tap(x_TD @ self.weight.T).float()
         return logits.softmax(-1) if self.score_func == "softmax" else logits.sigmoid()
 
     def choose(self, scores_TE: torch.Tensor) -> torch.Tensor:

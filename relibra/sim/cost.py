@@ -24,10 +24,10 @@ It is a model, not a measurement. Per micro-batch and MoE layer, forward plus ba
    each replicated expert once (broadcast tree); a GPU receives every replica it hosts. The
    tier is intra-node when the replica sits in its home node, else inter-node.
    ``replica_overlap`` of it hides behind compute. With ``replica_reuse`` = 1 (default, the
-   method's design) a replica kept in its slot for the next micro-batch costs nothing more
-   (gradients accumulate in place), so a per-step replica set (EPLB) pays once a step; with
-   ``replica_reuse`` = 0 every filled slot is fetched and its gradient returned every
-   micro-batch, which is what ``ReLibraMoE`` does today (fractions in between pay that share).
+   method's design and what ``ReLibraMoE`` does) a replica kept in its slot for the next
+   micro-batch costs nothing more (gradients accumulate in place), so a per-step replica set
+   (EPLB) pays once a step; with ``replica_reuse`` = 0 every filled slot is fetched and its
+   gradient returned every micro-batch (fractions in between pay that share).
 5. Reorder: every expert whose home GPU changes moves weights and optimizer state
    (``state_bytes_per_param`` = 16) once a step; per GPU in and out counts on the tier of
    the move; ``reorder_overlap`` of it hides behind rollout.

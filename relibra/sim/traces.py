@@ -1,6 +1,7 @@
 """RL routing traces: exact-looking expert loads per step and micro-batch, from real skew.
 
-Legend: ``S`` steps, ``M`` micro-batches per step, ``L`` MoE layers, ``E`` experts, ``W`` workloads.
+Legend: ``S`` steps, ``M`` micro-batches per step, ``L`` MoE layers, ``E`` experts, ``W`` workloads;
+per sequence ``Z`` sequences of a step and ``U`` (prompt, micro-batch) groups of its sequences.
 
 What is real and what is modelled, plainly:
 
@@ -30,6 +31,9 @@ What is real and what is modelled, plainly:
   trace, chosen for the paper's ~1.2x hybrid/oracle-EPLB regime) gives 0.94. Their batch size
   and domain mix are unknown, so neither end is "the" real value.
 
+Per sequence (:func:`generate_sequences`): the same model and random stream, plus each
+sequence's own expert copies, so that packings other than the rollout order can be priced.
+
 A seed makes a trace exact. ``python -m relibra.sim.traces --out FILE.npz`` writes one; the
 default trace shipped in ``relibra/sim/data`` is made by ``benchmarks/make_default_trace.sh``.
 """
@@ -41,14 +45,14 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
 from ..routing.trace_file import load_trace, save_trace
 
-__all__ = ["TraceConfig", "generate", "load_popularity", "derive_popularity", "load_trace_file",
-           "save_trace_file", "default_trace_path", "waterfill", "describe", "format_description"]
+__all__ = ["TraceConfig", "SequenceStep", "generate", "generate_sequences", "load_popularity", "derive_popularity",
+           "load_trace_file", "save_trace_file", "default_trace_path", "waterfill", "describe", "format_description"]
 
 _DATA = "data"
 POPULARITY_FILE = "deepseek_v3_popularity.npz"
@@ -193,6 +197,128 @@ def generate(cfg: TraceConfig = TraceConfig(), popularity: np.ndarray | None = N
             pv = pv / pv.sum(-1, keepdims=True)
             draws = rng.multinomial(np.broadcast_to(n[:, None], (len(ids), L)), pv)  # [prompts, L, E]
             out[s, m] = draws.sum(0)
+    return out
+
+
+@dataclass(frozen=True)
+class SequenceStep:
+    """One step of a GRPO trace, per sequence (``Z`` sequences, in rollout order).
+
+    Attributes:
+        sequence_loads: ``[Z, L, E]`` int32 token copies of each sequence per layer and expert
+            (each row of a layer sums to ``top_k`` times the sequence's tokens).
+        sequence_tokens: ``[Z]`` int64 tokens of each sequence (prompt + response).
+        sequence_prompt: ``[Z]`` int64 prompt group of each sequence (0-based within the step).
+        micro_batch_of: ``[Z]`` int64 micro-batch of each sequence in the rollout-order packing
+            (non-decreasing, every micro-batch within ``tokens_per_micro_batch``).
+        num_micro_batches: ``M``.
+        tokens_per_micro_batch: the token budget of one micro-batch.
+        top_k: experts per token.
+    """
+
+    sequence_loads: np.ndarray
+    sequence_tokens: np.ndarray
+    sequence_prompt: np.ndarray
+    micro_batch_of: np.ndarray
+    num_micro_batches: int
+    tokens_per_micro_batch: int
+    top_k: int
+
+    def loads(self, micro_batch_of: np.ndarray | None = None) -> np.ndarray:
+        """``[M, L, E]`` int64 loads of the packing ``micro_batch_of [Z]`` (default: rollout order)."""
+        mb = self.micro_batch_of if micro_batch_of is None else np.asarray(micro_batch_of, dtype=np.int64)
+        Z, L, E = self.sequence_loads.shape
+        flat = self.sequence_loads.reshape(Z, L * E)
+        out = np.zeros((self.num_micro_batches, L * E), dtype=np.int64)
+        for m in range(self.num_micro_batches):  # one gather per micro-batch (np.add.at is 20x slower)
+            out[m] = flat[np.flatnonzero(mb == m)].sum(0, dtype=np.int64)
+        return out.reshape(self.num_micro_batches, L, E)
+
+
+#: the split of a prompt's draws among its sequences uses its own stream (seeded ``[seed,
+#: _SPLIT_STREAM]``), so the main stream runs exactly as in :func:`generate`
+_SPLIT_STREAM = 0x5E0
+
+
+def generate_sequences(cfg: TraceConfig = TraceConfig(), popularity: np.ndarray | None = None
+                       ) -> Iterator[SequenceStep]:
+    """Yield the ``cfg.steps`` steps of :func:`generate`'s trace per sequence, one at a time.
+
+    Same model, same random stream: the loads of step ``s`` summed by its rollout packing
+    (:meth:`SequenceStep.loads`) equal ``generate(cfg, popularity)[s]`` exactly. Each prompt's
+    copies in a micro-batch (one multinomial draw there) are dealt to its sequences by a
+    multivariate hypergeometric split in proportion to their tokens, which is the exact
+    conditional law of independent per-sequence multinomials given their sum.
+    """
+    p = load_popularity(cfg.workload) if popularity is None else np.asarray(popularity, dtype=np.float64)
+    if p.ndim != 2 or (p < 0).any() or not np.allclose(p.sum(1), 1.0):
+        raise ValueError(f"popularity must be [L, E] non-negative rows summing to 1, got shape {p.shape}")
+    L, E = p.shape
+    if cfg.top_k > E:
+        raise ValueError(f"top_k={cfg.top_k} exceeds the {E} experts")
+    rng = np.random.default_rng(cfg.seed)
+    split_rng = np.random.default_rng([cfg.seed, _SPLIT_STREAM])
+    alpha = np.maximum(cfg.concentration * p, 1e-3)
+    for _ in range(cfg.steps):
+        mbs = _pack_step(rng, cfg)
+        n_prompts = mbs[-1][-1][0] + 1
+        g = rng.gamma(alpha, size=(n_prompts, L, E))
+        q = g / g.sum(-1, keepdims=True)
+        pi = waterfill(q, cfg.top_k) / cfg.top_k
+        seqs = [(m, prompt, n) for m, batch in enumerate(mbs) for prompt, n in batch]
+        tokens = np.array([n for _, _, n in seqs], dtype=np.int64)
+        draws, members = [], []  # per (micro-batch, prompt): its copies [L, E], its sequences
+        for m, batch in enumerate(mbs):
+            per_prompt: dict[int, list[int]] = {}
+            first = sum(len(b) for b in mbs[:m])
+            for offset, (prompt, _) in enumerate(batch):
+                per_prompt.setdefault(prompt, []).append(first + offset)
+            ids = np.fromiter(per_prompt, dtype=np.int64)
+            n = np.array([tokens[s].sum() for s in per_prompt.values()], dtype=np.int64) * cfg.top_k
+            pv = pi[ids]
+            pv = pv / pv.sum(-1, keepdims=True)
+            draws.extend(rng.multinomial(np.broadcast_to(n[:, None], (len(ids), L)), pv))
+            members.extend(per_prompt.values())
+        yield SequenceStep(
+            sequence_loads=_split_draws(split_rng, np.stack(draws), members, tokens * cfg.top_k),
+            sequence_tokens=tokens,
+            sequence_prompt=np.array([prompt for _, prompt, _ in seqs], dtype=np.int64),
+            micro_batch_of=np.array([m for m, _, _ in seqs], dtype=np.int64),
+            num_micro_batches=cfg.micro_batches,
+            tokens_per_micro_batch=cfg.tokens_per_micro_batch,
+            top_k=cfg.top_k,
+        )
+
+
+def _split_draws(rng: np.random.Generator, draws_ULE: np.ndarray, members: list[list[int]],
+                 copies_Z: np.ndarray) -> np.ndarray:
+    """``[Z, L, E]`` int32: group ``q``'s copies ``draws_ULE[q]`` dealt to its sequences ``members[q]``.
+
+    Sequence ``k`` of a group takes ``copies_Z[k]`` copies of every layer, drawn without
+    replacement from what its group's earlier sequences left (multivariate hypergeometric, one
+    expert at a time, vectorised over groups and layers); the last sequence takes the rest.
+    """
+    U, L, E = draws_ULE.shape
+    out = np.zeros((len(copies_Z), L, E), dtype=np.int32)
+    left = draws_ULE.astype(np.int64)  # [U, L, E] copies not yet dealt
+    for k in range(max(len(s) for s in members)):
+        last = [q for q, s in enumerate(members) if len(s) == k + 1]
+        for q in last:
+            out[members[q][k]] = left[q]
+        split = [q for q, s in enumerate(members) if len(s) > k + 1]
+        if not split:
+            continue
+        rows = left[split].reshape(-1, E)  # [len(split) * L, E]
+        need = np.repeat(copies_Z[[members[q][k] for q in split]], L)
+        tail = rows[:, ::-1].cumsum(1)[:, ::-1]  # copies of experts e.. onwards
+        taken = np.zeros_like(rows)
+        for e in range(E - 1):
+            taken[:, e] = rng.hypergeometric(rows[:, e], tail[:, e + 1], need)
+            need = need - taken[:, e]
+        taken[:, E - 1] = need
+        taken = taken.reshape(len(split), L, E)
+        out[[members[q][k] for q in split]] = taken
+        left[split] -= taken
     return out
 
 

@@ -146,3 +146,61 @@ def test_prepare_with_ddp_on_two_processes_equals_one_process_on_the_whole_batch
     outs = [p.communicate(timeout=240)[0] for p in procs]
     for r, (p, out) in enumerate(zip(procs, outs)):
         assert p.returncode == 0 and f"OK {r}" in out, out[-3000:]
+
+
+@pytest.mark.parametrize("section, needles", [
+    ({"polcy": {"name": "static"}}, ["'polcy'", "'policy'"]),                    # misspelt key
+    ({"policy": {"name": "hybird"}}, ["policy.name", "'hybird'", "hybrid"]),     # unknown policy
+    ({"topology": {"num_nodes": "two"}}, ["topology.num_nodes", "'two'"]),       # wrong type
+    ({"policy": {"name": "hybrid", "options": {"nope": 1}}}, ["policy.options", "nope"]),
+])
+def test_launch_validates_the_relibra_section_once_before_spawning(tmp_path, monkeypatch, capsys, clean_env,
+                                                                   section, needles):
+    import accelerate.commands.launch as accel_launch
+
+    from relibra.cli import main
+
+    launched = []
+    monkeypatch.setattr(accel_launch, "launch_command", lambda args: launched.append(args))
+    path = _write(tmp_path / "my_accelerate.yaml", {**ACCEL, "relibra": section})
+    assert main(["launch", "--config_file", path, "train.py"]) == 2
+    err = capsys.readouterr().err
+    assert launched == []  # nothing was spawned
+    assert err.count("\n") == 1 and err.startswith("relibra launch: ")  # one line, once
+    assert path in err and "relibra_launch_" not in err  # the user's file, not the temporary copy
+    for needle in needles:
+        assert needle in err, err
+    good = _write(tmp_path / "good.yaml", {**ACCEL, "relibra": {"policy": {"name": "static"}}})
+    assert main(["launch", "--config_file", good, "train.py"]) == 0 and len(launched) == 1
+    assert "RELIBRA_CONFIG" not in os.environ  # restored after the launch
+
+
+def test_launch_reports_bad_relibra_environment_variables_once(tmp_path, monkeypatch, capsys, clean_env):
+    import accelerate.commands.launch as accel_launch
+
+    from relibra.cli import main
+
+    monkeypatch.setattr(accel_launch, "launch_command", lambda args: pytest.fail("launched"))
+    clean_env.setenv("RELIBRA_SPARE_SLOTS_PER_GPU", "-1")
+    assert main(["launch", "--config_file", _write(tmp_path / "a.yaml", ACCEL), "train.py"]) == 2
+    assert "spare_slots_per_gpu" in capsys.readouterr().err
+
+
+def test_prepare_sets_the_kernel_backend_from_the_plugin(clean_env, tmp_path):
+    import types
+
+    import torch
+    transformers = pytest.importorskip("transformers")
+
+    from relibra.integrations.accelerate import prepare
+    from relibra.kernels import resolve_backend
+
+    cfg = transformers.Qwen3MoeConfig(vocab_size=32, hidden_size=16, intermediate_size=24, moe_intermediate_size=8,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                      num_experts=4, num_experts_per_tok=2, max_position_embeddings=32)
+    acc = types.SimpleNamespace(num_processes=1, device=torch.device("cpu"), torch_device_mesh=None, state=None)
+    clean_env.setenv("RELIBRA_CONFIG", _write(tmp_path / "r.yaml", {"kernel_backend": "triton"}))
+    clean_env.setenv("RELIBRA_KERNEL_BACKEND", "")  # unset for the plugin; prepare writes it
+    balancer = prepare(acc, transformers.Qwen3MoeForCausalLM(cfg), None, RelibraPlugin())
+    assert balancer is not None and os.environ["RELIBRA_KERNEL_BACKEND"] == "triton"
+    assert resolve_backend(None, torch.zeros(1)) == "triton"  # forced, where auto would pick the reference

@@ -46,10 +46,13 @@ def test_grpo_trainer_records_routes_and_plans_every_step(tmp_path):
         relibra_plugin=RelibraPlugin(policy="static", spare_slots_per_gpu=0),
     )
     assert any(isinstance(m, ReLibraMoE) for m in trainer.model.modules())
+    assert trainer.aux_loss_enabled  # Qwen3-MoE's router_aux_loss_coef: the swapped gates feed the aux loss
     plans = []
     plan_step = trainer.balancer.plan_step
     trainer.balancer.plan_step = lambda routes: plans.append([r.clone() for r in routes]) or plan_step(routes)
     trainer.train()
+    aux = [h["aux_loss"] for h in trainer.state.log_history if "aux_loss" in h]
+    assert len(aux) == 2 and all(a > 0 for a in aux), trainer.state.log_history  # computed every step
     assert len(plans) == 2 and len(trainer.route_store) > 0
     for routes in plans:
         for r in routes:

@@ -484,6 +484,22 @@ def test_route_fault_accepts_ids_padding_and_any_token_count():
     assert route_fault(torch.tensor([[7, 0]], dtype=torch.uint8), (1, 2), 8) == ""
 
 
+def test_from_vllm_names_the_missing_attribute():
+    class CompletionOutput:  # started without enable_return_routed_experts: no such field
+        text = "x"
+
+    class RequestOutput:
+        outputs = [CompletionOutput()]
+
+    with pytest.raises(ValueError, match=r"CompletionOutput has no attribute 'routed_experts'.*"
+                                         r"enable_return_routed_experts") as exc:
+        from_vllm(CompletionOutput())
+    assert "ragged" not in str(exc.value)
+    with pytest.raises(ValueError, match=r"RequestOutput has no attribute 'routed_experts' \(a request output: "
+                                         r"pass one of its \.outputs\)"):
+        from_vllm(RequestOutput())
+
+
 @pytest.mark.parametrize(
     "routes,match",
     [

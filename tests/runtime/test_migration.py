@@ -13,7 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relibra import Placement, Topology
-from relibra.runtime.migration import MigrationError, Move, _hash_weights, _piece_checksum, migrate_experts, plan_moves
+from relibra.runtime import migration
+from relibra.runtime.checksums import hash_weights, piece_checksum
+from relibra.runtime.migration import MigrationError, Move, migrate_experts, plan_moves
 from relibra.testing import run_world
 
 TOPO = Topology(num_nodes=2, gpus_per_node=2, num_experts=8)   # G=4, H=2
@@ -62,10 +64,10 @@ def test_plan_moves_rejects_bad_input():
 def test_checksum_catches_any_single_bit_flip(n, pos, bit, dtype):
     x = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype)
     raw = x.view(torch.uint8).clone()
-    w = _hash_weights(raw.numel(), raw.device)
-    before = _piece_checksum(raw, dtype, w)
+    w = hash_weights(raw.numel(), raw.device)
+    before = piece_checksum(raw, dtype, w)
     raw[pos % raw.numel()] ^= 1 << bit
-    after = _piece_checksum(raw, dtype, w)
+    after = piece_checksum(raw, dtype, w)
     assert before[0] != after[0]
 
 
@@ -231,8 +233,10 @@ def _worker_corrupt(rank: int, mesh) -> None:
             buf = received[2]  # rank 1 receives expert 4 of layer 1 from rank 2
             buf[buf.numel() // 2] ^= 0x10
 
-    with pytest.raises(MigrationError, match="sent by rank 2 arrived corrupted on rank 1") as info:
-        migrate_experts(params, opt, old, new, TOPO, _corrupt=flip)
+    with pytest.MonkeyPatch.context() as patch, \
+            pytest.raises(MigrationError, match="sent by rank 2 arrived corrupted on rank 1") as info:
+        patch.setattr(migration, "_received_hook", flip)
+        migrate_experts(params, opt, old, new, TOPO)
     assert "kept its old experts" in str(info.value)
     _same_everywhere(str(info.value))
     _assert_unchanged(params, opt, snap)
@@ -289,24 +293,19 @@ def test_bad_input_fails_on_every_rank_before_any_transfer():
 
 
 def _worker_pack_fails(rank: int, mesh) -> None:
-    import relibra.runtime.migration as migration
-
     old, new, _ = _placements()
     params, opt = _make(rank, old)
     _train_then_grad(params, opt, old, rank)
     snap = _snapshot(params, opt)
-    real = migration._checksums
-    if rank == 2:  # rank 2 sends in layer 1: its packing raises before it could post anything
 
-        def boom(*args, **kwargs):
-            raise RuntimeError("out of memory while packing")
+    def boom(*args, **kwargs):
+        raise RuntimeError("out of memory while packing")
 
-        migration._checksums = boom
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        if rank == 2:  # rank 2 sends in layer 1: its packing raises before it could post anything
+            patch.setattr(migration, "checksums", boom)
         with pytest.raises(MigrationError, match="packing failed on rank 2: RuntimeError: out of memory") as info:
             migrate_experts(params, opt, old, new, TOPO)
-    finally:
-        migration._checksums = real
     assert "before any transfer" in str(info.value)
     _same_everywhere(str(info.value))
     _assert_unchanged(params, opt, snap)
@@ -344,8 +343,10 @@ def _worker_edp_verdict(rank: int, mesh) -> None:
             for buf in received.values():
                 buf[0] ^= 0x01
 
-    with pytest.raises(MigrationError, match="arrived corrupted on rank 1") as info:
-        migrate_experts(params, opt, old, new, TOPO_EP2, group=ep, agree_group=edp, _corrupt=flip)
+    with pytest.MonkeyPatch.context() as patch, \
+            pytest.raises(MigrationError, match="arrived corrupted on rank 1") as info:
+        patch.setattr(migration, "_received_hook", flip)
+        migrate_experts(params, opt, old, new, TOPO_EP2, group=ep, agree_group=edp)
     if rank in (2, 3):  # their own transfers were clean: they heard it from their replica
         assert "raised on expert-data-parallel replica" in str(info.value)
     _assert_unchanged(params, opt, snap)
