@@ -112,7 +112,7 @@ def _worker(rank, mesh, runs, reference):
             err["grad"] = max(err["grad"], max_err(logical_grads(model), rec[s][2]))
             opt.step()
             opt.zero_grad()
-        realised = bal.metrics(gather_realised=True)
+        realised = bal.metrics(gather_realised=True, as_tensors=True)
         err["weights"] = max_err(dict(model.state_dict()), ref_weights)
         err["state"] = max_err(logical_state(model, opt), ref_state)
         results[run_name(policy, options)] = dict(
