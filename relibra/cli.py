@@ -3,6 +3,9 @@
 ``relibra bench`` simulates the balancing policies on a routing trace (the embedded default
 or ``--trace FILE``) with the cost model of :mod:`relibra.sim.cost` and prints the comparison;
 ``--json`` prints one JSON object instead, ``--plot FILE.png`` draws it (needs matplotlib).
+``--packing tokens|routes`` re-packs every step's sequences (a per-sequence trace) and
+``--phases`` prices a whole RL step (log-prob, reference and training passes): see
+:mod:`relibra.sim.rl_step` and docs/rl-step.md.
 """
 
 from __future__ import annotations
@@ -120,14 +123,31 @@ def _row_systems(results: dict[str, Any]) -> str:
     return "\n".join(["rows:"] + [f"  {n:{width}s}  {ROW_SYSTEMS[n]}" for n in named])
 
 
+def _packing(args: argparse.Namespace, trace: Any, topology: Any) -> tuple[Any, dict[str, Any]]:
+    """``(packer or None, the JSON's "packing" object)`` of ``--packing``; ValueError naming the
+    trace when ``tokens``/``routes`` meet a trace without sequences."""
+    from .sim.rl_step import StepPacker
+    from .sim.traces import sequence_steps
+
+    if args.packing == "rollout":
+        return None, {"mode": "rollout", "packer": "none: the trace's loads (rollout order)"}
+    where = f"--packing {args.packing} needs a per-sequence (format 2) trace, but trace file {args.trace or 'default'}"
+    steps = sequence_steps(trace, where=where)[: args.steps]
+    packer = StepPacker(steps, args.packing, topology)
+    return packer, {"mode": args.packing}
+
+
 def bench(args: argparse.Namespace) -> int:
+    from .phases import TRAIN, parse_phases
     from .sim.cost import make_config
     from .sim.simulate import gap_breakdown, simulate
-    from .sim.traces import default_trace_path, load_trace_file
+    from .sim.traces import default_trace_path, read_trace_file
 
     names = check_policy_names(args.policies)  # before any work: a typo is not a skipped row
+    phases = parse_phases(args.phases) if args.phases is not None else None
     cfg = make_config(args.preset, args.cluster, _parse_sets(args.set))
-    loads, top_k, meta = load_trace_file(args.trace or default_trace_path())
+    trace = read_trace_file(args.trace or default_trace_path())
+    loads, top_k, meta = trace.loads.numpy(), int(trace.top_k), dict(trace.meta)
     if top_k != cfg.top_k:
         raise ValueError(f"trace top_k={top_k} differs from preset {args.preset} top_k={cfg.top_k}")
     if args.steps is not None:
@@ -138,6 +158,7 @@ def bench(args: argparse.Namespace) -> int:
         cfg = make_config(args.preset, args.cluster, {**_parse_sets(args.set), "num_moe_layers": loads.shape[2]})
     topology = cfg.topology(args.nodes, args.gpus_per_node, args.spare_slots)
     options = parse_options(args.option, names)
+    packer, packing = _packing(args, trace, topology)
     bar = None
     try:
         from tqdm import tqdm
@@ -153,7 +174,9 @@ def bench(args: argparse.Namespace) -> int:
                 bar.update(1)
 
     results = simulate(loads, topology, cfg, names, warmup_steps=args.warmup_steps, progress=progress,
-                       options=options)
+                       options=options, packer=packer, phases=phases)
+    if packer is not None:
+        packing.update(packer.describe())
     if bar is not None:
         bar.update(1)
         bar.close()
@@ -162,7 +185,8 @@ def bench(args: argparse.Namespace) -> int:
     header = {"trace": args.trace or "default", "trace_meta": meta, "steps": S, "micro_batches": M,
               "layers": L, "experts": E, "warmup_steps": args.warmup_steps, "topology": str(topology),
               "preset": args.preset, "cluster": args.cluster, "cost": cfg.to_dict(), "policy_options": options,
-              "planning_time": "process CPU seconds of policy.plan per step, one torch thread"}
+              "planning_time": "process CPU seconds of policy.plan per step, one torch thread",
+              "packing": packing, "phases": list(phases or (TRAIN,))}
     if stats is not None:
         header["trace_stats"] = stats
     for name in results:
@@ -183,8 +207,14 @@ def bench(args: argparse.Namespace) -> int:
             print(format_description(stats))
         if options:
             print("policy options: " + "; ".join(f"{n}: {o}" for n, o in options.items()))
+        if packer is not None or phases is not None:
+            print(f"packing: {packing['mode']}; phases: {', '.join(header['phases'])} (step time = all passes)")
         print(_table(results))
         print(_row_systems(results))
+        for name in ("hybrid", "ideal"):
+            if phases is not None and name in results and not results[name].skipped:
+                print(f"{name}'s step by phase: " + ", ".join(
+                    f"{p['phase']} {p['seconds']:.2f}s" for p in results[name].breakdown_s["phases_s"]))
         parts = gap_breakdown(results, "hybrid")
         if parts is not None:
             print("hybrid's gap to ideal = " + " ".join(f"{k} {v:+.1%}" for k, v in parts.items()))
@@ -328,6 +358,13 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--policies", default=",".join(DEFAULT_POLICIES))
     b.add_argument("--steps", type=int, default=None, help="use only the first K steps of the trace")
     b.add_argument("--warmup-steps", type=int, default=1)
+    b.add_argument("--packing", default="rollout", choices=["rollout", "tokens", "routes"],
+                   help="which sequences share a micro-batch: the trace's rollout order (default), token "
+                        "packing (LPT on lengths) or route-aware packing (relibra.packing.pack); tokens and "
+                        "routes need a per-sequence trace (python -m relibra.sim.traces --per-sequence)")
+    b.add_argument("--phases", default=None, metavar="SCHEDULE",
+                   help="price a whole RL step: its passes in order, e.g. logprob,ref,train or logprob,train*2 "
+                        "or 2+1 (forward-only passes + training epochs); default: one training pass")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument("--plot", default=None, metavar="FILE.png")
     b.add_argument("--describe", action="store_true",

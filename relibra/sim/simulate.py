@@ -7,6 +7,11 @@ first ``warmup_steps`` steps only warm up history-based policies: they are plann
 placement carried forward, but every reported number averages the later (steady) steps.
 ``ideal`` is the cost model's idealised run (every GPU at the mean, nothing moved).
 
+A step may be packed anew for every policy (``packer``: the loads of step ``s`` given the
+placement it starts on, :class:`relibra.sim.rl_step.StepPacker`) and priced over several passes
+(``phases``: forward-only log-prob passes, training epochs; :mod:`relibra.sim.rl_step`). By
+default the trace's loads are priced as one training pass, as they always were.
+
 Planning time (``planning_time_s``) is the process CPU time of ``policy.plan`` alone, per step
 (all micro-batches of the step), averaged over steady steps, measured with torch on ONE
 intra-op thread (``torch.set_num_threads(1)`` around the call, the caller's setting restored
@@ -26,10 +31,12 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
+from ..balance_metrics import balancedness, max_vio
 from ..plan import Placement
 from ..registry import get_policy
 from ..topology import Topology
 from .cost import CostConfig, StepCost, cross_node_price, ideal_step_cost, step_cost
+from .rl_step import ideal_phase_cost, phase_step_cost
 
 __all__ = ["DEFAULT_POLICIES", "LIVE_ROWS", "ROW_SYSTEMS", "PolicyResult", "policy_factory", "policy_options",
            "timed_plan", "simulate", "gap_breakdown"]
@@ -118,6 +125,8 @@ class PolicyResult:
     gap_to_ideal: float | None = None
     imbalance_mean: float = 1.0
     imbalance_worst: float = 1.0
+    max_vio: float = 0.0  # mean over micro-batches and layers of (max - mean) / mean GPU load (verl's)
+    balancedness: float = 1.0  # mean over micro-batches and layers of mean / max GPU load (vLLM's)
     bytes_moved: float = 0.0
     bytes_moved_reorder: float = 0.0
     bytes_moved_replicas: float = 0.0
@@ -155,11 +164,16 @@ def _mean_info(infos: list[dict]) -> tuple[dict[str, float], int]:
 def simulate(loads_SMLE: Any, topology: Topology, cfg: CostConfig,
              policies: Iterable[str] = DEFAULT_POLICIES, warmup_steps: int = 1,
              progress: Callable[[str], None] | None = None,
-             options: dict[str, dict[str, Any]] | None = None) -> dict[str, PolicyResult]:
+             options: dict[str, dict[str, Any]] | None = None,
+             packer: Callable[[int, Placement], torch.Tensor] | None = None,
+             phases: tuple[str, ...] | None = None) -> dict[str, PolicyResult]:
     """Simulate every policy over the steps of ``loads_SMLE`` ``[S, M, L, E]``.
 
     ``options`` maps a bench row name to extra policy options (``{"hybrid": {"migration_weight":
     0.5}}``); they must be accepted by the policy (else TypeError/ValueError from the registry).
+    ``packer(s, placement)`` gives step ``s``'s loads packed for the placement it starts on
+    (None: ``loads_SMLE[s]``); ``phases`` the passes of a step (None: one training pass), each
+    phase's mean seconds then in ``breakdown_s["phases_s"]`` (see the module docstring).
     Returns results by name; a policy missing from the registry comes back with ``skipped``
     set to the reason. Raises ValueError for a trace that does not fit the topology/config.
     """
@@ -180,11 +194,15 @@ def simulate(loads_SMLE: Any, topology: Topology, cfg: CostConfig,
         results[name] = res
         if progress:
             progress(name)
-        if name == "ideal":
-            costs = [ideal_step_cost(loads[s], topology, cfg) for s in steady]
+        if name == "ideal":  # no packing changes it: the per-micro-batch means add up to the step's
+            priced = [(ideal_step_cost(loads[s], topology, cfg), None) if phases is None else
+                      ideal_phase_cost(loads[s], topology, cfg, phases) for s in steady]
+            costs = [c for c, _ in priced]
             res.step_time_s = float(np.mean([c.total_s for c in costs]))
             res.tokens_per_s = float(np.mean([c.tokens for c in costs])) / res.step_time_s
             res.breakdown_s = _mean_cost(costs)
+            if phases is not None:
+                res.breakdown_s["phases_s"] = _phase_means(phases, [p for _, p in priced])
             G = topology.num_gpus
             mean = loads[steady[0], 0].to(torch.float64).sum(-1, keepdim=True) / G
             res.gpu_loads_LG = mean.expand(L, G).numpy()
@@ -204,33 +222,50 @@ def simulate(loads_SMLE: Any, topology: Topology, cfg: CostConfig,
                 continue
         policy = make()
         previous = Placement.contiguous(topology, L)
-        costs, plan_times, imb, imb_worst, infos = [], [], [], [], []
+        costs, plan_times, imb, imb_worst, infos, vio, bal, per_phase = [], [], [], [], [], [], [], []
         for s in range(S):
-            plan, elapsed = timed_plan(policy, loads[s], topology)
-            cost = step_cost(plan, loads[s], cfg, previous=previous, live_planning=name in LIVE_ROWS)
+            step_loads = loads[s] if packer is None else packer(s, previous)
+            plan, elapsed = timed_plan(policy, step_loads, topology)
+            if phases is None:
+                cost = step_cost(plan, step_loads, cfg, previous=previous, live_planning=name in LIVE_ROWS)
+            else:
+                cost, seconds = phase_step_cost(plan, step_loads, cfg, previous, phases, policy)
+                per_phase.append(seconds)
             previous = plan.placement
             if s < warmup_steps:
                 continue
             plan_times.append(elapsed)
             costs.append(cost)
             infos.append(plan.info)
-            ratio = plan.imbalance(loads[s])
+            ratio = plan.imbalance(step_loads)
             imb.append(float(ratio.mean()))
             imb_worst.append(float(ratio.max()))
+            gpu_loads = plan.gpu_loads()
+            vio.append(float(max_vio(gpu_loads).mean()))
+            bal.append(float(balancedness(gpu_loads).mean()))
             if res.gpu_loads_LG is None:
-                res.gpu_loads_LG = plan.gpu_loads()[0].numpy()
+                res.gpu_loads_LG = gpu_loads[0].numpy()
         res.step_time_s = float(np.mean([c.total_s for c in costs]))
         res.tokens_per_s = float(np.mean([c.tokens for c in costs])) / res.step_time_s
         res.imbalance_mean = float(np.mean(imb))
         res.imbalance_worst = float(np.max(imb_worst))
+        res.max_vio, res.balancedness = float(np.mean(vio)), float(np.mean(bal))
         res.bytes_moved_reorder = float(np.mean([c.reorder_bytes for c in costs]))
         res.bytes_moved_replicas = float(np.mean([c.replica_bytes for c in costs]))
         res.bytes_moved = res.bytes_moved_reorder + res.bytes_moved_replicas
         res.planning_time_s = float(np.mean(plan_times))
         res.breakdown_s = _mean_cost(costs)
         res.plan_info, res.budget_cuts = _mean_info(infos)
+        if phases is not None:
+            res.breakdown_s["phases_s"] = _phase_means(phases, per_phase[warmup_steps:])
     _relative(results)
     return results
+
+
+def _phase_means(phases: tuple[str, ...], seconds: list[list[float]]) -> list[dict[str, Any]]:
+    """``[{"phase": name, "seconds": mean over steps}]`` in the schedule's order."""
+    return [{"phase": name, "seconds": float(np.mean([step[i] for step in seconds]))}
+            for i, name in enumerate(phases)]
 
 
 def _relative(results: dict[str, PolicyResult]) -> None:
