@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -36,7 +36,9 @@ from ..phases import TRAIN, has_backward
 from ..plan import Placement, Plan
 from ..topology import Topology
 from .cost import CostConfig, StepCost, ideal_step_cost, step_cost
-from .traces import SequenceStep
+
+if TYPE_CHECKING:  # pragma: no cover - ``python -m relibra.sim.traces`` must find traces not yet imported
+    from .traces import SequenceStep
 
 __all__ = ["PACKINGS", "StepPacker", "forward_config", "phase_step_cost", "ideal_phase_cost", "plan_on"]
 
