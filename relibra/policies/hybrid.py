@@ -21,7 +21,8 @@ from ..topology import Topology
 from .base import check_loads
 from .budget import check_budget_options
 from .reorder import WORK_BUDGET, ReorderPolicy
-from .replicate import check_cross_node_options, replicate_on, resolve_price
+from .replica_stickiness import stick_replicas
+from .replicate import check_cross_node_options, check_stickiness, replicate_on, resolve_price
 
 __all__ = ["HybridPolicy"]
 
@@ -32,17 +33,18 @@ class HybridPolicy:
     Args:
         migration_weight, max_swaps, work_budget, time_budget_s: as for ``reorder`` (the
             budgets bound its searches; a plan one cut short says so in ``plan.info["budget_cut"]``).
-        cross_node, cross_node_price: as for ``replicate``.
+        cross_node, cross_node_price, replica_stickiness: as for ``replicate``.
     """
 
     def __init__(self, migration_weight: float = 0.02, max_swaps: int = 200, cross_node: bool = True,
                  cross_node_price: float | None = None, work_budget: float = WORK_BUDGET,
-                 time_budget_s: float | None = None) -> None:
+                 time_budget_s: float | None = None, replica_stickiness: float | None = None) -> None:
         check_cross_node_options("hybrid", cross_node, cross_node_price)
         check_budget_options("hybrid", work_budget, time_budget_s)
         self.reorder = ReorderPolicy(migration_weight=migration_weight, max_swaps=max_swaps, work_budget=work_budget,
                                      time_budget_s=time_budget_s)
         self.cross_node, self.cross_node_price = cross_node, cross_node_price
+        self.replica_stickiness = check_stickiness(replica_stickiness)
 
     @property
     def placement(self):
@@ -64,7 +66,10 @@ class HybridPolicy:
     def replan(self, loads: torch.Tensor, placement: Placement, topology: Topology) -> Plan:
         """Replicas and split of ``loads`` on a placement chosen elsewhere (see the contract)."""
         price = resolve_price(self.cross_node, self.cross_node_price, topology)
-        return replicate_on(loads, placement, topology, policy="hybrid", cross_node_price=price)
+        plan = replicate_on(loads, placement, topology, policy="hybrid", cross_node_price=price)
+        if self.replica_stickiness is None:
+            return plan
+        return stick_replicas(plan, check_loads(loads, topology), self.replica_stickiness)
 
     def state_dict(self) -> dict:
         """``{"reorder": ...}``: the reorder stage's state (:meth:`ReorderPolicy.state_dict`);

@@ -31,8 +31,9 @@ from .replica_cross import DEEPSEEK_V3_H100, cross_node_price, plan_with_cross_n
 from .replica_greedy import GREEDY_VARIANTS
 from .replica_problems import assemble, node_problems
 from .replica_solve import solve_node_problems
+from .replica_stickiness import stick_replicas
 
-__all__ = ["ReplicatePolicy", "replicate_on", "resolve_price", "check_cross_node_options"]
+__all__ = ["ReplicatePolicy", "replicate_on", "resolve_price", "check_cross_node_options", "check_stickiness"]
 
 
 def replicate_on(loads_MLE: torch.Tensor, placement: Placement, topology: Topology,
@@ -94,6 +95,14 @@ def check_cross_node_options(policy: str, cross_node: bool, price: float | None)
                          f"got {price!r}")
 
 
+def check_stickiness(value: float | None) -> float | None:
+    """The ``replica_stickiness`` option: None, or a number >= 0 (ValueError naming it otherwise)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0
+                              or value == float("inf")):
+        raise ValueError(f"replica_stickiness must be None or a finite number >= 0, got {value!r}")
+    return None if value is None else float(value)
+
+
 class ReplicatePolicy:
     """Intra-batch replication on a fixed placement.
 
@@ -105,16 +114,21 @@ class ReplicatePolicy:
             (:func:`relibra.sim.cost.cross_node_price` prices it for a cost model; ``relibra bench``
             passes it); None: priced for a DeepSeek-V3 expert on H100-class GPUs over the
             topology's inter-node bandwidth. ``inf`` never pays.
+        replica_stickiness: None (default): every micro-batch's replicas afresh. A number
+            ``t >= 0``: a node keeps the micro-batch before's replicas when their best split
+            leaves it at most ``t`` x the layer's mean GPU load above the layer's busiest GPU
+            (:mod:`relibra.policies.replica_stickiness`; 0 never slows a layer down).
     """
 
     def __init__(self, placement: Placement | None = None, cross_node: bool = True,
-                 cross_node_price: float | None = None) -> None:
+                 cross_node_price: float | None = None, replica_stickiness: float | None = None) -> None:
         if placement is not None and not isinstance(placement, Placement):
             raise ValueError(f"replicate option placement must be a relibra.Placement or None, "
                              f"got {type(placement).__name__}")
         check_cross_node_options("replicate", cross_node, cross_node_price)
         self.placement = placement
         self.cross_node, self.cross_node_price = cross_node, cross_node_price
+        self.replica_stickiness = check_stickiness(replica_stickiness)
 
     def plan(self, loads: torch.Tensor, topology: Topology) -> Plan:
         loads = check_loads(loads, topology)
@@ -124,4 +138,7 @@ class ReplicatePolicy:
     def replan(self, loads: torch.Tensor, placement: Placement, topology: Topology) -> Plan:
         """Replicas and split of ``loads`` on a placement chosen elsewhere (see the contract)."""
         price = resolve_price(self.cross_node, self.cross_node_price, topology)
-        return replicate_on(loads, placement, topology, policy="replicate", cross_node_price=price)
+        plan = replicate_on(loads, placement, topology, policy="replicate", cross_node_price=price)
+        if self.replica_stickiness is None:
+            return plan
+        return stick_replicas(plan, check_loads(loads, topology), self.replica_stickiness)
