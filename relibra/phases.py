@@ -4,16 +4,19 @@ An RL step runs several passes over the same sequences: forward-only passes firs
 policy's log-probabilities, the reference model's), then one or more training epochs of forward
 and backward. One placement serves them all; replicas are planned per phase and micro-batch.
 
-    PHASES        phase names by id, the id the runtime's collective-order check carries
+    PHASES        phase names by id
     parse_phases  "logprob,ref,train", "logprob,train*2" or "2+1" -> a tuple of names
+    pass_id       (pass index in the schedule, phase name) -> the id the runtime's order check carries
+    pass_label    that id -> "logprob" / "train (pass 2)", for messages
 
-``train`` is id 0 (the one phase relibra ran before phases had names), so an order check made
-by an older relibra reads the same.
+``train`` is id 0 and the first pass has index 0, so a step of one training pass (what relibra
+ran before phases had names) carries id 0 as it always did.
 """
 
 from __future__ import annotations
 
-__all__ = ["PHASES", "TRAIN", "FORWARD_ONLY", "has_backward", "parse_phases", "check_phase"]
+__all__ = ["PHASES", "TRAIN", "FORWARD_ONLY", "MAX_PASSES", "has_backward", "parse_phases", "check_phase", "pass_id",
+           "pass_label"]
 
 TRAIN = "train"
 #: phase names by id: ``train`` (forward + backward), then the forward-only passes: ``logprob``
@@ -21,7 +24,9 @@ TRAIN = "train"
 PHASES = (TRAIN, "logprob", "ref", "forward")
 FORWARD_ONLY = frozenset(PHASES[1:])
 
-_MAX_PASSES = 64  # a schedule of more passes than this is a typo, not an RL step
+#: most passes of one step (a schedule of more is a typo, not an RL step); the order check's
+#: phase digit holds MAX_PASSES * len(PHASES) = 256 ids
+MAX_PASSES = 64
 
 
 def has_backward(name: str) -> bool:
@@ -68,9 +73,23 @@ def parse_phases(text: str) -> tuple[str, ...]:
             check_phase(name.strip())
             parts += [name.strip()] * (_count(times, f"the repeat count of {name.strip()!r}", text) if star else 1)
         names = tuple(parts)
-    if len(names) > _MAX_PASSES:
-        raise ValueError(f"phases {text!r}: {len(names)} passes, more than {_MAX_PASSES}")
+    if len(names) > MAX_PASSES:
+        raise ValueError(f"phases {text!r}: {len(names)} passes, more than {MAX_PASSES}")
     if TRAIN not in names:
         raise ValueError(f"phases {text!r} has no training phase ({TRAIN}); an RL step trains at least once "
                          "(the step's placement moves before its first training phase)")
     return names
+
+
+def pass_id(index: int, name: str) -> int:
+    """The id of pass ``index`` (0-based, in the schedule) running phase ``name``: ``index *
+    len(PHASES) + PHASES.index(name)``, in ``[0, 256)``."""
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < MAX_PASSES:
+        raise ValueError(f"pass index must be an int in [0, {MAX_PASSES}), got {index!r}")
+    return index * len(PHASES) + PHASES.index(check_phase(name))
+
+
+def pass_label(pass_id_: int) -> str:
+    """``"train"`` for id 0, else the phase name with its pass index (``"logprob (pass 0)"``)."""
+    index, name = divmod(pass_id_, len(PHASES))
+    return PHASES[name] if pass_id_ == 0 else f"{PHASES[name]} (pass {index})"

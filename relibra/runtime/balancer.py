@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-import traceback
 from numbers import Integral, Real
 from typing import Any, Iterator, Sequence
 
@@ -50,34 +49,34 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..phases import TRAIN
 from ..plan import Placement, Plan
 from ..registry import get_policy
 from ..routing.loads import count_loads
 from ..routing.routes import step_routes_fault
 from ..topology import Topology
-from .comm import all_gather_flat, all_gather_text, all_reduce_, broadcast_, first_error
+from .comm import all_gather_flat, all_reduce_, first_error
 from .fsdp import edp_plan, fsdp_layers
-from .layer import BLOCK_END, BLOCK_START, PHASES, ReLibraMoE, agree_in_step, micro_batch_contexts
+from .layer import BLOCK_END, BLOCK_START, ReLibraMoE, agree_in_step, micro_batch_contexts
+from .metrics import plain, planned_metrics, realised_metrics
 from .optimizer_stamp import placement_stamp, stamp_optimizer
+from .plan_share import drop_idle_replicas, failure_text, share_plan
 from .replica_cache import ReplicaCache, guard_optimizer
 from .router import check_int_argument
+from .schedule import (
+    BackgroundPlan,
+    Pass,
+    build_passes,
+    describe_signature,
+    join_plans,
+    pass_fault,
+    plan_on,
+    resolve_pass,
+    schedule_fault,
+    schedule_signature,
+)
 
 __all__ = ["Balancer"]
-
-_PLANNED, _FAILED, _INTERRUPTED = 0, 1, 2  # what rank 0 tells the EP group after planning
-
-
-def _with_note(text: str, note: str) -> str:
-    """``text`` with ``note`` at the end of its first line (a traceback may follow)."""
-    first, newline, rest = text.partition("\n")
-    return f"{first} {note}{newline}{rest}"
-
-
-def _failure_text(what: str, exc: BaseException) -> str:
-    """``what failed: Type: message`` and, below it, the exception's traceback (shared with every rank)."""
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
-    return f"{what} failed: {type(exc).__name__}: {exc}\ntraceback on rank 0:\n{tb}"
-
 
 class Balancer:
     """Plans every step with a policy and makes the plan true in every ReLibraMoE of ``model``.
@@ -143,12 +142,16 @@ class Balancer:
         for i, layer in enumerate(self.layers):
             layer.set_topology(self.topology)
             layer.moe_layer_index = i
-        self.plan: Plan | None = None
+        self.plan: Plan | None = None  # the plan of the pass that runs (of the step, with one pass)
         self.steps_planned = 0  # successful plan_step calls (restored by load_state_dict)
-        self._routes: list[torch.Tensor] | None = None
-        self._offsets_MLE: torch.Tensor | None = None
+        self._passes: list[Pass] | None = None  # the step's passes (schedule.py)
+        self._current: Pass | None = None  # the pass whose micro-batch ran last
+        self._pending: BackgroundPlan | None = None  # rank 0: the step's placement, planned in the background
+        self._loads: torch.Tensor | None = None  # [M, L, E] the step's loads, every pass in schedule order
+        self._early_rows = 0  # micro-batches of the passes that run on the placement of the step before
+        self._realised: dict[int, dict[int, int]] = {}  # layer -> row of the step -> rows this rank computed
         self._metrics: dict = {}
-        self._replicas: ReplicaCache | None = None  # this step's replica weights and gradients
+        self._replicas: ReplicaCache | None = None  # the replica weights and gradients of the pass that runs
         self._guarded = None  # the optimizer hooked by replica_cache.guard_optimizer
         if optimizer is not None:  # a plain optimizer.state_dict() names the placement its rows follow
             stamp_optimizer(optimizer, lambda: placement_stamp(self.placement, self.topology, self.rank))
@@ -196,22 +199,39 @@ class Balancer:
         return ""
 
     # ------------------------------------------------------------------ step
-    def plan_step(self, routes: Sequence[torch.Tensor]) -> Plan:
-        """Gather the step's loads, plan, validate, migrate (collective; see the module doc)."""
+    def plan_step(self, routes: Sequence[torch.Tensor], phases: Sequence[tuple[str, Sequence[Sequence[int]]]] | None
+                  = None, overlap: bool = True) -> Plan:
+        """Gather the step's loads, plan, validate, migrate (collective; see the module doc).
+
+        Args:
+            routes: this rank's routes, ``[T, L, K]`` int tensors: one per micro-batch without
+                ``phases``; one per sequence with them.
+            phases: the step's passes (:mod:`relibra.runtime.schedule`), ``[(phase name,
+                micro-batches), ...]`` in the order they run, each micro-batch a list of sequence
+                indices; None is one training pass over the micro-batches of ``routes``.
+            overlap: plan the step's placement in the background while the forward-only passes
+                before the first training pass run on the placement of the step before; the
+                experts move as the first training micro-batch starts (:meth:`prepare_training`).
+                False plans and moves now, and every pass runs on the new placement.
+
+        Returns the plan of the first pass (without ``phases``, the step's plan).
+        """
         t0 = time.perf_counter()
-        # a failed step must not leave the previous step's routes installable by micro_batch
-        self.plan, self._routes, self._offsets_MLE, self._metrics = None, None, None, {}
-        if self._replicas is not None:  # the last step is over: its replica gradients not yet home are dropped
-            self._replicas.close()
-            self._replicas = None
+        self._end_step()
         error = step_routes_fault(routes, self.L, self.K, self.E) or self._check_optimizer()
-        M = len(routes) if not error else -1
-        if self.group is not None:
-            Ms = torch.zeros(self.world, dtype=torch.int64)
-            Ms[self.rank] = M + 1  # 0 marks a rank whose routes are bad (it reports why)
-            all_reduce_(Ms, self.group)
-            if not error and bool((Ms > 0).all()) and bool((Ms != M + 1).any()):
-                error = f"ranks disagree on the number of micro-batches: {(Ms - 1).tolist()}"
+        if not error and phases is not None:
+            error = schedule_fault(phases, len(routes))
+        passes = None if error else build_passes(routes, phases)
+        M = sum(p.num_micro_batches for p in passes) if passes else -1
+        if self.group is not None:  # every rank joins, also one with bad input (its signature is zero)
+            mine = schedule_signature(passes)
+            signatures = all_gather_flat(mine, self.group)
+            good = signatures[:, 0] > 0
+            if not error and bool(good.all()) and bool((signatures != mine).any()):
+                counts = [int(sig[2:2 + 2 * int(sig[0]):2].sum()) for sig in signatures]
+                error = (f"ranks disagree on the number of micro-batches: {counts}" if phases is None else
+                         "ranks disagree on the schedule (phases and micro-batches per pass): " + "; ".join(
+                             f"rank {r}: {describe_signature(sig)}" for r, sig in enumerate(signatures)))
         if self.edp_group is not None:  # every rank joins, also one with bad routes
             mm = torch.tensor([M, -M], dtype=torch.int64)
             all_reduce_(mm, self.edp_group, op=dist.ReduceOp.MAX)
@@ -219,119 +239,154 @@ class Balancer:
                 error = "expert-data-parallel replicas disagree on the number of micro-batches (or one has bad routes)"
         self._agree(error, "Balancer.plan_step: bad input")
 
-        local = count_loads([r.cpu() for r in routes], self.E)  # [M, L, E], ids checked above
-        routes = [r.to(torch.int64) for r in routes]
-        if self.group is None:
-            source_GMLE = local[None]
-        else:
-            source_GMLE = all_gather_flat(local, self.group)
+        local = count_loads([r.cpu() for p in passes for r in p.routes], self.E)  # [M, L, E], ids checked above
+        source_GMLE = local[None] if self.group is None else all_gather_flat(local, self.group)
         loads = source_GMLE.sum(0)
+        offsets_MLE = (source_GMLE.cumsum(0) - source_GMLE)[self.rank]
+        for p in passes:
+            p.offsets_MLE, p.source_MLGE = offsets_MLE[p.rows], source_GMLE[:, p.rows].permute(1, 2, 0, 3)
+        first_train = next(p.index for p in passes if p.name == TRAIN)
+        early = passes[:first_train] if overlap else []
+        self._passes, self._loads, self._early_rows = passes, loads, sum(p.num_micro_batches for p in early)
+        for layer in self.layers:
+            layer.realised_rows = {}
+        self._realised = {}
+        plan_loads = loads[sum([list(range(p.first, p.first + p.num_micro_batches)) for p in passes
+                                if p.name == TRAIN], [])]
+        if self.rank == 0 and self.edp_group is not None:  # placement from the loads of every EDP replica
+            all_reduce_(plan_loads, self.edp_group)
+        plan_policy = self._policy_plan(plan_loads)
+        try:
+            if early:
+                t_plan, plan, error, failure = self._on_rank0(lambda: plan_on(
+                    self.policy, loads[:self._early_rows], self.placement, self.topology, self.policy_name),
+                    loads[:self._early_rows])
+                plan = self._share(plan, error, failure, self._early_rows, t_plan)
+                self._split(plan, early)
+                self._pending = BackgroundPlan(plan_policy) if self.rank == 0 else None
+                self.plan = early[0].plan
+                self._record_metrics([(plan, loads[:self._early_rows])], None, t_plan, time.perf_counter() - t0)
+            else:
+                self._pending = BackgroundPlan(plan_policy, in_thread=False) if self.rank == 0 else None
+                self.plan = self.prepare_training(t0)
+        except BaseException:
+            self._passes = self.plan = None  # nothing installable after a failed plan_step
+            raise
+        self.steps_planned += 1
+        return passes[0].plan
 
-        plan, error, failure, t_plan = None, "", None, 0.0
+    def _policy_plan(self, plan_loads: torch.Tensor):
+        """The policy's plan of the training passes' loads, checked (rank 0; runs in the background)."""
+        def plan() -> Plan:
+            out = self.policy.plan(plan_loads.clone(), self.topology)
+            if not isinstance(out, Plan):
+                raise ValueError(f"policy returned {type(out).__name__}, not a relibra.Plan")
+            out.validate(self.topology, plan_loads)
+            return out
+        return plan
+
+    def _on_rank0(self, make: Any, loads_MLE: torch.Tensor) -> tuple[float, Plan | None, str, BaseException | None]:
+        """Rank 0 runs ``make()`` and drops idle replicas: ``(seconds, plan, error text, failure)``."""
+        if self.rank != 0:
+            return 0.0, None, "", None
+        t0, plan, error, failure = time.perf_counter(), None, "", None
+        try:
+            plan = drop_idle_replicas(make(), loads_MLE, self.topology, self.replica_min_gain)
+        except Exception as exc:  # noqa: BLE001 - shared with every rank, then raised
+            error, failure, plan = failure_text(f"policy {self.policy_name!r}", exc), exc, None
+        return time.perf_counter() - t0, plan, error, failure
+
+    def prepare_training(self, started: float | None = None) -> Plan:
+        """Finish the step's placement and move the experts (collective; the first training
+        micro-batch calls it when :meth:`plan_step` planned in the background).
+
+        Rank 0 waits for the background plan, plans the replicas of the other passes that run on
+        it, and shares the result; the experts (weights, gradients, optimizer state) move; the
+        passes from the first training pass on get their plans. Returns the plan of the passes
+        on the new placement (all their micro-batches). A policy's failure raises the same error
+        on every rank, nothing moved, and the step is over (call ``plan_step`` again).
+        """
+        if self._passes is None:
+            raise RuntimeError("Balancer.prepare_training: no step is planned (call plan_step first)")
+        main = self._passes_after_early()
+        if main[0].plan is not None:  # planned and moved already
+            return join_plans([p.plan for p in main])
+        t0 = time.perf_counter() if started is None else started
+        rows = torch.cat([torch.arange(p.first, p.first + p.num_micro_batches) for p in main])
+        loads, waited, t_plan = self._loads[rows], 0.0, 0.0
+        plan, error, failure = None, "", None
         if self.rank == 0:
-            tp = time.perf_counter()
-            edp_root = self.edp_group is None or dist.get_rank(self.edp_group) == 0
-            plan_loads = loads
-            if self.edp_group is not None:  # placement from the loads of every EDP replica
-                plan_loads = loads.clone()
-                all_reduce_(plan_loads, self.edp_group)
             try:
-                if edp_root:
-                    plan = self.policy.plan(plan_loads.clone(), self.topology)
-                    if not isinstance(plan, Plan):
-                        raise ValueError(f"policy returned {type(plan).__name__}, not a relibra.Plan")
-                    plan.validate(self.topology, plan_loads)
-            except Exception as exc:  # noqa: BLE001 - shared with every rank below, then raised
-                error, failure, plan = _failure_text(f"policy {self.policy_name!r}", exc), exc, None
-            except BaseException as exc:  # KeyboardInterrupt, SystemExit: told to every rank, then re-raised
-                error, failure, plan = f"planning was interrupted on rank 0 by {exc!r}", exc, None
+                train, failure, t_plan, waited = self._pending.result()
+            except BaseException as exc:  # interrupted while waiting: told to every rank, then re-raised
+                train, failure = None, exc
+            self._pending = None
+            if failure is not None:
+                error = (failure_text(f"policy {self.policy_name!r}", failure) if isinstance(failure, Exception)
+                         else f"planning was interrupted on rank 0 by {failure!r}")
+            else:
+                plan, error, failure = self._main_plan(train, main)
             if self.edp_group is not None:
                 plan, error = edp_plan(plan, error, loads, self.topology, self.policy_name, self.edp_group,
                                        getattr(self.policy, "replan", None))
             if not error:
-                try:
-                    plan = self._drop_idle_replicas(plan, loads)
-                except Exception as exc:  # noqa: BLE001 - shared with every rank below, then raised
-                    error, failure, plan = _failure_text(f"policy {self.policy_name!r}", exc), exc, None
-            t_plan = time.perf_counter() - tp
-        plan = self._share_plan(plan, error, failure, M, t_plan)
+                seconds, plan, error, failure = self._on_rank0(lambda: plan, loads)
+        try:
+            plan = self._share(plan, error, failure, len(rows), t_plan)
+        except BaseException:
+            self._passes = self.plan = None  # the step cannot train: plan_step again
+            raise
         migration = self._adopt_placement(plan.placement)
-        self.plan, self._routes = plan, routes
-        self.steps_planned += 1
-        for layer in self.layers:
-            layer.realised_rows = {}
-        self._offsets_MLE = (source_GMLE.cumsum(0) - source_GMLE)[self.rank]
-        self._source_MLGE = source_GMLE.permute(1, 2, 0, 3)
-        if self.group is not None and self.topology.spare_slots_per_gpu:
-            self._replicas = ReplicaCache(self.layers, plan.spare_experts, plan.placement.home_experts,
-                                          plan.intra_node_replicas, self.topology, self.rank, prefetch=not self._fsdp)
-            if self.optimizer is not None and self.optimizer is not self._guarded:
-                guard_optimizer(self.optimizer, lambda opt: self._replicas if opt is self.optimizer else None)
-                self._guarded = self.optimizer
-        self._record_metrics(plan, loads, migration, t_plan, time.perf_counter() - t0)
+        self._split(plan, main)
+        early = [(p.plan, self._loads[p.rows]) for p in self._passes[:main[0].index]]
+        self._record_metrics(early + [(plan, loads)], migration, t_plan, time.perf_counter() - t0,
+                             waited_seconds=waited)
         return plan
 
-    def _drop_idle_replicas(self, plan: Plan, loads: torch.Tensor) -> Plan:
-        """Empty the spare slots of (micro-batch, layer)s where replicas gain < replica_min_gain."""
-        t = self.topology
-        if self.replica_min_gain <= 0 or t.spare_slots_per_gpu == 0:
-            return plan
-        base = Plan.without_replicas(plan.placement, loads, t)
-        busiest, base_busiest = plan.gpu_loads().amax(-1), base.gpu_loads().amax(-1)
-        idle = (plan.replicas() > 0) & (busiest.double() >= base_busiest.double() * (1 - self.replica_min_gain))
-        if not bool(idle.any()):
-            return plan
-        spare, tokens = plan.spare_experts.clone(), plan.slot_tokens.clone()
-        spare[idle] = -1
-        tokens[idle] = base.slot_tokens[idle]
-        out = Plan(t, plan.placement, spare, tokens, plan.intra_node_replicas, plan.policy, dict(plan.info))
-        out.info["replicas_dropped"] = int(plan.replicas()[idle].sum())
-        out.validate(t, loads)
-        return out
+    def _passes_after_early(self) -> list[Pass]:
+        """The passes that run on the step's placement (all but the overlapped forward-only ones)."""
+        return [p for p in self._passes if p.first >= self._early_rows]
 
-    def _share_plan(self, plan: Plan | None, error: str, failure: BaseException | None, M: int,
-                    t_plan: float) -> Plan:
-        """Rank 0's plan on every rank; or its ``error`` raised on every rank.
+    def _main_plan(self, train: Plan, main: list[Pass]) -> tuple[Plan | None, str, BaseException | None]:
+        """Rank 0: the policy's training plan with the replicas of the forward-only passes on its
+        placement, in schedule order: ``(plan, error text, failure)``."""
+        try:
+            parts, row = [], 0
+            for p in main:
+                if p.name == TRAIN:
+                    M = p.num_micro_batches
+                    parts.append(Plan(train.topology, train.placement, train.spare_experts[row:row + M],
+                                      train.slot_tokens[row:row + M], train.intra_node_replicas, train.policy))
+                    row += M
+                else:
+                    parts.append(plan_on(self.policy, self._loads[p.rows], train.placement, self.topology,
+                                         self.policy_name))
+            return join_plans(parts), "", None
+        except Exception as exc:  # noqa: BLE001 - shared with every rank, then raised
+            return None, failure_text(f"policy {self.policy_name!r}", exc), exc
 
-        A policy's exception (``failure``, rank 0 only) travels as its text and traceback and is
-        chained on rank 0; an interruption (KeyboardInterrupt, SystemExit) is announced to the
-        other ranks, which raise RuntimeError, and re-raised as it was on rank 0.
-        """
-        t = self.topology
-        interrupted = failure is not None and not isinstance(failure, Exception)
-        if self.group is None:
-            if interrupted:
-                raise failure
-            if error:
-                raise ValueError(f"Balancer.plan_step: {_with_note(error, '(nothing was changed)')}") from failure
-            return plan
-        sizes = (self.L * t.num_experts, M * self.L * t.num_spare_slots, M * self.L * t.num_physical_slots)
-        head = torch.zeros(4, dtype=torch.int64)
-        if self.rank == 0:
-            head[0] = _INTERRUPTED if interrupted else _FAILED if error else _PLANNED
-            head[1] = int(plan.intra_node_replicas) if plan is not None else 0
-            head[2] = int(t_plan * 1e9)
-        broadcast_(head, 0, self.group)
-        if int(head[0]) != _PLANNED:
-            text = all_gather_text(error if self.rank == 0 else "", self.group)[0]
-            if int(head[0]) == _INTERRUPTED:
-                if self.rank == 0:
-                    raise failure
-                raise RuntimeError(f"Balancer.plan_step: {text}; stopping this rank too "
-                                   f"(nothing was changed on any rank)")
-            raise ValueError(f"Balancer.plan_step: {_with_note(text, '(nothing was changed on any rank)')}") \
-                from failure
-        body = torch.zeros(sum(sizes), dtype=torch.int64)
-        if self.rank == 0:
-            body = torch.cat([plan.placement.home_experts.reshape(-1), plan.spare_experts.reshape(-1),
-                              plan.slot_tokens.reshape(-1)])
-        broadcast_(body, 0, self.group)
-        if self.rank == 0:
-            return plan
-        he, sp, st = torch.split(body, sizes)
-        return Plan(t, Placement(he.view(self.L, t.num_experts).clone()),
-                    sp.view(M, self.L, t.num_spare_slots).clone(), st.view(M, self.L, t.num_physical_slots).clone(),
-                    bool(head[1]), self.policy_name)
+    def _split(self, plan: Plan, passes: list[Pass]) -> None:
+        """Each pass's share of ``plan`` (its micro-batches, in order)."""
+        row = 0
+        for p in passes:
+            M = p.num_micro_batches
+            p.plan = Plan(plan.topology, plan.placement, plan.spare_experts[row:row + M], plan.slot_tokens[row:row + M],
+                          plan.intra_node_replicas, plan.policy, dict(plan.info))
+            row += M
+
+    def _end_step(self) -> None:
+        """The step before is over: its replica caches close, its background planning is awaited."""
+        for p in self._passes or ():
+            if p.cache is not None:  # its replica gradients not yet home are dropped
+                p.cache.close()
+        if self._pending is not None:
+            self._pending.result()
+        self.plan, self._passes, self._pending, self._replicas, self._current, self._metrics = (
+            None, None, None, None, None, {})
+
+    def _share(self, plan: Plan | None, error: str, failure: BaseException | None, M: int, t_plan: float) -> Plan:
+        return share_plan(plan, error, failure, M, t_plan, group=self.group, rank=self.rank, topology=self.topology,
+                          num_layers=self.L, policy_name=self.policy_name)
 
     def _adopt_placement(self, new: Placement):
         """Move the experts (weights, grads, optimizer state) to ``new``, then switch every layer
@@ -359,6 +414,8 @@ class Balancer:
         ``layers``, ``top_k``, ``steps_planned``; plain data (docs/checkpoints.md)."""
         from .checkpoint import planner_policy_state
 
+        if self._pending is not None:  # the policy's state is read after its background planning
+            self._pending.result()
         return {"version": 1, "policy": self.policy_name, "policy_state": planner_policy_state(self),
                 "placement": self.placement.home_experts.clone(), "topology": dict(vars(self.topology)),
                 "layers": list(self.layer_names), "top_k": self.K, "steps_planned": self.steps_planned}
@@ -372,6 +429,7 @@ class Balancer:
         from .checkpoint import agree_fault, restored_placement
         from .checkpoint_checks import balancer_state_fault
 
+        self._end_step()  # a step's background planning finishes before the policy's state is replaced
         agree_fault(self, balancer_state_fault(self, state, strict), "Balancer.load_state_dict")
         placement = restored_placement(self, state)
         if placement is not None:
@@ -379,35 +437,46 @@ class Balancer:
         if state["policy"] == self.policy_name and hasattr(self.policy, "load_state_dict"):
             self.policy.load_state_dict(state["policy_state"])
         self.steps_planned = int(state["steps_planned"])
-        self.plan, self._routes, self._offsets_MLE, self._metrics = None, None, None, {}
+        self._end_step()
 
     # ------------------------------------------------------------------ micro-batches
     @contextlib.contextmanager
-    def micro_batch(self, m: int) -> Iterator[None]:
-        """Install micro-batch ``m``'s replica plans and routes in every layer for the block.
+    def micro_batch(self, m: int, phase: int | str | None = None) -> Iterator[None]:
+        """Install micro-batch ``m`` of a pass: its replica plans and routes in every layer.
 
-        Every rank runs every micro-batch, in order, empty or not (see the module doc). The
-        block agrees its position with the EP group as it starts (before the replica fetch, a
-        collective) and as it ends normally, unless every layer was built with
-        ``agree_input_errors=False``; a rank out of step raises the same ValueError everywhere.
+        ``phase``: the pass, by its index in the schedule or its phase name when one pass has it
+        (None: the training pass, with one). Every rank runs every micro-batch of a pass, in order,
+        empty or not, and the passes in schedule order (see the module doc). The block agrees its
+        position (pass, m) with the EP group as it starts (before any other collective: the
+        replica fetch, :meth:`prepare_training` at the first training micro-batch) and as it ends
+        normally, unless every layer was built with ``agree_input_errors=False``; a rank out of
+        step raises the same ValueError everywhere.
         """
-        if self.plan is None:
+        if self._passes is None:
             raise RuntimeError("Balancer.micro_batch: no plan is installed (plan_step was not called, or the "
                                "last plan_step failed); call plan_step with this step's routes first")
         if isinstance(m, bool) or not isinstance(m, Integral):
             raise ValueError(f"Balancer.micro_batch: the micro-batch index must be an int, got {m!r}")
-        phase = PHASES.index("train")  # the only phase the Balancer runs today
+        index, fault = resolve_pass(self._passes, phase)
+        step_pass = self._passes[index]
+        fault = fault or pass_fault(self._passes, self._current, step_pass, self._early_rows)
+        cache = step_pass.cache if step_pass is self._current else None
+        fault = fault or ("" if cache is None else cache.entry_fault(m))
         agree_order = self.group is not None and any(layer.agree_input_errors for layer in self.layers)
-        fault = "" if self._replicas is None else self._replicas.entry_fault(m)
         if agree_order:  # before the range check: a rank alone at a bad index is out of step
-            found = agree_in_step(self.group, phase, m, BLOCK_START, fault)
+            found = agree_in_step(self.group, step_pass.id, m, BLOCK_START, fault)
             fault = "" if found is None else f"rank {found[0]}: {found[1]}"
         if fault:
             raise ValueError(f"Balancer.micro_batch: {fault}")
-        if not 0 <= m < self.plan.num_micro_batches:
-            raise IndexError(f"micro-batch {m} out of range [0, {self.plan.num_micro_batches})")
-        ctxs = micro_batch_contexts(self.layers, self.plan, m, phase, self._routes[m], self._offsets_MLE[m],
-                                    self._source_MLGE[m], self.rank, self._replicas)
+        if not 0 <= m < step_pass.num_micro_batches:
+            raise IndexError(f"micro-batch {m} out of range [0, {step_pass.num_micro_batches}) of pass "
+                             f"{step_pass.index} ({step_pass.name})")
+        if step_pass.plan is None:  # the first training micro-batch: the step's placement, the move
+            self.prepare_training()
+        if step_pass is not self._current:
+            self._start_pass(step_pass)
+        ctxs = micro_batch_contexts(self.layers, step_pass.plan, m, step_pass.id, step_pass.routes[m],
+                                    step_pass.offsets_MLE[m], step_pass.source_MLGE[m], self.rank, step_pass.cache)
         for layer, ctx in zip(self.layers, ctxs):
             layer.install(ctx)
         in_flight = sys.exc_info()[1]
@@ -416,62 +485,74 @@ class Balancer:
             # a block closed by an ExitStack while an exception propagates did not end normally:
             # its rank may have left a collective half done, so it must not start another
             if agree_order and sys.exc_info()[1] is in_flight:
-                agree_in_step(self.group, phase, m, BLOCK_END)
+                agree_in_step(self.group, step_pass.id, m, BLOCK_END)
         finally:
             for layer in self.layers:
                 layer.install(None)
 
+    def _start_pass(self, step_pass: Pass) -> None:
+        """Make ``step_pass`` the one that runs: its plan, a replica cache of its own, and the rows
+        the pass before computed kept for :meth:`metrics`."""
+        self._keep_realised()
+        self._current, self.plan = step_pass, step_pass.plan
+        if self.group is not None and self.topology.spare_slots_per_gpu:
+            plan = step_pass.plan
+            step_pass.cache = ReplicaCache(self.layers, plan.spare_experts, plan.placement.home_experts,
+                                           plan.intra_node_replicas, self.topology, self.rank,
+                                           prefetch=not self._fsdp)
+            self._replicas = step_pass.cache
+            if self.optimizer is not None and self.optimizer is not self._guarded:
+                guard_optimizer(self.optimizer, lambda opt: self._replicas if opt is self.optimizer else None)
+                self._guarded = self.optimizer
+
+    def _keep_realised(self) -> None:
+        """Move the layers' realised rows of the running pass into the step's table."""
+        if self._current is None:
+            return
+        for l, layer in enumerate(self.layers):
+            for m, rows in layer.realised_rows.items():
+                self._realised.setdefault(l, {})[self._current.first + m] = rows
+            layer.realised_rows = {}
+
     # ------------------------------------------------------------------ metrics
-    def _record_metrics(self, plan: Plan, loads, migration, t_plan: float, t_step: float) -> None:
-        t = self.topology
-        static = Plan.without_replicas(Placement.contiguous(t, self.L), loads, t)
+    def _record_metrics(self, parts: list[tuple[Plan, torch.Tensor]], migration, t_plan: float, t_step: float,
+                        waited_seconds: float = 0.0) -> None:
         ex = self.layers[0].experts
         bytes_per_expert = 3 * ex.dim * ex.hidden_dim * ex.gate_up_proj.element_size()
-        self._metrics = {
-            "policy": self.policy_name,
-            "planned_gpu_loads": plan.gpu_loads(),  # [M, L, G]
-            "planned_imbalance": float(plan.imbalance().mean()),
-            "planned_imbalance_max": float(plan.imbalance().max()),
-            "static_imbalance": float(static.imbalance().mean()),
-            "experts_moved": 0 if migration is None else int(migration.experts_moved),
-            "migration_bytes_sent": 0 if migration is None else int(migration.bytes_sent),
-            "replica_bytes": float(plan.replicas().sum()) * bytes_per_expert,
-            "planning_seconds": t_plan,
-            "plan_step_seconds": t_step,
-        }
+        passes = [(p.name, p.num_micro_batches) for p in self._passes if p.plan is not None]
+        self._metrics = planned_metrics(self.policy_name, parts, self.topology, migration, bytes_per_expert,
+                                        t_plan, t_step, passes)
+        self._metrics["planning_wait_seconds"] = waited_seconds
 
     def metrics(self, gather_realised: bool = False, as_tensors: bool = False) -> dict:
         """This step's metrics as plain Python numbers, strings and (nested) lists.
 
         A logger takes the dict as it is (``wandb.log(balancer.metrics())``; TensorBoard's
-        ``add_scalar`` per numeric key). Keys: ``policy``, ``planned_gpu_loads`` ``[M][L][G]``,
-        ``planned_imbalance`` (mean) / ``planned_imbalance_max`` (busiest over mean GPU),
+        ``add_scalar`` per numeric key). Keys (:mod:`relibra.runtime.metrics`): ``policy``,
+        ``pass_phases`` and ``pass_micro_batches`` (the planned passes in schedule order: the rows
+        of the tables below are their micro-batches in turn), ``planned_gpu_loads``
+        ``[M][L][G]``, ``planned_imbalance`` (mean) / ``planned_imbalance_max`` (busiest over
+        mean GPU), ``planned_max_vio`` ``[M][L]`` ((max - mean) / mean, verl's) and
+        ``planned_balancedness`` ``[M][L]`` (mean / max, vLLM's) with their ``_mean``,
         ``static_imbalance`` (the same loads on the contiguous placement without replicas),
         ``experts_moved``, ``migration_bytes_sent``, ``replica_bytes``, ``planning_seconds``,
-        ``plan_step_seconds``. With ``gather_realised`` (collective) also ``realised_gpu_loads``
-        ``[M][L][G]``, the rows each rank's dispatch computed, and ``realised_imbalance``.
-        ``as_tensors=True`` keeps the load tables as int64 tensors.
+        ``plan_step_seconds``, ``planning_wait_seconds`` (how long the first training micro-batch
+        waited for planning that ran in the background). With ``gather_realised`` (collective)
+        also ``realised_gpu_loads`` ``[M][L][G]`` (the rows each rank's dispatch computed),
+        ``realised_imbalance``, ``realised_max_vio`` and ``realised_balancedness``.
+        ``as_tensors=True`` keeps the tables as tensors.
         """
         out = dict(self._metrics)
-        if gather_realised and self.plan is not None:
-            M = self.plan.num_micro_batches
+        if gather_realised and self._passes is not None:
+            self._keep_realised()
+            M = sum(p.num_micro_batches for p in self._passes)
             local = torch.zeros(M, self.L, dtype=torch.int64)
-            for l, layer in enumerate(self.layers):
-                for m, rows in layer.realised_rows.items():
-                    if m < M:
-                        local[m, l] = rows
-            if self.group is None:
-                real = local[..., None]
-            else:
-                allr = all_gather_flat(local, self.group)
-                real = allr.permute(1, 2, 0)
-            g = real.double()
-            mean = g.mean(-1)
-            imb = torch.where(mean > 0, g.amax(-1) / mean.clamp(min=1e-30), torch.ones_like(mean))
-            out.update(realised_gpu_loads=real, realised_imbalance=float(imb.mean()))
-        if not as_tensors:
-            out = {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
-        return out
+            for l, rows in self._realised.items():
+                for row, count in rows.items():
+                    local[row, l] = count
+            real = local[..., None] if self.group is None else all_gather_flat(local, self.group).permute(1, 2, 0)
+            out.update(realised_metrics(real))
+        return plain(out, as_tensors)
 
     def __repr__(self) -> str:
         """One line: policy, layers, experts, topology and the installed plan (no tensors)."""

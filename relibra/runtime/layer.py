@@ -42,6 +42,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..phases import PHASES, pass_label
 from ..routing.routes import route_fault
 from ..topology import Topology
 from . import dispatch as _dispatch
@@ -52,8 +53,8 @@ from .router import Router, check_int_argument
 __all__ = ["BLOCK_END", "BLOCK_START", "PHASES", "Experts", "LayerMicroBatch", "ReLibraMoE", "agree_in_step",
            "micro_batch_contexts"]
 
-#: names of the phases a micro-batch runs in, by id; the Balancer installs one per micro-batch
-PHASES = ("train",)
+# PHASES (re-exported): the names of the phases a micro-batch runs in, by id (relibra.phases); the
+# Balancer installs the id of the micro-batch's pass (relibra.phases.pass_id)
 #: the "layer" of the agreements :meth:`relibra.Balancer.micro_batch` makes as its block starts and ends
 BLOCK_START, BLOCK_END = -2, -3
 
@@ -78,7 +79,7 @@ def _describe_position(key: int) -> str:
     rest, layer = divmod(key, _LAYER_IDS)
     phase, micro_batch = divmod(rest, _MICRO_BATCH_IDS)
     micro_batch, layer = micro_batch - 1, layer + BLOCK_END
-    name = PHASES[phase] if phase < len(PHASES) else f"phase {phase}"
+    name = pass_label(phase)
     where = f"{name} micro-batch {micro_batch}" if micro_batch >= 0 else f"{name}, outside any micro-batch block"
     if layer == BLOCK_START:
         return f"{where}, entering Balancer.micro_batch"
@@ -117,7 +118,7 @@ class LayerMicroBatch:
         routes_TK: ``[T, K]`` replayed routes (used when ``forward`` gets no routes), or None.
         token_offset_E: ``[E]`` token copies of each expert on lower ranks (replayed routes).
         layout: every size and row order of the dispatch of ``routes_TK`` (host-computed).
-        index, phase: which micro-batch this is (index into :data:`PHASES` for the phase).
+        index, phase: which micro-batch this is, in which pass (:func:`relibra.phases.pass_id`).
         spare_weights: the spare slots' weights ``([S, F, D], [S, D, I])``, fetched as the block
             started; or None, and then ``spare_source(gate_up, down)`` gives them from the
             forward (FSDP: the home weights are whole only there).
