@@ -90,6 +90,6 @@ def pass_id(index: int, name: str) -> int:
 
 
 def pass_label(pass_id_: int) -> str:
-    """``"train"`` for id 0, else the phase name with its pass index (``"logprob (pass 0)"``)."""
+    """The phase name, with the pass index after the first pass: ``"logprob"``, ``"train (pass 1)"``."""
     index, name = divmod(pass_id_, len(PHASES))
-    return PHASES[name] if pass_id_ == 0 else f"{PHASES[name]} (pass {index})"
+    return PHASES[name] if index == 0 else f"{PHASES[name]} (pass {index})"
