@@ -174,7 +174,7 @@ def bench(args: argparse.Namespace) -> int:
                 bar.update(1)
 
     results = simulate(loads, topology, cfg, names, warmup_steps=args.warmup_steps, progress=progress,
-                       options=options, packer=packer, phases=phases)
+                       options=options, packer=packer, phases=phases, overlap=not args.no_overlap)
     if packer is not None:
         packing.update(packer.describe())
     if bar is not None:
@@ -186,7 +186,7 @@ def bench(args: argparse.Namespace) -> int:
               "layers": L, "experts": E, "warmup_steps": args.warmup_steps, "topology": str(topology),
               "preset": args.preset, "cluster": args.cluster, "cost": cfg.to_dict(), "policy_options": options,
               "planning_time": "process CPU seconds of policy.plan per step, one torch thread",
-              "packing": packing, "phases": list(phases or (TRAIN,))}
+              "packing": packing, "phases": list(phases or (TRAIN,)), "overlap": not args.no_overlap}
     if stats is not None:
         header["trace_stats"] = stats
     for name in results:
@@ -208,7 +208,9 @@ def bench(args: argparse.Namespace) -> int:
         if options:
             print("policy options: " + "; ".join(f"{n}: {o}" for n, o in options.items()))
         if packer is not None or phases is not None:
-            print(f"packing: {packing['mode']}; phases: {', '.join(header['phases'])} (step time = all passes)")
+            where = "the step's placement" if args.no_overlap else "the step before's placement (overlap)"
+            print(f"packing: {packing['mode']}; phases: {', '.join(header['phases'])} (step time = all passes; "
+                  f"forward-only passes before training on {where})")
         print(_table(results))
         print(_row_systems(results))
         for name in ("hybrid", "ideal"):
@@ -365,6 +367,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--phases", default=None, metavar="SCHEDULE",
                    help="price a whole RL step: its passes in order, e.g. logprob,ref,train or logprob,train*2 "
                         "or 2+1 (forward-only passes + training epochs); default: one training pass")
+    b.add_argument("--no-overlap", action="store_true",
+                   help="with --phases: move the experts before the first pass, so the forward-only passes run on "
+                        "the step's placement (default: they run on the step before's, while it is planned)")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument("--plot", default=None, metavar="FILE.png")
     b.add_argument("--describe", action="store_true",

@@ -11,7 +11,8 @@
 - :mod:`.checkpoint`: checkpoints of model, optimizer and Balancer in logical expert order, plain
   or DCP, that load into any placement and world (its checks in :mod:`.checkpoint_checks`);
 - :mod:`.balancer`: :class:`Balancer`, the training-loop face (plan per step, migrate,
-  replicas per micro-batch);
+  replicas per micro-batch); the planning half in :mod:`.step_planning` (the step's passes in
+  :mod:`.schedule`, the plan broadcast in :mod:`.plan_share`), its metrics in :mod:`.metrics`;
 - :mod:`.fsdp`: FSDP2 composition (expert data parallel x expert parallel);
 - :mod:`.comm`: small control-plane collectives (errors agreed across ranks).
 

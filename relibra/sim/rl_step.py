@@ -19,8 +19,11 @@ all-to-all (dispatch and combine) and replica weight copies, no backward and no 
 the forward-only passes before it run on the placement of the step before with fresh replica
 plans (``policy.replan``, or no replicas for a policy without one), which is how the Balancer
 overlaps planning with the log-prob pass; the passes from the first training phase on run the
-policy's plan. Every pass uses the step's packing; replicas are priced per pass (a replica kept
-from one pass into the next pays its copy again).
+policy's plan. With ``overlap=False`` (``--no-overlap``) the placement moves before the first
+pass and every pass runs the policy's plan (the Balancer's ``plan_step(..., overlap=False)``;
+the planning time is not priced, as nowhere in the simulator). Every pass uses the step's
+packing; replicas are priced per pass (a replica kept from one pass into the next pays its copy
+again).
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ class StepPacker:
         mode: ``"tokens"`` or ``"routes"`` (``"rollout"`` needs no packer: the trace's loads).
         topology: the simulated topology (``routes`` scores its objective there).
 
-    ``seconds`` collects the process CPU time of every packing call.
+    ``seconds`` collects the process CPU time of every packing call (on one torch thread).
     """
 
     def __init__(self, steps: list[SequenceStep], mode: str, topology: Topology) -> None:
@@ -66,16 +69,21 @@ class StepPacker:
     def __call__(self, s: int, placement: Placement) -> torch.Tensor:
         step = self.steps[s]
         M, budget = step.num_micro_batches, step.tokens_per_micro_batch
-        t0 = time.process_time()
-        if self.mode == "tokens":
-            if s not in self._tokens_cache:
-                assign = pack_tokens(step.sequence_tokens, M, budget)
-                self._tokens_cache[s] = sum_by_micro_batch(torch.from_numpy(step.sequence_loads), assign, M)
-            loads = self._tokens_cache[s]
-        else:
-            loads = pack(step.sequence_loads, step.sequence_tokens, M, budget, placement, self.topology,
-                         start=step.micro_batch_of).loads
-        self.seconds.append(time.process_time() - t0)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as timed_plan: one thread's own work (spinning OpenMP workers inflate it)
+        try:
+            t0 = time.process_time()
+            if self.mode == "tokens":
+                if s not in self._tokens_cache:
+                    assign = pack_tokens(step.sequence_tokens, M, budget)
+                    self._tokens_cache[s] = sum_by_micro_batch(torch.from_numpy(step.sequence_loads), assign, M)
+                loads = self._tokens_cache[s]
+            else:
+                loads = pack(step.sequence_loads, step.sequence_tokens, M, budget, placement, self.topology,
+                             start=step.micro_batch_of).loads
+            self.seconds.append(time.process_time() - t0)
+        finally:
+            torch.set_num_threads(threads)
         return loads
 
     def describe(self) -> dict[str, Any]:
@@ -112,7 +120,7 @@ def _add(costs: list[StepCost]) -> StepCost:
 
 
 def phase_step_cost(plan: Plan, loads_MLE: torch.Tensor, cfg: CostConfig, previous: Placement,
-                    phases: tuple[str, ...], policy: Any) -> tuple[StepCost, list[float]]:
+                    phases: tuple[str, ...], policy: Any, overlap: bool = True) -> tuple[StepCost, list[float]]:
     """The step's cost over its ``phases`` and each phase's seconds (module docstring).
 
     Args:
@@ -120,9 +128,10 @@ def phase_step_cost(plan: Plan, loads_MLE: torch.Tensor, cfg: CostConfig, previo
         previous: the placement the step starts on.
         policy: plans the forward-only passes before the first training phase on ``previous``
             (:func:`plan_on`), when there are such passes.
+        overlap: False: the placement moves before the first pass, every pass runs ``plan``.
     """
     forward = forward_config(cfg)
-    first_train = phases.index(TRAIN)
+    first_train = phases.index(TRAIN) if overlap else 0
     before = plan_on(policy, loads_MLE, previous, plan.topology) if first_train > 0 else None
     costs = []
     for i, name in enumerate(phases):

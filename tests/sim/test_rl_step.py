@@ -102,6 +102,10 @@ def test_simulate_packings_and_phases(steps):
     assert sum(p["seconds"] for p in parts) == pytest.approx(phased["hybrid"].step_time_s)
     assert parts[1]["seconds"] == pytest.approx(rollout["hybrid"].step_time_s)  # the first epoch moves experts
     assert parts[2]["seconds"] < parts[1]["seconds"]  # the second does not
+    blocking = simulate(loads, topo, cfg, ["hybrid"], phases=("logprob", "train", "train"), overlap=False)
+    first = blocking["hybrid"].breakdown_s["phases_s"]
+    assert first[0]["seconds"] != pytest.approx(parts[0]["seconds"])  # the log-prob pass on the step's placement
+    assert first[1]["seconds"] == first[2]["seconds"] == pytest.approx(parts[2]["seconds"])  # the move went first
 
 
 def test_bench_packing_and_phases_json(v2_trace, capsys):
