@@ -120,7 +120,8 @@ def _add(costs: list[StepCost]) -> StepCost:
 
 
 def phase_step_cost(plan: Plan, loads_MLE: torch.Tensor, cfg: CostConfig, previous: Placement,
-                    phases: tuple[str, ...], policy: Any, overlap: bool = True) -> tuple[StepCost, list[float]]:
+                    phases: tuple[str, ...], policy: Any, overlap: bool = True, live_planning: bool = False
+                    ) -> tuple[StepCost, list[float]]:
     """The step's cost over its ``phases`` and each phase's seconds (module docstring).
 
     Args:
@@ -129,6 +130,7 @@ def phase_step_cost(plan: Plan, loads_MLE: torch.Tensor, cfg: CostConfig, previo
         policy: plans the forward-only passes before the first training phase on ``previous``
             (:func:`plan_on`), when there are such passes.
         overlap: False: the placement moves before the first pass, every pass runs ``plan``.
+        live_planning: every pass's plans are made at run time (:func:`relibra.sim.cost.step_cost`).
     """
     forward = forward_config(cfg)
     first_train = phases.index(TRAIN) if overlap else 0
@@ -137,9 +139,10 @@ def phase_step_cost(plan: Plan, loads_MLE: torch.Tensor, cfg: CostConfig, previo
     for i, name in enumerate(phases):
         phase_cfg = cfg if has_backward(name) else forward
         if i < first_train:
-            costs.append(step_cost(before, loads_MLE, phase_cfg))
+            costs.append(step_cost(before, loads_MLE, phase_cfg, live_planning=live_planning))
         else:
-            costs.append(step_cost(plan, loads_MLE, phase_cfg, previous=previous if i == first_train else None))
+            costs.append(step_cost(plan, loads_MLE, phase_cfg, previous=previous if i == first_train else None,
+                                   live_planning=live_planning))
     return _add(costs), [c.total_s for c in costs]
 
 

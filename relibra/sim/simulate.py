@@ -230,7 +230,8 @@ def simulate(loads_SMLE: Any, topology: Topology, cfg: CostConfig,
             if phases is None:
                 cost = step_cost(plan, step_loads, cfg, previous=previous, live_planning=name in LIVE_ROWS)
             else:
-                cost, seconds = phase_step_cost(plan, step_loads, cfg, previous, phases, policy, overlap)
+                cost, seconds = phase_step_cost(plan, step_loads, cfg, previous, phases, policy, overlap,
+                                                live_planning=name in LIVE_ROWS)
                 per_phase.append(seconds)
             previous = plan.placement
             if s < warmup_steps:

@@ -30,9 +30,10 @@ def test_sticky_plans_are_valid_never_slower_and_keep_more(data):
     topology = data.draw(strategies.topologies(spare_slots=(1, 2), nodes=(1, 2)))
     loads = data.draw(strategies.loads(topology, micro_batches=(2, 5), layers=(1, 2)))
     placement = Placement.contiguous(topology, loads.shape[1])
-    fresh = replicate_on(loads, placement, topology)
+    price = data.draw(st.sampled_from([None, 0.0]))  # intra-node only, or cross-node replicas wherever they help
+    fresh = replicate_on(loads, placement, topology, cross_node_price=price)
     sticky = stick_replicas(fresh, loads, 0.0)
-    sticky.validate(topology, loads)  # loads conserved, slots valid, replicas in their home node
+    sticky.validate(topology, loads)  # loads conserved, slots valid, intra-node replicas where promised
     assert sticky.placement.equal(fresh.placement)
     assert torch.equal(sticky.spare_experts[0], fresh.spare_experts[0])  # the first micro-batch is the fresh one
     # tolerance 0: no layer of any micro-batch waits longer than in the fresh plan
@@ -40,7 +41,7 @@ def test_sticky_plans_are_valid_never_slower_and_keep_more(data):
     for m in range(1, loads.shape[0]):  # every micro-batch keeps at least what the fresh one would of the one before
         assert matches(sticky.spare_experts[m], sticky.spare_experts[m - 1]) >= \
             matches(fresh.spare_experts[m], sticky.spare_experts[m - 1])
-    again = stick_replicas(replicate_on(loads, placement, topology), loads, 0.0)
+    again = stick_replicas(replicate_on(loads, placement, topology, cross_node_price=price), loads, 0.0)
     assert torch.equal(again.spare_experts, sticky.spare_experts) and torch.equal(again.slot_tokens,
                                                                                    sticky.slot_tokens)
 
@@ -60,10 +61,13 @@ def test_keeps_a_replica_the_fresh_plan_moves():
     assert (sticky.gpu_loads().amax(-1) <= fresh.gpu_loads().amax(-1)).all()
 
 
-@pytest.mark.parametrize("factory", [lambda: HybridPolicy(replica_stickiness=0.0),
-                                     lambda: ReplicatePolicy(replica_stickiness=0.0)])
-def test_policies_with_sticky_replicas_pass_check_policy(factory):
-    check_policy(factory, replicas="intra_node", max_examples=12)
+@pytest.mark.parametrize("factory,replicas", [
+    (lambda: HybridPolicy(replica_stickiness=0.0), "any"),  # cross-node replicas where they pay
+    (lambda: ReplicatePolicy(replica_stickiness=0.0), "any"),
+    (lambda: HybridPolicy(replica_stickiness=0.0, cross_node=False), "intra_node"),
+])
+def test_policies_with_sticky_replicas_pass_check_policy(factory, replicas):
+    check_policy(factory, replicas=replicas, max_examples=12)
 
 
 @pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), True, "0.1"])
