@@ -173,15 +173,15 @@ def pass_fault(passes: list[Pass], current: Pass | None, target: Pass, early_row
     step before cannot run once the experts moved; a pass may not end while replica gradient
     of its micro-batches waits to go home.
     """
-    if current is None or target is current:
-        return ""
-    if target.index < current.index:
+    if current is not None and target.index < current.index:
         return (f"pass {target.index} ({target.name}) after pass {current.index} ({current.name}): the passes of a "
                 "step run in schedule order")
     if target.first < early_rows and passes[-1].plan is not None and passes[-1].first >= early_rows:
         return (f"pass {target.index} ({target.name}) was planned on the placement of the step before, and the "
                 "experts have moved since (the first training micro-batch, or prepare_training): run the "
                 "forward-only passes before the first training pass")
+    if current is None or target is current:
+        return ""
     pending = "" if current.cache is None else current.cache.pending_fault()
     return f"pass {target.index} ({target.name}) started too early: {pending}" if pending else ""
 

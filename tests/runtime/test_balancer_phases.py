@@ -147,6 +147,10 @@ def _misuse_worker(rank, mesh):
     fwd(0, "logprob", [0, 1])
     out["skip_back"] = _outcome(lambda: fwd(0, "logprob", [0, 1]) or train(0, 1, [0, 3]) or fwd(1, 0, [2, 3]))
     bal.plan_step(routes, phases=SCHEDULE)
+    fwd(0, "logprob", [0, 1])
+    bal.prepare_training()  # explicit: the experts move now
+    out["logprob_after_move"] = _outcome(lambda: fwd(1, "logprob", [2, 3]))
+    bal.plan_step(routes, phases=SCHEDULE)
     out["fine_after"] = _outcome(lambda: [train(m, 1, g) for m, g in enumerate(SCHEDULE[1][1])])
     other = Net(mesh)
     failing = Balancer(other, mesh=mesh, policy=_Failing(), spare_slots_per_gpu=1)
@@ -177,6 +181,8 @@ def misuse():
     ("no_train", "ValueError", ("has no training pass",)),
     ("ambiguous", "ValueError", ("phase='train' names passes [1, 2]; give the pass index",)),
     ("skip_back", "ValueError", ("pass 0 (logprob) after pass 1 (train): the passes of a step run in schedule order",)),
+    ("logprob_after_move", "ValueError", ("pass 0 (logprob) was planned on the placement of the step before, and "
+                                          "the experts have moved since",)),
     ("fine_after", "no error", ()),
     ("policy_fails", "ValueError", ("Balancer.plan_step: policy '_Failing' failed: RuntimeError: no placement today",
                                     "nothing was changed on any rank")),
