@@ -12,8 +12,15 @@
 # 0.94 with the long-run popularity, Qwen3-235B measured 0.57 per batch (relibra.sim.traces.describe);
 # concentration ~32 matches that, and there hybrid's lead over both EPLBs is larger.
 # Add --derive-from ../shared/data/deepseek_v3_expert_load to rebuild the popularity file too.
+#
+# Per-sequence (format 2) trace of the same setting, for `relibra bench --packing tokens|routes`
+# (not shipped: ~475 sequences x 58 layers x 256 experts per step take ~10 MB even compressed):
+#   benchmarks/make_default_trace.sh --per-sequence --out /tmp/default_trace_v2.npz
+# (a relative --out is relative to the repository root).
+# Later options override the ones below (e.g. --steps 3 --concentration 64). PYTHON picks the
+# interpreter (default: python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m relibra.sim.traces --out relibra/sim/data/default_trace.npz \
+"${PYTHON:-python}" -m relibra.sim.traces --out relibra/sim/data/default_trace.npz \
   --steps 2 --micro-batches 8 --tokens-per-micro-batch 131072 \
   --group-size 16 --concentration 512 --workload prefill_in4096 --seed 0 "$@"

@@ -15,7 +15,8 @@ Columns: ``x static``, ``x eplb-or``, ``x eplb-gl``: hybrid's speedup over those
 micro-batches x layers; then hybrid's gap split by part, each in % of ideal's step time:
 ``comp`` (expert compute above the mean: residual imbalance), ``a2a`` (token all-to-all above
 ideal's uniform traffic), ``repl`` (replica weight copies and gradient reductions), ``migr``
-(reorder's expert moves, net of overlap); they add up to ``gap``. ``r1``/``r4``: realism of the
+(reorder's expert moves, net of overlap); they add up to ``gap``. ``xnode``: share of hybrid's
+(micro-batch, layer)s with a cross-node replica. ``r1``/``r4``: realism of the
 trace, correlation of 1- and 4-micro-batch loads with the long-run popularity (Qwen3-235B
 measured 0.57 and 0.71; relibra.sim.traces.describe). One CPU thread (planning timed on one).
 """
@@ -35,7 +36,7 @@ from relibra.sim.traces import TraceConfig, describe, generate, load_popularity
 
 POLICIES = ["static", "eplb-oracle", "eplb-oracle-global", "hybrid", "ideal"]
 HEAD = ["nodes", "spare", "group", "conc", "x static", "x eplb-or", "x eplb-gl", "gap", "imb mean", "imb worst",
-        "comp", "a2a", "repl", "migr", "r1", "r4"]
+        "comp", "a2a", "repl", "migr", "xnode", "r1", "r4"]
 
 
 def regime_row(nodes: int, spare: int, group: int, conc: float, args: argparse.Namespace,
@@ -49,13 +50,14 @@ def regime_row(nodes: int, spare: int, group: int, conc: float, args: argparse.N
     loads = generate(tcfg, popularity)
     res = simulate(loads, cfg.topology(nodes, gpn, spare), cfg, POLICIES, warmup_steps=1, options=options)
     h = res["hybrid"]
-    parts = list(gap_breakdown(res, "hybrid").values())
+    parts = [gap_breakdown(res, "hybrid")[k] for k in ("compute", "a2a", "replicas", "migration")]
+    xnode = h.plan_info.get("cross_node_layers", 0.0) / (args.micro_batches * loads.shape[2])
     d = describe(loads, popularity, ep=8, windows=(1, 4))
     corr = d["corr_with_long_run"]
     return [str(nodes), str(spare), str(group), f"{conc:g}", f"{h.speedup_vs_static:.2f}",
             f"{h.speedup_vs_eplb_oracle:.2f}", f"{h.speedup_vs_eplb_oracle_global:.2f}", f"{h.gap_to_ideal:+.1%}",
             f"{h.imbalance_mean:.2f}", f"{h.imbalance_worst:.2f}"] + [f"{p:+.1%}" for p in parts] + [
-            f"{corr.get(1, float('nan')):.2f}", f"{corr.get(4, float('nan')):.2f}"]
+            f"{xnode:.0%}", f"{corr.get(1, float('nan')):.2f}", f"{corr.get(4, float('nan')):.2f}"]
 
 
 def main(argv: list[str] | None = None) -> int:

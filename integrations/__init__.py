@@ -11,6 +11,8 @@ Submodules (import them directly; each imports its heavy dependency lazily):
   sharded experts left out.
 - :mod:`relibra.integrations.replay`: ``RouteRecorder``, ``replay_routes``, ``store_generation``.
 - :mod:`relibra.integrations.trl`: ``RelibraGRPOTrainer`` (needs ``trl``).
+- :mod:`relibra.integrations.verl`: ``rearrange_micro_batches`` with verl's signature, packing
+  micro-batches by recorded routes (needs nothing from verl).
 - :mod:`relibra.integrations.torchtitan`: ``swap_moe_modules(model, mesh)`` and state-dict
   converters for torchtitan 0.3 MoE models (needs ``torchtitan``).
 """

@@ -4,6 +4,9 @@
 or ``--trace FILE``) with the cost model of :mod:`relibra.sim.cost` and prints the comparison;
 ``--json`` prints one JSON object instead, ``--plot FILE.png`` draws it (needs matplotlib);
 ``--profile FILE`` prices with a machine profile from ``relibra calibrate``.
+``--packing tokens|routes`` re-packs every step's sequences (a per-sequence trace) and
+``--phases`` prices a whole RL step (log-prob, reference and training passes): see
+:mod:`relibra.sim.rl_step` and docs/rl-step.md.
 
 ``relibra measure`` runs the real stack (ReLibraMoE layers, the Balancer, AdamW) for every
 policy on real ranks and prints measured against modelled step times; ``relibra calibrate``
@@ -78,17 +81,17 @@ def parse_options(items: list[str], policies: list[str]) -> dict[str, dict[str, 
 
 def check_policy_names(text: str) -> list[str]:
     """The bench rows of ``--policies`` (comma-separated); ValueError for a name that is neither a
-    bench row (``relibra.sim.simulate.DEFAULT_POLICIES``) nor a registered policy, with the
+    bench row (``relibra.sim.simulate.ROW_SYSTEMS``) nor a registered policy, with the
     closest known names as a suggestion."""
     import difflib
 
     from .registry import available_policies
-    from .sim.simulate import DEFAULT_POLICIES
+    from .sim.simulate import DEFAULT_POLICIES, ROW_SYSTEMS
 
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
         raise ValueError(f"--policies names no policy: {text!r}")
-    known = list(dict.fromkeys([*DEFAULT_POLICIES, *available_policies()]))
+    known = list(dict.fromkeys([*DEFAULT_POLICIES, *ROW_SYSTEMS, *available_policies()]))
     for name in names:
         if name not in known:
             close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
@@ -118,14 +121,40 @@ def _table(results: dict[str, Any]) -> str:
     return "\n".join(lines + skipped)
 
 
+def _row_systems(results: dict[str, Any]) -> str:
+    """Which system each bench row stands for (relibra.sim.simulate.ROW_SYSTEMS), one line each."""
+    from .sim.simulate import ROW_SYSTEMS
+
+    named = [n for n in results if n in ROW_SYSTEMS]
+    width = max((len(n) for n in named), default=0)
+    return "\n".join(["rows:"] + [f"  {n:{width}s}  {ROW_SYSTEMS[n]}" for n in named])
+
+
+def _packing(args: argparse.Namespace, trace: Any, topology: Any) -> tuple[Any, dict[str, Any]]:
+    """``(packer or None, the JSON's "packing" object)`` of ``--packing``; ValueError naming the
+    trace when ``tokens``/``routes`` meet a trace without sequences."""
+    from .sim.rl_step import StepPacker
+    from .sim.traces import sequence_steps
+
+    if args.packing == "rollout":
+        return None, {"mode": "rollout", "packer": "none: the trace's loads (rollout order)"}
+    where = f"--packing {args.packing} needs a per-sequence (format 2) trace, but trace file {args.trace or 'default'}"
+    steps = sequence_steps(trace, where=where)[: args.steps]
+    packer = StepPacker(steps, args.packing, topology)
+    return packer, {"mode": args.packing}
+
+
 def bench(args: argparse.Namespace) -> int:
+    from .phases import TRAIN, parse_phases
     from .sim.cost import make_config
     from .sim.simulate import gap_breakdown, simulate
-    from .sim.traces import default_trace_path, load_trace_file
+    from .sim.traces import default_trace_path, read_trace_file
 
     names = check_policy_names(args.policies)  # before any work: a typo is not a skipped row
+    phases = parse_phases(args.phases) if args.phases is not None else None
     cfg = make_config(args.preset, args.cluster, _parse_sets(args.set))
-    loads, top_k, meta = load_trace_file(args.trace or default_trace_path())
+    trace = read_trace_file(args.trace or default_trace_path())
+    loads, top_k, meta = trace.loads.numpy(), int(trace.top_k), dict(trace.meta)
     if top_k != cfg.top_k:
         raise ValueError(f"trace top_k={top_k} differs from preset {args.preset} top_k={cfg.top_k}")
     if args.steps is not None:
@@ -137,6 +166,7 @@ def bench(args: argparse.Namespace) -> int:
     cfg = _with_profile(cfg, args.profile)
     topology = cfg.topology(args.nodes, args.gpus_per_node, args.spare_slots)
     options = parse_options(args.option, names)
+    packer, packing = _packing(args, trace, topology)
     bar = None
     try:
         from tqdm import tqdm
@@ -152,7 +182,9 @@ def bench(args: argparse.Namespace) -> int:
                 bar.update(1)
 
     results = simulate(loads, topology, cfg, names, warmup_steps=args.warmup_steps, progress=progress,
-                       options=options)
+                       options=options, packer=packer, phases=phases, overlap=not args.no_overlap)
+    if packer is not None:
+        packing.update(packer.describe())
     if bar is not None:
         bar.update(1)
         bar.close()
@@ -161,7 +193,8 @@ def bench(args: argparse.Namespace) -> int:
     header = {"trace": args.trace or "default", "trace_meta": meta, "steps": S, "micro_batches": M,
               "layers": L, "experts": E, "warmup_steps": args.warmup_steps, "topology": str(topology),
               "preset": args.preset, "cluster": args.cluster, "cost": cfg.to_dict(), "policy_options": options,
-              "planning_time": "process CPU seconds of policy.plan per step, one torch thread"}
+              "planning_time": "process CPU seconds of policy.plan per step, one torch thread",
+              "packing": packing, "phases": list(phases or (TRAIN,)), "overlap": not args.no_overlap}
     if stats is not None:
         header["trace_stats"] = stats
     for name in results:
@@ -169,6 +202,9 @@ def bench(args: argparse.Namespace) -> int:
         if parts is not None and name != "ideal":
             results[name].breakdown_s["gap_parts"] = parts
     if args.json:
+        from .sim.simulate import ROW_SYSTEMS
+
+        header["row_systems"] = {n: ROW_SYSTEMS[n] for n in results if n in ROW_SYSTEMS}
         print(json.dumps({"policies": {n: r.to_json() for n, r in results.items()}, **header}))
     else:
         print(f"trace {header['trace']}: {S} steps x {M} micro-batches x {L} layers x {E} experts; "
@@ -179,7 +215,16 @@ def bench(args: argparse.Namespace) -> int:
             print(format_description(stats))
         if options:
             print("policy options: " + "; ".join(f"{n}: {o}" for n, o in options.items()))
+        if packer is not None or phases is not None:
+            where = "the step's placement" if args.no_overlap else "the step before's placement (overlap)"
+            print(f"packing: {packing['mode']}; phases: {', '.join(header['phases'])} (step time = all passes; "
+                  f"forward-only passes before training on {where})")
         print(_table(results))
+        print(_row_systems(results))
+        for name in ("hybrid", "ideal"):
+            if phases is not None and name in results and not results[name].skipped:
+                print(f"{name}'s step by phase: " + ", ".join(
+                    f"{p['phase']} {p['seconds']:.2f}s" for p in results[name].breakdown_s["phases_s"]))
         parts = gap_breakdown(results, "hybrid")
         if parts is not None:
             print("hybrid's gap to ideal = " + " ".join(f"{k} {v:+.1%}" for k, v in parts.items()))
@@ -214,7 +259,7 @@ def _describe(loads: Any, meta: dict[str, Any]) -> dict[str, Any]:
 #: step-time parts of the cost model drawn by ``--plot`` (``PolicyResult.breakdown_s`` key, label)
 TIME_PARTS = (("expert_compute_s", "expert compute"), ("non_moe_s", "dense layers"), ("a2a_s", "all-to-all"),
               ("replica_s", "replicas"), ("reorder_s", "migration"), ("optimizer_s", "optimizer"),
-              ("overhead_s", "host"), ("extra_s", "other"))
+              ("overhead_s", "host"), ("planning_s", "live planning"), ("extra_s", "other"))
 
 
 def relative_gpu_loads(results: dict[str, Any]) -> dict[str, Any]:
@@ -405,6 +450,7 @@ def _launch(argv: list[str]) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .sim.cost import CLUSTER_PRESETS
     from .sim.simulate import DEFAULT_POLICIES
 
     ap = argparse.ArgumentParser(prog="relibra", description="Expert load balancing for RL training of MoE models.")
@@ -413,13 +459,24 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="compare balancing policies on a routing trace with the cost model")
     b.add_argument("--trace", default=None, help="trace .npz (loads [steps, M, L, E], top_k); default: embedded")
     b.add_argument("--preset", default="deepseek-v3", choices=["deepseek-v3", "qwen3-30b-a3b", "qwen3-235b-a22b"])
-    b.add_argument("--cluster", default="h100", choices=["h100", "h800", "h200"])
+    b.add_argument("--cluster", default="h100", choices=list(CLUSTER_PRESETS),
+                   help="GPU and links; a node is one NVLink domain (gb200-nvl72: up to 72 GPUs per node)")
     b.add_argument("--nodes", type=int, default=8)
     b.add_argument("--gpus-per-node", type=int, default=8)
     b.add_argument("--spare-slots", type=int, default=1)
     b.add_argument("--policies", default=",".join(DEFAULT_POLICIES))
     b.add_argument("--steps", type=int, default=None, help="use only the first K steps of the trace")
     b.add_argument("--warmup-steps", type=int, default=1)
+    b.add_argument("--packing", default="rollout", choices=["rollout", "tokens", "routes"],
+                   help="which sequences share a micro-batch: the trace's rollout order (default), token "
+                        "packing (LPT on lengths) or route-aware packing (relibra.packing.pack); tokens and "
+                        "routes need a per-sequence trace (python -m relibra.sim.traces --per-sequence)")
+    b.add_argument("--phases", default=None, metavar="SCHEDULE",
+                   help="price a whole RL step: its passes in order, e.g. logprob,ref,train or logprob,train*2 "
+                        "or 2+1 (forward-only passes + training epochs); default: one training pass")
+    b.add_argument("--no-overlap", action="store_true",
+                   help="with --phases: move the experts before the first pass, so the forward-only passes run on "
+                        "the step's placement (default: they run on the step before's, while it is planned)")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument("--plot", default=None, metavar="FILE.png")
     b.add_argument("--describe", action="store_true",

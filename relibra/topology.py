@@ -9,6 +9,12 @@ Legend of names used across relibra:
 Physical slot ``p`` lives on GPU ``p // (H + S)``; on each GPU the first ``H`` slots are home
 slots (they hold the expert's weights and optimizer state), the next ``S`` are spare slots
 (filled with replicas). GPU ``g`` lives on node ``g // gpus_per_node``.
+
+A *node* is one NVLink domain, whatever its size: the GPUs joined by the fast tier
+(``intra_node_bandwidth``), 8 on an H100 or B200 HGX board, up to 72 on a GB200 NVL72 rack. The
+slow tier (``inter_node_bandwidth``) joins domains. So one NVL72 rack is ``num_nodes=1``; with
+256 experts, which 72 does not divide, it runs expert parallelism on 64 of its 72 GPUs
+(``gpus_per_node=64``): every GPU of the expert-parallel group has the same ``H`` home slots.
 """
 
 from __future__ import annotations
@@ -28,14 +34,15 @@ class Topology:
     """Shape of the expert-parallel group for one MoE model.
 
     Args:
-        num_nodes: nodes in the expert-parallel group.
-        gpus_per_node: GPUs of the group on each node.
+        num_nodes: nodes (NVLink domains) in the expert-parallel group.
+        gpus_per_node: GPUs of the group in each NVLink domain (8 on HGX boards, up to 72 on
+            GB200 NVL72; use a count that divides the experts, e.g. 64 of an NVL72's 72).
         num_experts: logical routed experts per MoE layer; must divide evenly by the GPUs.
         spare_slots_per_gpu: slots per GPU for replicas (0 disables replication).
         num_expert_groups: expert groups of group-limited routing (DeepSeek-V3: 8); used by
             the hierarchical EPLB. Must divide ``num_experts``.
         intra_node_bandwidth: bytes/s per GPU per direction inside a node (NVLink).
-        inter_node_bandwidth: bytes/s per GPU per direction between nodes (InfiniBand).
+        inter_node_bandwidth: bytes/s per GPU per direction between nodes (InfiniBand, scale-out).
     """
 
     num_nodes: int
@@ -55,10 +62,13 @@ class Topology:
         if not isinstance(spare, int) or isinstance(spare, bool) or spare < 0:
             raise ValueError(f"Topology.spare_slots_per_gpu must be an int >= 0, got {spare!r}")
         if self.num_experts % self.num_gpus:
+            fits = [g for g in range(self.gpus_per_node, 0, -1) if self.num_experts % (self.num_nodes * g) == 0]
+            hint = (f"; run expert parallelism on {fits[0]} of each node's GPUs (gpus_per_node={fits[0]})"
+                    if fits else "")
             raise ValueError(
                 f"Topology.num_experts={self.num_experts} is not divisible by the "
                 f"{self.num_gpus} GPUs ({self.num_nodes} nodes x {self.gpus_per_node}); "
-                "every GPU needs the same number of home slots"
+                f"every GPU needs the same number of home slots{hint}"
             )
         if self.num_experts % self.num_expert_groups:
             raise ValueError(

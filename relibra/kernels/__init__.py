@@ -60,36 +60,44 @@ def _triton():
 
 
 def permute(x_TD: torch.Tensor, dest_TK: torch.Tensor, num_groups: int, align: int = 1,
-            backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            backend: str | None = None, num_rows: int | None = None, check_values: bool = True
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group token copies by destination: ``(x_perm_RD, row_index_TK, group_offsets)``.
 
     ``x_TD [T, D]`` float, ``dest_TK [T, K]`` int64 in ``-1..num_groups-1`` (-1 drops the copy).
     Copies are ordered by group, stably by token then k; each group is padded with zero rows to
     a multiple of ``align``; ``row_index_TK [T, K]`` int64 (-1 if dropped); ``group_offsets
     [num_groups + 1]`` int64. Differentiable w.r.t. x (backward: gather-sum by row_index).
+
+    ``num_rows``: the buffer's row count R (``group_offsets[-1]``) when the caller knows it, so
+    nothing is read back on the host; ``check_values=False`` skips the CPU-only scan of
+    ``dest_TK``'s values (for callers that built them).
     """
     if resolve_backend(backend, x_TD) == "triton":
-        return _triton().permute(x_TD, dest_TK, num_groups, align)
-    return reference.permute(x_TD, dest_TK, num_groups, align)
+        return _triton().permute(x_TD, dest_TK, num_groups, align, num_rows, check_values)
+    return reference.permute(x_TD, dest_TK, num_groups, align, num_rows, check_values)
 
 
 def unpermute(y_perm_RD: torch.Tensor, row_index_TK: torch.Tensor, weights_TK: torch.Tensor,
-              backend: str | None = None) -> torch.Tensor:
+              backend: str | None = None, check_values: bool = True) -> torch.Tensor:
     """``out_TD[t] = sum_k weights_TK[t, k] * y_perm_RD[row_index_TK[t, k]]`` skipping -1.
 
     Accumulates in float32, returns y_perm's dtype; gradients for y_perm and weights.
+    ``check_values=False`` skips the CPU-only scan of ``row_index_TK``.
     """
     if resolve_backend(backend, y_perm_RD) == "triton":
-        return _triton().unpermute(y_perm_RD, row_index_TK, weights_TK)
-    return reference.unpermute(y_perm_RD, row_index_TK, weights_TK)
+        return _triton().unpermute(y_perm_RD, row_index_TK, weights_TK, check_values)
+    return reference.unpermute(y_perm_RD, row_index_TK, weights_TK, check_values)
 
 
 def assign_copies(topk_ids_TK: torch.Tensor, copy_slots_EX: torch.Tensor, copy_ends_EX: torch.Tensor,
-                  token_offset_E: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+                  token_offset_E: torch.Tensor, backend: str | None = None, check_values: bool = True
+                  ) -> torch.Tensor:
     """Physical slot ``dest_TK [T, K]`` of every token copy under a replica plan's token split.
 
-    See :func:`relibra.kernels.reference.assign_copies` for the exact rule; no host sync.
+    See :func:`relibra.kernels.reference.assign_copies` for the exact rule; no host sync
+    (``check_values=False`` also skips the CPU-only scan of ``topk_ids_TK``).
     """
     if resolve_backend(backend, topk_ids_TK) == "triton":
-        return _triton().assign_copies(topk_ids_TK, copy_slots_EX, copy_ends_EX, token_offset_E)
-    return reference.assign_copies(topk_ids_TK, copy_slots_EX, copy_ends_EX, token_offset_E)
+        return _triton().assign_copies(topk_ids_TK, copy_slots_EX, copy_ends_EX, token_offset_E, check_values)
+    return reference.assign_copies(topk_ids_TK, copy_slots_EX, copy_ends_EX, token_offset_E, check_values)

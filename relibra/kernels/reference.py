@@ -14,7 +14,11 @@ Token layout of :func:`permute` (``align = 4``, ``dest_TK = [[1, 0], [1, -1], [0
 
 Copies are ordered by group, stably by token then k inside a group. Every function here is
 vectorised (one stable sort, no python loop over tokens) and differentiable through plain
-torch ops; the only host sync is reading ``R`` to allocate ``x_perm``.
+torch ops. None reads a tensor value on the host except :func:`permute` reading ``R`` to
+allocate ``x_perm`` when the caller does not pass ``num_rows``, and the argument checks' value
+scans on CPU tensors (``check_values=False`` skips them: callers that built the values, e.g. the
+dispatch of replayed routes, whose every size is known before the forward). No op with a
+data-dependent output shape (``nonzero``, ``bincount``, boolean indexing) is used.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ def group_ranks(keys_N: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, to
     """
     N = keys_N.numel()
     key = torch.where(keys_N >= 0, keys_N, torch.full_like(keys_N, num_groups))
-    counts = torch.bincount(key, minlength=num_groups + 1)[: num_groups + 1]
+    counts = torch.zeros(num_groups + 1, dtype=torch.int64, device=keys_N.device)
+    counts.scatter_add_(0, key, torch.ones_like(key))
     sorted_key, order = torch.sort(key, stable=True)
     starts = torch.cumsum(counts, 0) - counts
     rank_sorted = torch.arange(N, device=keys_N.device) - starts[sorted_key]
@@ -52,8 +57,10 @@ def padded_offsets(counts_G: torch.Tensor, align: int) -> torch.Tensor:
     return torch.cat([padded.new_zeros(1), torch.cumsum(padded, 0)])
 
 
-def check_permute_args(x_TD: torch.Tensor, dest_TK: torch.Tensor, num_groups: int, align: int) -> None:
-    """Raise ValueError naming the bad argument of :func:`permute` (shapes, dtypes, values on CPU)."""
+def check_permute_args(x_TD: torch.Tensor, dest_TK: torch.Tensor, num_groups: int, align: int,
+                       num_rows: int | None = None, check_values: bool = True) -> None:
+    """Raise ValueError naming the bad argument of :func:`permute` (shapes, dtypes; values on CPU
+    unless ``check_values`` is False)."""
     if not isinstance(x_TD, torch.Tensor) or x_TD.dim() != 2 or not x_TD.is_floating_point():
         raise ValueError(f"x_TD must be a 2-D float tensor [T, D], got "
                          f"{getattr(x_TD, 'dtype', type(x_TD))} {tuple(getattr(x_TD, 'shape', ()))}")
@@ -68,14 +75,17 @@ def check_permute_args(x_TD: torch.Tensor, dest_TK: torch.Tensor, num_groups: in
         raise ValueError(f"num_groups must be a non-negative int, got {num_groups!r}")
     if int(align) != align or align < 1:
         raise ValueError(f"align must be an int >= 1, got {align!r}")
-    if dest_TK.device.type == "cpu" and dest_TK.numel():
+    if num_rows is not None and (int(num_rows) != num_rows or num_rows < 0):
+        raise ValueError(f"num_rows must be None or an int >= 0, got {num_rows!r}")
+    if check_values and dest_TK.device.type == "cpu" and dest_TK.numel():
         lo, hi = int(dest_TK.min()), int(dest_TK.max())
         if lo < -1 or hi >= num_groups:
             bad = lo if lo < -1 else hi
             raise ValueError(f"dest_TK holds group {bad}, outside -1..{num_groups - 1}")
 
 
-def check_unpermute_args(y_RD: torch.Tensor, row_index_TK: torch.Tensor, weights_TK: torch.Tensor) -> None:
+def check_unpermute_args(y_RD: torch.Tensor, row_index_TK: torch.Tensor, weights_TK: torch.Tensor,
+                         check_values: bool = True) -> None:
     """Raise ValueError naming the bad argument of :func:`unpermute`."""
     if not isinstance(y_RD, torch.Tensor) or y_RD.dim() != 2 or not y_RD.is_floating_point():
         raise ValueError(f"y_perm_RD must be a 2-D float tensor [R, D], got "
@@ -91,7 +101,7 @@ def check_unpermute_args(y_RD: torch.Tensor, row_index_TK: torch.Tensor, weights
         raise ValueError(f"weights_TK must be a float tensor, got {weights_TK.dtype}")
     if row_index_TK.device != y_RD.device or weights_TK.device != y_RD.device:
         raise ValueError("y_perm_RD, row_index_TK and weights_TK must be on one device")
-    if y_RD.device.type == "cpu" and row_index_TK.numel():
+    if check_values and y_RD.device.type == "cpu" and row_index_TK.numel():
         lo, hi = int(row_index_TK.min()), int(row_index_TK.max())
         if lo < -1 or hi >= y_RD.shape[0]:
             bad = lo if lo < -1 else hi
@@ -99,7 +109,7 @@ def check_unpermute_args(y_RD: torch.Tensor, row_index_TK: torch.Tensor, weights
 
 
 def check_assign_args(topk_ids_TK: torch.Tensor, copy_slots_EX: torch.Tensor,
-                      copy_ends_EX: torch.Tensor, token_offset_E: torch.Tensor) -> None:
+                      copy_ends_EX: torch.Tensor, token_offset_E: torch.Tensor, check_values: bool = True) -> None:
     """Raise ValueError naming the bad argument of :func:`assign_copies`."""
     named = {"topk_ids_TK": topk_ids_TK, "copy_slots_EX": copy_slots_EX,
              "copy_ends_EX": copy_ends_EX, "token_offset_E": token_offset_E}
@@ -119,7 +129,7 @@ def check_assign_args(topk_ids_TK: torch.Tensor, copy_slots_EX: torch.Tensor,
         raise ValueError(f"token_offset_E must have shape ({copy_slots_EX.shape[0]},), "
                          f"got {tuple(token_offset_E.shape)}")
     E = copy_slots_EX.shape[0]
-    if topk_ids_TK.device.type == "cpu" and topk_ids_TK.numel():
+    if check_values and topk_ids_TK.device.type == "cpu" and topk_ids_TK.numel():
         lo, hi = int(topk_ids_TK.min()), int(topk_ids_TK.max())
         if lo < -1 or hi >= E:
             raise ValueError(f"topk_ids_TK holds expert {lo if lo < -1 else hi}, outside -1..{E - 1}")
@@ -136,7 +146,8 @@ def permute_index(dest_TK: torch.Tensor, num_groups: int, align: int = 1
     return rows.view(dest_TK.shape), offsets, counts
 
 
-def permute(x_TD: torch.Tensor, dest_TK: torch.Tensor, num_groups: int, align: int = 1
+def permute(x_TD: torch.Tensor, dest_TK: torch.Tensor, num_groups: int, align: int = 1,
+            num_rows: int | None = None, check_values: bool = True
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Copy every token once per destination, grouped by destination (see the module doc).
 
@@ -145,45 +156,58 @@ def permute(x_TD: torch.Tensor, dest_TK: torch.Tensor, num_groups: int, align: i
         dest_TK: ``[T, K]`` int64 destination group of each copy, -1 to drop it.
         num_groups: G.
         align: pad every group with zero rows to a multiple of ``align`` rows.
+        num_rows: R when the caller knows it (it must equal ``group_offsets[-1]``): then
+            nothing is read on the host. None reads it (a host sync on a GPU).
+        check_values: scan ``dest_TK``'s values on CPU (and ``num_rows`` against them).
     Returns:
         ``x_perm_RD [R, D]`` (x's dtype; ``R = group_offsets[-1]``), ``row_index_TK [T, K]``
         int64 (-1 where dropped) and ``group_offsets [G+1]`` int64. Differentiable w.r.t. x.
     """
-    check_permute_args(x_TD, dest_TK, num_groups, align)
+    check_permute_args(x_TD, dest_TK, num_groups, align, num_rows, check_values)
     row_index_TK, offsets, _ = permute_index(dest_TK, num_groups, align)
-    R = int(offsets[-1])  # host sync: the buffer size
+    if num_rows is None:
+        R = int(offsets[-1])  # host sync: the buffer size
+    else:
+        R = int(num_rows)
+        if check_values and x_TD.device.type == "cpu" and R != int(offsets[-1]):
+            raise ValueError(f"num_rows={R} but dest_TK fills {int(offsets[-1])} rows")
     rows = row_index_TK.reshape(-1)
-    keep = (rows >= 0).nonzero().squeeze(1)
-    src = keep // max(dest_TK.shape[1], 1)
-    x_perm = x_TD.new_zeros(R, x_TD.shape[1]).index_copy(0, rows[keep], x_TD.index_select(0, src))
+    N = rows.numel()
+    # the copy that fills each row (-1: padding); dropped copies land past R, each on its own row
+    where_to = torch.where(rows >= 0, rows, R + torch.arange(N, device=rows.device))
+    source_R = torch.full((R + N,), -1, dtype=torch.int64, device=rows.device)
+    source_R = source_R.scatter_(0, where_to, torch.arange(N, device=rows.device))[:R]
+    token_R = source_R.clamp(min=0) // max(dest_TK.shape[1], 1)
+    x_perm = torch.where((source_R >= 0)[:, None], x_TD.index_select(0, token_R), 0)
     return x_perm, row_index_TK, offsets
 
 
-def unpermute(y_perm_RD: torch.Tensor, row_index_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+def unpermute(y_perm_RD: torch.Tensor, row_index_TK: torch.Tensor, weights_TK: torch.Tensor,
+              check_values: bool = True) -> torch.Tensor:
     """Weighted gather-sum back to token order.
 
     ``out_TD[t] = sum_k weights_TK[t, k] * y_perm_RD[row_index_TK[t, k]]``, skipping -1 rows
-    (their weight and row never touch the sum, so a NaN there does not leak). Accumulates in
-    float32 (float64 for float64 data) and returns ``[T, D]`` in y_perm's dtype.
-    Differentiable w.r.t. y_perm and weights.
+    (their weight and row are masked out before they meet, so a NaN there leaks into neither the
+    sum nor the gradients). Accumulates in float32 (float64 for float64 data) and returns
+    ``[T, D]`` in y_perm's dtype. Differentiable w.r.t. y_perm and weights. ``check_values``:
+    scan ``row_index_TK`` on CPU.
     """
-    check_unpermute_args(y_perm_RD, row_index_TK, weights_TK)
+    check_unpermute_args(y_perm_RD, row_index_TK, weights_TK, check_values)
     T, K = row_index_TK.shape
-    D = y_perm_RD.shape[1]
-    valid = row_index_TK >= 0
-    flat = row_index_TK.reshape(-1)
-    keep = valid.reshape(-1).nonzero().squeeze(1)
+    R, D = y_perm_RD.shape
     acc = torch.promote_types(y_perm_RD.dtype, torch.float32)
-    rows = y_perm_RD.index_select(0, flat[keep]).to(acc)
-    w = weights_TK.reshape(-1)[keep].to(acc)
-    contrib = rows * w[:, None]
-    out = torch.zeros(T, D, dtype=acc, device=y_perm_RD.device)
-    out = out.index_add(0, keep // max(K, 1), contrib)
-    return out.to(y_perm_RD.dtype)
+    valid_TK = row_index_TK >= 0
+    if R == 0:  # every copy dropped (a shape, not a value): the sum of no rows is 0, y stays in the graph
+        rows_TKD = y_perm_RD.sum(0).to(acc).expand(T, K, D)
+    else:
+        rows_TKD = y_perm_RD.index_select(0, row_index_TK.reshape(-1).clamp(min=0)).to(acc).view(T, K, D)
+        rows_TKD = torch.where(valid_TK[..., None], rows_TKD, 0)
+    w_TK = torch.where(valid_TK, weights_TK.to(acc), 0)
+    return (rows_TKD * w_TK[..., None]).sum(1).to(y_perm_RD.dtype)
 
 
 def assign_copies(topk_ids_TK: torch.Tensor, copy_slots_EX: torch.Tensor, copy_ends_EX: torch.Tensor,
-                  token_offset_E: torch.Tensor) -> torch.Tensor:
+                  token_offset_E: torch.Tensor, check_values: bool = True) -> torch.Tensor:
     """Physical slot of every token copy following a replica plan's token split (no host sync
     on CUDA tensors).
 
@@ -197,9 +221,9 @@ def assign_copies(topk_ids_TK: torch.Tensor, copy_slots_EX: torch.Tensor, copy_e
         ``dest_TK [T, K]`` int64: the j-th copy of e here (token-then-k order) has position
         ``pos = token_offset_E[e] + j`` and goes to ``copy_slots_EX[e, c]`` for the first c with
         ``pos < copy_ends_EX[e, c]``; past the last end it goes to the last copy; -1 for -1 ids
-        (and for experts without any copy).
+        (and for experts without any copy). ``check_values``: scan ``topk_ids_TK`` on CPU.
     """
-    check_assign_args(topk_ids_TK, copy_slots_EX, copy_ends_EX, token_offset_E)
+    check_assign_args(topk_ids_TK, copy_slots_EX, copy_ends_EX, token_offset_E, check_values)
     E, X = copy_slots_EX.shape
     ids = topk_ids_TK.reshape(-1)
     if E == 0:

@@ -3,7 +3,8 @@
 Legend: T tokens, K copies per token, D hidden, N = T*K copies, G groups, R permuted rows,
 E logical experts, X most copies of one expert, B = cdiv(N, BLOCK) blocks of copies.
 
-How the index is built (no sort, no host sync except reading R in :func:`permute`)::
+How the index is built (no sort, no host sync except reading R in :func:`permute` when the
+caller does not pass ``num_rows``)::
 
     keys_N ──_block_counts──> counts_BG ──cumsum over blocks──> block_off_BG (exclusive)
     keys_N + block_off_BG ──_block_rank──> rank of each copy inside its group
@@ -199,8 +200,7 @@ def _gather(src_RD, rows_TK, w_TK, dtype):
 
 class _Permute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TD, rows_TK, offsets, counts, align):
-        R = int(offsets[-1])  # host sync: the buffer size
+    def forward(ctx, x_TD, rows_TK, offsets, counts, align, R):
         x_perm = _scatter(x_TD, rows_TK, None, R, x_TD.dtype)
         G, D = counts.numel(), x_TD.shape[1]
         if align > 1 and G and D and R:
@@ -212,7 +212,7 @@ class _Permute(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_RD):
         (rows_TK,) = ctx.saved_tensors
-        return _gather(g_RD.contiguous(), rows_TK, None, g_RD.dtype), None, None, None, None
+        return _gather(g_RD.contiguous(), rows_TK, None, g_RD.dtype), None, None, None, None, None
 
 
 class _Unpermute(torch.autograd.Function):
@@ -241,30 +241,38 @@ class _Unpermute(torch.autograd.Function):
         return grad_y, None, grad_w
 
 
-def permute(x_TD: torch.Tensor, dest_TK: torch.Tensor, num_groups: int, align: int = 1
+def permute(x_TD: torch.Tensor, dest_TK: torch.Tensor, num_groups: int, align: int = 1,
+            num_rows: int | None = None, check_values: bool = True
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton :func:`relibra.kernels.reference.permute` (same contract, bit-exact result)."""
-    reference.check_permute_args(x_TD, dest_TK, num_groups, align)
+    reference.check_permute_args(x_TD, dest_TK, num_groups, align, num_rows, check_values)
     dest = dest_TK.contiguous().reshape(-1)
     G = int(num_groups)
     # rank first (base 0), then rows = padded offset + rank
     rank, counts = group_ranks(dest, torch.zeros(G, dtype=torch.int64, device=dest.device))
     offsets = reference.padded_offsets(counts, int(align))
     rows = torch.where(dest >= 0, offsets[dest.clamp(min=0)] + rank, rank).view(dest_TK.shape)
-    x_perm = _Permute.apply(x_TD.contiguous(), rows, offsets, counts, int(align))
+    if num_rows is None:
+        R = int(offsets[-1])  # host sync: the buffer size
+    else:
+        R = int(num_rows)
+        if check_values and x_TD.device.type == "cpu" and R != int(offsets[-1]):
+            raise ValueError(f"num_rows={R} but dest_TK fills {int(offsets[-1])} rows")
+    x_perm = _Permute.apply(x_TD.contiguous(), rows, offsets, counts, int(align), R)
     return x_perm, rows, offsets
 
 
-def unpermute(y_perm_RD: torch.Tensor, row_index_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+def unpermute(y_perm_RD: torch.Tensor, row_index_TK: torch.Tensor, weights_TK: torch.Tensor,
+              check_values: bool = True) -> torch.Tensor:
     """Triton :func:`relibra.kernels.reference.unpermute` (fp32 accumulation, y's dtype)."""
-    reference.check_unpermute_args(y_perm_RD, row_index_TK, weights_TK)
+    reference.check_unpermute_args(y_perm_RD, row_index_TK, weights_TK, check_values)
     return _Unpermute.apply(y_perm_RD.contiguous(), row_index_TK.contiguous(), weights_TK.contiguous())
 
 
 def assign_copies(topk_ids_TK: torch.Tensor, copy_slots_EX: torch.Tensor, copy_ends_EX: torch.Tensor,
-                  token_offset_E: torch.Tensor) -> torch.Tensor:
+                  token_offset_E: torch.Tensor, check_values: bool = True) -> torch.Tensor:
     """Triton :func:`relibra.kernels.reference.assign_copies` (no host sync)."""
-    reference.check_assign_args(topk_ids_TK, copy_slots_EX, copy_ends_EX, token_offset_E)
+    reference.check_assign_args(topk_ids_TK, copy_slots_EX, copy_ends_EX, token_offset_E, check_values)
     E, X = copy_slots_EX.shape
     ids = topk_ids_TK.contiguous().reshape(-1)
     N = ids.numel()

@@ -2,8 +2,12 @@
 
 Reordering balances each micro-batch across nodes (slow links, moved once a step);
 replication then balances the GPUs inside every node with spare-slot replicas (fast links,
-refilled every micro-batch). Replicas never raise a GPU above the reordered placement without
-replicas, so ``hybrid`` is never worse than ``reorder`` alone.
+refilled every micro-batch), and, where a node cannot absorb its hot experts and the cost model
+says it pays, puts replicas in other nodes' spare slots (:mod:`relibra.policies.replica_cross`).
+Replicas never raise a GPU above the reordered placement without replicas, so ``hybrid`` is
+never worse than ``reorder`` alone. Its planning time is bounded: reorder's searches by a
+deterministic work budget (opt-in: wall-clock seconds), the cross-node exports by a round
+count; ``plan.info["budget_cut"]`` says when a bound stopped one.
 """
 
 from __future__ import annotations
@@ -15,22 +19,32 @@ import torch
 from ..plan import Placement, Plan
 from ..topology import Topology
 from .base import check_loads
-from .reorder import ReorderPolicy
-from .replicate import replicate_on
+from .budget import check_budget_options
+from .reorder import WORK_BUDGET, ReorderPolicy
+from .replica_stickiness import stick_replicas
+from .replicate import check_cross_node_options, check_stickiness, replicate_on, resolve_price
 
 __all__ = ["HybridPolicy"]
 
 
 class HybridPolicy:
-    """ReLibra: inter-batch reordering plus intra-batch, intra-node replication.
+    """ReLibra: inter-batch reordering plus intra-batch replication (cross-node where it pays).
 
     Args:
-        migration_weight: as for ``reorder``.
-        max_swaps: as for ``reorder``.
+        migration_weight, max_swaps, work_budget, time_budget_s: as for ``reorder`` (the
+            budgets bound its searches; a plan one cut short says so in ``plan.info["budget_cut"]``).
+        cross_node, cross_node_price, replica_stickiness: as for ``replicate``.
     """
 
-    def __init__(self, migration_weight: float = 0.02, max_swaps: int = 200) -> None:
-        self.reorder = ReorderPolicy(migration_weight=migration_weight, max_swaps=max_swaps)
+    def __init__(self, migration_weight: float = 0.02, max_swaps: int = 200, cross_node: bool = True,
+                 cross_node_price: float | None = None, work_budget: float = WORK_BUDGET,
+                 time_budget_s: float | None = None, replica_stickiness: float | None = None) -> None:
+        check_cross_node_options("hybrid", cross_node, cross_node_price)
+        check_budget_options("hybrid", work_budget, time_budget_s)
+        self.reorder = ReorderPolicy(migration_weight=migration_weight, max_swaps=max_swaps, work_budget=work_budget,
+                                     time_budget_s=time_budget_s)
+        self.cross_node, self.cross_node_price = cross_node, cross_node_price
+        self.replica_stickiness = check_stickiness(replica_stickiness)
 
     @property
     def placement(self):
@@ -40,15 +54,22 @@ class HybridPolicy:
     def plan(self, loads: torch.Tensor, topology: Topology) -> Plan:
         loads = check_loads(loads, topology)
         start = time.perf_counter()
-        placement = self.reorder.next_placement(loads, topology)
+        budget = self.reorder.budget()
+        placement = self.reorder.next_placement(loads, topology, budget)
         reordered = time.perf_counter()
-        plan = replicate_on(loads, placement, topology, policy="hybrid")
-        plan.info.update(reorder_seconds=reordered - start, plan_seconds=time.perf_counter() - start)
+        plan = self.replan(loads, placement, topology)
+        cut = "; ".join(filter(None, (budget.cut, plan.info.get("budget_cut", ""))))
+        plan.info.update(reorder_seconds=reordered - start, plan_seconds=time.perf_counter() - start,
+                         reorder_work=budget.spent, budget_cut=cut)
         return plan
 
     def replan(self, loads: torch.Tensor, placement: Placement, topology: Topology) -> Plan:
         """Replicas and split of ``loads`` on a placement chosen elsewhere (see the contract)."""
-        return replicate_on(loads, placement, topology, policy="hybrid")
+        price = resolve_price(self.cross_node, self.cross_node_price, topology)
+        plan = replicate_on(loads, placement, topology, policy="hybrid", cross_node_price=price)
+        if self.replica_stickiness is None:
+            return plan
+        return stick_replicas(plan, check_loads(loads, topology), self.replica_stickiness)
 
     def state_dict(self) -> dict:
         """``{"reorder": ...}``: the reorder stage's state (:meth:`ReorderPolicy.state_dict`);

@@ -37,6 +37,8 @@ from typing import Callable, Literal, NamedTuple
 
 import torch
 
+from .budget import SearchBudget, round_cost
+
 __all__ = ["greedy_pack", "swap_search", "objective", "overload_objective", "bin_loads", "BinPairs", "MovePrices",
            "choose_bin_pairs", "SwapCandidates", "swap_candidates", "max_swap_gain", "overload_swap_gain",
            "price_moves", "RankedSwaps", "rank_swaps", "SearchRound", "apply_disjoint_swaps", "try_second_swap"]
@@ -136,7 +138,8 @@ class MovePrices:
 
 def swap_search(w_BIM: torch.Tensor, assign_BI: torch.Tensor, num_bins: int, *,
                 score: Literal["max", "overload"] = "max", pairs: BinPairs = BinPairs(),
-                moves: MovePrices | None = None, max_rounds: int = 200) -> torch.Tensor:
+                moves: MovePrices | None = None, max_rounds: int = 200, budget: SearchBudget | None = None
+                ) -> torch.Tensor:
     """Local search: swap item pairs between bins while the objective (plus move prices) drops.
 
     Each round, per problem still searching: the bin pairs of ``pairs``; every swap (item of
@@ -144,7 +147,8 @@ def swap_search(w_BIM: torch.Tensor, assign_BI: torch.Tensor, num_bins: int, *,
     ``"overload"``: :func:`overload_objective`); the best strictly improving swap applied.
     With ``moves`` a swap qualifies when its gain exceeds the price of the moves it adds, and
     among those the best gain per added move (at least one) is applied, so the cheapest
-    balance comes first. A problem stops when no swap qualifies, or after ``max_rounds``.
+    balance comes first. A problem stops when no swap qualifies, or after ``max_rounds``; all
+    stop when ``budget`` refuses a round (:func:`~relibra.policies.budget.round_cost`).
 
     Returns:
         the improved ``assign_BI`` (a new tensor); every bin keeps its item count, and every
@@ -166,7 +170,7 @@ def swap_search(w_BIM: torch.Tensor, assign_BI: torch.Tensor, num_bins: int, *,
     for _ in range(max_rounds):
         prices_BI = None if moves is None else moves.item_prices(assign)
         b = searching.nonzero().squeeze(1)
-        if b.numel() == 0:
+        if b.numel() == 0 or (budget is not None and not budget.charge(round_cost(b.numel(), M, I, R * per_bin ** 2))):
             break
         w = w_BIM if b.numel() == B else w_BIM[b]  # [b, I, M] (no copy while every problem searches)
         load = bin_loads(w, assign[b], C)  # [b, M, C]

@@ -48,9 +48,10 @@ import torch
 from ..plan import Placement, Plan
 from ..topology import Topology
 from .base import check_loads
+from .budget import SearchBudget, check_budget_options
 from .packing_search import BinPairs, MovePrices, greedy_pack, objective, swap_search
 
-__all__ = ["ReorderPolicy", "reorder_placement", "incremental_node_search", "INCREMENTAL_PAIRS"]
+__all__ = ["ReorderPolicy", "reorder_placement", "incremental_node_search", "INCREMENTAL_PAIRS", "WORK_BUDGET"]
 
 # bin pairs of the incremental search: each of the 2 busiest bins with the bin lightest where it leads
 # (wider pairs cost more time than they gain)
@@ -63,43 +64,49 @@ _OVERLOAD_MOVE_PRICE = 2.0
 _OVERLOAD_ROUNDS = 60
 # fresh search: at most this many rounds of the incremental search to settle the result
 _SETTLE_ROUNDS = 8
+#: default work budget of one plan call's searches (:class:`~relibra.policies.budget.SearchBudget`):
+#: about 0.6 s of one core on the development machines; typical loads spend a fraction of it
+WORK_BUDGET = 2.5e8
 # how steeply the node stage's move price rises on GPUs sending more experts than the mean
 _SPREAD = 10.0
 
 
 def reorder_placement(loads_MLE: torch.Tensor, topology: Topology, previous: Placement | None = None,
-                      migration_weight: float = 0.0, max_swaps: int = 200, settle_weight: float = 0.0) -> Placement:
-    """New home placement for ``loads_MLE [M, L, E]`` (see module docstring). Deterministic.
+                      migration_weight: float = 0.0, max_swaps: int = 200, settle_weight: float = 0.0,
+                      budget: SearchBudget | None = None) -> Placement:
+    """New home placement for ``loads_MLE [M, L, E]`` (see module docstring). Deterministic
+    (unless ``budget`` bounds wall-clock seconds).
 
     ``settle_weight`` (fresh search only, ``migration_weight = 0``): repeat the incremental
     search at that weight from the result until it moves nothing (at most ``_SETTLE_ROUNDS``),
-    so that the same loads planned again at that weight keep the placement.
+    so that the same loads planned again at that weight keep the placement. ``budget``: shared
+    by every search of the call; once spent, the searches left keep their start.
     """
     if previous is not None and migration_weight > 0:
-        return _incremental(loads_MLE, topology, previous, migration_weight, max_swaps)
+        return _incremental(loads_MLE, topology, previous, migration_weight, max_swaps, budget)
     M, L, E = loads_MLE.shape
     N, Gn = topology.num_nodes, topology.gpus_per_node
     w_LEM = loads_MLE.to(torch.float64).permute(1, 2, 0).contiguous()
     prev_gpu = previous.home_gpu(topology) if previous is not None else None  # [L, E]
     # 1. experts -> nodes
-    node = _search(w_LEM, N, prev_gpu // Gn if previous is not None else None, max_swaps)
+    node = _search(w_LEM, N, prev_gpu // Gn if previous is not None else None, max_swaps, budget, "node search")
     # 2. experts -> GPUs inside each node: items of (layer, node) in expert-id order
     experts, w_BIM = _node_items(w_LEM, node, N)
     prev_local = None
     if previous is not None:
         prev_local = _local(prev_gpu, experts, N, Gn)
-    gpu = _search(w_BIM, Gn, prev_local, max_swaps)
+    gpu = _search(w_BIM, Gn, prev_local, max_swaps, budget, "GPU search")
     placement = _assemble(gpu, experts, topology)
     for _ in range(_SETTLE_ROUNDS if settle_weight > 0 else 0):
-        settled = _incremental(loads_MLE, topology, placement, settle_weight, max_swaps)
-        if settled.equal(placement):
+        settled = _incremental(loads_MLE, topology, placement, settle_weight, max_swaps, budget, "settle: ")
+        if settled.equal(placement) or (budget is not None and budget.cut):
             break
         placement = settled
     return placement
 
 
 def _incremental(loads_MLE: torch.Tensor, topology: Topology, previous: Placement, migration_weight: float,
-                 max_swaps: int) -> Placement:
+                 max_swaps: int, budget: SearchBudget | None = None, stage: str = "") -> Placement:
     """Local search from ``previous``: node-level swaps, then GPU-level swaps inside nodes, each
     applied only when its gain exceeds its move cost, best gain per move first."""
     M, L, E = loads_MLE.shape
@@ -108,7 +115,7 @@ def _incremental(loads_MLE: torch.Tensor, topology: Topology, previous: Placemen
     prev_gpu = previous.home_gpu(topology)  # [L, E]
     prev_node = prev_gpu // Gn
     unit = w_LEM.sum((1, 2)) / E * migration_weight  # [L] cost of one inter-node move
-    node = incremental_node_search(w_LEM, prev_node, N, unit, max_swaps, prev_gpu, topology.num_gpus)
+    node = incremental_node_search(w_LEM, prev_node, N, unit, max_swaps, prev_gpu, topology.num_gpus, budget, stage)
     # an expert that arrives on a node takes the GPU freed by one that left it (same count per
     # (layer, node)): pair them in (layer, node, expert id) order
     start_gpu = prev_gpu.clone()
@@ -131,12 +138,15 @@ def _incremental(loads_MLE: torch.Tensor, topology: Topology, previous: Placemen
     fixed = (w_BIM.sum((1, 2)) + 1.0)[:, None]
     prices = torch.where(arrived, fixed, intra_unit[:, None])
     moves = MovePrices(torch.where(arrived, start_local, prev_local), intra_unit, lambda assign: prices)
-    gpu = swap_search(w_BIM, start_local, Gn, pairs=INCREMENTAL_PAIRS, moves=moves, max_rounds=max_swaps)
+    _stage(budget, stage + "incremental GPU search")
+    gpu = swap_search(w_BIM, start_local, Gn, pairs=INCREMENTAL_PAIRS, moves=moves, max_rounds=max_swaps,
+                      budget=budget)
     return _assemble(gpu, experts, topology)
 
 
 def incremental_node_search(w_LEM: torch.Tensor, prev_node: torch.Tensor, N: int, unit: torch.Tensor,
-                       max_swaps: int, prev_gpu: torch.Tensor | None = None, num_gpus: int = 0) -> torch.Tensor:
+                            max_swaps: int, prev_gpu: torch.Tensor | None = None, num_gpus: int = 0,
+                            budget: SearchBudget | None = None, stage: str = "") -> torch.Tensor:
     """Stage 1 of the incremental search: ``[L, E]`` node of every expert, from ``prev_node``.
 
     Swaps that lower the busiest node of a micro-batch stall when several nodes tie for the
@@ -148,10 +158,13 @@ def incremental_node_search(w_LEM: torch.Tensor, prev_node: torch.Tensor, N: int
     """
     base = unit * _OVERLOAD_MOVE_PRICE
     price = None if prev_gpu is None else _spread_prices(prev_node, prev_gpu, num_gpus, base)
+    _stage(budget, stage + "incremental node search (overload)")
     node = swap_search(w_LEM, prev_node, N, score="overload", pairs=_OVERLOAD_PAIRS,
-                       moves=MovePrices(prev_node, base, price), max_rounds=min(max_swaps, _OVERLOAD_ROUNDS))
+                       moves=MovePrices(prev_node, base, price), max_rounds=min(max_swaps, _OVERLOAD_ROUNDS),
+                       budget=budget)
+    _stage(budget, stage + "incremental node search")
     node = swap_search(w_LEM, node, N, pairs=INCREMENTAL_PAIRS, moves=MovePrices(prev_node, unit),
-                       max_rounds=max_swaps)
+                       max_rounds=max_swaps, budget=budget)
     priced = objective(w_LEM, node, N) + unit * (node != prev_node).sum(-1)
     keep = priced >= objective(w_LEM, prev_node, N)
     return torch.where(keep[:, None], prev_node, node)
@@ -203,7 +216,14 @@ def _assemble(gpu_BI: torch.Tensor, experts: torch.Tensor, topology: Topology) -
     return Placement.from_home_gpu(home_gpu, topology)
 
 
-def _search(w_BIM: torch.Tensor, K: int, prev_BI: torch.Tensor | None, max_swaps: int) -> torch.Tensor:
+def _stage(budget: SearchBudget | None, name: str) -> None:
+    """Name the stage now searching, for ``budget.cut``."""
+    if budget is not None:
+        budget.stage = "reorder " + name
+
+
+def _search(w_BIM: torch.Tensor, K: int, prev_BI: torch.Tensor | None, max_swaps: int,
+            budget: SearchBudget | None = None, stage: str = "") -> torch.Tensor:
     """Fresh search (``w = 0``): swap search from the longest-first packing (then over the
     incremental search's bin pairs as well); where the previous
     assignment scores as well (``F``, per problem), keep the previous one: no moves.
@@ -211,11 +231,12 @@ def _search(w_BIM: torch.Tensor, K: int, prev_BI: torch.Tensor | None, max_swaps
     Items whose previous bin is outside this problem (``-1``) make the previous assignment
     incomplete; such problems take the search result.
     """
-    fresh = swap_search(w_BIM, greedy_pack(w_BIM, K), K, max_rounds=max_swaps)
+    _stage(budget, stage)
+    fresh = swap_search(w_BIM, greedy_pack(w_BIM, K), K, max_rounds=max_swaps, budget=budget)
     # polish over the incremental search's bin pairs too, so that a later step with the same
     # loads finds no improving swap there and moves nothing at any weight
     polish = BinPairs(INCREMENTAL_PAIRS.busiest, max(2, INCREMENTAL_PAIRS.partners))
-    fresh = swap_search(w_BIM, fresh, K, pairs=polish, max_rounds=max_swaps)
+    fresh = swap_search(w_BIM, fresh, K, pairs=polish, max_rounds=max_swaps, budget=budget)
     if prev_BI is None:
         return fresh
     B, I, _ = w_BIM.shape
@@ -243,9 +264,20 @@ class ReorderPolicy:
             hybrid.migration_weight=W``).
         max_swaps: local-search rounds per stage (int >= 0; 0 keeps the greedy packing, or the
             previous placement for ``w > 0``).
+        work_budget: work units all searches of one ``plan`` call may spend
+            (:func:`~relibra.policies.budget.round_cost`; ``inf``: no bound). Counted, so every
+            rank planning the same step stops at the same round. The default,
+            :data:`WORK_BUDGET`, is about 0.6 s of one core on the development machines on any
+            loads; typical loads spend a fraction of it.
+        time_budget_s: opt-in bound on the wall-clock seconds of one ``plan`` call's searches
+            (None: none). Not deterministic: only where one rank plans and broadcasts (the
+            Balancer), never where every rank calls ``plan`` for itself.
+
+    A plan a budget cut short says so in ``plan.info["budget_cut"]`` ("" when none did).
     """
 
-    def __init__(self, migration_weight: float = 0.02, max_swaps: int = 200) -> None:
+    def __init__(self, migration_weight: float = 0.02, max_swaps: int = 200, work_budget: float = WORK_BUDGET,
+                 time_budget_s: float | None = None) -> None:
         if (
             isinstance(migration_weight, bool)
             or not isinstance(migration_weight, (int, float))
@@ -255,12 +287,20 @@ class ReorderPolicy:
             raise ValueError(f"reorder option migration_weight must be a finite number >= 0, got {migration_weight!r}")
         if isinstance(max_swaps, bool) or not isinstance(max_swaps, int) or max_swaps < 0:
             raise ValueError(f"reorder option max_swaps must be an int >= 0, got {max_swaps!r}")
+        check_budget_options("reorder", work_budget, time_budget_s)
         self.migration_weight = float(migration_weight)
         self.max_swaps = max_swaps
+        self.work_budget = float(work_budget)
+        self.time_budget_s = time_budget_s
         self.placement: Placement | None = None
         self._topology: Topology | None = None
 
-    def next_placement(self, loads: torch.Tensor, topology: Topology) -> Placement:
+    def budget(self) -> SearchBudget:
+        """A fresh budget for one ``plan`` call, from this policy's options."""
+        return SearchBudget(self.work_budget, self.time_budget_s)
+
+    def next_placement(self, loads: torch.Tensor, topology: Topology, budget: SearchBudget | None = None
+                       ) -> Placement:
         """Compute this step's placement and remember it (``loads`` already checked)."""
         L = loads.shape[1]
         prev = self.placement
@@ -268,18 +308,19 @@ class ReorderPolicy:
         if first:  # the first move away from the contiguous start is free (one-time cost)
             prev = Placement.contiguous(topology, L)
         weight = 0.0 if first else self.migration_weight
-        placement = reorder_placement(
-            loads, topology, prev, weight, self.max_swaps, settle_weight=self.migration_weight if first else 0.0
-        )
+        placement = reorder_placement(loads, topology, prev, weight, self.max_swaps,
+                                      settle_weight=self.migration_weight if first else 0.0, budget=budget)
         self.placement, self._topology = placement, topology
         return placement
 
     def plan(self, loads: torch.Tensor, topology: Topology) -> Plan:
         loads = check_loads(loads, topology)
         start = time.perf_counter()
-        placement = self.next_placement(loads, topology)
+        budget = self.budget()
+        placement = self.next_placement(loads, topology, budget)
         plan = Plan.without_replicas(placement, loads, topology, policy="reorder")
-        plan.info["reorder_seconds"] = time.perf_counter() - start
+        plan.info.update(reorder_seconds=time.perf_counter() - start, reorder_work=budget.spent,
+                         budget_cut=budget.cut)
         return plan
 
     def state_dict(self) -> dict:

@@ -191,19 +191,19 @@ def best_of_greedy(
     GH, B = hshare.shape
     Gn, S = gpus_per_node, spare_per_gpu
     flags = np.array([tuple(v) + (False,) * (3 - len(v)) for v in variants], dtype=bool).reshape(-1, 3)
-    rep, x, made = _run_rules(hshare, Gn, S, flags[:1])
+    bound = -(-hshare.sum(0) // Gn)  # ceil(node load / Gn): no split goes below it
+    rep, x, made, kept = _run_rules(hshare, Gn, S, flags[:1])
     chain = np.full(B, flags[0, 0])
-    level = best_level(hshare, rep, Gn, S)
+    level = _level(hshare, kept, rep, x, Gn, S, bound)
     if level is None or len(flags) == 1:  # no exact score (wide nodes): keep the first rule
         return rep, x, made, level, chain
-    bound = -(-hshare.sum(0) // Gn)  # ceil(node load / Gn): no split goes below it
     todo = np.flatnonzero(level > bound)
     if todo.size == 0:
         return rep, x, made, level, chain
     V, T = len(flags) - 1, todo.size
     hshare_todo = hshare[:, todo]
-    rep_t, x_t, made_t = _run_rules(hshare_todo, Gn, S, flags[1:])
-    level_t = best_level(np.tile(hshare_todo, V), rep_t, Gn, S).reshape(V, T)
+    rep_t, x_t, made_t, kept_t = _run_rules(hshare_todo, Gn, S, flags[1:])
+    level_t = _level(np.tile(hshare_todo, V), kept_t, rep_t, x_t, Gn, S, np.tile(bound[todo], V)).reshape(V, T)
     win = level_t.argmin(0)  # first minimum among the later rules
     pick = win * T + np.arange(T)
     better = level_t[win, np.arange(T)] < level[todo]  # ties keep the first rule
@@ -213,12 +213,31 @@ def best_of_greedy(
     return rep, x, made, level, chain
 
 
-def _run_rules(hshare: np.ndarray, Gn: int, S: int, flags: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _run_rules(hshare: np.ndarray, Gn: int, S: int, flags: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Greedy rules on ``hshare [Gn*H, B]`` (not modified), one pass: ``flags [V, 3]`` (equalise,
-    best_fit, overshoot) per rule; returns ``rep, x, made [Sn, V*B]``, rule-major columns."""
+    best_fit, overshoot) per rule; returns ``rep, x, made [Sn, V*B]`` and what each home copy
+    keeps ``[Gn*H, V*B]``, rule-major columns."""
     B = hshare.shape[1]
-    return greedy_replicas(np.tile(hshare, len(flags)), Gn, S, flags[:, 0].repeat(B), flags[:, 1].repeat(B), None,
-                           flags[:, 2].repeat(B))
+    kept = np.tile(hshare, len(flags))
+    rep, x, made = greedy_replicas(kept, Gn, S, flags[:, 0].repeat(B), flags[:, 1].repeat(B), None,
+                                   flags[:, 2].repeat(B))
+    return rep, x, made, kept
+
+
+def _level(hshare: np.ndarray, kept: np.ndarray, rep: np.ndarray, x: np.ndarray, Gn: int, S: int,
+           bound: np.ndarray) -> np.ndarray | None:
+    """:func:`best_level` of ``rep``, skipped where the rule's own split (``kept``, ``x``) already
+    reaches ``bound = ceil(node load / Gn)``: no split goes below it, so the level is the bound."""
+    GH, B = hshare.shape
+    if Gn > 10 or S == 0 or B == 0:
+        return None
+    split_max = (kept.reshape(Gn, GH // Gn, B).sum(1) + x.reshape(Gn, S, B).sum(1)).max(0)
+    rest = np.flatnonzero(split_max > bound)
+    level = bound.copy()
+    if rest.size:
+        level[rest] = best_level(hshare[:, rest], rep[:, rest], Gn, S)
+    return level
 
 
 def best_level(hshare: np.ndarray, rep: np.ndarray, gpus_per_node: int, spare_per_gpu: int) -> np.ndarray | None:

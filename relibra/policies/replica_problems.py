@@ -26,7 +26,8 @@ NumPy's per-call cost on these small arrays is a fraction of torch's. The phases
 
 This module turns a step's loads into problems (:func:`node_problems`), converts between the
 problem-first torch layout and the problem-last NumPy one (:func:`problem_last`,
-:func:`problem_first`) and turns results into plan tensors (:func:`assemble`).
+:func:`problem_first`) and turns results into plan tensors (:func:`assemble`, or rows of some
+node problems: :func:`node_rows`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["node_problems", "problem_last", "problem_first", "assemble"]
+__all__ = ["node_problems", "problem_last", "problem_first", "assemble", "node_rows"]
 
 
 def node_problems(loads_MLE: torch.Tensor, home_experts_LE: torch.Tensor, num_nodes: int,
@@ -74,20 +75,25 @@ def assemble(
     Gn: int,
     S: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-node results (problem-last ``hshare [Gn*H, B]``, ``rep [Sn, B]``, ``x [Sn, B]``) -> plan tensors.
+    """Per-node results of every problem (problem-last ``hshare [Gn*H, B]``, ``rep [Sn, B]``, ``x [Sn, B]``)
+    -> plan tensors ``spare_experts [M, L, G*S]`` (logical expert, -1 empty) and ``slot_tokens [M, L, P]``.
 
     Replicas left with no tokens are dropped (their spare slots stay empty).
-
-    Returns:
-        ``spare_experts [M, L, G*S]`` (logical expert, -1 empty) and ``slot_tokens [M, L, P]``.
     """
+    spare, tokens = node_rows(hshare, rep, x, home_experts_LE, np.arange(hshare.shape[1]), L, N, Gn, S)
+    return torch.from_numpy(spare).view(M, L, -1), torch.from_numpy(tokens).view(M, L, -1)
+
+
+def node_rows(hshare: np.ndarray, rep: np.ndarray, x: np.ndarray, home_experts_LE: torch.Tensor,
+              node_problem: np.ndarray, L: int, N: int, Gn: int, S: int) -> tuple[np.ndarray, np.ndarray]:
+    """Results of the node problems ``node_problem [B']`` (ids ``b``; problem-last ``hshare [Gn*H, B']``,
+    ``rep``, ``x [Sn, B']``) -> their rows of the plan: ``spare [B', Sn]`` (logical expert, -1 empty)
+    and ``tokens [B', Gn*(H+S)]``. Replicas left with no tokens are dropped."""
     GH, B = hshare.shape
-    Sn, H = rep.shape[0], GH // Gn
+    H = GH // Gn
     rep = np.where(x > 0, rep, -1)
-    b = np.arange(B)
-    first = ((b // N) % L) * (N * GH) + (b % N) * GH  # flat placement index of the node's slot 0
+    first = ((node_problem // N) % L) * (N * GH) + (node_problem % N) * GH  # flat index of the node's slot 0
     logical = home_experts_LE.numpy().reshape(-1).take(first + np.maximum(rep, 0))
-    spare = np.ascontiguousarray(np.where(rep >= 0, logical, -1).T).reshape(M, L, N * Sn)
+    spare = np.ascontiguousarray(np.where(rep >= 0, logical, -1).T)
     tokens = np.concatenate([hshare.reshape(Gn, H, B), x.reshape(Gn, S, B)], 1)  # [Gn, H + S, B]
-    tokens = np.ascontiguousarray(tokens.transpose(2, 0, 1)).reshape(M, L, N * Gn * (H + S))
-    return torch.from_numpy(spare), torch.from_numpy(tokens)
+    return spare, np.ascontiguousarray(tokens.transpose(2, 0, 1)).reshape(B, Gn * (H + S))

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["resplit", "tree_split", "forest_split", "optimal_split"]
+__all__ = ["resplit", "tree_split", "forest_split", "optimal_split", "slot_sums"]
 
 _INF = torch.iinfo(torch.int64).max // 4  # "no path" in the Bellman-Ford rounds; above any load
 
@@ -107,13 +107,16 @@ def tree_split(w: np.ndarray, rep: np.ndarray, T: np.ndarray) -> tuple[np.ndarra
         return out.astype(np.int64).reshape(GH, B)  # exact below 2**53
 
     base = T - w.reshape(Gn, H, B).sum(1)  # [Gn, B] room of every GPU before it sheds anything
-    absorb = base
-    for _ in range(Gn + 1):
-        cap = np.minimum(w, to_slots(np.maximum(absorb, 0)))  # [Gn*H, B] most each expert sheds
-        new = base + cap.reshape(Gn, H, B).sum(1)
-        if not (new != absorb).any():
-            break
-        absorb = new
+
+    def absorb_step(absorb: np.ndarray, cols: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """One bottom-up round on problems ``cols`` (None: all): ``(cap, new absorb)``."""
+        if cols is None:
+            cap = np.minimum(w, to_slots(np.maximum(absorb, 0)))  # [Gn*H, B] most each expert sheds
+            return cap, base + cap.reshape(Gn, H, B).sum(1)
+        cap = np.minimum(w[:, cols], slot_sums(np.maximum(absorb, 0), rep[:, cols], GH))
+        return cap, base[:, cols] + cap.reshape(Gn, H, -1).sum(1)
+
+    absorb, cap = _fixed_point(absorb_step, base, np.empty_like(w), Gn + 1)
     capk = np.where(exists, np.maximum(absorb, 0), 0)  # [Gn, B] most each copy may take
     lower = np.tri(Gn, Gn, -1, dtype=bool)[:, :, None]
     before = (((rep[:, None] == rep[None]) & exists[:, None] & lower) * capk[None]).sum(1)
@@ -121,17 +124,59 @@ def tree_split(w: np.ndarray, rep: np.ndarray, T: np.ndarray) -> tuple[np.ndarra
     before_e = (capv.cumsum(1) - capv).reshape(-1)  # capacity of the GPU's earlier experts
     at = np.minimum(ridx, GH * B - 1)  # per copy, from here on: its expert's slot (any, if none)
     before_e, cap_k = before_e.take(at).reshape(Gn, B), cap.reshape(-1).take(at).reshape(Gn, B)
-    home_flat = (np.minimum(ridx.reshape(Gn, B) // (H * B), Gn - 1) * B + np.arange(B)).ravel()  # (home GPU, problem)
-    x = np.zeros((Gn, B), np.int64)
-    for _ in range(Gn + 1):
-        excess = np.maximum(x - base, 0).reshape(-1).take(home_flat).reshape(Gn, B)  # the home GPU's excess
-        new = np.minimum(np.maximum(np.minimum(np.maximum(excess - before_e, 0), cap_k) - before, 0), capk)
-        if not (new != x).any():
-            break
-        x = new
+    home = np.minimum(ridx.reshape(Gn, B) // (H * B), Gn - 1)  # [Gn, B] home GPU of each copy
+
+    def shed_step(x: np.ndarray, cols: np.ndarray | None) -> tuple[None, np.ndarray]:
+        """One top-down round on problems ``cols`` (None: all): ``(None, new x)``."""
+        pick = (slice(None), slice(None)) if cols is None else (slice(None), cols)
+        excess = np.take_along_axis(np.maximum(x - base[pick], 0), home[pick], 0)  # the home GPU's excess
+        return None, np.minimum(np.maximum(np.minimum(np.maximum(excess - before_e[pick], 0), cap_k[pick])
+                                           - before[pick], 0), capk[pick])
+
+    x = _fixed_point(shed_step, np.zeros((Gn, B), np.int64), None, Gn + 1)[0]
     h = w - to_slots(x)
     ok = (h >= 0).all(0) & ((h.reshape(Gn, H, B).sum(1) + x).max(0) <= T)
     return h, x, ok
+
+
+def slot_sums(v_SB: np.ndarray, rep_SB: np.ndarray, slots: int) -> np.ndarray:
+    """``[slots, B]``: per-copy values ``v_SB`` summed by the home slot each copy holds (``rep_SB``,
+    local home slot per spare slot, -1 empty; ``[Sn, B]`` both)."""
+    B = rep_SB.shape[1]
+    flat = (np.where(rep_SB >= 0, rep_SB, slots) * B + np.arange(B)).ravel()
+    out = np.bincount(flat, weights=v_SB.ravel(), minlength=(slots + 1) * B)[: slots * B]
+    return out.astype(np.int64).reshape(slots, B)  # exact below 2**53
+
+
+def _fixed_point(step, state: np.ndarray, aux: np.ndarray | None, rounds: int
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Iterate ``state [X, B]`` (and ``aux``, from the round before the last) per problem column
+    to its fixed point, at most ``rounds`` rounds: ``step(state, cols) -> (aux, new state)`` on
+    the columns ``cols`` (None: all). Every column iterates on its own, so once a quarter or
+    fewer still change, the rounds run on those columns alone (the same result, less work)."""
+    B = state.shape[1]
+    cols = None
+    for _ in range(rounds):
+        cur = state if cols is None else state[:, cols]
+        extra, new = step(cur, cols)
+        changed = (new != cur).any(0)
+        if aux is not None:
+            if cols is None:
+                aux = extra
+            else:
+                aux[:, cols] = extra
+        if cols is None:
+            state = new if changed.any() else state
+            if not changed.any():
+                break
+            if 4 * changed.sum() <= B:
+                cols = np.flatnonzero(changed)
+        else:
+            state[:, cols] = new
+            cols = cols[changed]
+            if cols.size == 0:
+                break
+    return state, aux
 
 
 def forest_split(w: np.ndarray, rep: np.ndarray, T: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

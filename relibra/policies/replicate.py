@@ -1,49 +1,52 @@
-"""``replicate``: every micro-batch, fill spare slots with intra-node replicas and split tokens.
+"""``replicate``: every micro-batch, fill spare slots with replicas and split tokens.
 
 The placement is given (contiguous by default, or the one ``reorder`` chose, see ``hybrid``);
-only the spare slots and the token split change from one micro-batch to the next. Replicas
-stay in their expert's home node (fast links), and the split is the exact integer min-max
-split for the chosen replicas. Every (micro-batch, layer, node) is one problem
-(:mod:`relibra.policies.replica_problems`).
+only the spare slots and the token split change from one micro-batch to the next. Every
+(micro-batch, layer, node) is one intra-node problem (:mod:`relibra.policies.replica_problems`),
+solved by :mod:`relibra.policies.replica_solve`: greedy rules choose replicas inside the node
+(:mod:`relibra.policies.replica_greedy`), and the split is the exact integer min-max split for
+them (:mod:`relibra.policies.replica_split`).
 
-Replica choice (:mod:`relibra.policies.replica_greedy`): greedy rules
-(:data:`~relibra.policies.replica_greedy.GREEDY_VARIANTS`), tried in order on every problem.
-First the overshoot rule: the busiest GPU copies its hottest expert to the lightest GPU and
-fills it up to the node mean, past its own excess while its own spare slot is still free, so a
-donor can end below the mean and take a replica from a second busy GPU (a node with one very
-hot GPU needs every light GPU as well as the donor's own slot for the next one). Only where
-that misses the lower bound ``ceil(node mean)`` do the direct rule (the receiver at most to the
-mean) and the chain rule (the receiver may go above the mean and pass its own experts on) run
-too. Each rule's replicas are scored by their exact optimal level and the best kept per problem
-(ties to the earlier rule), so the result is never worse than any rule alone.
-
-Split (:mod:`relibra.policies.replica_split`): with one spare slot per GPU the two-sweep forest
-split, about ``2 * (depth + 1)`` rounds, and augmenting rounds only for the rare node with two
-replica cycles; otherwise augmenting rounds aimed at the known level. Every round is a fixed
-number of NumPy operations over a pass of up to :data:`PROBLEMS_PER_PASS` problems, so the cost
-is mostly per-operation overhead (``python benchmarks/planners.py`` measures it).
+Replicas stay in their expert's home node (fast links) unless a node cannot absorb its hot
+experts: then, where the cost model's price of a cross-node replica (its weight fetch and
+gradient return over the slow link, half hidden) is less than what it takes off the busiest
+GPU, they also go to other nodes' empty spare slots (:mod:`relibra.policies.replica_cross`).
+Where none is chosen the plan is the intra-node one, bit for bit (and ``intra_node_replicas``
+stays True); one with a cross-node replica sets it False, and the runtime fetches replicas over
+the whole expert-parallel group. This is what MoonEP and Megatron-Core's virtual-expert balancer
+do inside one NVLink domain, planned ahead from replayed routes instead of live.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 
-import numpy as np
 import torch
 
 from ..plan import Placement, Plan
 from ..topology import Topology
 from .base import check_loads
-from .replica_greedy import GREEDY_VARIANTS, best_of_greedy
-from .replica_problems import assemble, node_problems, problem_first, problem_last
-from .replica_split import forest_split, optimal_split, resplit
+from .replica_cross import DEEPSEEK_V3_H100, cross_node_price, plan_with_cross_node
+from .replica_greedy import GREEDY_VARIANTS
+from .replica_problems import assemble, node_problems
+from .replica_solve import solve_node_problems
+from .replica_stickiness import stick_replicas
 
-__all__ = ["ReplicatePolicy", "replicate_on"]
+__all__ = ["ReplicatePolicy", "replicate_on", "resolve_price", "check_cross_node_options", "check_stickiness"]
 
 
 def replicate_on(loads_MLE: torch.Tensor, placement: Placement, topology: Topology,
-                 policy: str = "replicate", variants: tuple[tuple[bool, ...], ...] = GREEDY_VARIANTS) -> Plan:
-    """Plan intra-node replicas and the optimal split of ``loads_MLE [M, L, E]`` on ``placement``.
+                 policy: str = "replicate", variants: tuple[tuple[bool, ...], ...] = GREEDY_VARIANTS,
+                 cross_node_price: float | None = None) -> Plan:
+    """Plan replicas and the optimal split of ``loads_MLE [M, L, E]`` on ``placement``.
+
+    Intra-node replicas everywhere; with ``cross_node_price`` (token copies on the busiest GPU
+    that one cross-node replica costs, see :func:`~relibra.policies.replica_cross.cross_node_price`)
+    also cross-node replicas in the (micro-batch, layer)s where they lower the busiest GPU by more
+    than they cost (:mod:`relibra.policies.replica_cross`); elsewhere the plan is the intra-node
+    one, bit for bit. None: intra-node replicas only. A plan with a cross-node replica has
+    ``intra_node_replicas=False``.
 
     The busiest GPU of every micro-batch and layer is never above the same placement without
     replicas. Deterministic. ``variants``: the greedy rules ``(equalise, best_fit[, overshoot])``
@@ -57,56 +60,47 @@ def replicate_on(loads_MLE: torch.Tensor, placement: Placement, topology: Topolo
     N, Gn, S = topology.num_nodes, topology.gpus_per_node, topology.spare_slots_per_gpu
     start = time.perf_counter()
     hshare_all = node_problems(loads_MLE, placement.home_experts, N, Gn)
-    chunks = [_solve(h_c, S, variants) for h_c in hshare_all.split(PROBLEMS_PER_PASS)]
-    h, rep, x = chunks[0][:3] if len(chunks) == 1 else (np.concatenate([c[i] for c in chunks], 1) for i in range(3))
-    spare, tokens = assemble(h, rep, x, placement.home_experts, M, L, N, Gn, S)
-    plan = Plan(topology, placement, spare, tokens, intra_node_replicas=True, policy=policy)
-    plan.info.update(replicate_seconds=time.perf_counter() - start, split_rounds=sum(c[3] for c in chunks))
+    if cross_node_price is None or N == 1 or S == 0:
+        h, rep, x, rounds = solve_node_problems(hshare_all, S, variants)
+        spare, tokens = assemble(h, rep, x, placement.home_experts, M, L, N, Gn, S)
+        info: dict = dict(split_rounds=rounds, budget_cut="")
+    else:
+        solve = functools.partial(solve_node_problems, S=S, variants=variants)
+        spare, tokens, info = plan_with_cross_node(hshare_all.numpy(), placement.home_experts, M, L, N, S,
+                                                   float(cross_node_price), solve)
+    plan = Plan(topology, placement, spare, tokens, intra_node_replicas=info.get("cross_node_replicas", 0) == 0,
+                policy=policy)
+    plan.info.update(replicate_seconds=time.perf_counter() - start, **info)
     return plan
 
 
-#: (micro-batch, layer, node) problems solved per pass: one micro-batch of the DeepSeek-V3 shape
-#: is 464; much larger passes fall out of the cache (best_level builds ``[2**Gn, 2 * problems]``)
-PROBLEMS_PER_PASS = 2048
+def resolve_price(cross_node: bool, price: float | None, topology: Topology) -> float | None:
+    """The cross-node price a policy plans with: None (intra-node only) when ``cross_node`` is off or
+    there is one node; ``price`` when given; else :func:`~relibra.policies.replica_cross.cross_node_price`
+    for a DeepSeek-V3 expert on H100-class GPUs over the topology's inter-node link."""
+    if not cross_node or topology.num_nodes < 2:
+        return None
+    if price is not None:
+        return float(price)
+    return cross_node_price(topology.num_nodes, topology.gpus_per_node, topology.inter_node_bandwidth,
+                            **DEEPSEEK_V3_H100)
 
 
-def _solve(hshare: torch.Tensor, S: int, variants: tuple[tuple[bool, ...], ...]
-           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Replicas and exact split of ``hshare [B, Gn, H]`` problems.
-
-    Returns problem-last NumPy arrays ``hshare [Gn*H, B]`` (tokens each home copy keeps), ``rep
-    [Sn, B]``, ``x [Sn, B]`` and the number of augmenting rounds.
-    """
-    B, Gn, H = hshare.shape
-    w = problem_last(hshare.reshape(B, Gn * H))
-    rep, x, made, level, chain = best_of_greedy(w, Gn, S, variants)
-    if level is not None and S == 1:  # exact split in two sweeps over the replica forest
-        h, x, ok = forest_split(w, rep, level)
-        bad = np.flatnonzero(~ok)
-        if bad.size:  # two replica cycles in one node: replay and augment these problems
-            bad_t = torch.from_numpy(bad)
-            rep_b, level_b = problem_first(rep[:, bad]), torch.from_numpy(level[bad])
-            h_b, x_b = resplit(hshare[bad_t], rep_b, problem_first(made[:, bad]), level_b, S,
-                               torch.from_numpy(chain[bad]))
-            optimal_split(h_b, rep_b, x_b, S, level_B=level_b)
-            h[:, bad], x[:, bad] = problem_last(h_b.reshape(bad.size, Gn * H)), problem_last(x_b)
-        return h, rep, x, int(bad.size)
-    rep, x, made, chain = problem_first(rep), problem_first(x), problem_first(made), torch.from_numpy(chain)
-    level = None if level is None else torch.from_numpy(level)
-    if level is not None:  # start the exact split from the greedy moves replayed at the optimum
-        hshare, x = resplit(hshare, rep, made, level, S, chain)
-    else:  # wide nodes: the first rule's own split, made exact by the augmenting rounds
-        hshare = hshare - _scatter_x(hshare, rep, x)
-    rounds = optimal_split(hshare, rep, x, S, level_B=level)
-    return problem_last(hshare.reshape(B, Gn * H)), problem_last(rep), problem_last(x), rounds
+def check_cross_node_options(policy: str, cross_node: bool, price: float | None) -> None:
+    """ValueError naming the option when ``cross_node`` is not a bool or ``price`` not None or a number >= 0."""
+    if not isinstance(cross_node, bool):
+        raise ValueError(f"{policy} option cross_node must be True or False, got {cross_node!r}")
+    if price is not None and (isinstance(price, bool) or not isinstance(price, (int, float)) or not price >= 0):
+        raise ValueError(f"{policy} option cross_node_price must be None or a number >= 0 (token copies), "
+                         f"got {price!r}")
 
 
-def _scatter_x(hshare_BGH: torch.Tensor, rep_BSn: torch.Tensor, x_BSn: torch.Tensor) -> torch.Tensor:
-    """``[B, Gn, H]`` tokens each home slot gave to its replicas."""
-    B, Gn, H = hshare_BGH.shape
-    out = torch.zeros(B, Gn * H + 1, dtype=torch.int64)
-    out.scatter_add_(1, torch.where(rep_BSn >= 0, rep_BSn, Gn * H), x_BSn)
-    return out[:, :-1].view(B, Gn, H)
+def check_stickiness(value: float | None) -> float | None:
+    """The ``replica_stickiness`` option: None, or a number >= 0 (ValueError naming it otherwise)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0
+                              or value == float("inf")):
+        raise ValueError(f"replica_stickiness must be None or a finite number >= 0, got {value!r}")
+    return None if value is None else float(value)
 
 
 class ReplicatePolicy:
@@ -115,19 +109,36 @@ class ReplicatePolicy:
     Args:
         placement: the home placement to replicate on; ``None`` (default) is contiguous
             (Megatron-LM's). Its layer count must match the loads.
+        cross_node: also place replicas in other nodes' spare slots where they pay (default True).
+        cross_node_price: token copies on the busiest GPU that one cross-node replica costs
+            (:func:`relibra.sim.cost.cross_node_price` prices it for a cost model; ``relibra bench``
+            passes it); None: priced for a DeepSeek-V3 expert on H100-class GPUs over the
+            topology's inter-node bandwidth. ``inf`` never pays.
+        replica_stickiness: None (default): every micro-batch's replicas afresh. A number
+            ``t >= 0``: a node keeps the micro-batch before's replicas when their best split
+            leaves it at most ``t`` x the layer's mean GPU load above the layer's busiest GPU
+            (:mod:`relibra.policies.replica_stickiness`; 0 never slows a layer down).
     """
 
-    def __init__(self, placement: Placement | None = None) -> None:
+    def __init__(self, placement: Placement | None = None, cross_node: bool = True,
+                 cross_node_price: float | None = None, replica_stickiness: float | None = None) -> None:
         if placement is not None and not isinstance(placement, Placement):
             raise ValueError(f"replicate option placement must be a relibra.Placement or None, "
                              f"got {type(placement).__name__}")
+        check_cross_node_options("replicate", cross_node, cross_node_price)
         self.placement = placement
+        self.cross_node, self.cross_node_price = cross_node, cross_node_price
+        self.replica_stickiness = check_stickiness(replica_stickiness)
 
     def plan(self, loads: torch.Tensor, topology: Topology) -> Plan:
         loads = check_loads(loads, topology)
         placement = self.placement or Placement.contiguous(topology, loads.shape[1])
-        return replicate_on(loads, placement, topology, policy="replicate")
+        return self.replan(loads, placement, topology)
 
     def replan(self, loads: torch.Tensor, placement: Placement, topology: Topology) -> Plan:
         """Replicas and split of ``loads`` on a placement chosen elsewhere (see the contract)."""
-        return replicate_on(loads, placement, topology, policy="replicate")
+        price = resolve_price(self.cross_node, self.cross_node_price, topology)
+        plan = replicate_on(loads, placement, topology, policy="replicate", cross_node_price=price)
+        if self.replica_stickiness is None:
+            return plan
+        return stick_replicas(plan, check_loads(loads, topology), self.replica_stickiness)

@@ -8,7 +8,8 @@ Four rooms:
   source rank ``[M, L, R, E]``);
 - :mod:`.formats`: routes as engines and trainers hand them out (vLLM, SGLang, verl,
   Megatron, base64 buffers, the ``len - 1`` alignment) and :class:`RouteStore`;
-- :mod:`.trace_file`: trace files (loads of recorded or generated steps) without pickle.
+- :mod:`.trace_file`: trace files (loads of recorded or generated steps) without pickle, and
+  :mod:`.trace_sequences` their per-sequence part (format 2).
 """
 
 from .formats import (
@@ -32,12 +33,13 @@ from .loads import (
     routes_for_micro_batch,
 )
 from .routes import PAD, as_routes, moe_layer_ids, route_fault, select_moe_layers, step_routes_fault
-from .trace_file import Trace, load_trace, save_trace
+from .trace_file import Trace, TraceSequences, load_trace, save_trace
 
 __all__ = [
     "PAD",
     "RouteStore",
     "Trace",
+    "TraceSequences",
     "align_routes",
     "as_routes",
     "count_loads",

@@ -1,10 +1,16 @@
 """Trace files: exact loads of recorded (or generated) RL steps, without pickle.
 
-A trace is an ``.npz`` holding
+A trace is an ``.npz`` holding (format 1)
 
     loads   int64 ``[steps, micro_batches, layers, experts]`` (token copies per expert)
     top_k   int64 scalar (experts per token)
     meta    optional 0-d unicode array with a JSON object (model, source, command, ...)
+
+and, in format 2 (per-sequence traces), every sequence's loads, tokens, prompt group and
+rollout-order micro-batch, with the micro-batches' token budget, from which ``loads`` must be
+the sum (:mod:`relibra.routing.trace_sequences` has the keys and the checks). A format-1 reader
+reads a format-2 file's ``loads`` as before; :func:`load_trace` reads both and returns the
+sequences in :attr:`Trace.sequences`.
 
 Written by :func:`save_trace` (LZMA-compressed zip members, a plain ``np.load``-able .npz). Read by
 :func:`load_trace`, which treats the file as untrusted input (:mod:`relibra.routing.npz_reader`):
@@ -28,8 +34,9 @@ import torch
 
 from ..slots import as_loads
 from .npz_reader import MemberSpec, read_npz
+from .trace_sequences import SEQUENCE_KEYS, TraceSequences, check_sequences
 
-__all__ = ["Trace", "save_trace", "load_trace"]
+__all__ = ["Trace", "TraceSequences", "save_trace", "load_trace"]
 
 try:  # CPython builds without liblzma fall back to deflate
     import lzma  # noqa: F401
@@ -45,16 +52,30 @@ _TRACE_KEYS = {
     "loads": MemberSpec("iu", 4, "[steps, micro_batches, layers, experts]", read_as=np.dtype(np.int64)),
     "top_k": MemberSpec("iu", 0),
     "meta": MemberSpec("U", 0, required=False, max_bytes=_MAX_META_BYTES),
+    # format 2: all or none (check_sequences says which is missing); loads stay in their stored
+    # integer dtype until checked (int32 as written: half the memory of int64)
+    "sequence_loads": MemberSpec("iu", 4, "[steps, sequences, layers, experts]", required=False),
+    "sequence_tokens": MemberSpec("iu", 2, "[steps, sequences]", read_as=np.dtype(np.int64), required=False),
+    "sequence_prompt": MemberSpec("iu", 2, "[steps, sequences]", read_as=np.dtype(np.int64), required=False),
+    "micro_batch_of": MemberSpec("iu", 2, "[steps, sequences]", read_as=np.dtype(np.int64), required=False),
+    "tokens_per_micro_batch": MemberSpec("iu", 0, read_as=np.dtype(np.int64), required=False),
 }
 
 
 @dataclass
 class Trace:
-    """Loads of a run: ``loads`` int64 ``[steps, M, L, E]``, ``top_k``, free-form ``meta``."""
+    """Loads of a run: ``loads`` int64 ``[steps, M, L, E]``, ``top_k``, free-form ``meta``, and
+    for a per-sequence (format 2) trace its ``sequences`` (None in format 1)."""
 
     loads: torch.Tensor
     top_k: int
     meta: dict[str, Any] = field(default_factory=dict)
+    sequences: TraceSequences | None = None
+
+    @property
+    def format(self) -> int:
+        """1 (loads per micro-batch) or 2 (per sequence too)."""
+        return 1 if self.sequences is None else 2
 
     @property
     def num_steps(self) -> int:
@@ -79,11 +100,20 @@ def _check_top_k(top_k: Any, where: str) -> int:
     return int(top_k)
 
 
-def save_trace(path: str | os.PathLike, loads: Any, top_k: int, meta: dict[str, Any] | None = None) -> None:
-    """Write ``loads`` ``[steps, M, L, E]`` (non-negative integers), ``top_k`` and JSON ``meta`` to ``path`` (.npz)."""
+def save_trace(path: str | os.PathLike, loads: Any, top_k: int, meta: dict[str, Any] | None = None,
+               sequences: TraceSequences | None = None) -> None:
+    """Write ``loads`` ``[steps, M, L, E]`` (non-negative integers), ``top_k`` and JSON ``meta`` to ``path`` (.npz).
+
+    With ``sequences`` the file is a per-sequence (format 2) trace; they are checked against
+    ``loads`` as :func:`load_trace` checks them (ValueError naming the key), before anything is written.
+    """
     loads = as_loads(loads, name="trace loads", ndim=4)
     top_k = _check_top_k(top_k, "save_trace")
     arrays: dict[str, np.ndarray] = {"loads": loads.numpy(), "top_k": np.asarray(top_k, dtype=np.int64)}
+    if sequences is not None:
+        if not isinstance(sequences, TraceSequences):
+            raise ValueError(f"save_trace: sequences must be a TraceSequences, got {type(sequences).__name__}")
+        arrays.update(check_sequences(loads, sequences.arrays(), "save_trace").arrays())
     if meta is not None:
         if not isinstance(meta, dict):
             raise ValueError(f"save_trace: meta must be a dict, got {type(meta).__name__}")
@@ -108,7 +138,8 @@ def load_trace(path: str | os.PathLike, *, max_bytes: int | None = None) -> Trac
     ``max_bytes`` caps the arrays' size in memory. None means 256 x the file's size, at least
     64 MiB and at most 4 GiB (:func:`relibra.routing.npz_reader.default_max_bytes`). Raises
     FileNotFoundError for a missing file. Every other fault raises a ValueError that names the
-    file and, when the fault is inside a member, its key.
+    file and, when the fault is inside a member, its key; so do a format-2 file's keys that
+    disagree (:func:`relibra.routing.trace_sequences.check_sequences`).
     """
     where = f"trace file {os.fspath(path)!r}"
     arrays = read_npz(path, _TRACE_KEYS, max_bytes=max_bytes, label="trace file")
@@ -125,4 +156,7 @@ def load_trace(path: str | os.PathLike, *, max_bytes: int | None = None) -> Trac
             raise ValueError(f"{where}, key 'meta': not valid JSON ({type(exc).__name__}: {exc})") from None
         if not isinstance(meta, dict):
             raise ValueError(f"{where}, key 'meta': must encode a JSON object, got {type(meta).__name__}")
-    return Trace(loads=loads, top_k=top_k, meta=meta)
+    sequences = None
+    if any(key in arrays for key in SEQUENCE_KEYS):
+        sequences = check_sequences(loads, arrays, where)
+    return Trace(loads=loads, top_k=top_k, meta=meta, sequences=sequences)

@@ -15,8 +15,12 @@ order of the current placement (``experts.home_experts_K``). ``state_dict`` /
 reference: every expert is local and computes on its own slot.
 
 Per micro-batch, :class:`relibra.Balancer` installs a :class:`LayerMicroBatch` (slot table of
-the replica plan, the replayed routes and the token offsets of lower ranks, the micro-batch's
-index and phase); without one the layer dispatches every token copy to its expert's home.
+the replica plan, the replayed routes and the token offsets of lower ranks, every size of the
+dispatch computed on the host, the replica weights, the micro-batch's index and phase); without
+one the layer dispatches every token copy to its expert's home. With replayed routes the
+forward and backward read no device value on the host (see :mod:`relibra.runtime.layout`);
+the router's live choice, or routes passed to ``forward``, exchange and read the split sizes
+(one host sync per layer), as does the input agreement below on a GPU-only process group.
 
 Collective order. The dispatch pairs its collectives across the expert-parallel group by
 order, so every rank runs every micro-batch of a step in the same order, empty or not (a rank
@@ -29,25 +33,28 @@ instead of a collective mismatch that aborts or hangs the world.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..phases import PHASES, pass_label
 from ..routing.routes import route_fault
 from ..topology import Topology
 from . import dispatch as _dispatch
 from .comm import agree
-from .replicas import ReplicaRoute, fetch_replicas, replica_route
+from .layout import ReplayLayout, SlotTable, replay_layouts, slot_table, slot_tables
 from .router import Router, check_int_argument
 
-__all__ = ["BLOCK_END", "BLOCK_START", "PHASES", "Experts", "LayerMicroBatch", "ReLibraMoE", "agree_in_step"]
+__all__ = ["BLOCK_END", "BLOCK_START", "PHASES", "Experts", "LayerMicroBatch", "ReLibraMoE", "agree_in_step",
+           "micro_batch_contexts"]
 
-#: names of the phases a micro-batch runs in, by id; the Balancer installs one per micro-batch
-PHASES = ("train",)
+# PHASES (re-exported): the names of the phases a micro-batch runs in, by id (relibra.phases); the
+# Balancer installs the id of the micro-batch's pass (relibra.phases.pass_id)
 #: the "layer" of the agreements :meth:`relibra.Balancer.micro_batch` makes as its block starts and ends
 BLOCK_START, BLOCK_END = -2, -3
 
@@ -72,7 +79,7 @@ def _describe_position(key: int) -> str:
     rest, layer = divmod(key, _LAYER_IDS)
     phase, micro_batch = divmod(rest, _MICRO_BATCH_IDS)
     micro_batch, layer = micro_batch - 1, layer + BLOCK_END
-    name = PHASES[phase] if phase < len(PHASES) else f"phase {phase}"
+    name = pass_label(phase)
     where = f"{name} micro-batch {micro_batch}" if micro_batch >= 0 else f"{name}, outside any micro-batch block"
     if layer == BLOCK_START:
         return f"{where}, entering Balancer.micro_batch"
@@ -104,16 +111,49 @@ def agree_in_step(group, phase: int, micro_batch: int, layer: int, fault: str = 
 
 @dataclass(frozen=True)
 class LayerMicroBatch:
-    """What a layer needs for one micro-batch (built by :meth:`ReLibraMoE.micro_batch_context`)."""
+    """What a layer needs for one micro-batch (built by :meth:`relibra.Balancer.micro_batch`).
 
-    table: _dispatch.SlotTable
+    Attributes:
+        table: the replica plan's slot table, on the layer's device.
+        routes_TK: ``[T, K]`` replayed routes (used when ``forward`` gets no routes), or None.
+        token_offset_E: ``[E]`` token copies of each expert on lower ranks (replayed routes).
+        layout: every size and row order of the dispatch of ``routes_TK`` (host-computed).
+        index, phase: which micro-batch this is, in which pass (:func:`relibra.phases.pass_id`).
+        spare_weights: the spare slots' weights ``([S, F, D], [S, D, I])``, fetched as the block
+            started; or None, and then ``spare_source(gate_up, down)`` gives them from the
+            forward (FSDP: the home weights are whole only there).
+    """
+
+    table: SlotTable
     routes_TK: torch.Tensor | None
     token_offset_E: torch.Tensor | None
-    replica_route: ReplicaRoute | None
+    layout: ReplayLayout | None = None
     index: int = -1
-    recv_counts_GS: list | None = None  # rows from each source rank per local slot (replayed routes)
-    spare_weights: tuple | None = None  # replica weights fetched for all layers at once (Balancer)
-    phase: int = 0  # index into PHASES: what the micro-batch runs for (0 = "train")
+    phase: int = 0
+    spare_weights: tuple[torch.Tensor, torch.Tensor] | None = None
+    spare_source: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
+def micro_batch_contexts(layers: list, plan, m: int, phase: int, routes_TLK: torch.Tensor, offsets_LE: torch.Tensor,
+                         source_LGE: torch.Tensor, rank: int, replicas) -> list[LayerMicroBatch]:
+    """Every layer's :class:`LayerMicroBatch` for micro-batch ``m`` of ``plan`` (on EP rank ``rank``).
+
+    ``routes_TLK [T, L, K]`` this rank's replayed routes, ``offsets_LE [L, E]`` the token copies of
+    each expert on lower ranks, ``source_LGE [L, G, E]`` every rank's expert counts: all sizes of
+    the dispatch are computed here on the host, for all layers at once, so the forward and backward
+    read no device value. ``replicas`` (a :class:`relibra.runtime.replica_cache.ReplicaCache`, or
+    None) enters m: it fetches now for all layers (one collective) unless the layers fetch in their
+    forward.
+    """
+    dev, topology = layers[0].gate.weight.device, layers[0].topology
+    host = slot_tables(plan.placement.home_experts, plan.spare_experts[m], plan.slot_tokens[m], topology)
+    tables, layouts = replay_layouts(host, source_LGE, topology, rank, dev)
+    routes_LTK = routes_TLK.transpose(0, 1).contiguous().to(dev)
+    offsets_LE = offsets_LE.to(dev)
+    spare = [None] * len(layers) if replicas is None else replicas.enter(m)
+    source = None if replicas is None or replicas.prefetch else replicas.layer_weights
+    return [LayerMicroBatch(tables[l], routes_LTK[l], offsets_LE[l], layouts[l], m, phase, spare[l],
+                            None if source is None else functools.partial(source, l)) for l in range(len(layers))]
 
 
 class Experts(nn.Module):
@@ -274,7 +314,7 @@ class ReLibraMoE(nn.Module):
                                    if shared_expert_gate else None)
         self.moe_layer_index: int | None = None  # set by the Balancer (model order)
         self._micro_batch: LayerMicroBatch | None = None
-        self._home_table: _dispatch.SlotTable | None = None
+        self._home_table: SlotTable | None = None
         self.realised_rows: dict[int, int] = {}  # micro-batch -> rows this rank computed
 
     # ------------------------------------------------------------------ placement / plans
@@ -294,37 +334,6 @@ class ReLibraMoE(nn.Module):
             raise ValueError(f"layer topology ({t}) does not match the balancer's ({topology})")
         self.topology = topology
         self._home_table = None
-
-    def micro_batch_context(self, spare_experts_R: torch.Tensor, slot_tokens_P: torch.Tensor,
-                            routes_TK: torch.Tensor | None, token_offset_E: torch.Tensor | None,
-                            intra_node: bool, index: int = -1,
-                            source_loads_GE: torch.Tensor | None = None, phase: int = 0) -> LayerMicroBatch:
-        """Build (on the host, no communication) what this layer runs one micro-batch with.
-
-        ``source_loads_GE [G, E]``: every rank's expert counts of ``routes_TK`` (all-gathered by
-        the Balancer); with it the dispatch skips its counts exchange. ``index`` and ``phase``
-        (into :data:`PHASES`) say which micro-batch this is, for the forward's order check.
-        """
-        dev = self.gate.weight.device
-        # Built and counted on the host, then moved once: split_counts reads it on the host.
-        table = _dispatch.slot_table(self.home_experts_K.cpu(), self.topology, spare_experts_R.cpu(),
-                                     slot_tokens_P.cpu())
-        route = None
-        if table.has_replicas:
-            route = replica_route(self.home_experts_K, spare_experts_R, self.topology, self.ep_rank, intra_node)
-        off = None if token_offset_E is None else token_offset_E.to(dev)
-        recv = None
-        if source_loads_GE is not None and routes_TK is not None:
-            SL = self.topology.slots_per_gpu
-            counts = _dispatch.split_counts(table, source_loads_GE, SL)
-            recv = counts[:, self.ep_rank * SL:(self.ep_rank + 1) * SL].tolist()
-        table = table.to(dev)
-        return LayerMicroBatch(table, None if routes_TK is None else routes_TK.to(dev), off, route, index, recv,
-                               phase=phase)
-
-    def replica_group(self, route: ReplicaRoute):
-        """Process group of a replica fetch: the node's group, or the EP group for cross-node plans."""
-        return self.ep_group if route.group_ranks == list(range(self.topology.num_gpus)) else self.node_group
 
     def install(self, ctx: LayerMicroBatch | None) -> None:
         self._micro_batch = ctx
@@ -391,7 +400,7 @@ class ReLibraMoE(nn.Module):
             table = ctx.table
         else:
             if self._home_table is None:
-                self._home_table = _dispatch.slot_table(self.home_experts_K, t, device=x_TD.device)
+                self._home_table = slot_table(self.home_experts_K, t, device=x_TD.device)
             table = self._home_table
         E = self.num_experts
         if table.copy_slots_EX.shape[1] == 1:
@@ -402,21 +411,20 @@ class ReLibraMoE(nn.Module):
             offset = self._live_token_offset(ids_TK)
         gate_up, down = self.experts.local_weights()
         H, S = t.home_slots_per_gpu, t.spare_slots_per_gpu
-        recv = ctx.recv_counts_GS if from_ctx else None
-        x_local, meta = _dispatch.dispatch(x_TD, ids_TK, table, offset, t.num_gpus, H + S, self.ep_group, recv)
+        layout = ctx.layout if from_ctx else None
+        x_local, meta = _dispatch.dispatch(x_TD, ids_TK, table, offset, t.num_gpus, H + S, self.ep_group, layout)
         if ctx is not None:
             self.realised_rows[ctx.index] = x_local.shape[0]
         counts = meta.slot_counts
         n_home = sum(counts[:H])  # rows are ordered by local slot: home slots first
-        y_local = _dispatch.expert_mlp(x_local[:n_home], gate_up, down, counts[:H])
+        y_local = _dispatch.expert_mlp(x_local[:n_home], gate_up, down, counts[:H],
+                                       None if layout is None else layout.home_offsets)
         if table.has_replicas:
-            if ctx.spare_weights is not None:
-                sg, sd = ctx.spare_weights
-            else:
-                sg, sd = fetch_replicas(gate_up, down, ctx.replica_route, S, self.replica_group(ctx.replica_route))
+            sg, sd = ctx.spare_weights if ctx.spare_weights is not None else ctx.spare_source(gate_up, down)
             # always in the graph (even with no spare rows here) so that every rank runs the
-            # fetch's backward all-to-all, in the same order
-            y_spare = _dispatch.expert_mlp(x_local[n_home:], sg, sd, counts[H:])
+            # replicas' backward (a collective where a run ends), in the same order
+            y_spare = _dispatch.expert_mlp(x_local[n_home:], sg, sd, counts[H:],
+                                           None if layout is None else layout.spare_offsets)
             y_local = torch.cat([y_local, y_spare])
         return _dispatch.combine(y_local, meta, w_TK)
 

@@ -1,22 +1,26 @@
-"""Replica weights per micro-batch: spare slots fetch their expert from its home rank.
+"""Replica transfers: spare slots receive their expert's weights from its home rank; gradients go back.
 
-Legend: E experts, G ranks, H home / S spare slots per rank, F = 2*hidden, D dim.
+Legend: E experts, G ranks, H home / S spare slots per rank, W elements of one expert's fused
+weights (``gate_up [F, D]`` and ``down [D, I]`` flattened side by side), L layers.
 
-Every rank knows the placement and the replica plan, so the send/receive layout is computed
-locally (no counts exchange). Rows of the fused weight (``gate_up`` and ``down`` of one expert
-flattened side by side) travel by ``all_to_all_single`` in its autograd form over the node's
-group when every replica sits in its expert's home node (the EP group otherwise). Backward of
-that all-to-all returns each replica's gradient to the home rank, where the ``index_select``
-that picked the rows ADDS it into the home expert's gradient: the optimizer only sees homes.
+Every rank knows the placement and the replica plan, so the send/receive layout of a transfer
+(:func:`replica_route`) is computed locally, with no counts exchange. :func:`exchange_rows` moves
+the rows of several layers in ONE ``all_to_all_single`` over the node's group when every replica
+sits in its expert's home node (the EP group otherwise); it is not differentiable: when replica
+weights go out and when their gradients come home is decided by
+:class:`relibra.runtime.replica_cache.ReplicaCache`, which calls it the other way round (a
+replica's accumulated gradient travels from the spare slot to the home rank, where it is added
+into the home expert's gradient: the optimizer only sees homes).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from ..topology import Topology
 
-__all__ = ["ReplicaRoute", "replica_route", "fetch_replicas"]
+__all__ = ["ReplicaRoute", "replica_route", "exchange_rows"]
 
 
 class ReplicaRoute:
@@ -73,58 +77,23 @@ def replica_route(home_experts_K: torch.Tensor, spare_experts_R: torch.Tensor, t
     return ReplicaRoute(send_rows, send_splits, recv_splits, recv_slots, ranks)
 
 
-def fetch_replicas(gate_up_HFD: torch.Tensor, down_HDI: torch.Tensor, route: ReplicaRoute,
-                   num_spare: int, group) -> tuple[torch.Tensor, torch.Tensor]:
-    """Spare-slot weights ``([S, F, D], [S, D, I])`` of this rank (zeros in empty slots).
+def exchange_rows(rows: list[torch.Tensor], send_splits: list[list[int]], recv_splits: list[list[int]],
+                  group) -> list[torch.Tensor]:
+    """Send ``rows[l] [n_l, W_l]`` of several layers to the group's ranks in ONE all-to-all.
 
-    Differentiable: gradients of the returned weights add into ``gate_up_HFD`` / ``down_HDI``
-    on the home ranks.
+    ``send_splits[l][q]`` rows of layer l go to group rank q (in row order), ``recv_splits[l][q]``
+    rows of layer l come from q. Returns every layer's received rows ``[m_l, W_l]`` ordered by
+    source rank. One dtype and device for all layers. Not differentiable; no host read of a device
+    value (every size is given).
     """
-    from .dispatch import all_to_all_autograd
-
-    H, F_, D = gate_up_HFD.shape
-    I = down_HDI.shape[2]
-    rows = torch.tensor(route.send_rows, dtype=torch.int64, device=gate_up_HFD.device)
-    n = rows.numel()  # copy only the rows that travel
-    send = torch.cat([gate_up_HFD.index_select(0, rows).reshape(n, F_ * D),
-                      down_HDI.index_select(0, rows).reshape(n, D * I)], 1)
-    fused = send
-    recv = all_to_all_autograd(send, route.recv_splits, route.send_splits, group)
-    slots = torch.tensor(route.recv_slots, dtype=torch.int64, device=fused.device)
-    spare = fused.new_zeros(num_spare, fused.shape[1]).index_copy(0, slots, recv)
-    return spare[:, : F_ * D].reshape(num_spare, F_, D), spare[:, F_ * D:].reshape(num_spare, D, I)
-
-
-def fetch_replicas_many(weights: list[tuple[torch.Tensor, torch.Tensor]], routes: list[ReplicaRoute],
-                        num_spare: int, group) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`fetch_replicas` for several layers in ONE all-to-all (1-D, element splits).
-
-    ``weights[i] = (gate_up_HFD, down_HDI)`` and ``routes[i]`` of layer i (same group ranks,
-    same dtype). Returns every layer's ``(spare_gate_up [S, F, D], spare_down [S, D, I])``.
-    The backward is one all-to-all too, run once every layer's replica gradient is in.
-    """
-    from .dispatch import all_to_all_autograd
-
-    Q, L = len(routes[0].group_ranks), len(routes)
-    numel = [gu[0].numel() + dn[0].numel() for gu, dn in weights]
-    per_layer = []
-    for (gu, dn), r in zip(weights, routes):
-        rows = torch.tensor(r.send_rows, dtype=torch.int64, device=gu.device)
-        n = rows.numel()
-        fused = torch.cat([gu.index_select(0, rows).reshape(n, gu[0].numel()),
-                           dn.index_select(0, rows).reshape(n, dn[0].numel())], 1)
-        per_layer.append(fused.split(list(r.send_splits)))
-    send = torch.cat([per_layer[l][q].reshape(-1) for q in range(Q) for l in range(L)])
-    send_splits = [sum(routes[l].send_splits[q] * numel[l] for l in range(L)) for q in range(Q)]
-    recv_sizes = [routes[l].recv_splits[q] * numel[l] for q in range(Q) for l in range(L)]
-    recv_splits = [sum(recv_sizes[q * L:(q + 1) * L]) for q in range(Q)]
-    recv = all_to_all_autograd(send, recv_splits, send_splits, group)
-    pieces = recv.split(recv_sizes)
-    out = []
-    for l, ((gu, dn), r) in enumerate(zip(weights, routes)):
-        got = torch.cat([pieces[q * L + l].view(-1, numel[l]) for q in range(Q)])
-        slots = torch.tensor(r.recv_slots, dtype=torch.int64, device=gu.device)
-        spare = got.new_zeros(num_spare, numel[l]).index_copy(0, slots, got)
-        F_, D = gu.shape[1:]
-        out.append((spare[:, :F_ * D].reshape(num_spare, F_, D), spare[:, F_ * D:].reshape(num_spare, *dn.shape[1:])))
-    return out
+    L, Q = len(rows), len(send_splits[0]) if send_splits else 0
+    width = [r.shape[1] for r in rows]
+    pieces = [r.split(list(s)) for r, s in zip(rows, send_splits)]
+    send = torch.cat([pieces[l][q].reshape(-1) for q in range(Q) for l in range(L)]) if L else None
+    out_sizes = [recv_splits[l][q] * width[l] for q in range(Q) for l in range(L)]
+    in_splits = [sum(send_splits[l][q] * width[l] for l in range(L)) for q in range(Q)]
+    out_splits = [sum(out_sizes[q * L:(q + 1) * L]) for q in range(Q)]
+    recv = send.new_empty(sum(out_splits))
+    dist.all_to_all_single(recv, send, out_splits, in_splits, group=group)
+    got = recv.split(out_sizes)
+    return [torch.cat([got[q * L + l].view(-1, width[l]) for q in range(Q)]) for l in range(L)]

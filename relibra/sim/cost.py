@@ -29,10 +29,10 @@ forward):
    each replicated expert once (broadcast tree); a GPU receives every replica it hosts. The
    tier is intra-node when the replica sits in its home node, else inter-node.
    ``replica_overlap`` of it hides behind compute. With ``replica_reuse`` = 1 (default, the
-   method's design) a replica kept in its slot for the next micro-batch costs nothing more
-   (gradients accumulate in place), so a per-step replica set (EPLB) pays once a step; with
-   ``replica_reuse`` = 0 every filled slot is fetched and its gradient returned every
-   micro-batch, which is what ``ReLibraMoE`` does today (fractions in between pay that share).
+   method's design and what ``ReLibraMoE`` does) a replica kept in its slot for the next
+   micro-batch costs nothing more (gradients accumulate in place), so a per-step replica set
+   (EPLB) pays once a step; with ``replica_reuse`` = 0 every filled slot is fetched and its
+   gradient returned every micro-batch (fractions in between pay that share).
    A (micro-batch, layer) with replicas pays ``message_latency_s`` twice (fetch, return).
 5. Reorder: every expert whose home GPU changes moves weights and optimizer state
    (``state_bytes_per_param`` = 16) once a step; per GPU in and out counts on the tier of
@@ -77,10 +77,11 @@ from typing import Any, Mapping
 import torch
 
 from ..plan import Placement, Plan, as_loads
+from ..policies.replica_cross import cross_node_price as _policy_price
 from ..topology import Topology
 
 __all__ = ["CostConfig", "MODEL_PRESETS", "CLUSTER_PRESETS", "StepCost", "step_cost", "ideal_step_cost",
-           "make_config", "expert_seconds", "fixed_seconds"]
+           "make_config", "expert_seconds", "fixed_seconds", "cross_node_price"]
 
 # Published numbers (REFERENCE.md). non_moe_params: attention + shared expert of one MoE layer.
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
@@ -97,11 +98,25 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
                             num_moe_layers=94, num_expert_groups=1,
                             non_moe_params=71.3e6, attn_width=64 * 128, extra_params=622e6),
 }
-# Per GPU: dense bf16 peak, NVLink per direction, InfiniBand NDR 400 Gb/s per direction.
+# Per GPU: dense bf16 peak, NVLink per direction, scale-out (InfiniBand / ConnectX) per direction,
+# GPUs in one NVLink domain, HBM. A topology's "node" is one NVLink domain (relibra.Topology):
+# its gpus_per_node may not exceed gpus_per_domain. GB200 NVL72 is one domain of 72 GPUs; with
+# 256 experts use 64 of them per domain for expert parallelism (72 does not divide 256).
 CLUSTER_PRESETS: dict[str, dict[str, Any]] = {
-    "h100": dict(peak_flops=989e12, intra_node_bandwidth=450e9, inter_node_bandwidth=50e9),
-    "h800": dict(peak_flops=989e12, intra_node_bandwidth=200e9, inter_node_bandwidth=50e9),
-    "h200": dict(peak_flops=989e12, intra_node_bandwidth=450e9, inter_node_bandwidth=50e9),
+    "h100": dict(peak_flops=989e12, intra_node_bandwidth=450e9, inter_node_bandwidth=50e9,
+                 gpus_per_domain=8, gpu_memory_bytes=80e9),
+    "h800": dict(peak_flops=989e12, intra_node_bandwidth=200e9, inter_node_bandwidth=50e9,
+                 gpus_per_domain=8, gpu_memory_bytes=80e9),
+    "h200": dict(peak_flops=989e12, intra_node_bandwidth=450e9, inter_node_bandwidth=50e9,
+                 gpus_per_domain=8, gpu_memory_bytes=141e9),
+    # B200 HGX: NVLink 5 (900 GB/s), 400 Gb/s scale-out per GPU
+    "b200": dict(peak_flops=2.25e15, intra_node_bandwidth=900e9, inter_node_bandwidth=50e9,
+                 gpus_per_domain=8, gpu_memory_bytes=180e9),
+    # GB200 NVL72: 72 GPUs on one NVLink 5 domain; ConnectX-7 (400 Gb/s) or ConnectX-8 (800 Gb/s)
+    "gb200-nvl72": dict(peak_flops=2.5e15, intra_node_bandwidth=900e9, inter_node_bandwidth=50e9,
+                        gpus_per_domain=72, gpu_memory_bytes=186e9),
+    "gb200-nvl72-cx8": dict(peak_flops=2.5e15, intra_node_bandwidth=900e9, inter_node_bandwidth=100e9,
+                            gpus_per_domain=72, gpu_memory_bytes=186e9),
 }
 
 
@@ -121,6 +136,13 @@ class CostConfig:
     ``step_overhead_s`` per step. Knobs: ``backward_factor``, byte sizes, overlap fractions in
     [0, 1] and ``replica_reuse`` in [0, 1] (the share of a kept replica's traffic that is saved).
     Defaults and where they come from: the module doc.
+    Cluster shape: ``gpus_per_domain`` (GPUs on one NVLink domain: a topology's node is one
+    domain and may not hold more) and ``gpu_memory_bytes`` (HBM per GPU; the spare slots'
+    replica weights and gradients must fit, see :meth:`topology`). ``live_planning_s``: seconds
+    that planning from the live router output adds on the critical path per micro-batch and MoE
+    layer (priced only for plans made live, e.g. the ``replicate-live`` bench row; plans made
+    ahead from replayed routes pay nothing). Its default, 50 us (a count exchange and a planning
+    kernel per layer), is an assumption, not a measurement.
     """
 
     hidden: int = 7168
@@ -152,6 +174,9 @@ class CostConfig:
     optimizer_s_per_param: float = 1.2e-11
     layer_call_s: float = 2e-4
     step_overhead_s: float = 0.01
+    gpus_per_domain: int = 8
+    gpu_memory_bytes: float = 80e9
+    live_planning_s: float = 50e-6
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -161,7 +186,7 @@ class CostConfig:
             if v < 0:
                 raise ValueError(f"CostConfig.{f.name} must be >= 0, got {v!r}")
         for name in ("hidden", "expert_intermediate", "num_experts", "top_k", "peak_flops", "mfu",
-                     "intra_node_bandwidth", "inter_node_bandwidth"):
+                     "intra_node_bandwidth", "inter_node_bandwidth", "gpus_per_domain", "gpu_memory_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"CostConfig.{name} must be > 0, got {getattr(self, name)!r}")
         for name in ("mfu", "a2a_overlap", "replica_overlap", "reorder_overlap", "replica_reuse"):
@@ -179,7 +204,27 @@ class CostConfig:
         return self.peak_flops * self.mfu
 
     def topology(self, num_nodes: int, gpus_per_node: int, spare_slots_per_gpu: int = 0) -> Topology:
-        """A Topology of this model on ``num_nodes x gpus_per_node`` with this cluster's links."""
+        """A Topology of this model on ``num_nodes x gpus_per_node`` with this cluster's links.
+
+        A node is one NVLink domain: ValueError (naming the numbers) when ``gpus_per_node``
+        exceeds ``gpus_per_domain`` or when the spare slots' replica weights and gradients (every
+        MoE layer) alone exceed the GPU's memory; :class:`~relibra.topology.Topology` refuses
+        experts that do not divide over the GPUs (and says how many GPUs per node would do).
+        """
+        if isinstance(gpus_per_node, int) and gpus_per_node > self.gpus_per_domain:
+            raise ValueError(
+                f"{num_nodes} nodes x {gpus_per_node} GPUs: a node of the topology is one NVLink domain, and this "
+                f"cluster's domain holds {int(self.gpus_per_domain)} GPUs (gpus_per_domain); use at most "
+                f"{int(self.gpus_per_domain)} GPUs per node, or a cluster preset with larger domains")
+        if isinstance(spare_slots_per_gpu, int) and spare_slots_per_gpu > 0:
+            need = (spare_slots_per_gpu * self.num_moe_layers * self.expert_params
+                    * (self.weight_bytes + self.replica_grad_bytes))
+            if need > self.gpu_memory_bytes:
+                raise ValueError(
+                    f"spare_slots_per_gpu={spare_slots_per_gpu}: the replicas' weights and gradients alone take "
+                    f"{need / 1e9:.1f} GB per GPU ({int(self.num_moe_layers)} MoE layers x {spare_slots_per_gpu} "
+                    f"slots x {self.expert_params * (self.weight_bytes + self.replica_grad_bytes) / 1e9:.3f} GB), "
+                    f"more than the GPU's {self.gpu_memory_bytes / 1e9:.0f} GB (gpu_memory_bytes)")
         groups = self.num_expert_groups if self.num_experts % max(self.num_expert_groups, 1) == 0 else 1
         return Topology(num_nodes, gpus_per_node, int(self.num_experts), spare_slots_per_gpu,
                         int(max(groups, 1)), float(self.intra_node_bandwidth), float(self.inter_node_bandwidth))
@@ -232,11 +277,12 @@ class StepCost:
     reorder_bytes: float
     optimizer_s: float = 0.0
     overhead_s: float = 0.0
+    planning_s: float = 0.0  # planning on the critical path (live planning only)
 
     @property
     def total_s(self) -> float:
         return (self.expert_compute_s + self.non_moe_s + self.a2a_s + self.replica_s
-                + self.reorder_s + self.extra_s + self.optimizer_s + self.overhead_s)
+                + self.reorder_s + self.extra_s + self.optimizer_s + self.overhead_s + self.planning_s)
 
 
 def _fb(cfg: CostConfig) -> float:
@@ -403,13 +449,16 @@ def expert_seconds(slot_tokens_MLP: torch.Tensor, topology: Topology, cfg: CostC
 
 
 def step_cost(plan: Plan, loads_MLE: Any, cfg: CostConfig, previous: Placement | None = None,
-              source_loads_MLGE: Any = None) -> StepCost:
+              source_loads_MLGE: Any = None, live_planning: bool = False) -> StepCost:
     """Cost of one step of ``plan`` on its loads ``[M, L, E]``.
 
     Args:
         previous: the placement of the step before (None: nothing is moved).
         source_loads_MLGE: ``[M, L, G, E]`` copies each source GPU sends to each expert;
             None means uniform sources.
+        live_planning: the plan is made at run time from the live router output (MoonEP,
+            Megatron-Core's virtual-expert balancer): every micro-batch and MoE layer waits
+            ``cfg.live_planning_s`` for it (``planning_s``).
     """
     loads = as_loads(loads_MLE, "loads")
     t = plan.topology
@@ -430,8 +479,21 @@ def step_cost(plan: Plan, loads_MLE: Any, cfg: CostConfig, previous: Placement |
     reo, reo_bytes = reorder_seconds(plan.placement, previous, t, cfg)
     non_moe, extra, tokens = _common(loads, t.num_gpus, cfg)
     optimizer, overhead = fixed_seconds(loads, t.num_gpus, cfg)
+    planning = loads.shape[0] * loads.shape[1] * cfg.live_planning_s if live_planning else 0.0
     return StepCost(compute, non_moe, a2a, float(rep.sum()), reo, extra, tokens, rep_bytes, reo_bytes,
-                    optimizer, overhead)
+                    optimizer, overhead, planning)
+
+
+def cross_node_price(cfg: CostConfig, topology: Topology) -> float:
+    """Token copies on the busiest GPU that one cross-node replica costs under ``cfg`` on ``topology``.
+
+    The planners' ``cross_node_price`` option (``replicate``, ``hybrid``): a cross-node replica
+    pays where it lowers the busiest GPU of its micro-batch and layer by more than this. See
+    :func:`relibra.policies.replica_cross.cross_node_price` for the formula; inf on one node.
+    """
+    return _policy_price(topology.num_nodes, topology.gpus_per_node, cfg.inter_node_bandwidth, cfg.expert_intermediate,
+                         cfg.flops, cfg.backward_factor, cfg.weight_bytes, cfg.replica_grad_bytes, cfg.replica_overlap,
+                         cfg.a2a_bytes, cfg.a2a_overlap)
 
 
 def ideal_step_cost(loads_MLE: Any, topology: Topology, cfg: CostConfig) -> StepCost:

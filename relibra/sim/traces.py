@@ -1,6 +1,7 @@
 """RL routing traces: exact-looking expert loads per step and micro-batch, from real skew.
 
-Legend: ``S`` steps, ``M`` micro-batches per step, ``L`` MoE layers, ``E`` experts, ``W`` workloads.
+Legend: ``S`` steps, ``M`` micro-batches per step, ``L`` MoE layers, ``E`` experts, ``W`` workloads;
+per sequence ``Z`` sequences of a step and ``U`` (prompt, micro-batch) groups of its sequences.
 
 What is real and what is modelled, plainly:
 
@@ -22,7 +23,7 @@ What is real and what is modelled, plainly:
   then drawn as ``Multinomial(n * top_k, pi / top_k)``: exact totals and means, a
   multinomial approximation of the distinct-top-k variance.
 
-* Realism check (:func:`describe`, ``relibra bench --describe``): the real DeepSeek-V3
+* Realism check (:func:`relibra.sim.realism.describe`, ``relibra bench --describe``): the real DeepSeek-V3
   popularity gives a long-run busiest/idlest GPU ratio of ~4.7 under 8-way contiguous EP
   (Qwen3-235B measured 2.3-4.4). The movement knob is harder to pin: Qwen3-235B's per-batch
   loads correlate 0.57 with the long run (0.71 over 4 batches); with 16 responses per prompt
@@ -30,8 +31,14 @@ What is real and what is modelled, plainly:
   trace, chosen for the paper's ~1.2x hybrid/oracle-EPLB regime) gives 0.94. Their batch size
   and domain mix are unknown, so neither end is "the" real value.
 
-A seed makes a trace exact. ``python -m relibra.sim.traces --out FILE.npz`` writes one; the
-default trace shipped in ``relibra/sim/data`` is made by ``benchmarks/make_default_trace.sh``.
+Per sequence (:func:`generate_sequences`): the same model and random stream, plus each
+sequence's own expert copies, so that packings other than the rollout order can be priced.
+
+A seed makes a trace exact. ``python -m relibra.sim.traces --out FILE.npz`` writes one
+(``--per-sequence``: a format-2 trace with every sequence, :mod:`relibra.routing.trace_sequences`);
+the default trace shipped in ``relibra/sim/data`` is made by ``benchmarks/make_default_trace.sh``
+(format 1: a per-sequence trace of its size takes ~10 MB, too much to ship in the wheel;
+``benchmarks/make_default_trace.sh --per-sequence --out FILE`` writes one).
 """
 
 from __future__ import annotations
@@ -41,14 +48,16 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
-from ..routing.trace_file import load_trace, save_trace
+from ..routing.trace_file import Trace, TraceSequences, load_trace, save_trace
+from .realism import describe, format_description
 
-__all__ = ["TraceConfig", "generate", "load_popularity", "derive_popularity", "load_trace_file",
-           "save_trace_file", "default_trace_path", "waterfill", "describe", "format_description"]
+__all__ = ["TraceConfig", "SequenceStep", "generate", "generate_sequences", "load_popularity", "derive_popularity",
+           "load_trace_file", "read_trace_file", "save_trace_file", "save_sequence_trace", "sequence_steps",
+           "default_trace_path", "waterfill", "describe", "format_description"]
 
 _DATA = "data"
 POPULARITY_FILE = "deepseek_v3_popularity.npz"
@@ -196,74 +205,126 @@ def generate(cfg: TraceConfig = TraceConfig(), popularity: np.ndarray | None = N
     return out
 
 
-def describe(loads_SMLE: Any, popularity_LE: Any = None, ep: int = 8,
-             windows: tuple[int, ...] = (1, 4, 16, 50)) -> dict[str, Any]:
-    """Realism statistics of a trace, the ones REFERENCE.md quotes for Qwen3-235B.
+@dataclass(frozen=True)
+class SequenceStep:
+    """One step of a GRPO trace, per sequence (``Z`` sequences, in rollout order).
 
-    Args:
-        loads_SMLE: ``[S, M, L, E]`` (or ``[B, L, E]``) loads; the ``S*M`` micro-batches are
-            taken in order as a sequence of batches.
-        popularity_LE: the long-run load ``[L, E]``; None uses the trace's own total (then the
-            window covering the whole trace correlates 1.0 by construction).
-        ep: expert-parallel GPUs with contiguous placement (``E / ep`` experts per GPU).
-        windows: numbers of consecutive batches averaged; windows longer than the trace are left out.
-
-    Returns a dict: ``gpu_max_min_long_run`` / ``..._worst_layer`` (busiest over idlest GPU of
-    the whole trace's load, mean over layers / worst layer), ``gpu_max_min_per_batch`` /
-    ``..._worst`` (the same per batch: mean / worst over batches and layers), and
-    ``corr_with_long_run`` ``{k: r}``: Pearson correlation of the load summed over ``k``
-    consecutive batches with the long-run load, per layer, mean over layers and windows.
-    The Qwen3-235B numbers (8-way EP): 2.3-4.4 long-run busiest/idlest, worst layer 11.8;
-    correlations 0.57, 0.71, 0.75, 0.79 for 1, 4, 16, 50 batches (their batch size unknown).
+    Attributes:
+        sequence_loads: ``[Z, L, E]`` int32 token copies of each sequence per layer and expert
+            (each row of a layer sums to ``top_k`` times the sequence's tokens).
+        sequence_tokens: ``[Z]`` int64 tokens of each sequence (prompt + response).
+        sequence_prompt: ``[Z]`` int64 prompt group of each sequence (0-based within the step).
+        micro_batch_of: ``[Z]`` int64 micro-batch of each sequence in the rollout-order packing
+            (non-decreasing, every micro-batch within ``tokens_per_micro_batch``).
+        num_micro_batches: ``M``.
+        tokens_per_micro_batch: the token budget of one micro-batch.
+        top_k: experts per token.
     """
-    x = np.asarray(loads_SMLE, dtype=np.float64)
-    if x.ndim == 4:
-        x = x.reshape(-1, *x.shape[2:])
-    if x.ndim != 3:
-        raise ValueError(f"describe: loads must be [S, M, L, E] or [B, L, E], got shape {x.shape}")
-    B, L, E = x.shape
-    if ep < 1 or E % ep:
-        raise ValueError(f"describe: ep={ep} must divide the {E} experts")
-    total = x.sum(0)
-    ref = total if popularity_LE is None else np.asarray(popularity_LE, dtype=np.float64)
-    if ref.shape != (L, E):
-        raise ValueError(f"describe: popularity must be [L, E] = {(L, E)}, got {ref.shape}")
 
-    def ratio(a):  # busiest / idlest GPU of contiguous placement, [..., L]
-        g = a.reshape(*a.shape[:-1], ep, E // ep).sum(-1)
-        return g.max(-1) / np.maximum(g.min(-1), 1e-9)
+    sequence_loads: np.ndarray
+    sequence_tokens: np.ndarray
+    sequence_prompt: np.ndarray
+    micro_batch_of: np.ndarray
+    num_micro_batches: int
+    tokens_per_micro_batch: int
+    top_k: int
 
-    def corr(a, b):  # per row Pearson
-        a = a - a.mean(-1, keepdims=True)
-        b = b - b.mean(-1, keepdims=True)
-        return (a * b).sum(-1) / np.maximum(np.sqrt((a * a).sum(-1) * (b * b).sum(-1)), 1e-300)
+    def loads(self, micro_batch_of: np.ndarray | None = None) -> np.ndarray:
+        """``[M, L, E]`` int64 loads of the packing ``micro_batch_of [Z]`` (default: rollout order)."""
+        mb = self.micro_batch_of if micro_batch_of is None else np.asarray(micro_batch_of, dtype=np.int64)
+        Z, L, E = self.sequence_loads.shape
+        flat = self.sequence_loads.reshape(Z, L * E)
+        out = np.zeros((self.num_micro_batches, L * E), dtype=np.int64)
+        for m in range(self.num_micro_batches):  # one gather per micro-batch (np.add.at is 20x slower)
+            out[m] = flat[np.flatnonzero(mb == m)].sum(0, dtype=np.int64)
+        return out.reshape(self.num_micro_batches, L, E)
 
-    long_run = ratio(total)
-    per_batch = ratio(x)
-    out: dict[str, Any] = {"batches": B, "layers": L, "experts": E, "ep": ep,
-                           "reference": "trace total" if popularity_LE is None else "popularity",
-                           "gpu_max_min_long_run": float(long_run.mean()),
-                           "gpu_max_min_long_run_worst_layer": float(long_run.max()),
-                           "gpu_max_min_per_batch": float(per_batch.mean()),
-                           "gpu_max_min_per_batch_worst": float(per_batch.max()),
-                           "corr_with_long_run": {}}
-    for k in windows:
-        if k > B:
+
+#: the split of a prompt's draws among its sequences uses its own stream (seeded ``[seed,
+#: _SPLIT_STREAM]``), so the main stream runs exactly as in :func:`generate`
+_SPLIT_STREAM = 0x5E0
+
+
+def generate_sequences(cfg: TraceConfig = TraceConfig(), popularity: np.ndarray | None = None
+                       ) -> Iterator[SequenceStep]:
+    """Yield the ``cfg.steps`` steps of :func:`generate`'s trace per sequence, one at a time.
+
+    Same model, same random stream: the loads of step ``s`` summed by its rollout packing
+    (:meth:`SequenceStep.loads`) equal ``generate(cfg, popularity)[s]`` exactly. Each prompt's
+    copies in a micro-batch (one multinomial draw there) are dealt to its sequences by a
+    multivariate hypergeometric split in proportion to their tokens, which is the exact
+    conditional law of independent per-sequence multinomials given their sum.
+    """
+    p = load_popularity(cfg.workload) if popularity is None else np.asarray(popularity, dtype=np.float64)
+    if p.ndim != 2 or (p < 0).any() or not np.allclose(p.sum(1), 1.0):
+        raise ValueError(f"popularity must be [L, E] non-negative rows summing to 1, got shape {p.shape}")
+    L, E = p.shape
+    if cfg.top_k > E:
+        raise ValueError(f"top_k={cfg.top_k} exceeds the {E} experts")
+    rng = np.random.default_rng(cfg.seed)
+    split_rng = np.random.default_rng([cfg.seed, _SPLIT_STREAM])
+    alpha = np.maximum(cfg.concentration * p, 1e-3)
+    for _ in range(cfg.steps):
+        mbs = _pack_step(rng, cfg)
+        n_prompts = mbs[-1][-1][0] + 1
+        g = rng.gamma(alpha, size=(n_prompts, L, E))
+        q = g / g.sum(-1, keepdims=True)
+        pi = waterfill(q, cfg.top_k) / cfg.top_k
+        seqs = [(m, prompt, n) for m, batch in enumerate(mbs) for prompt, n in batch]
+        tokens = np.array([n for _, _, n in seqs], dtype=np.int64)
+        draws, members = [], []  # per (micro-batch, prompt): its copies [L, E], its sequences
+        for m, batch in enumerate(mbs):
+            per_prompt: dict[int, list[int]] = {}
+            first = sum(len(b) for b in mbs[:m])
+            for offset, (prompt, _) in enumerate(batch):
+                per_prompt.setdefault(prompt, []).append(first + offset)
+            ids = np.fromiter(per_prompt, dtype=np.int64)
+            n = np.array([tokens[s].sum() for s in per_prompt.values()], dtype=np.int64) * cfg.top_k
+            pv = pi[ids]
+            pv = pv / pv.sum(-1, keepdims=True)
+            draws.extend(rng.multinomial(np.broadcast_to(n[:, None], (len(ids), L)), pv))
+            members.extend(per_prompt.values())
+        yield SequenceStep(
+            sequence_loads=_split_draws(split_rng, np.stack(draws), members, tokens * cfg.top_k),
+            sequence_tokens=tokens,
+            sequence_prompt=np.array([prompt for _, prompt, _ in seqs], dtype=np.int64),
+            micro_batch_of=np.array([m for m, _, _ in seqs], dtype=np.int64),
+            num_micro_batches=cfg.micro_batches,
+            tokens_per_micro_batch=cfg.tokens_per_micro_batch,
+            top_k=cfg.top_k,
+        )
+
+
+def _split_draws(rng: np.random.Generator, draws_ULE: np.ndarray, members: list[list[int]],
+                 copies_Z: np.ndarray) -> np.ndarray:
+    """``[Z, L, E]`` int32: group ``q``'s copies ``draws_ULE[q]`` dealt to its sequences ``members[q]``.
+
+    Sequence ``k`` of a group takes ``copies_Z[k]`` copies of every layer, drawn without
+    replacement from what its group's earlier sequences left (multivariate hypergeometric, one
+    expert at a time, vectorised over groups and layers); the last sequence takes the rest.
+    """
+    U, L, E = draws_ULE.shape
+    out = np.zeros((len(copies_Z), L, E), dtype=np.int32)
+    left = draws_ULE.astype(np.int64)  # [U, L, E] copies not yet dealt
+    for k in range(max(len(s) for s in members)):
+        last = [q for q, s in enumerate(members) if len(s) == k + 1]
+        for q in last:
+            out[members[q][k]] = left[q]
+        split = [q for q, s in enumerate(members) if len(s) > k + 1]
+        if not split:
             continue
-        w = x[: (B // k) * k].reshape(B // k, k, L, E).sum(1)
-        out["corr_with_long_run"][k] = float(corr(w, ref[None]).mean())
+        rows = left[split].reshape(-1, E)  # [len(split) * L, E]
+        need = np.repeat(copies_Z[[members[q][k] for q in split]], L)
+        tail = rows[:, ::-1].cumsum(1)[:, ::-1]  # copies of experts e.. onwards
+        taken = np.zeros_like(rows)
+        for e in range(E - 1):
+            taken[:, e] = rng.hypergeometric(rows[:, e], tail[:, e + 1], need)
+            need = need - taken[:, e]
+        taken[:, E - 1] = need
+        taken = taken.reshape(len(split), L, E)
+        out[[members[q][k] for q in split]] = taken
+        left[split] -= taken
     return out
-
-
-def format_description(d: dict[str, Any]) -> str:
-    """Two lines of :func:`describe`'s result next to the Qwen3-235B figures of REFERENCE.md."""
-    corr = ", ".join(f"{k}: {v:.2f}" for k, v in d["corr_with_long_run"].items()) or "-"
-    return (f"busiest/idlest GPU ({d['ep']}-way EP, contiguous): long run {d['gpu_max_min_long_run']:.2f} "
-            f"(worst layer {d['gpu_max_min_long_run_worst_layer']:.1f}), per micro-batch "
-            f"{d['gpu_max_min_per_batch']:.2f} (worst {d['gpu_max_min_per_batch_worst']:.1f})"
-            f"  [Qwen3-235B: 2.3-4.4, worst layer 11.8]\n"
-            f"correlation of k-batch sums with the long-run load ({d['reference']}): {corr}"
-            f"  [Qwen3-235B: 1: 0.57, 4: 0.71, 16: 0.75, 50: 0.79]")
 
 
 def save_trace_file(path: str, loads: np.ndarray, top_k: int, meta: dict[str, Any] | None = None) -> None:
@@ -272,16 +333,61 @@ def save_trace_file(path: str, loads: np.ndarray, top_k: int, meta: dict[str, An
     save_trace(path, loads, top_k, meta=meta)
 
 
-def load_trace_file(path: str, max_bytes: int | None = None) -> tuple[np.ndarray, int, dict[str, Any]]:
-    """Read a trace ``.npz`` as ``(loads int64 [S, M, L, E], top_k, meta)``.
+def save_sequence_trace(path: str, steps: list[SequenceStep], meta: dict[str, Any] | None = None) -> None:
+    """Write ``steps`` as a per-sequence (format 2) trace: their rollout-order loads and every sequence.
 
-    The file is untrusted input: see :func:`relibra.routing.load_trace`, which ``max_bytes``
-    is passed to. Every fault, a missing file included, raises ValueError naming the file.
+    The steps must share ``M``, the budget, ``top_k`` and the layer and expert counts
+    (ValueError naming the first that differs).
     """
+    if not steps:
+        raise ValueError("save_sequence_trace: no step given")
+    first = steps[0]
+    for s, step in enumerate(steps):
+        for name in ("num_micro_batches", "tokens_per_micro_batch", "top_k"):
+            if getattr(step, name) != getattr(first, name):
+                raise ValueError(f"save_sequence_trace: step {s} has {name}={getattr(step, name)}, step 0 "
+                                 f"{getattr(first, name)}")
+    loads = np.stack([step.loads() for step in steps])
+    sequences = TraceSequences.stack([(st.sequence_loads, st.sequence_tokens, st.sequence_prompt, st.micro_batch_of)
+                                      for st in steps], first.tokens_per_micro_batch)
+    save_trace(path, loads, first.top_k, meta=meta, sequences=sequences)
+
+
+def read_trace_file(path: str, max_bytes: int | None = None) -> Trace:
+    """Read and check a trace ``.npz`` of either format (:func:`relibra.routing.load_trace`, which
+    ``max_bytes`` is passed to). Every fault, a missing file included, raises ValueError naming the file."""
     if not os.path.exists(path):
         raise ValueError(f"trace file {path!r} does not exist")
-    trace = load_trace(path, max_bytes=max_bytes)
+    return load_trace(path, max_bytes=max_bytes)
+
+
+def load_trace_file(path: str, max_bytes: int | None = None) -> tuple[np.ndarray, int, dict[str, Any]]:
+    """Read a trace ``.npz`` of either format as ``(loads int64 [S, M, L, E], top_k, meta)``.
+
+    The file is untrusted input: see :func:`read_trace_file`. A per-sequence (format 2) file is
+    checked whole (its keys must agree) and read as its ``loads``; :func:`sequence_steps` gives
+    its sequences.
+    """
+    trace = read_trace_file(path, max_bytes=max_bytes)
     return trace.loads.numpy(), int(trace.top_k), dict(trace.meta)  # int64 already: no copy
+
+
+def sequence_steps(trace: Trace, where: str = "trace") -> list[SequenceStep]:
+    """The per-sequence steps of a format-2 ``trace`` (padding rows dropped; loads are views).
+
+    Raises ValueError naming ``where`` for a format-1 trace, which has no sequences.
+    """
+    seqs = trace.sequences
+    if seqs is None:
+        raise ValueError(f"{where} has no per-sequence data (a format-1 trace, loads per micro-batch only); "
+                         "write one with python -m relibra.sim.traces --per-sequence --out FILE.npz "
+                         "(or benchmarks/make_default_trace.sh --per-sequence --out FILE.npz)")
+    out = []
+    for s in range(trace.num_steps):
+        loads, tokens, prompt, micro_batch_of = (t.numpy() for t in seqs.step(s))
+        out.append(SequenceStep(loads, tokens, prompt, micro_batch_of, trace.num_micro_batches,
+                                seqs.tokens_per_micro_batch, trace.top_k))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -289,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     for name, default in asdict(TraceConfig()).items():
         ap.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
+    ap.add_argument("--per-sequence", action="store_true",
+                    help="write a per-sequence (format 2) trace: every sequence's loads, tokens, prompt and "
+                         "rollout-order micro-batch, for --packing tokens|routes in relibra bench")
     ap.add_argument(
         "--derive-from",
         default=None,
@@ -298,11 +407,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.derive_from:
         derive_popularity(args.derive_from, _data_path(POPULARITY_FILE))
     cfg = TraceConfig(**{k: getattr(args, k) for k in asdict(TraceConfig())})
-    loads = generate(cfg)
-    save_trace_file(
-        args.out, loads.astype(np.int32), cfg.top_k, meta={"generator": "relibra.sim.traces", **asdict(cfg)}
-    )
-    print(f"wrote {args.out}: loads {list(loads.shape)}, {os.path.getsize(args.out) / 1024:.0f} KiB")
+    meta = {"generator": "relibra.sim.traces", **asdict(cfg)}
+    if args.per_sequence:
+        steps = list(generate_sequences(cfg))
+        save_sequence_trace(args.out, steps, meta={**meta, "per_sequence": True})
+        shape = [len(steps), cfg.micro_batches, *steps[0].sequence_loads.shape[1:]]
+        extra = f", {max(len(st.sequence_tokens) for st in steps)} sequences per step at most"
+    else:
+        loads = generate(cfg)
+        save_trace_file(args.out, loads.astype(np.int32), cfg.top_k, meta=meta)
+        shape, extra = list(loads.shape), ""
+    print(f"wrote {args.out}: loads {shape}{extra}, {os.path.getsize(args.out) / 1024:.0f} KiB")
     return 0
 
 

@@ -163,3 +163,29 @@ def test_import_relibra_does_not_import_triton():
             "print('triton' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@SETTINGS
+@given(permute_cases())
+def test_permute_with_known_row_count_reads_nothing_back_and_matches(case):
+    """``num_rows`` (the caller knows R, e.g. from a plan) gives the same buffer; a wrong count is
+    caught on CPU while values are checked."""
+    x, dest, G, align = case
+    want = ref.permute(x, dest, G, align)
+    R = want[0].shape[0]
+    got = kernels.permute(x, dest, G, align, num_rows=R, check_values=False)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    with pytest.raises(ValueError, match=f"num_rows={R + 1} but dest_TK fills {R} rows"):
+        kernels.permute(x, dest, G, align, num_rows=R + 1)
+
+
+def test_check_values_false_skips_only_the_value_scan():
+    x = torch.zeros(3, 4)
+    bad = torch.tensor([[-2], [0], [1]])
+    with pytest.raises(ValueError, match="dest_TK holds group -2"):
+        kernels.permute(x, bad, 3)
+    with pytest.raises(ValueError, match="dest_TK must be int64"):  # shapes and dtypes are still checked
+        kernels.permute(x, bad.int(), 3, check_values=False)
+    with pytest.raises(ValueError, match="num_rows must be None or an int >= 0"):
+        kernels.permute(x, bad, 3, num_rows=-1, check_values=False)

@@ -15,7 +15,7 @@ import torch
 
 import relibra
 from relibra.plan import Placement
-from relibra.policies import replicate as replicate_module
+from relibra.policies import replica_solve
 from relibra.policies.replica_greedy import best_level, greedy_replicas
 from relibra.policies.replica_problems import problem_first, problem_last
 from relibra.policies.replica_split import forest_split
@@ -199,7 +199,7 @@ def test_chunked_passes_equal_one_pass(monkeypatch, spare):
     loads = torch.poisson(probs * 3000, generator=g).to(torch.int64)
     placement = Placement.contiguous(topo, 5)
     whole = replicate_on(loads, placement, topo)
-    monkeypatch.setattr(replicate_module, "PROBLEMS_PER_PASS", 7)  # 30 problems in 5 uneven passes
+    monkeypatch.setattr(replica_solve, "PROBLEMS_PER_PASS", 7)  # 30 problems in 5 uneven passes
     chunked = replicate_on(loads, placement, topo)
     chunked.validate(topo, loads)
     assert torch.equal(whole.spare_experts, chunked.spare_experts)

@@ -39,7 +39,7 @@ import pytest
 import torch
 
 from relibra.routing.npz_reader import CHUNK
-from relibra.routing.trace_file import load_trace, save_trace
+from relibra.routing.trace_file import TraceSequences, load_trace, save_trace
 
 STORED, DEFLATED, LZMA = 0, 8, 14
 LOADS_SHAPE = (2, 4, 16, 4096)  # 4 MiB of int64 loads: the large bases
@@ -129,7 +129,12 @@ def names_file_and_key(message: str, path, key: str | None) -> bool:
 
 
 def same_trace(trace, honest) -> bool:
-    return torch.equal(trace.loads, honest.loads) and trace.top_k == honest.top_k and trace.meta == honest.meta
+    same = torch.equal(trace.loads, honest.loads) and trace.top_k == honest.top_k and trace.meta == honest.meta
+    if trace.sequences is None or honest.sequences is None:
+        return same and trace.sequences is honest.sequences is None
+    a, b = trace.sequences, honest.sequences
+    return same and a.tokens_per_micro_batch == b.tokens_per_micro_batch and all(
+        torch.equal(getattr(a, k), getattr(b, k)) for k in ("loads", "tokens", "prompt", "micro_batch_of"))
 
 
 class Base:
@@ -343,8 +348,9 @@ def test_every_byte_of_small_files(tmp_path):
     save_trace(tmp_path / "lzma.npz", loads, 2, meta={"m": 1})
     np.savez_compressed(tmp_path / "deflate.npz", loads=loads, top_k=np.int64(2), meta=np.asarray('{"m": 1}'))
     np.savez(tmp_path / "stored.npz", loads=loads, top_k=np.int64(2))
+    save_trace(tmp_path / "v2.npz", *small_sequence_trace())  # format 2: the per-sequence keys too
     outcomes = {"ValueError": 0, "loaded-same": 0}
-    for name in ("lzma", "deflate", "stored"):
+    for name in ("lzma", "deflate", "stored", "v2"):
         honest = load_trace(tmp_path / f"{name}.npz")
         blob = (tmp_path / f"{name}.npz").read_bytes()
         cases = [blob[:cut] for cut in range(0, len(blob), 7)]  # every truncation loses the end record
@@ -363,6 +369,45 @@ def test_every_byte_of_small_files(tmp_path):
                 outcomes["loaded-same"] += 1
     assert outcomes["ValueError"] > 3 * outcomes["loaded-same"]
     print(f"\nsmall files: {outcomes}")
+
+
+def small_sequence_trace() -> tuple:
+    """``(loads, top_k, meta, sequences)`` of a ~1 KB per-sequence trace: 1 step, 3 sequences (one
+    padding row), 2 micro-batches of at most 6 tokens, 1 layer, 4 experts, top-2."""
+    seq_loads = np.array([[[3, 1, 0, 0]], [[0, 2, 2, 4]], [[0, 0, 0, 0]]], np.int32)[None]
+    sequences = TraceSequences(torch.from_numpy(seq_loads), torch.tensor([[2, 4, 0]]), torch.tensor([[0, 0, -1]]),
+                               torch.tensor([[1, 0, -1]]), 6)
+    loads = np.array([[[[0, 2, 2, 4]], [[3, 1, 0, 0]]]])
+    return loads, 2, {"m": 2}, sequences
+
+
+def test_forged_sequence_members(tmp_path):
+    """The per-sequence keys go through the same bounded reader: forged headers and bombs are
+    refused by key before any array is allocated."""
+    loads, top_k, meta, sequences = small_sequence_trace()
+    honest = {**sequences.arrays(), "loads": loads, "top_k": np.int64(top_k)}
+    h = "{{'descr': {!r}, 'fortran_order': False, 'shape': {}, }}".format
+    cases = [
+        ("sequence_loads", h("<i4", (1, 3, 1)), bytes(12), "must be 4 dimensions"),
+        ("sequence_loads", h("|O", (1, 3, 1, 4)), bytes(96), "object array"),
+        ("sequence_loads", h("<f4", (1, 3, 1, 4)), bytes(48), "must hold integers"),
+        ("sequence_tokens", h("<i8", (3,)), bytes(24), "must be 2 dimensions [steps, sequences]"),
+        ("micro_batch_of", h("<i8", (1, 3)), bytes(8), "only 8 bytes after the header"),
+        ("tokens_per_micro_batch", h("<i8", (2,)), bytes(16), "must be a scalar"),
+        ("sequence_prompt", h("|u1", (1 << 17, 1 << 17)), bytes(1 << 10), "more than the"),
+    ]
+    for key, header, data, needle in cases:
+        members = [(k + ".npy", npy(header=header, data=data) if k == key else npy(np.asarray(v)), DEFLATED)
+                   for k, v in honest.items()]
+        if key == "sequence_prompt":  # a bomb whose zip directory agrees with its header
+            members = [(n, d, m, len(d) - len(data) + (1 << 34)) if n == key + ".npy" else (n, d, m)
+                       for n, d, m in members]
+        path = tmp_path / f"{key}.npz"
+        write_zip(path, members)
+        result, peak = load_measured(path)
+        assert isinstance(result, ValueError) and names_file_and_key(str(result), path, key), (key, result)
+        assert needle in str(result), (key, str(result))
+        assert peak < 4 * CHUNK, (key, peak)
 
 
 _RSS_PROBE = """

@@ -29,13 +29,14 @@ class Net(nn.Module):
         return self.moe2(self.mid(h)) + h
 
 
-def step_data(step: int, M: int = 2):
-    """Per micro-batch, per rank: (x [T, D], routes [T, 2, K]). Hot experts move every
-    micro-batch, one expert gets no token, rank 2 has no token in micro-batch 1."""
+def step_data(step: int, M: int = 2, hold: int = 1):
+    """Per micro-batch, per rank: (x [T, D], routes [T, 2, K]). Hot experts move every ``hold``
+    micro-batches, one expert gets no token, rank 2 has no token in micro-batch 1."""
     g = torch.Generator().manual_seed(1000 + step)
     data = []
     for m in range(M):
-        hot = [(3 * step + m) % E, (3 * step + m + 5) % E]
+        h = m // hold
+        hot = [(3 * step + h) % E, (3 * step + h + 5) % E]
         cold = (3 * step + m + 2) % E
         others = [e for e in range(E) if e not in hot and e != cold]
         per_rank = []

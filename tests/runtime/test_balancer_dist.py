@@ -1,7 +1,9 @@
 """Distributed exactness and failure handling of Balancer + ReLibraMoE (gloo, 2 nodes x 2 GPUs).
 
-One spawn runs every built-in policy against the single-process reference; a second spawn
-feeds bad input. Each parametrised test reads its policy's numbers from the shared run.
+One spawn runs every built-in policy against the single-process reference, over steps of four
+micro-batches in which some replicas stay in their spare slot (fetched once, their gradient
+accumulated there and sent home once) and others move; a second spawn feeds bad input. Each
+parametrised test reads its policy's numbers from the shared run.
 """
 
 from __future__ import annotations
@@ -18,9 +20,17 @@ from relibra.testing import run_world
 
 BUILTIN = list(relibra.policies.BUILTINS)
 STEPS, M = 3, 2
+M_EXACT = 4  # micro-batches per step of the exactness run: long enough for replicas to stay
 
 
-def _reference(steps=STEPS):
+def _kept_and_arrived(plan) -> tuple[int, int]:
+    """Filled spare slots (after micro-batch 0) that keep their replica / get a new one."""
+    sp = plan.spare_experts
+    filled = sp[1:] >= 0
+    return int((filled & (sp[1:] == sp[:-1])).sum()), int((filled & (sp[1:] != sp[:-1])).sum())
+
+
+def _reference(steps=STEPS, M=M_EXACT):
     """Single-process run on all ranks' tokens: outputs, loss, grads per step; final weights/state."""
     torch.manual_seed(0)
     ref = Net(None)
@@ -47,6 +57,7 @@ def _reference(steps=STEPS):
 
 def _exact_worker(rank, mesh, policies, reference):
     init, rec, ref_weights, ref_state = reference
+    M = M_EXACT
     results = {}
     for name in policies:
         torch.manual_seed(0)
@@ -55,12 +66,13 @@ def _exact_worker(rank, mesh, policies, reference):
         opt = torch.optim.AdamW(model.parameters(), lr=2e-2)
         bal = Balancer(model, mesh=mesh, policy=name, optimizer=opt, spare_slots_per_gpu=1)
         err = dict(out=0.0, loss=0.0, grad=0.0)
-        moved = replicas = 0
+        moved = replicas = kept = arrived = 0
         for s in range(STEPS):
             data = step_data(s, M)
             plan = bal.plan_step([data[m][rank][1] for m in range(M)])
             moved += bal.metrics()["experts_moved"]
             replicas += int(plan.replicas().sum())
+            kept, arrived = (a + b for a, b in zip((kept, arrived), _kept_and_arrived(plan)))
             loss = torch.zeros(())
             for m in range(M):
                 x = data[m][rank][0]
@@ -82,7 +94,7 @@ def _exact_worker(rank, mesh, policies, reference):
         planned = bal.plan.gpu_loads().permute(0, 1, 2)
         err["weights"] = max_err({k: v for k, v in model.state_dict().items()}, ref_weights)
         err["state"] = max_err(logical_state(model, opt), ref_state)
-        results[name] = dict(err, moved=moved, replicas=replicas,
+        results[name] = dict(err, moved=moved, replicas=replicas, kept=kept, arrived=arrived,
                              realised_equals_planned=bool(torch.equal(realised["realised_gpu_loads"], planned)))
     return results
 
@@ -101,6 +113,9 @@ def test_distributed_run_equals_single_process(policy, exact_results):
         assert res["realised_equals_planned"], f"rank {rank}: dispatch did not follow the plan's split"
     if policy in ("replicate", "hybrid", "eplb"):
         assert per_rank[0]["replicas"] > 0, f"{policy} filled no spare slot: replicas untested"
+        assert per_rank[0]["kept"] > 0, f"{policy} kept no replica in its slot: reuse untested"
+    if policy in ("replicate", "hybrid"):
+        assert per_rank[0]["arrived"] > 0, f"{policy} never moved a replica after micro-batch 0: untested"
     if policy == "reorder":
         assert per_rank[0]["moved"] > 0, "reorder never moved an expert: migration untested"
 

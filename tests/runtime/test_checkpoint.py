@@ -142,18 +142,32 @@ def _world1(rank, mesh, tmp, init):
         # the planning rank's policy state reaches every rank's Balancer.state_dict()
         policy_state = bal.state_dict()["policy_state"]
         res["policy_state"] = [t.tolist() for t in _tensors(policy_state)]
-        naive = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
+        naive = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()), bal.state_dict())
         for fmt in FORMATS:
             _save(model, opt, bal, f"{tmp}/{policy}-A", fmt, rank)
         uninterrupted = {}
         for s in (2, 3, 4):
             _step(model, opt, bal, s, rank)
             uninterrupted[s] = _snapshot(model, opt)
-        # plain torch: model + optimizer state dicts into fresh objects (contiguous placement)
-        m0, o0, _ = _build(mesh, policy, seed=5)
+        # plain torch: model + optimizer state dicts into fresh objects (contiguous placement).
+        # Into a bare optimizer (no Balancer hooks it) the moments land on other experts ...
+        m0, _, _ = _build(mesh, policy, seed=5)
         m0.load_state_dict(naive[0])
+        bare = torch.optim.AdamW(m0.parameters(), lr=LR)
+        bare.load_state_dict(naive[1])
+        res["naive_error"] = max_err(_snapshot(m0, bare), saved)
+        # ... into the Balancer's optimizer the placement stamp refuses it, and the way out it names
+        # (the Balancer first, which moves the experts to the saved placement) restores it exactly
+        m0, o0, b0 = _build(mesh, policy, seed=5)
+        m0.load_state_dict(naive[0])
+        try:
+            o0.load_state_dict(naive[1])
+            res["naive_refused"] = ""
+        except ValueError as exc:
+            res["naive_refused"] = str(exc)
+        b0.load_state_dict(naive[2])
         o0.load_state_dict(naive[1])
-        res["naive_error"] = max_err(_snapshot(m0, o0), saved)
+        res["naive_after_balancer"] = max_err(_snapshot(m0, o0), saved)
         for fmt in FORMATS:
             m1, o1, b1 = _build(mesh, policy, seed=2)  # same world and policy: plans identical
             _load(m1, o1, b1, f"{tmp}/{policy}-A", fmt)
@@ -382,6 +396,23 @@ def test_plain_torch_state_dicts_put_moments_on_the_wrong_experts(matrix):
     world1, _, _ = matrix
     for rank, res in enumerate(world1):
         assert res["hybrid"]["naive_error"] > 1e-3, f"rank {rank}: {res['hybrid']['naive_error']}"
+
+
+@pytest.mark.distributed
+def test_plain_optimizer_state_is_refused_under_another_placement_and_loads_after_the_balancer(matrix):
+    """The Balancer stamps its optimizer's state dict with the placement: loading it under
+    another placement raises (instead of the silent error above); after balancer.load_state_dict
+    the same plain state loads exactly. static never moves, so its state always loads."""
+    world1, _, _ = matrix
+    for rank, res in enumerate(world1):
+        for policy in relibra.policies.BUILTINS:
+            r = res[policy]
+            if r["moved"]:
+                assert "this optimizer state was saved under" in r["naive_refused"], (rank, policy, r["naive_refused"])
+                assert "balancer.load_state_dict" in r["naive_refused"]
+            else:
+                assert r["naive_refused"] == "", (rank, policy, r["naive_refused"])
+            assert r["naive_after_balancer"] == 0.0, (rank, policy, r["naive_after_balancer"])
 
 
 @pytest.mark.distributed

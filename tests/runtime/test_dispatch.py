@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from relibra.runtime.dispatch import combine, dispatch, expert_mlp, slot_table, split_counts
+from relibra.runtime.dispatch import combine, dispatch, expert_mlp
+from relibra.runtime.layout import slot_table, split_counts
 from relibra.runtime.replicas import replica_route
 from relibra.topology import Topology
 
@@ -108,9 +109,83 @@ def test_split_counts_match_assign_copies_per_source_rank():
     plan = Plan.with_spares(Placement(home[None]), spare[None, None], loads_GE.sum(0)[None, None], t)
     plan.validate(t, loads_GE.sum(0)[None, None])
     table = slot_table(home, t, spare, plan.slot_tokens[0, 0])
-    counts = split_counts(table, loads_GE, SL)
+    (counts,) = split_counts([table], loads_GE[None], SL)
     off = loads_GE.cumsum(0) - loads_GE
     for s, r in enumerate(routes):
         dest = kernels.assign_copies(r, table.copy_slots_EX, table.copy_ends_EX, off[s])
         assert torch.equal(torch.bincount(dest.reshape(-1), minlength=G * SL), counts[s])
     assert counts.sum() == sum(r.numel() for r in routes)
+
+
+def _loop_mlp(x, gu, dn, counts):
+    I = dn.shape[2]
+    start, outs = 0, []
+    for s, c in enumerate(counts):
+        h = x[start:start + c] @ gu[s].T
+        outs.append((F.silu(h[:, :I]) * h[:, I:]) @ dn[s].T)
+        start += c
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("D,I,dtype,grouped", [
+    (8, 8, torch.float32, True),      # rows of 32 bytes: one grouped GEMM per linear
+    (8, 8, torch.bfloat16, True),     # 16 bytes
+    (8, 4, torch.bfloat16, True),     # gate_up grouped; down reads rows of I = 4 bf16 = 8 bytes: the loop
+    (8, 6, torch.float32, True),      # gate_up (out 2I = 12 floats, 48 bytes) grouped; down (in 24 bytes) loops
+    (6, 8, torch.float32, False),     # x rows of 24 bytes
+    (8, 8, torch.float64, False),     # a dtype _grouped_mm does not take
+])
+def test_grouped_gemm_is_chosen_by_capability_and_matches_the_loop(monkeypatch, D, I, dtype, grouped):
+    from relibra.runtime import dispatch as dispatch_module
+
+    calls = []
+    real = torch._grouped_mm
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_grouped_mm", counting)
+    torch.manual_seed(2)
+    counts = (3, 0, 5)
+    x = torch.randn(sum(counts), D, dtype=dtype, requires_grad=True)
+    gu = torch.randn(3, 2 * I, D, dtype=dtype, requires_grad=True)
+    dn = torch.randn(3, D, I, dtype=dtype, requires_grad=True)
+    y = expert_mlp(x, gu, dn, counts)
+    want = _loop_mlp(x, gu, dn, counts)
+    tol = dict(atol=3e-2, rtol=3e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y, want, **tol)
+    g = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, (x, gu, dn), g), torch.autograd.grad(want, (x, gu, dn), g)):
+        torch.testing.assert_close(a, b, **tol)
+    h = torch.zeros(sum(counts), I, dtype=dtype)  # what the down projection reads
+    expected = [dispatch_module.grouped_mm_capable(x, gu), dispatch_module.grouped_mm_capable(h, dn)]
+    assert expected[0] == grouped
+    assert len(calls) == sum(expected), (calls, expected)
+
+
+def test_grouped_gemm_errors_propagate_instead_of_a_silent_loop(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(torch, "_grouped_mm", broken)
+    x, gu, dn = torch.randn(4, 8), torch.randn(2, 8, 8), torch.randn(2, 8, 4)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        expert_mlp(x, gu, dn, (1, 3))
+
+
+def test_grouped_gemm_capability_reads_metadata_only(monkeypatch):
+    from relibra.runtime.dispatch import grouped_mm_capable
+
+    w = torch.randn(2, 8, 8)
+    assert grouped_mm_capable(torch.randn(4, 8), w)
+    assert grouped_mm_capable(torch.randn(4, 16)[:, :8], w)  # strided rows, 64 bytes apart: fine
+    assert not grouped_mm_capable(torch.randn(4, 9)[:, :8], w)  # rows 36 bytes apart
+    assert not grouped_mm_capable(torch.randn(4, 8).double(), w.double())
+    assert not grouped_mm_capable(torch.randn(4, 8), w.bfloat16())  # mixed dtypes
+    assert not grouped_mm_capable(torch.randn(4, 8), torch.randn(2, 8, 9)[:, :, :8])  # w rows 36 bytes apart
+    assert not grouped_mm_capable(torch.randn(4, 8), torch.randn(2, 6, 8))  # outputs of 6 floats: 24-byte rows
+    assert grouped_mm_capable(torch.randn(4, 8).bfloat16(), w.bfloat16())
+    assert not grouped_mm_capable(torch.randn(4, 4).bfloat16(), torch.randn(2, 8, 4).bfloat16())  # 8-byte rows
+    monkeypatch.delattr(torch, "_grouped_mm")
+    assert not grouped_mm_capable(torch.randn(4, 8), w)

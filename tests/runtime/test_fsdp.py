@@ -7,6 +7,8 @@ home + 1 spare slot per rank); :func:`relibra.runtime.fsdp.apply_fsdp` shards th
 loss per step and every logical weight and AdamW moment equal a single process trained on all
 ranks' tokens. ``_Rotate`` moves every expert to the other GPU each step, so migration of
 FSDP-sharded weights and optimizer state is exercised whatever the built-in policies decide.
+Steps have four micro-batches, so some replicas stay in their spare slot (fetched in the first
+forward of their run, gradient sent home through FSDP's reduction once, in its last backward).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from relibra.plan import Placement, Plan
 from relibra.runtime.balancer import Balancer
 from relibra.testing import run_world
 
-STEPS, M = 3, 2
+STEPS, M = 3, 4
 POLICIES = ("static", "replicate", "hybrid", "rotate")
 
 
@@ -100,12 +102,14 @@ def _worker(rank, _mesh, runs, references):
         apply_fsdp(model, dp_mesh, edp_mesh, reduce=reduce)
         opt = torch.optim.AdamW(model.parameters(), lr=2e-2)
         bal = Balancer(model, mesh=ep_mesh, policy=_policy(name), optimizer=opt, spare_slots_per_gpu=1)
-        loss_err, moved, replicas = 0.0, 0, 0
+        loss_err, moved, replicas, kept = 0.0, 0, 0, 0
         for s in range(STEPS):
             data = step_data(s, M)
             plan = bal.plan_step([data[m][rank][1] for m in range(M)])
             moved += bal.metrics()["experts_moved"]
             replicas += int(plan.replicas().sum())
+            sp = plan.spare_experts
+            kept += int(((sp[1:] >= 0) & (sp[1:] == sp[:-1])).sum())
             loss = torch.zeros(())
             for m in range(M):
                 with bal.micro_batch(m):
@@ -123,10 +127,37 @@ def _worker(rank, _mesh, runs, references):
         st = _logical_state(model, opt)
         s_err = max(float((st[k] - ref_state[k]).abs().max()) for k in ref_state)
         results[name, reduce] = dict(loss=loss_err, weights=w_err, state=s_err, moved=moved, replicas=replicas,
+                                     kept=kept,
                              keys=sorted(weights) == sorted(ref_weights),
                              placement=bal.placement.home_experts.tolist())
     results["errors"] = _misuse_errors(dp_mesh, edp_mesh, ep_mesh)
+    results["skipped_forward"] = _skipped_forward(rank, dp_mesh, edp_mesh, ep_mesh, references["sum"][0])
     return results
+
+
+def _skipped_forward(rank, dp_mesh, edp_mesh, ep_mesh, init) -> float:
+    """Micro-batch 0's block entered without a forward (so no layer fetched its replicas there),
+    then micro-batches 1..M-1 as usual: replicate's weights after an SGD step minus static's (SGD:
+    AdamW's first step turns gradient noise around zero into whole steps)."""
+    from relibra.runtime.fsdp import apply_fsdp
+
+    weights = []
+    for policy in ("static", "replicate"):
+        model = Net(ep_mesh)
+        model.load_state_dict(init)
+        apply_fsdp(model, dp_mesh, edp_mesh, reduce="sum")
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        bal = Balancer(model, mesh=ep_mesh, policy=policy, optimizer=opt, spare_slots_per_gpu=1)
+        data = step_data(0, M, hold=M)  # hot experts (and their replicas) stay for the whole step
+        plan = bal.plan_step([data[m][rank][1] for m in range(M)])
+        assert policy == "static" or bool((plan.spare_experts[1] >= 0).any()), "no replica in micro-batch 1"
+        for m in range(M):
+            with bal.micro_batch(m):
+                if m:
+                    model(data[m][rank][0]).square().sum().backward()
+        opt.step()
+        weights.append({k: _full(v) for k, v in model.state_dict().items()})
+    return max(float((weights[0][k] - weights[1][k]).abs().max()) for k in weights[0])
 
 
 def _misuse_errors(dp_mesh, edp_mesh, ep_mesh) -> list[str]:
@@ -174,8 +205,14 @@ def test_fsdp_expert_data_parallel_equals_single_process(policy, reduce, results
     assert per_rank[0]["placement"] == per_rank[2]["placement"]
     if policy in ("replicate", "hybrid"):
         assert per_rank[0]["replicas"] + per_rank[2]["replicas"] > 0, f"{policy} made no replica: untested"
+        assert per_rank[0]["kept"] + per_rank[2]["kept"] > 0, f"{policy} kept no replica in its slot: untested"
     if policy == "rotate":
         assert per_rank[0]["moved"] > 0, "no expert moved: migration under FSDP untested"
+
+
+def test_fsdp_replicas_not_fetched_in_a_skipped_forward_are_fetched_in_the_next(results):
+    for rank, r in enumerate(results):
+        assert r["skipped_forward"] < 2e-5, f"rank {rank}: weights differ from static by {r['skipped_forward']}"
 
 
 def test_fsdp_misuse_raises_clear_errors(results):

@@ -184,4 +184,5 @@ def test_positions_pack_into_distinct_keys_that_read_back(a, b):
     phase, m, layer = a
     text = layer_module._describe_position(key_a)
     assert (f"micro-batch {m}," in text) == (m >= 0) and (f"MoE layer {layer}" in text) == (layer >= 0), text
-    assert text.startswith("train" if phase == 0 else f"phase {phase}"), text
+    index, name = divmod(phase, len(layer_module.PHASES))
+    assert text.startswith(layer_module.PHASES[name] if index == 0 else f"{layer_module.PHASES[name]} (pass {index})")

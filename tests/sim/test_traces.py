@@ -106,3 +106,47 @@ def test_describe_tracks_concentration():
     lo, hi = r1(8.0), r1(4096.0)
     assert lo[1] < hi[1] and lo[1] < lo[4]  # prompt-specific hot spots average out over batches
     assert hi[1] > 0.9
+
+
+# ----------------------------------------------------------------------------- per sequence
+def test_sequences_sum_to_generate_exactly():
+    from relibra.sim.traces import generate_sequences
+
+    for cfg in (TraceConfig(**SMALL, seed=5), TraceConfig(**dict(SMALL, group_size=3, concentration=8.0), seed=1)):
+        steps = list(generate_sequences(cfg))
+        loads = generate(cfg)
+        assert len(steps) == cfg.steps
+        for s, step in enumerate(steps):
+            Q = step.sequence_tokens.shape[0]
+            assert step.sequence_loads.shape == (Q, 58, 256) and step.sequence_loads.dtype == np.int32
+            np.testing.assert_array_equal(step.loads(), loads[s])
+            # every layer of a sequence holds top_k copies of each of its tokens
+            assert (step.sequence_loads.sum(-1) == step.sequence_tokens[:, None] * cfg.top_k).all()
+            # rollout order: micro-batches in order, each within the budget, all M used
+            assert (np.diff(step.micro_batch_of) >= 0).all()
+            held = np.bincount(step.micro_batch_of, weights=step.sequence_tokens, minlength=cfg.micro_batches)
+            assert held.max() <= cfg.tokens_per_micro_batch and (held > 0).all()
+            # prompt groups in order, group_size responses each (the last may be cut by the step's end)
+            counts = np.bincount(step.sequence_prompt)
+            assert (np.diff(step.sequence_prompt) >= 0).all() and (counts[:-1] == cfg.group_size).all()
+            # any packing sums the same way
+            other = step.micro_batch_of[::-1].copy()
+            np.testing.assert_array_equal(step.loads(other).sum(0), loads[s].sum(0))
+
+
+def test_sequences_are_seeded_and_siblings_route_alike():
+    from relibra.sim.traces import generate_sequences
+
+    cfg = TraceConfig(**dict(SMALL, steps=1, concentration=16.0), seed=2)
+    a, b = next(generate_sequences(cfg)), next(generate_sequences(cfg))
+    np.testing.assert_array_equal(a.sequence_loads, b.sequence_loads)
+    c = next(generate_sequences(TraceConfig(**dict(SMALL, steps=1, concentration=16.0), seed=3)))
+    assert a.sequence_loads.shape != c.sequence_loads.shape or not np.array_equal(a.sequence_loads, c.sequence_loads)
+    # responses of one prompt share its expert mix: their loads are closer in direction than
+    # those of responses of different prompts (what route-aware packing exploits)
+    x = a.sequence_loads.reshape(len(a.sequence_tokens), -1).astype(float)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    cos = x @ x.T
+    same = a.sequence_prompt[:, None] == a.sequence_prompt[None, :]
+    off = ~np.eye(len(x), dtype=bool)
+    assert cos[same & off].mean() > cos[~same].mean() + 0.2

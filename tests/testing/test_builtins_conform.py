@@ -1,8 +1,9 @@
 """Every built-in policy passes check_policy under its contract: the kit is what relibra trusts for itself.
 
 Contracts: ``static`` and ``reorder`` never replicate; ``replicate`` and ``hybrid`` replicate
-inside a node; ``eplb`` replicates inside a node where it plans hierarchically (its expert groups
-divide over the nodes) and anywhere where it plans globally. Claims each built-in makes on top:
+anywhere (inside a node, and on other nodes where a cross-node replica pays); ``eplb`` replicates
+inside a node where it plans hierarchically (its expert groups divide over the nodes) and
+anywhere where it plans globally. Claims each built-in makes on top:
 ``static`` and ``replicate`` are never worse than ``static`` on the busiest GPU of any micro-batch
 and layer; every policy whose placement is a function of the step's loads (all but the
 history-fed ``eplb``) moves nothing when the same loads come again.
@@ -28,8 +29,8 @@ def eplb_contract(topology: relibra.Topology) -> str:
 CONTRACTS = {
     "static": ("none", dict(never_worse_than_static=True, same_loads_move_nothing=True)),
     "reorder": ("none", dict(same_loads_move_nothing=True)),
-    "replicate": ("intra_node", dict(never_worse_than_static=True, same_loads_move_nothing=True)),
-    "hybrid": ("intra_node", dict(same_loads_move_nothing=True)),
+    "replicate": ("any", dict(never_worse_than_static=True, same_loads_move_nothing=True)),
+    "hybrid": ("any", dict(same_loads_move_nothing=True)),
     "eplb": (eplb_contract, {}),
 }
 # reorder and hybrid plan in ~10-100 ms; the others in a few

@@ -1,0 +1,157 @@
+"""The RL step in the simulator: which sequences share a micro-batch, and which passes run over them.
+
+Legend: see CONTRIBUTING.md (Y steps, Z sequences, M micro-batches, L MoE layers, E experts).
+
+Packing (``relibra bench --packing``), per step, for every policy:
+
+- ``rollout``: the trace's ``loads`` as recorded (the rollout order; any trace);
+- ``tokens``: :func:`relibra.packing.pack_tokens` (LPT on sequence lengths, what sequence-length
+  balancing does) of the step's sequences (a per-sequence trace);
+- ``routes``: :func:`relibra.packing.pack` of the step's sequences under the placement the step
+  starts on (the policy's placement of the step before), started from the rollout order, so it
+  is never worse than it on the packing objective (a per-sequence trace).
+
+Phases (``relibra bench --phases``, :func:`relibra.phases.parse_phases`): the passes of the
+step over its micro-batches, priced one by one with :mod:`relibra.sim.cost` and added up.
+A forward-only pass (``logprob``, ``ref``, ``forward``) costs forward compute, the forward
+all-to-all (dispatch and combine) and replica weight copies, no backward and no gradient return
+(:func:`forward_config`). The step's placement moves once, before its first training phase:
+the forward-only passes before it run on the placement of the step before with fresh replica
+plans (``policy.replan``, or no replicas for a policy without one), which is how the Balancer
+overlaps planning with the log-prob pass; the passes from the first training phase on run the
+policy's plan. With ``overlap=False`` (``--no-overlap``) the placement moves before the first
+pass and every pass runs the policy's plan (the Balancer's ``plan_step(..., overlap=False)``;
+the planning time is not priced, as nowhere in the simulator). Every pass uses the step's
+packing; replicas are priced per pass (a replica kept from one pass into the next pays its copy
+again).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..packing import pack, pack_tokens, sum_by_micro_batch
+from ..phases import TRAIN, has_backward
+from ..plan import Placement, Plan
+from ..topology import Topology
+from .cost import CostConfig, StepCost, ideal_step_cost, step_cost
+
+if TYPE_CHECKING:  # pragma: no cover - ``python -m relibra.sim.traces`` must find traces not yet imported
+    from .traces import SequenceStep
+
+__all__ = ["PACKINGS", "StepPacker", "forward_config", "phase_step_cost", "ideal_phase_cost", "plan_on"]
+
+PACKINGS = ("rollout", "tokens", "routes")
+
+
+class StepPacker:
+    """The loads ``[M, L, E]`` of step ``s`` packed by ``mode``, given the placement it starts on.
+
+    Args:
+        steps: the trace's per-sequence steps (:func:`relibra.sim.traces.sequence_steps`).
+        mode: ``"tokens"`` or ``"routes"`` (``"rollout"`` needs no packer: the trace's loads).
+        topology: the simulated topology (``routes`` scores its objective there).
+
+    ``seconds`` collects the process CPU time of every packing call (on one torch thread).
+    """
+
+    def __init__(self, steps: list[SequenceStep], mode: str, topology: Topology) -> None:
+        if mode not in PACKINGS[1:]:
+            raise ValueError(f"packing {mode!r}: a packer packs 'tokens' or 'routes'; 'rollout' is the trace's loads")
+        self.steps, self.mode, self.topology = steps, mode, topology
+        self.seconds: list[float] = []
+        self._tokens_cache: dict[int, torch.Tensor] = {}  # token packing does not depend on the placement
+
+    def __call__(self, s: int, placement: Placement) -> torch.Tensor:
+        step = self.steps[s]
+        M, budget = step.num_micro_batches, step.tokens_per_micro_batch
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as timed_plan: one thread's own work (spinning OpenMP workers inflate it)
+        try:
+            t0 = time.process_time()
+            if self.mode == "tokens":
+                if s not in self._tokens_cache:
+                    assign = pack_tokens(step.sequence_tokens, M, budget)
+                    self._tokens_cache[s] = sum_by_micro_batch(torch.from_numpy(step.sequence_loads), assign, M)
+                loads = self._tokens_cache[s]
+            else:
+                loads = pack(step.sequence_loads, step.sequence_tokens, M, budget, placement, self.topology,
+                             start=step.micro_batch_of).loads
+            self.seconds.append(time.process_time() - t0)
+        finally:
+            torch.set_num_threads(threads)
+        return loads
+
+    def describe(self) -> dict[str, Any]:
+        """What the bench JSON's ``"packing"`` reports about this packer."""
+        sizes = [len(st.sequence_tokens) for st in self.steps]
+        return {"mode": self.mode, "sequences_per_step": sizes,
+                "tokens_per_micro_batch": int(self.steps[0].tokens_per_micro_batch),
+                "pack_cpu_seconds_mean": sum(self.seconds) / len(self.seconds) if self.seconds else 0.0,
+                "packer": ("relibra.packing.pack_tokens (LPT on sequence lengths)" if self.mode == "tokens" else
+                           "relibra.packing.pack (spread greedy under the placement of the step before, "
+                           "started from the rollout order)")}
+
+
+def forward_config(cfg: CostConfig) -> CostConfig:
+    """``cfg`` for a forward-only pass: no backward compute, half the token transfers (dispatch
+    and combine, not their backward), replica weight copies without gradient returns, no
+    optimizer update, half the host work per layer call and none per step (the training pass
+    pays the step's)."""
+    return dataclasses.replace(cfg, backward_factor=0.0, a2a_bytes=cfg.a2a_bytes / 2, replica_grad_bytes=0.0,
+                               optimizer_s_per_param=0.0, layer_call_s=cfg.layer_call_s / 2, step_overhead_s=0.0)
+
+
+def plan_on(policy: Any, loads_MLE: torch.Tensor, placement: Placement, topology: Topology) -> Plan:
+    """Fresh replica plans of ``loads_MLE`` on ``placement``: ``policy.replan`` if it has one,
+    else the placement without replicas (what the Balancer runs before the step's placement moves)."""
+    replan = getattr(policy, "replan", None)
+    if callable(replan):
+        return replan(loads_MLE, placement, topology)
+    return Plan.without_replicas(placement, loads_MLE, topology)
+
+
+def _add(costs: list[StepCost]) -> StepCost:
+    """The costs of a step's passes added up; ``tokens`` stays the step's (one pass's)."""
+    total = {f.name: sum(getattr(c, f.name) for c in costs) for f in dataclasses.fields(StepCost)}
+    total["tokens"] = costs[0].tokens
+    return StepCost(**total)
+
+
+def phase_step_cost(plan: Plan, loads_MLE: torch.Tensor, cfg: CostConfig, previous: Placement,
+                    phases: tuple[str, ...], policy: Any, overlap: bool = True, live_planning: bool = False
+                    ) -> tuple[StepCost, list[float]]:
+    """The step's cost over its ``phases`` and each phase's seconds (module docstring).
+
+    Args:
+        plan: the policy's plan of the step (its placement moves before the first training phase).
+        previous: the placement the step starts on.
+        policy: plans the forward-only passes before the first training phase on ``previous``
+            (:func:`plan_on`), when there are such passes.
+        overlap: False: the placement moves before the first pass, every pass runs ``plan``.
+        live_planning: every pass's plans are made at run time (:func:`relibra.sim.cost.step_cost`).
+    """
+    forward = forward_config(cfg)
+    first_train = phases.index(TRAIN) if overlap else 0
+    before = plan_on(policy, loads_MLE, previous, plan.topology) if first_train > 0 else None
+    costs = []
+    for i, name in enumerate(phases):
+        phase_cfg = cfg if has_backward(name) else forward
+        if i < first_train:
+            costs.append(step_cost(before, loads_MLE, phase_cfg, live_planning=live_planning))
+        else:
+            costs.append(step_cost(plan, loads_MLE, phase_cfg, previous=previous if i == first_train else None,
+                                   live_planning=live_planning))
+    return _add(costs), [c.total_s for c in costs]
+
+
+def ideal_phase_cost(loads_MLE: torch.Tensor, topology: Topology, cfg: CostConfig,
+                     phases: tuple[str, ...]) -> tuple[StepCost, list[float]]:
+    """The idealised step over ``phases`` (every pass at the mean load, nothing moved)."""
+    forward = forward_config(cfg)
+    costs = [ideal_step_cost(loads_MLE, topology, cfg if has_backward(name) else forward) for name in phases]
+    return _add(costs), [c.total_s for c in costs]
