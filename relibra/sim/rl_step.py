@@ -99,11 +99,12 @@ class StepPacker:
 
 def forward_config(cfg: CostConfig) -> CostConfig:
     """``cfg`` for a forward-only pass: no backward compute, half the token transfers (dispatch
-    and combine, not their backward), replica weight copies without gradient returns, no
+    and combine, not their backward: half the bytes and half the per-transfer latency), replica
+    weight copies without gradient returns (one transfer of the two), no
     optimizer update, half the host work per layer call and none per step (the training pass
     pays the step's)."""
     return dataclasses.replace(cfg, backward_factor=0.0, a2a_bytes=cfg.a2a_bytes / 2, replica_grad_bytes=0.0,
-                               optimizer_s_per_param=0.0, layer_call_s=cfg.layer_call_s / 2, step_overhead_s=0.0)
+                               message_latency_s=cfg.message_latency_s / 2, optimizer_s_per_param=0.0, layer_call_s=cfg.layer_call_s / 2, step_overhead_s=0.0)
 
 
 def plan_on(policy: Any, loads_MLE: torch.Tensor, placement: Placement, topology: Topology) -> Plan:

@@ -54,7 +54,9 @@ def test_a_topology_the_cluster_cannot_hold_is_named():
 
 def test_cross_node_price_is_the_cost_models_exchange_rate():
     """One cross-node replica costs as much as ``price`` token copies less on the busiest GPU."""
-    cfg = CostConfig(**{**CFG.to_dict(), "replica_overlap": 0.5, "a2a_overlap": 0.25})
+    # the price is the marginal exchange rate: bytes and compute; per-transfer latency is paid
+    # once per (micro-batch, layer) whatever the number of replicas, so it is left out here
+    cfg = CostConfig(**{**CFG.to_dict(), "replica_overlap": 0.5, "a2a_overlap": 0.25, "message_latency_s": 0.0})
     topo = cfg.topology(2, 2, 1)
     loads = torch.tensor([[[10, 0, 0, 0, 0, 0, 0, 0]]])
     spare = torch.tensor([[[-1, -1, 0, -1]]])  # expert 0 (node 0) in GPU 2's spare slot (node 1)
