@@ -225,7 +225,7 @@ def fit_profile(raw: dict, o: MeasureOptions, backend: str, device: str,
     element = 4.0  # fp32 throughout
     cost.update(a2a_bytes=element, weight_bytes=element, replica_grad_bytes=element,
                 state_bytes_per_param=3 * element,  # weight + AdamW exp_avg, exp_avg_sq (grads are None then)
-                a2a_overlap=0.0, replica_overlap=0.0, reorder_overlap=0.0, replica_reuse=0.0)
+                a2a_overlap=0.0, replica_overlap=0.0, reorder_overlap=0.0, replica_reuse=1.0)
     return {
         "format": PROFILE_FORMAT, "version": PROFILE_VERSION,
         "machine": {"host": platform.node(), "processor": platform.processor() or platform.machine(),
