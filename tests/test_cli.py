@@ -183,7 +183,7 @@ def test_version(capsys):
 
 
 def test_bench_plot_data_relative_loads_and_time_parts(small_trace):
-    from relibra.cli import TIME_PARTS, relative_gpu_loads, time_breakdown
+    from relibra.sim.bench_plot import TIME_PARTS, relative_gpu_loads, time_breakdown
     from relibra.sim.cost import make_config
     from relibra.sim.simulate import simulate
     from relibra.sim.traces import load_trace_file

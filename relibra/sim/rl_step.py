@@ -104,7 +104,8 @@ def forward_config(cfg: CostConfig) -> CostConfig:
     optimizer update, half the host work per layer call and none per step (the training pass
     pays the step's)."""
     return dataclasses.replace(cfg, backward_factor=0.0, a2a_bytes=cfg.a2a_bytes / 2, replica_grad_bytes=0.0,
-                               message_latency_s=cfg.message_latency_s / 2, optimizer_s_per_param=0.0, layer_call_s=cfg.layer_call_s / 2, step_overhead_s=0.0)
+                               message_latency_s=cfg.message_latency_s / 2, optimizer_s_per_param=0.0,
+                               layer_call_s=cfg.layer_call_s / 2, step_overhead_s=0.0)
 
 
 def plan_on(policy: Any, loads_MLE: torch.Tensor, placement: Placement, topology: Topology) -> Plan:
