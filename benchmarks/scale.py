@@ -55,7 +55,7 @@ def scale_row(nodes: int, gpus: int, cluster: str, spare: int, args: argparse.Na
     hybrid, replicate = res["hybrid"], res["replicate"]
     parts = gap_breakdown(res, "hybrid")
     xnode = hybrid.plan_info.get("cross_node_layers", 0.0) / (args.micro_batches * loads.shape[2])
-    return [f"{nodes} x {gpus}", cluster, str(spare), str(tokens), f"{hybrid.gap_to_ideal:+.1%}"]\
+    return [f"{nodes} x {gpus}", cluster, str(spare), str(tokens), f"{hybrid.gap_to_ideal:+.2%}"]\
         + [f"{parts[k]:+.1%}" for k in ("compute", "a2a", "replicas", "migration")]\
         + [f"{hybrid.imbalance_mean:.3f}", f"{xnode:.0%}", f"{res['hybrid-intra'].gap_to_ideal:+.1%}",
            f"{replicate.gap_to_ideal:+.1%}", f"{res['replicate-live'].gap_to_ideal:+.1%}",
