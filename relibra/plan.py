@@ -4,7 +4,7 @@ Legend (see also :mod:`relibra.topology`):
 
     M  micro-batches of the step      L  MoE layers          E  logical experts
     G  GPUs                           N  nodes               H  home slots per GPU
-    S  spare slots per GPU            R  spare slots = G*S   P  physical slots = G*(H+S)
+    S  spare slots per GPU            V  spare slots = G*S   P  physical slots = G*(H+S)
     X  most copies any expert has
 
 A :class:`Placement` fixes the home slot of every logical expert for a whole step (it holds
@@ -41,7 +41,7 @@ class ReplicaPlan:
     """Spare-slot contents and token split of one micro-batch, all layers.
 
     Attributes:
-        spare_experts: ``[L, R]`` logical expert in each spare slot, -1 when empty; spare
+        spare_experts: ``[L, V]`` logical expert in each spare slot, -1 when empty; spare
             slot ``r`` is on GPU ``r // S``.
         slot_tokens: ``[L, P]`` token copies each physical slot computes.
     """
@@ -57,7 +57,7 @@ class Plan:
     Attributes:
         topology: the topology the plan is for.
         placement: home slots for the step.
-        spare_experts: ``[M, L, R]`` int64, -1 empty.
+        spare_experts: ``[M, L, V]`` int64, -1 empty.
         slot_tokens: ``[M, L, P]`` int64 token copies computed by each physical slot.
         intra_node_replicas: the policy promises every replica sits in its expert's home node.
         policy: name of the policy that made it.
@@ -94,7 +94,7 @@ class Plan:
         intra_node_replicas: bool = True,
         policy: str = "",
     ) -> "Plan":
-        """A plan from spare-slot contents ``[M, L, R]``, splitting loads evenly over copies."""
+        """A plan from spare-slot contents ``[M, L, V]``, splitting loads evenly over copies."""
         loads = as_loads(loads)
         M, L, _ = loads.shape
         spare_experts = spare_experts.expand(M, L, topology.num_spare_slots).contiguous()

@@ -129,10 +129,10 @@ def even_slot_tokens(phy2log: torch.Tensor, loads: torch.Tensor) -> torch.Tensor
     return share
 
 
-def interleave_slots(home_experts_MLK: torch.Tensor, spare_MLR: torch.Tensor, topology: Topology) -> torch.Tensor:
+def interleave_slots(home_experts_MLK: torch.Tensor, spare_MLV: torch.Tensor, topology: Topology) -> torch.Tensor:
     """Interleave home ``[M, L, G*H]`` and spare ``[M, L, G*S]`` slots into ``[M, L, P]``."""
-    M, L = spare_MLR.shape[:2]
+    M, L = spare_MLV.shape[:2]
     G, H, S = topology.num_gpus, topology.home_slots_per_gpu, topology.spare_slots_per_gpu
     home = home_experts_MLK.reshape(M, L, G, H)
-    spare = spare_MLR.reshape(M, L, G, S)
+    spare = spare_MLV.reshape(M, L, G, S)
     return torch.cat([home, spare], dim=-1).reshape(M, L, G * (H + S))

@@ -1,6 +1,6 @@
 """Measured against modelled: price the plans the Balancer ran, build the JSON and the table.
 
-Legend: M micro-batches, L MoE layers, E experts, G ranks, R spare slots, P physical slots.
+Legend: M micro-batches, L MoE layers, E experts, G ranks, V spare slots, P physical slots.
 
 The modelled time of a step is :func:`relibra.sim.cost.step_cost` of the plan the Balancer ran
 in that step (its placement, spare slots and token split; the previous step's placement for the

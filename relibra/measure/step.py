@@ -1,7 +1,7 @@
 """One rank of ``relibra measure``: real training steps of a ReLibraMoE stack under each policy.
 
 Legend: M micro-batches, L MoE layers, E experts, G ranks, K top-k, T tokens per rank and
-micro-batch, D dim, R = G x S spare slots, P physical slots.
+micro-batch, D dim, V = G x S spare slots, P physical slots.
 
 Every policy gets its own stack of L ``ReLibraMoE`` layers (same seed, so the same initial
 weights), its own AdamW and its own :class:`relibra.Balancer`. A step is what a training step
@@ -115,7 +115,7 @@ def measure_rank(rank: int, mesh, device: torch.device, o: MeasureOptions) -> di
     A record: ``seconds`` ``[total, plan_step, micro_batches, optimizer, cpu, stolen]`` (the slowest
     rank's each), ``disturbed`` (see the module doc), ``planning_s`` (rank 0's ``policy.plan``),
     ``planned_imbalance``, ``realised_imbalance``, and the plan the Balancer ran:
-    ``home_experts [L, E]``, ``previous [L, E]``, ``spare_experts [M, L, R]``,
+    ``home_experts [L, E]``, ``previous [L, E]``, ``spare_experts [M, L, V]``,
     ``slot_tokens [M, L, P]``, with ``source_loads [M, L, G, E]``,
     as nested lists (plain data outlives the rank's process; shared-memory tensors do not).
     """

@@ -202,13 +202,13 @@ class EplbPolicy:
 
 def even_split_plan(
     placement: Placement,
-    spare_LR: torch.Tensor,
+    spare_LV: torch.Tensor,
     loads: torch.Tensor,
     topology: Topology,
     intra_node_replicas: bool,
     policy: str = "eplb",
 ) -> Plan:
-    """``Plan.with_spares`` for one replica set ``spare_LR [L, R]`` shared by all micro-batches.
+    """``Plan.with_spares`` for one replica set ``spare_LV [L, V]`` shared by all micro-batches.
 
     The same plan (even split, :func:`relibra.plan.even_slot_tokens`' rule: copy ``j`` of
     ``c`` gets ``n // c + (j < n % c)``), but the copy ranks and counts, which do not depend
@@ -217,7 +217,7 @@ def even_split_plan(
     """
     M, L, E = loads.shape
     G, H, S = topology.num_gpus, topology.home_slots_per_gpu, topology.spare_slots_per_gpu
-    phy2log = torch.cat([placement.home_experts.view(L, G, H), spare_LR.view(L, G, S)], dim=-1).view(L, -1)
+    phy2log = torch.cat([placement.home_experts.view(L, G, H), spare_LV.view(L, G, S)], dim=-1).view(L, -1)
     rank, logcnt = slot_ranks(phy2log, E)  # [L, P], [L, E]
     safe = phy2log.clamp(min=0)
     copies = logcnt.gather(1, safe).clamp(min=1)  # [L, P]
@@ -226,5 +226,5 @@ def even_split_plan(
     tokens -= share * copies  # now n % c
     share += rank < tokens  # the first n % c copies take one more
     share.masked_fill_(phy2log < 0, 0)
-    spare = spare_LR.expand(M, L, topology.num_spare_slots).contiguous()
+    spare = spare_LV.expand(M, L, topology.num_spare_slots).contiguous()
     return Plan(topology, placement, spare, share, intra_node_replicas, policy)

@@ -112,7 +112,7 @@ def rebalance_layer(w: list[float], num_phy: int, num_groups: int, num_nodes: in
 def rebalance_experts_loop(weight, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int):
     """Same contract as :func:`relibra.policies.eplb_algorithm.rebalance_experts`, one layer at a time.
 
-    Returns ``phy2log [L, R]``, ``log2phy [L, E, X]`` (-1 padded) and ``logcnt [L, E]``, int64.
+    Returns ``phy2log [L, P]``, ``log2phy [L, E, X]`` (-1 padded) and ``logcnt [L, E]``, int64.
     """
     rows = torch.as_tensor(weight).to(torch.float64).tolist()
     if num_groups % num_nodes:

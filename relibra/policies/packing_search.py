@@ -7,7 +7,7 @@ Legend:
 
     B  independent problems (layers, or layers x nodes)     I  items (experts) per problem
     M  micro-batches                                        C  bins, each holding c = I / C items
-    b  problems still searching                             R  bin pairs tried per round
+    b  problems still searching                             U  bin pairs tried per round
 
 Objective of an assignment, per problem::
 
@@ -160,17 +160,17 @@ def swap_search(w_BIM: torch.Tensor, assign_BI: torch.Tensor, num_bins: int, *,
         return assign_BI.clone()
     per_bin = I // C
     pairs = BinPairs(min(pairs.busiest, C), min(pairs.partners, C - 1))
-    R = pairs.busiest * pairs.partners
+    U = pairs.busiest * pairs.partners
     assign = assign_BI.clone()
     searching = torch.ones(B, dtype=torch.bool)
     work = _work_dtype(w_BIM)
-    # the [b, R, M, c, c] scores reuse two buffers: a fresh multi-MB tensor every round
+    # the [b, U, M, c, c] scores reuse two buffers: a fresh multi-MB tensor every round
     # costs more in first-touch page faults than the arithmetic
-    scratch = (torch.empty(B, R, M, per_bin, per_bin, dtype=work), torch.empty(B, R, M, per_bin, per_bin, dtype=work))
+    scratch = (torch.empty(B, U, M, per_bin, per_bin, dtype=work), torch.empty(B, U, M, per_bin, per_bin, dtype=work))
     for _ in range(max_rounds):
         prices_BI = None if moves is None else moves.item_prices(assign)
         b = searching.nonzero().squeeze(1)
-        if b.numel() == 0 or (budget is not None and not budget.charge(round_cost(b.numel(), M, I, R * per_bin ** 2))):
+        if b.numel() == 0 or (budget is not None and not budget.charge(round_cost(b.numel(), M, I, U * per_bin ** 2))):
             break
         w = w_BIM if b.numel() == B else w_BIM[b]  # [b, I, M] (no copy while every problem searches)
         load = bin_loads(w, assign[b], C)  # [b, M, C]
@@ -197,7 +197,7 @@ def swap_search(w_BIM: torch.Tensor, assign_BI: torch.Tensor, num_bins: int, *,
         assign[b[applied], item_p[applied]] = q[nb, best][applied]
         assign[b[applied], item_q[applied]] = p[nb, best][applied]
         searching[b[~applied]] = False
-        if R == 1:
+        if U == 1:
             continue
         done = SearchRound(b, cand, ranked, best, applied, tolerance)
         if score == "overload":
@@ -217,7 +217,7 @@ def _work_dtype(w_BIM: torch.Tensor) -> torch.dtype:
 
 def choose_bin_pairs(load_bMC: torch.Tensor, busiest_bM: torch.Tensor, pairs: BinPairs
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The bin pairs ``(p, q)`` to swap between, ``[b, R]`` each (``R = busiest * partners``).
+    """The bin pairs ``(p, q)`` to swap between, ``[b, U]`` each (``U = busiest * partners``).
 
     ``p``: the ``pairs.busiest`` bins that lead the most load, summed over the micro-batches where
     each is the busiest bin (``busiest_bM``): lowering them lowers ``F`` most directly. ``q``: for
@@ -232,8 +232,8 @@ def choose_bin_pairs(load_bMC: torch.Tensor, busiest_bM: torch.Tensor, pairs: Bi
     there = torch.einsum("bmk,bmp->bpk", load_bMC, where_led)  # [b, busiest, C]
     there.scatter_(2, first[:, :, None], _BIG)
     partner = there.argsort(dim=-1, stable=True)[:, :, : pairs.partners]  # [b, busiest, partners]
-    R = pairs.busiest * pairs.partners
-    return first[:, :, None].expand(-1, -1, pairs.partners).reshape(nb, R), partner.reshape(nb, R)
+    U = pairs.busiest * pairs.partners
+    return first[:, :, None].expand(-1, -1, pairs.partners).reshape(nb, U), partner.reshape(nb, U)
 
 
 class SwapCandidates(NamedTuple):
@@ -242,51 +242,51 @@ class SwapCandidates(NamedTuple):
     Loads are in the search's work dtype; ``rest_*`` is the bin's load without each of its items.
     """
 
-    p: torch.Tensor  # [b, R] first bin of every pair
-    q: torch.Tensor  # [b, R] its partner
-    items_p: torch.Tensor  # [b, R, c] items of p, in index order
-    items_q: torch.Tensor  # [b, R, c]
-    load_p: torch.Tensor  # [b, R, M]
-    load_q: torch.Tensor  # [b, R, M]
-    item_load_p: torch.Tensor  # [b, R, M, c]
-    item_load_q: torch.Tensor  # [b, R, M, c]
-    rest_p: torch.Tensor  # [b, R, M, c]
-    rest_q: torch.Tensor  # [b, R, M, c]
+    p: torch.Tensor  # [b, U] first bin of every pair
+    q: torch.Tensor  # [b, U] its partner
+    items_p: torch.Tensor  # [b, U, c] items of p, in index order
+    items_q: torch.Tensor  # [b, U, c]
+    load_p: torch.Tensor  # [b, U, M]
+    load_q: torch.Tensor  # [b, U, M]
+    item_load_p: torch.Tensor  # [b, U, M, c]
+    item_load_q: torch.Tensor  # [b, U, M, c]
+    rest_p: torch.Tensor  # [b, U, M, c]
+    rest_q: torch.Tensor  # [b, U, M, c]
 
 
-def swap_candidates(w_bIM: torch.Tensor, load_bMC: torch.Tensor, assign_bI: torch.Tensor, p_bR: torch.Tensor,
-                    q_bR: torch.Tensor, work: torch.dtype) -> SwapCandidates:
-    """The items of both bins of every pair and their loads, laid out ``[b, R, M, c]`` so that
+def swap_candidates(w_bIM: torch.Tensor, load_bMC: torch.Tensor, assign_bI: torch.Tensor, p_bU: torch.Tensor,
+                    q_bU: torch.Tensor, work: torch.dtype) -> SwapCandidates:
+    """The items of both bins of every pair and their loads, laid out ``[b, U, M, c]`` so that
     sums over micro-batches run on whole rows."""
     nb, I, M = w_bIM.shape
     per_bin = I // load_bMC.shape[2]
 
-    def side(bins_bR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def side(bins_bU: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         ids = torch.arange(I)
-        items = torch.where(assign_bI[:, None, :] == bins_bR[:, :, None], ids, I + ids).argsort(dim=-1, stable=True)
-        items = items[:, :, :per_bin]  # [b, R, c] the bin's items, in index order
-        R = bins_bR.shape[1]
-        item_load = w_bIM.gather(1, items.reshape(nb, R * per_bin)[:, :, None].expand(-1, -1, M))
-        item_load = item_load.view(nb, R, per_bin, M).to(work).transpose(2, 3).contiguous()  # [b, R, M, c]
-        bin_load = load_bMC.gather(2, bins_bR[:, None, :].expand(-1, M, -1)).transpose(1, 2).to(work)  # [b, R, M]
+        items = torch.where(assign_bI[:, None, :] == bins_bU[:, :, None], ids, I + ids).argsort(dim=-1, stable=True)
+        items = items[:, :, :per_bin]  # [b, U, c] the bin's items, in index order
+        U = bins_bU.shape[1]
+        item_load = w_bIM.gather(1, items.reshape(nb, U * per_bin)[:, :, None].expand(-1, -1, M))
+        item_load = item_load.view(nb, U, per_bin, M).to(work).transpose(2, 3).contiguous()  # [b, U, M, c]
+        bin_load = load_bMC.gather(2, bins_bU[:, None, :].expand(-1, M, -1)).transpose(1, 2).to(work)  # [b, U, M]
         rest = (bin_load[:, :, :, None] - item_load).contiguous()  # (bin_load is a strided view)
         return items, bin_load, item_load, rest
 
-    items_p, load_p, item_load_p, rest_p = side(p_bR)
-    items_q, load_q, item_load_q, rest_q = side(q_bR)
-    return SwapCandidates(p_bR, q_bR, items_p, items_q, load_p, load_q, item_load_p, item_load_q, rest_p, rest_q)
+    items_p, load_p, item_load_p, rest_p = side(p_bU)
+    items_q, load_q, item_load_q, rest_q = side(q_bU)
+    return SwapCandidates(p_bU, q_bU, items_p, items_q, load_p, load_q, item_load_p, item_load_q, rest_p, rest_q)
 
 
 def max_swap_gain(load_bMC: torch.Tensor, busiest_bM: torch.Tensor, cand: SwapCandidates,
                   scratch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """``[b, R, c, c]`` float64 drop of ``F`` (the busiest bin, summed over micro-batches) for
+    """``[b, U, c, c]`` float64 drop of ``F`` (the busiest bin, summed over micro-batches) for
     every swap: after swapping ``p``'s item ``i`` for ``q``'s item ``j``, ``p`` carries
     ``load_p - w_i + w_j`` and ``q`` carries ``load_q - w_j + w_i``; every other bin is unchanged.
-    ``scratch``: two ``[b, R, M, c, c]`` work buffers."""
+    ``scratch``: two ``[b, U, M, c, c]`` work buffers."""
     nb, M, C = load_bMC.shape
-    R = cand.p.shape[1]
+    U = cand.p.shape[1]
     new_p, new_q = scratch
-    others = load_bMC[:, None, :, :].expand(-1, R, -1, -1).clone()  # busiest bin but p, q: [b, R, M]
+    others = load_bMC[:, None, :, :].expand(-1, U, -1, -1).clone()  # busiest bin but p, q: [b, U, M]
     others.scatter_(3, cand.p[:, :, None, None].expand(-1, -1, M, 1), -_BIG)
     others.scatter_(3, cand.q[:, :, None, None].expand(-1, -1, M, 1), -_BIG)
     other_max = others.amax(-1).to(new_p.dtype)
@@ -299,42 +299,42 @@ def max_swap_gain(load_bMC: torch.Tensor, busiest_bM: torch.Tensor, cand: SwapCa
 
 def overload_swap_gain(load_bMC: torch.Tensor, cand: SwapCandidates,
                        scratch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """``[b, R, c, c]`` float64 drop of the overload objective for every swap.
+    """``[b, U, c, c]`` float64 drop of the overload objective for every swap.
 
     Only ``p`` and ``q`` change, and the per-micro-batch mean ``t`` (rounded down) does not: with
     ``x = p_new - t`` and ``s = p + q - 2t`` (a swap keeps ``p + q``), their overload is
     ``relu(x) + relu(s - x) = max(relu(s), x, s - x)``. Integer loads stay integers, so float32
-    sums stay exact. ``scratch``: two ``[b, R, M, c, c]`` work buffers.
+    sums stay exact. ``scratch``: two ``[b, U, M, c, c]`` work buffers.
     """
     C = load_bMC.shape[2]
     new_p, new_q = scratch
     work = new_p.dtype
     t = torch.div(load_bMC.sum(-1), C, rounding_mode="floor").to(work)[:, None, :]  # [b, 1, M]
-    s = cand.load_p + cand.load_q - 2 * t  # [b, R, M]
+    s = cand.load_p + cand.load_q - 2 * t  # [b, U, M]
     torch.add((cand.rest_p - t[..., None])[:, :, :, :, None], cand.item_load_q[:, :, :, None, :], out=new_p)
     torch.sub(s[:, :, :, None, None], new_p, out=new_q)
     torch.maximum(new_p, new_q, out=new_p)
     torch.maximum(new_p, s.clamp(min=0)[:, :, :, None, None], out=new_p)
-    current = ((cand.load_p - t).clamp(min=0) + (cand.load_q - t).clamp(min=0)).sum(-1).to(torch.float64)  # [b, R]
+    current = ((cand.load_p - t).clamp(min=0) + (cand.load_q - t).clamp(min=0)).sum(-1).to(torch.float64)  # [b, U]
     return current[:, :, None, None] - new_p.sum(2).to(torch.float64)
 
 
 def price_moves(cand: SwapCandidates, previous_bI: torch.Tensor, prices_bI: torch.Tensor, base_b: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """What every swap costs in moves against the previous assignment: ``(price, added)``, ``[b, R, c, c]``.
+    """What every swap costs in moves against the previous assignment: ``(price, added)``, ``[b, U, c, c]``.
 
     ``added`` is the change in the number of items away from their previous bin (-2..2). An item
     leaving its previous bin pays its price (``prices_bI``); one returning saves only the base
     price ``base_b`` (prices may have risen since it left: saving them would undo moves in
     cycles), so every applied swap lowers objective + base price x moves.
     """
-    nb, R, per_bin = cand.items_p.shape
+    nb, U, per_bin = cand.items_p.shape
     dtype = base_b.dtype
 
     def side(items: torch.Tensor, here: torch.Tensor, there: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        prev = previous_bI.gather(1, items.reshape(nb, -1)).view(nb, R, per_bin)
-        add = (prev != there[:, :, None]).to(dtype) - (prev != here[:, :, None]).to(dtype)  # [b, R, c]
-        price = prices_bI.gather(1, items.reshape(nb, -1)).view(nb, R, per_bin)
+        prev = previous_bI.gather(1, items.reshape(nb, -1)).view(nb, U, per_bin)
+        add = (prev != there[:, :, None]).to(dtype) - (prev != here[:, :, None]).to(dtype)  # [b, U, c]
+        price = prices_bI.gather(1, items.reshape(nb, -1)).view(nb, U, per_bin)
         return torch.where(add > 0, price, base_b[:, None, None]) * add, add
 
     price_p, add_p = side(cand.items_p, cand.p, cand.q)  # item i of p goes to q
@@ -343,7 +343,7 @@ def price_moves(cand: SwapCandidates, previous_bI: torch.Tensor, prices_bI: torc
 
 
 class RankedSwaps(NamedTuple):
-    """The best swap of every pair, ``[b, R]`` each."""
+    """The best swap of every pair, ``[b, U]`` each."""
 
     key: torch.Tensor  # what ranks the pairs (see :func:`rank_swaps`)
     swap: torch.Tensor  # the swap, flat over ``c x c``: item of ``p`` times ``c`` plus item of ``q``
@@ -352,19 +352,19 @@ class RankedSwaps(NamedTuple):
 
 def rank_swaps(gain: torch.Tensor, tolerance_b: torch.Tensor, move: torch.Tensor | None,
                added: torch.Tensor | None) -> RankedSwaps:
-    """The best swap of every pair, from ``gain [b, R, c, c]``.
+    """The best swap of every pair, from ``gain [b, U, c, c]``.
 
     ``gain`` is net of the move price when ``move`` is given; the key is then the gross gain per
     added move (at least one) of every swap whose net gain exceeds ``tolerance_b``, so the
     cheapest balance comes first; without moves the key is the gain.
     """
-    nb, R = gain.shape[:2]
+    nb, U = gain.shape[:2]
     if move is None:
         key = gain
     else:  # gross = net + move, as floats (the ranking is pinned to these exact values)
         key = torch.where(gain > tolerance_b[:, None, None, None], (gain + move) / added.clamp(min=1.0), -_BIG)
-    key_bR, swap_bR = key.reshape(nb, R, -1).max(-1)
-    return RankedSwaps(key_bR, swap_bR, gain.reshape(nb, R, -1).gather(2, swap_bR[:, :, None]).squeeze(2))
+    key_bU, swap_bU = key.reshape(nb, U, -1).max(-1)
+    return RankedSwaps(key_bU, swap_bU, gain.reshape(nb, U, -1).gather(2, swap_bU[:, :, None]).squeeze(2))
 
 
 class SearchRound(NamedTuple):

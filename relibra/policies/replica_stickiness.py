@@ -133,15 +133,15 @@ def _valid_slots(rep: np.ndarray, Gn: int, H: int, S: int) -> np.ndarray:
     return ok
 
 
-def _node_local(before_LR: torch.Tensor, fresh_LR: torch.Tensor, home_node_LE: torch.Tensor, N: int,
+def _node_local(before_LV: torch.Tensor, fresh_LV: torch.Tensor, home_node_LE: torch.Tensor, N: int,
                 Sn: int) -> np.ndarray:
     """``[L*N]`` bool: the node's problem stands alone in both micro-batches (no replica in the
     node of an expert homed elsewhere, none elsewhere of an expert homed in the node), so its
     replicas and split can be swapped without touching another node's."""
-    L, R = before_LR.shape
-    slot_node = (torch.arange(R) // Sn).expand(L, R)
+    L, V = before_LV.shape
+    slot_node = (torch.arange(V) // Sn).expand(L, V)
     alone = torch.ones(L, N, dtype=torch.bool)
-    for spare in (before_LR, fresh_LR):
+    for spare in (before_LV, fresh_LV):
         held = spare >= 0
         owner = torch.where(held, home_node_LE.gather(1, spare.clamp(min=0)), slot_node)
         crossing = held & (owner != slot_node)

@@ -5,7 +5,7 @@ Four rooms:
 - :mod:`.routes`: what a route array is (``[T, Lg, K]`` expert ids, -1 padding), its checks
   and the selection of MoE layers;
 - :mod:`.loads`: routes grouped into micro-batches -> exact loads ``[M, L, E]`` (and per
-  source rank ``[M, L, R, E]``);
+  source rank ``[M, L, Q, E]``);
 - :mod:`.formats`: routes as engines and trainers hand them out (vLLM, SGLang, verl,
   Megatron, base64 buffers, the ``len - 1`` alignment) and :class:`RouteStore`;
 - :mod:`.trace_file`: trace files (loads of recorded or generated steps) without pickle, and

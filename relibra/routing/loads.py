@@ -1,13 +1,13 @@
 """Recorded routes in, exact loads out.
 
 Legend: T tokens, L MoE layers, K top_k, E logical experts, M micro-batches,
-R source ranks (the data-parallel / expert-parallel ranks that hold the tokens).
+Q source ranks (the data-parallel / expert-parallel ranks that hold the tokens).
 
 The pipeline::
 
     per-sequence routes [T_i, Lg, K]  --(moe_layers / first_k_dense)-->  [T_i, L, K]
         --(micro_batches: sizes or index lists)-->  loads_MLE [M, L, E] int64 (bincount)
-        --(ranks: source rank of each sequence)-->  loads_MLRE [M, L, R, E]
+        --(ranks: source rank of each sequence)-->  loads_MLQE [M, L, Q, E]
 
 ``routes_for_micro_batch`` concatenates one micro-batch's sequences into the ``[T, L, K]``
 int64 routes tensor the Balancer and the layer consume; ``loads_from_routes`` counts it and
@@ -87,7 +87,7 @@ def count_loads(routes_TLK: Sequence[torch.Tensor], num_experts: int) -> torch.T
 def _bincount_loads(
     seqs: list[torch.Tensor], groups: list[list[int]], num_experts: int, rank_of_seq: list[int] | None, num_ranks: int
 ) -> torch.Tensor:
-    """Counts ``[M, L, R, E]``: one bincount per micro-batch (memory bounded by one micro-batch).
+    """Counts ``[M, L, Q, E]``: one bincount per micro-batch (memory bounded by one micro-batch).
 
     Ids must already be checked to lie in ``[-1, E)``.
     """
@@ -142,7 +142,7 @@ def micro_batch_rank_loads(
     moe_layers: Sequence[int] | None = None,
     first_k_dense: int | None = None,
 ) -> torch.Tensor:
-    """Exact loads per source rank ``[M, L, R, E]`` int64; ``ranks[i]`` holds sequence ``i``.
+    """Exact loads per source rank ``[M, L, Q, E]`` int64; ``ranks[i]`` holds sequence ``i``.
 
     Summing over dimension 2 gives :func:`micro_batch_loads`.
     """

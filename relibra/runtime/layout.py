@@ -77,19 +77,19 @@ def _copy_tables(phy2log_LP: torch.Tensor, slot_tokens_LP: torch.Tensor | None, 
     return slots, tok.cumsum(2), copies_L
 
 
-def slot_tables(home_LK: torch.Tensor, spare_LR: torch.Tensor, slot_tokens_LP: torch.Tensor | None,
+def slot_tables(home_LK: torch.Tensor, spare_LV: torch.Tensor, slot_tokens_LP: torch.Tensor | None,
                 topology: Topology) -> list[SlotTable]:
     """Every layer's :class:`SlotTable` (on the host) from its home row ``home_LK [L, G*H]``, spare
-    row ``spare_LR [L, G*S]`` (-1 empty) and token split ``slot_tokens_LP [L, P]`` (None: every
+    row ``spare_LV [L, G*S]`` (-1 empty) and token split ``slot_tokens_LP [L, P]`` (None: every
     expert computes on its home slot). Each table keeps its own layer's X."""
     G, H, S = topology.num_gpus, topology.home_slots_per_gpu, topology.spare_slots_per_gpu
     L = home_LK.shape[0]
-    phy2log = torch.cat([home_LK.view(L, G, H), spare_LR.view(L, G, S)], 2).reshape(L, -1)
+    phy2log = torch.cat([home_LK.view(L, G, H), spare_LV.view(L, G, S)], 2).reshape(L, -1)
     slots, ends, copies = _copy_tables(phy2log, slot_tokens_LP, topology.num_experts)
     tables = []
     for l, X in enumerate(copies.tolist()):
         ends_l = ends[l, :, :X] if X > 1 else torch.full_like(ends[l, :, :1], _BIG)
-        spare = spare_LR[l].clone()
+        spare = spare_LV[l].clone()
         tables.append(SlotTable(slots[l, :, :X].contiguous(), ends_l.contiguous(), spare, bool((spare >= 0).any())))
     return tables
 

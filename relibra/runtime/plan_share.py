@@ -1,6 +1,6 @@
 """Planning rank to every rank: the plan (or the planner's failure), and the replicas worth their traffic.
 
-Legend: M micro-batches, L MoE layers, E experts, R spare slots of the group, P physical slots.
+Legend: M micro-batches, L MoE layers, E experts, V spare slots of the group, P physical slots.
 
 Rank 0 of the expert-parallel group plans; :func:`share_plan` broadcasts the plan, or the
 policy's error with its traceback, or the news that planning was interrupted (KeyboardInterrupt,

@@ -1,10 +1,10 @@
 """Replica lifecycle within a step: weights kept in their spare slot, gradients home once.
 
 Legend: M micro-batches of the step, L MoE layers, G ranks of the expert-parallel group, H home
-and S spare slots per rank, R = G*S spare slots of the group, F = 2*hidden, D dim, I hidden.
+and S spare slots per rank, V = G*S spare slots of the group, F = 2*hidden, D dim, I hidden.
 
 A *run* is one replica staying in one spare slot over consecutive micro-batches ``a..b`` of a
-step (the plan's ``spare_experts [M, L, R]`` says which). The layer computes with the replica in
+step (the plan's ``spare_experts [M, L, V]`` says which). The layer computes with the replica in
 each of them, but the replica is fetched from its home rank once, as micro-batch ``a``'s block
 starts, and its gradient goes home once, in micro-batch ``b``'s backward, where it is added into
 the home expert's gradient before anything else can see it. Micro-batch ``b`` is the run's last:
@@ -83,7 +83,7 @@ class _Visit:
     """Micro-batch ``m``'s use of the cache by layers ``ids`` (one autograd node).
 
     ``runs[l]``: ``(slot, run, leaves)`` of every filled spare slot of the group in layer l at m
-    (slot in ``0..R-1``, run = its first micro-batch, leaves = m is its last; plain ints, so the
+    (slot in ``0..V-1``, run = its first micro-batch, leaves = m is its last; plain ints, so the
     backward reads no tensor); ``returns[l]``: layer l's gradient transfer home, where the
     replica group has runs ending at m.
     """
@@ -116,28 +116,28 @@ class ReplicaCache:
 
     Args:
         layers: the Balancer's ReLibraMoE layers (model order).
-        spare_MLR: ``[M, L, R]`` int64 the plan's spare-slot contents (-1 empty), on the host.
+        spare_MLV: ``[M, L, V]`` int64 the plan's spare-slot contents (-1 empty), on the host.
         home_LK: ``[L, G*H]`` the placement the step runs on.
         intra_node: every replica sits in its expert's home node (the node's group carries them).
         topology, rank: the EP group's topology and this rank in it.
         prefetch: fetch for all layers as the block starts (False under FSDP: in each forward).
     """
 
-    def __init__(self, layers, spare_MLR: torch.Tensor, home_LK: torch.Tensor, intra_node: bool,
+    def __init__(self, layers, spare_MLV: torch.Tensor, home_LK: torch.Tensor, intra_node: bool,
                  topology: Topology, rank: int, prefetch: bool) -> None:
         t = topology
         self.layers, self.topology, self.rank, self.prefetch = layers, t, rank, prefetch
         self.home_LK, self.intra_node = home_LK, intra_node
-        M, L, R = spare_MLR.shape
+        M, L, V = spare_MLV.shape
         S = t.spare_slots_per_gpu
-        self.spare_MLR = spare_MLR
-        empty = torch.full((1, L, R), -1, dtype=torch.int64)
-        prev, nxt = torch.cat([empty, spare_MLR[:-1]]), torch.cat([spare_MLR[1:], empty])
-        self.arriving_MLR = torch.where(spare_MLR != prev, spare_MLR, -1)
-        self.leaving_MLR = torch.where(spare_MLR != nxt, spare_MLR, -1)
-        m_idx = torch.arange(M)[:, None, None].expand(M, L, R)
-        self.run_start_MLR = torch.where(spare_MLR != prev, m_idx, 0).cummax(0).values
-        self.run_end_MLR = torch.where(spare_MLR != nxt, m_idx, M).flip(0).cummin(0).values.flip(0)
+        self.spare_MLV = spare_MLV
+        empty = torch.full((1, L, V), -1, dtype=torch.int64)
+        prev, nxt = torch.cat([empty, spare_MLV[:-1]]), torch.cat([spare_MLV[1:], empty])
+        self.arriving_MLV = torch.where(spare_MLV != prev, spare_MLV, -1)
+        self.leaving_MLV = torch.where(spare_MLV != nxt, spare_MLV, -1)
+        m_idx = torch.arange(M)[:, None, None].expand(M, L, V)
+        self.run_start_MLV = torch.where(spare_MLV != prev, m_idx, 0).cummax(0).values
+        self.run_end_MLV = torch.where(spare_MLV != nxt, m_idx, M).flip(0).cummin(0).values.flip(0)
         ranks = list(t.gpus_of_node(t.node_of_gpu(rank))) if intra_node else list(range(t.num_gpus))
         self.group = layers[0].node_group if len(ranks) < t.num_gpus else layers[0].ep_group
         self.group_slots = torch.tensor([g * S + s for g in ranks for s in range(S)], dtype=torch.int64)
@@ -153,8 +153,8 @@ class ReplicaCache:
 
     # ------------------------------------------------------------------ checks
     def _waiting(self, l: int, slot: int, run: int) -> str:
-        S, M = self.topology.spare_slots_per_gpu, self.spare_MLR.shape[0]
-        e, end = int(self.spare_MLR[run, l, slot]), int(self.run_end_MLR[run, l, slot])
+        S, M = self.topology.spare_slots_per_gpu, self.spare_MLV.shape[0]
+        e, end = int(self.spare_MLV[run, l, slot]), int(self.run_end_MLV[run, l, slot])
         return (f"the gradient of the replica of expert {e} in spare slot {slot % S} of rank {slot // S}, MoE layer "
                 f"{l} (micro-batches {run}..{end} of {M}) has not gone home: it goes in the backward of "
                 f"micro-batch {end}")
@@ -162,7 +162,7 @@ class ReplicaCache:
     def entry_fault(self, m: int) -> str:
         """Why entering micro-batch ``m`` would lose replica gradient, or "" (no communication;
         the same on every rank)."""
-        if not 0 <= m < self.spare_MLR.shape[0] or m in (self.held, self.held + 1) or not self._open:
+        if not 0 <= m < self.spare_MLV.shape[0] or m in (self.held, self.held + 1) or not self._open:
             return ""
         (l, slot), run = next(iter(self._open.items()))
         return (f"micro-batch {m} entered after micro-batch {self.held}, but {self._waiting(l, slot, run)}. Run the "
@@ -192,17 +192,17 @@ class ReplicaCache:
         # after the micro-batch held, only arrivals; else (a new pass, the same micro-batch again,
         # weights changed by an optimizer step) every filled slot; so too for a layer whose forward
         # did not run to fetch the held micro-batch's replicas (FSDP)
-        arriving = self.arriving_MLR[m].clone() if m == self.held + 1 else self.spare_MLR[m]
+        arriving = self.arriving_MLV[m].clone() if m == self.held + 1 else self.spare_MLV[m]
         for l in self._fetches:
-            arriving[l] = self.spare_MLR[m, l]
+            arriving[l] = self.spare_MLV[m, l]
         if m != self.held and (m == 0 or m != self.held + 1):  # a new pass over the plan: its runs begin afresh
             self._returned.clear()
-        ids = [l for l in range(L) if bool((self.spare_MLR[m, l] >= 0).any())]
+        ids = [l for l in range(L) if bool((self.spare_MLV[m, l] >= 0).any())]
         fetches = {l: f for l in ids if (f := self._transfer(l, arriving[l])) is not None}
-        returns = {l: f for l in ids if (f := self._transfer(l, self.leaving_MLR[m, l])) is not None}
+        returns = {l: f for l in ids if (f := self._transfer(l, self.leaving_MLV[m, l])) is not None}
         self.held = m
-        starts, leaves = self.run_start_MLR[m].tolist(), (self.leaving_MLR[m] >= 0).tolist()
-        runs = {l: [(x, starts[l][x], leaves[l][x]) for x in (self.spare_MLR[m, l] >= 0).nonzero().flatten().tolist()]
+        starts, leaves = self.run_start_MLV[m].tolist(), (self.leaving_MLV[m] >= 0).tolist()
+        runs = {l: [(x, starts[l][x], leaves[l][x]) for x in (self.spare_MLV[m, l] >= 0).nonzero().flatten().tolist()]
                 for l in ids}
         out: list = [None] * L
         if not self.prefetch:

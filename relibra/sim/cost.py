@@ -1,7 +1,7 @@
 """A cost model of one RL training step of an MoE model under a balancing plan.
 
 Legend: ``M`` micro-batches, ``L`` MoE layers, ``E`` logical experts, ``G`` GPUs, ``N`` nodes,
-``R`` spare slots (G*S), ``P`` physical slots.
+``V`` spare slots (G*S), ``P`` physical slots.
 
 It is a model, not a measurement (``relibra measure`` checks it against one; ``relibra
 calibrate`` measures its machine parameters, :mod:`relibra.sim.profile` reads them). Per
@@ -165,10 +165,10 @@ def replica_seconds(plan: Plan, cfg: CostConfig) -> tuple[torch.Tensor, float]:
     """
     t = plan.topology
     spare = plan.spare_experts
-    M, L, R = spare.shape
-    if R == 0:
+    M, L, V = spare.shape
+    if V == 0:
         return torch.zeros(M, L, dtype=torch.float64), 0.0
-    empty = torch.full((1, L, R), -1, dtype=spare.dtype)
+    empty = torch.full((1, L, V), -1, dtype=spare.dtype)
     prev = torch.cat([empty, spare[:-1]], 0)
     nxt = torch.cat([spare[1:], empty], 0)
     filled = (spare >= 0).to(torch.float64)
@@ -176,8 +176,8 @@ def replica_seconds(plan: Plan, cfg: CostConfig) -> tuple[torch.Tensor, float]:
     arrive = torch.where(spare != prev, filled, filled * keep)
     leave = torch.where(spare != nxt, filled, filled * keep)
     home_gpu = plan.placement.home_gpu(t)  # [L, E]
-    slot_gpu = torch.arange(R) // t.spare_slots_per_gpu
-    e_home = home_gpu.expand(M, -1, -1).gather(2, spare.clamp(min=0))  # [M, L, R]
+    slot_gpu = torch.arange(V) // t.spare_slots_per_gpu
+    e_home = home_gpu.expand(M, -1, -1).gather(2, spare.clamp(min=0))  # [M, L, V]
     intra = (e_home // t.gpus_per_node) == (slot_gpu // t.gpus_per_node)
     total = torch.zeros(M, L, dtype=torch.float64)
     count = 0
@@ -187,8 +187,8 @@ def replica_seconds(plan: Plan, cfg: CostConfig) -> tuple[torch.Tensor, float]:
         total += cfg.message_latency_s * (moving.sum(-1) > 0)  # one transfer for all of them
         per_tier = []
         for tier in (intra, ~intra):
-            m = moving * tier  # [M, L, R] share of a copy each slot pays
-            recv = torch.zeros(M, L, t.num_gpus, dtype=torch.float64).scatter_add_(2, slot_gpu.expand(M, L, R), m)
+            m = moving * tier  # [M, L, V] share of a copy each slot pays
+            recv = torch.zeros(M, L, t.num_gpus, dtype=torch.float64).scatter_add_(2, slot_gpu.expand(M, L, V), m)
             # the home GPU sends each expert once (broadcast tree), however many replicas
             has = torch.zeros(M, L, t.num_experts, dtype=torch.float64).scatter_reduce_(
                 2, spare.clamp(min=0), m, reduce="amax")

@@ -1,7 +1,7 @@
 """The conformance check every balancing policy must pass: :func:`check_policy` and :func:`check_plan`.
 
 Legend: M micro-batches, L MoE layers, E logical experts, G GPUs, N nodes, H home slots per GPU,
-S spare slots per GPU, R spare slots = G*S, P physical slots.
+S spare slots per GPU, V spare slots = G*S, P physical slots.
 
 ``check_policy`` runs, as hypothesis tests over random topologies and loads (or steps of loads),
 the invariants in :data:`INVARIANTS` and raises :class:`PolicyCheckError` naming the invariant,
@@ -150,7 +150,7 @@ def _capacity_fault(plan: Plan, t: Topology) -> str:
 
 def _replica_fault(plan: Plan, t: Topology, replicas: str) -> str:
     """Why a replica sits where the contract or the plan's own promise forbids it, or ""."""
-    spare = plan.spare_experts  # [M, L, R]
+    spare = plan.spare_experts  # [M, L, V]
     filled = spare >= 0
     if replicas == "none" and bool(filled.any()):
         m, l, r = (int(i) for i in filled.nonzero()[0])
@@ -160,8 +160,8 @@ def _replica_fault(plan: Plan, t: Topology, replicas: str) -> str:
         return ""
     S = max(t.spare_slots_per_gpu, 1)
     home_node = plan.placement.home_gpu(t) // t.gpus_per_node  # [L, E]
-    expert_node = home_node.expand(spare.shape[0], -1, -1).gather(2, spare.clamp(min=0))  # [M, L, R]
-    slot_node = torch.arange(spare.shape[2]) // S // t.gpus_per_node  # [R]
+    expert_node = home_node.expand(spare.shape[0], -1, -1).gather(2, spare.clamp(min=0))  # [M, L, V]
+    slot_node = torch.arange(spare.shape[2]) // S // t.gpus_per_node  # [V]
     outside = filled & (expert_node != slot_node)
     if not bool(outside.any()):
         return ""
