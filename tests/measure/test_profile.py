@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from relibra.cli import main
-from relibra.sim.cost import make_config
 from relibra.sim import profile as profile_module
+from relibra.sim.cost import make_config
 from relibra.sim.profile import MACHINE_PARAMETERS, load_profile, profile_config, profile_from_dict, save_profile
 from relibra.sim.traces import save_trace_file
 
