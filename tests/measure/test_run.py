@@ -19,7 +19,7 @@ def test_calibrate_then_measure_with_the_profile(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     p = load_profile(prof)
     assert p.world_size == 2 and p.machine["backend"] == "gloo" and p.sizes["experts"] == 4
-    assert p.cost["peak_flops"] > 0 and p.cost["a2a_bytes"] == 4.0 and p.cost["replica_reuse"] == 0.0
+    assert p.cost["peak_flops"] > 0 and p.cost["a2a_bytes"] == 4.0 and p.cost["replica_reuse"] == 1.0
     assert len(p.measured["gemm"]["rows"]) == len(p.measured["gemm"]["fwd_bwd_s_per_slot"])
 
     assert main(["measure", *TINY, *STEPS, "--policies", "static,replicate,hybrid", "--profile", prof,
