@@ -5,7 +5,7 @@
 
 On a GPU it is meant to take at most 8 minutes (about 4 expected: pytest up to 4, kernels 1, the
 rest 1; budget a timeout of 10). It has never run on a GPU: the machines it was written on
-(2026-11) had none, so only ``--device cpu --quick`` has run (about 40 s on 2 shared cores), and
+(2026-11) had none, so only ``--device cpu --quick`` has run (about 15-25 s on 2 shared cores), and
 no GPU profile has been measured yet. Sections, each with checks judged against their targets
 (pass / fail / n/a), all written to one JSON file (``--out``) and printed as tables:
 
@@ -138,6 +138,8 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("benchmarks/gpu_check.py: no CUDA device here; nothing checked (use --device cpu --quick)")
         return 2
+    if device.type == "cuda" and device.index is None:  # set_device and the mesh need an index
+        device = torch.device("cuda", torch.cuda.current_device())
     if device.type == "cpu":  # Triton only through its interpreter; set before triton is first imported
         os.environ["TRITON_INTERPRET"] = "1"
     import _gpu_check_calibrate as calibrate_section  # after TRITON_INTERPRET: they import relibra.kernels
