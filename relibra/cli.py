@@ -258,12 +258,13 @@ def _describe(loads: Any, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _with_profile(cfg: Any, path: str | None) -> Any:
-    """``cfg`` with the machine parameters of the profile file ``path`` (unchanged for None)."""
+    """``cfg`` with the machine parameters of the profile ``path`` (a file, or the name of a profile
+    shipped with relibra; unchanged for None)."""
     if path is None:
         return cfg
-    from .sim.profile import load_profile, profile_config
+    from .sim.profile import load_profile, profile_config, profile_path
 
-    return profile_config(load_profile(path), cfg)
+    return profile_config(load_profile(profile_path(path)), cfg)
 
 
 def _measure_options(args: argparse.Namespace) -> Any:
@@ -405,8 +406,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--option", action="append", default=[], metavar="POLICY.OPTION=VALUE",
                    help="pass an option to one policy row, e.g. hybrid.migration_weight=0.5 "
                         "(value read as a YAML scalar), repeatable")
-    b.add_argument("--profile", default=None, metavar="FILE",
-                   help="price with the machine parameters of a profile from relibra calibrate")
+    b.add_argument("--profile", default=None, metavar="FILE|NAME",
+                   help="price with the machine parameters of a profile from relibra calibrate (a file, or the "
+                        "name of one in relibra/data/profiles/)")
     _add_world_options(sub.add_parser("measure", help="run every policy on real ranks: measured vs modelled"),
                        with_steps=True)
     _add_world_options(sub.add_parser("calibrate", help="measure the cost model's machine parameters, write "

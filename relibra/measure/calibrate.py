@@ -25,6 +25,12 @@ parameters fitted from them (:func:`fit_profile`):
 - ``layer_call``: a stack of L ``ReLibraMoE`` layers under a ``static`` Balancer with 16 tokens
   per rank: one micro-batch's forward + backward, less its modelled GEMM and transfers, per
   layer is ``layer_call_s``; ``plan_step`` is ``step_overhead_s``.
+
+Every probe runs in ``dtype`` (float32 by default, as ``relibra calibrate``; bf16 on a GPU, as
+``benchmarks/gpu_check.py``), and the profile's byte sizes follow it. A world of one rank (one
+GPU) has no link to measure: ``a2a`` and ``migration`` are skipped there, and the link parameters
+(``message_latency_s``, both bandwidths, ``migration_s_per_byte``) keep :class:`CostConfig`'s
+defaults, listed in the profile under ``measured.not_measured``.
 """
 
 from __future__ import annotations
@@ -41,18 +47,22 @@ import torch
 import torch.distributed as dist
 
 from ..plan import Placement
+from ..runtime.comm import all_reduce_
 from ..runtime.dispatch import expert_mlp
 from ..runtime.migration import migrate_experts
+from ..sim.cost import CostConfig
 from ..sim.profile import PROFILE_FORMAT, PROFILE_VERSION
 from .options import MeasureOptions
 from .routes import step_routes
 from .step import build_stack
 
-__all__ = ["calibrate_rank", "fit_profile", "GEMM_ROWS", "A2A_BYTES"]
+__all__ = ["calibrate_rank", "fit_profile", "GEMM_ROWS", "A2A_BYTES", "LINK_PARAMETERS"]
 
 GEMM_ROWS = (8, 32, 128, 512, 1024)
 A2A_BYTES = (16 << 10, 256 << 10, 1 << 20, 4 << 20)
 _TINY_TOKENS = 16
+#: cost parameters only a world of several ranks can measure
+LINK_PARAMETERS = ("intra_node_bandwidth", "inter_node_bandwidth", "message_latency_s", "migration_s_per_byte")
 
 
 def _sync(device: torch.device) -> None:
@@ -75,7 +85,7 @@ def _timed(fn: Callable[[], object], repeats: int, device: torch.device) -> floa
         fn()
         _sync(device)
         dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-        dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+        all_reduce_(dt, None, op=dist.ReduceOp.MAX)  # through the GPU for NCCL
         times.append(float(dt))
     return min(times)
 
@@ -89,19 +99,22 @@ def _forward_backward(x, gate_up, down, counts, dy) -> None:
     expert_mlp(x, gate_up, down, counts).backward(dy)  # gradients accumulate, as over micro-batches
 
 
-def _gemm(o: MeasureOptions, device: torch.device, repeats: int) -> dict:
+def _gemm(o: MeasureOptions, device: torch.device, repeats: int, dtype: torch.dtype = torch.float32,
+          sweep: tuple[int, ...] = GEMM_ROWS) -> dict:
     slots = min(o.home_slots, 4)
-    gu = torch.randn(slots, 2 * o.hidden, o.dim, device=device, requires_grad=True)
-    dn = torch.randn(slots, o.dim, o.hidden, device=device, requires_grad=True)
+    kw = dict(device=device, dtype=dtype)
+    gu = torch.randn(slots, 2 * o.hidden, o.dim, **kw).requires_grad_()
+    dn = torch.randn(slots, o.dim, o.hidden, **kw).requires_grad_()
     rows, fwd, fb = [], [], []
-    for r in GEMM_ROWS:
-        x = torch.randn(slots * r, o.dim, device=device, requires_grad=True)
-        dy = torch.randn(slots * r, o.dim, device=device)
+    for r in sweep:
+        x = torch.randn(slots * r, o.dim, **kw).requires_grad_()
+        dy = torch.randn(slots * r, o.dim, **kw)
         counts = (r,) * slots
         rows.append(r)
         fwd.append(_timed(partial(_forward, x, gu, dn, counts), repeats, device) / slots)
         fb.append(_timed(partial(_forward_backward, x, gu, dn, counts, dy), repeats, device) / slots)
-    return {"slots": slots, "rows": rows, "fwd_s_per_slot": fwd, "fwd_bwd_s_per_slot": fb}
+    return {"slots": slots, "dtype": str(dtype).removeprefix("torch."), "rows": rows, "fwd_s_per_slot": fwd,
+            "fwd_bwd_s_per_slot": fb}
 
 
 def _ring(send: torch.Tensor, recv: torch.Tensor) -> None:
@@ -140,12 +153,13 @@ def _there_and_back(tensors, opt, old: Placement, new: Placement, topology, grou
     migrate_experts(tensors, opt, new, old, topology, group=group)
 
 
-def _step_probes(rank: int, mesh, device: torch.device, o: MeasureOptions, repeats: int) -> dict:
-    """Layer call, plan_step, AdamW and migration on a real static stack."""
+def _step_probes(rank: int, mesh, device: torch.device, o: MeasureOptions, repeats: int,
+                 dtype: torch.dtype = torch.float32) -> dict:
+    """Layer call, plan_step, AdamW and migration (with more than one rank) on a real static stack."""
     G = dist.get_world_size()
-    layers, opt, bal = build_stack(o, mesh, device, "static")
+    layers, opt, bal = build_stack(o, mesh, device, "static", dtype)
     routes = step_routes(o.seed, 0, rank, 1, _TINY_TOKENS, o.layers, o.experts, o.top_k, G, 0.0)
-    x = torch.randn(_TINY_TOKENS, o.dim, device=device)
+    x = torch.randn(_TINY_TOKENS, o.dim, device=device, dtype=dtype)
 
     def micro_batch():
         with bal.micro_batch(0):
@@ -161,7 +175,7 @@ def _step_probes(rank: int, mesh, device: torch.device, o: MeasureOptions, repea
     tensors = [[layer.experts.gate_up_proj, layer.experts.down_proj] for layer in layers]
     H = o.home_slots
     moves = {"experts_per_layer": [], "bytes_sent": [], "seconds": []}
-    for k in sorted({1, max(1, H // 2)}):
+    for k in sorted({1, max(1, H // 2)}) if G > 1 else ():  # one rank: nothing to move
         sent: list[int] = []
         swap = partial(_there_and_back, tensors, opt, bal.placement, _swap_placement(bal.placement, G, H, k),
                        bal.topology, bal.group, sent)
@@ -172,20 +186,30 @@ def _step_probes(rank: int, mesh, device: torch.device, o: MeasureOptions, repea
             "optimizer_params": params, "optimizer_s": adamw, "migration": moves}
 
 
-def calibrate_rank(rank: int, mesh, device: torch.device, o: MeasureOptions, repeats: int = 3) -> dict | None:
-    """Every probe of the module doc on this rank; rank 0 returns the raw measurements."""
-    out = {"gemm": _gemm(o, device, repeats), "a2a": _a2a(device, repeats),
-           "step": _step_probes(rank, mesh, device, o, repeats)}
+def calibrate_rank(rank: int, mesh, device: torch.device, o: MeasureOptions, repeats: int = 3,
+                   dtype: torch.dtype = torch.float32, gemm_rows: tuple[int, ...] = GEMM_ROWS) -> dict | None:
+    """Every probe of the module doc on this rank, in ``dtype``, the GEMM over ``gemm_rows`` rows per
+    slot; rank 0 returns the raw measurements (``a2a`` None in a world of one rank)."""
+    out = {"gemm": _gemm(o, device, repeats, dtype, gemm_rows),
+           "a2a": _a2a(device, repeats) if dist.get_world_size() > 1 else None,
+           "step": _step_probes(rank, mesh, device, o, repeats, dtype)}
     return out if rank == 0 else None
 
 
 def _line(x: list[float], t: list[float]) -> tuple[float, float]:
-    """``(a, b)`` of ``t = a + b x`` by least squares on relative error, ``a`` clamped at 0."""
+    """``(a, b)`` of ``t = a + b x`` by least squares on relative error, ``a`` clamped at 0.
+
+    Times that do not grow with ``x`` (noise swamping a small probe on a busy machine) would give
+    ``b <= 0``, no rate at all: the line then goes through the origin and the largest ``x``'s point.
+    """
     X, T = np.asarray(x, dtype=np.float64), np.asarray(t, dtype=np.float64)
     w = 1.0 / T
     a, b = np.linalg.lstsq(np.stack([w, X * w], 1), np.ones_like(T), rcond=None)[0]
     if a < 0:  # a line through the origin
         a, b = 0.0, float((X * T * w * w).sum() / (X * X * w * w).sum())
+    if b <= 0:
+        last = int(X.argmax())
+        a, b = 0.0, float(T[last] / X[last])
     return float(a), float(b)
 
 
@@ -204,37 +228,46 @@ def fit_profile(raw: dict, o: MeasureOptions, backend: str, device: str,
     half_rows = a_fb / b_fb
     G = o.world_size
     c = raw["a2a"]
-    latency, s_per_byte = _line([(G - 1) * b for b in c["bytes_per_peer"]], c["a2a_s"])
-    bandwidth = 1.0 / s_per_byte
+    defaults = CostConfig()
+    if c is None:  # one rank: no link
+        latency, bandwidth = defaults.message_latency_s, defaults.intra_node_bandwidth
+    else:
+        latency, s_per_byte = _line([(G - 1) * b for b in c["bytes_per_peer"]], c["a2a_s"])
+        bandwidth = 1.0 / s_per_byte
     s = raw["step"]
+    inter = defaults.inter_node_bandwidth if c is None else bandwidth
     cost = dict(peak_flops=flops, mfu=1.0, backward_factor=backward_factor, expert_half_rows=half_rows,
-                intra_node_bandwidth=bandwidth, inter_node_bandwidth=bandwidth, message_latency_s=latency,
+                intra_node_bandwidth=bandwidth, inter_node_bandwidth=inter, message_latency_s=latency,
                 optimizer_s_per_param=s["optimizer_s"] / s["optimizer_params"])
     # the tiny micro-batch: ~T K G / E rows per expert, every home slot busy
     rows = _TINY_TOKENS * o.top_k * G / o.experts
     gemm_s = o.home_slots * (rows + half_rows) * b_fb
-    a2a_s = 4 * (latency + _TINY_TOKENS * o.top_k * (G - 1) / G * o.dim * 4 / bandwidth)
+    element = float(torch.empty(0, dtype=getattr(torch, g.get("dtype", "float32"))).element_size())
+    a2a_s = 4 * (latency + _TINY_TOKENS * o.top_k * (G - 1) / G * o.dim * element / bandwidth) if G > 1 else 0.0
     cost["layer_call_s"] = max(0.0, s["micro_batch_s"] / o.layers - gemm_s - a2a_s)
     cost["step_overhead_s"] = s["plan_step_s"]
     m = s["migration"]
-    if len(m["bytes_sent"]) >= 2:
-        _, per_byte = _line(m["bytes_sent"], m["seconds"])
+    if not m["bytes_sent"]:
+        cost["migration_s_per_byte"] = defaults.migration_s_per_byte
     else:
-        per_byte = m["seconds"][0] / m["bytes_sent"][0]
-    cost["migration_s_per_byte"] = max(0.0, (per_byte - 1.0 / bandwidth) / 2.0)
-    element = 4.0  # fp32 throughout
+        if len(m["bytes_sent"]) >= 2:
+            _, per_byte = _line(m["bytes_sent"], m["seconds"])
+        else:
+            per_byte = m["seconds"][0] / m["bytes_sent"][0]
+        cost["migration_s_per_byte"] = max(0.0, (per_byte - 1.0 / bandwidth) / 2.0)
     cost.update(a2a_bytes=element, weight_bytes=element, replica_grad_bytes=element,
                 state_bytes_per_param=3 * element,  # weight + AdamW exp_avg, exp_avg_sq (grads are None then)
                 a2a_overlap=0.0, replica_overlap=0.0, reorder_overlap=0.0, replica_reuse=1.0)
+    measured = dict(raw, not_measured=list(LINK_PARAMETERS) if G == 1 else [])
     return {
         "format": PROFILE_FORMAT, "version": PROFILE_VERSION,
         "machine": {"host": platform.node(), "processor": platform.processor() or platform.machine(),
                     "cores": len(os.sched_getaffinity(0)), "backend": backend, "device": device,
-                    "torch": torch.__version__, "dtype": "float32",
+                    "torch": torch.__version__, "dtype": g.get("dtype", "float32"),
                     "load_average": list(load_average or os.getloadavg())},
         "world": {"nodes": o.nodes, "gpus_per_node": o.gpus_per_node},
         "sizes": {k: v for k, v in dataclasses.asdict(o).items()
                   if k in ("dim", "hidden", "experts", "top_k", "layers", "spare_slots")},
         "cost": cost,
-        "measured": raw,
+        "measured": measured,
     }

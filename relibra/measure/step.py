@@ -43,11 +43,12 @@ MAX_ROUNDS = 3
 _SCHEDSTAT = "/proc/self/schedstat"
 
 
-def build_stack(o: MeasureOptions, mesh, device: torch.device, policy: str):
-    """``(layers, optimizer, balancer)`` of one policy: L ReLibraMoE layers seeded by ``o.seed``."""
+def build_stack(o: MeasureOptions, mesh, device: torch.device, policy: str, dtype: torch.dtype | None = None):
+    """``(layers, optimizer, balancer)`` of one policy: L ReLibraMoE layers seeded by ``o.seed``
+    (parameters in ``dtype``, default float32)."""
     torch.manual_seed(o.seed)
     layers = nn.ModuleList([ReLibraMoE(o.dim, o.hidden, o.experts, o.top_k, mesh, spare_slots_per_gpu=o.spare_slots,
-                                       device=device) for _ in range(o.layers)])
+                                       dtype=dtype, device=device) for _ in range(o.layers)])
     opt = torch.optim.AdamW(layers.parameters(), lr=1e-4)
     bal = Balancer(layers, mesh=mesh, policy=policy, optimizer=opt, spare_slots_per_gpu=o.spare_slots,
                    policy_options=o.policy_options.get(policy))

@@ -12,19 +12,25 @@ A profile is one JSON object (no pickle)::
 The ``cost`` block holds only machine parameters (rates, bandwidths, latencies, overheads, byte
 sizes, overlaps); the model's shape (hidden size, experts, layers, ...) always comes from the
 caller: a preset for ``relibra bench --profile``, the measured layer for ``relibra measure``.
+
+Profiles shipped with relibra live in ``relibra/data/profiles/NAME.json`` (package data, written
+there by ``benchmarks/gpu_check.py`` on a GPU); :func:`profile_path` resolves such a NAME, so
+``relibra bench --profile NAME`` takes a name as well as a file. No GPU profile measured yet: the
+directory ships empty.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from .cost import CostConfig
 
-__all__ = ["PROFILE_FORMAT", "PROFILE_VERSION", "MACHINE_PARAMETERS", "Profile", "load_profile",
-           "save_profile", "profile_from_dict", "profile_config"]
+__all__ = ["PROFILE_FORMAT", "PROFILE_VERSION", "MACHINE_PARAMETERS", "PROFILE_DIR", "Profile", "load_profile",
+           "save_profile", "profile_from_dict", "profile_config", "profile_path", "shipped_profiles"]
 
 PROFILE_FORMAT = "relibra-profile"
 PROFILE_VERSION = 1
@@ -35,6 +41,8 @@ MACHINE_PARAMETERS = ("peak_flops", "mfu", "backward_factor", "expert_half_rows"
                       "replica_grad_bytes", "state_bytes_per_param", "a2a_overlap", "replica_overlap",
                       "reorder_overlap", "replica_reuse")
 _SIZES = ("dim", "hidden", "experts", "top_k", "layers", "spare_slots")
+#: profiles shipped with relibra (package data): ``NAME.json``
+PROFILE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "profiles")
 
 
 @dataclass(frozen=True)
@@ -129,6 +137,26 @@ def load_profile(path: str) -> Profile:
     except json.JSONDecodeError as exc:
         raise ValueError(f"profile file {path}: not JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
     return profile_from_dict(d, f"file {path}")
+
+
+def shipped_profiles() -> list[str]:
+    """Names of the profiles in :data:`PROFILE_DIR`, sorted (none until one is measured)."""
+    if not os.path.isdir(PROFILE_DIR):
+        return []
+    return sorted(f[:-5] for f in os.listdir(PROFILE_DIR) if f.endswith(".json"))
+
+
+def profile_path(name_or_path: str) -> str:
+    """The profile file ``name_or_path`` names: the path itself when it exists, else the shipped
+    profile ``PROFILE_DIR/NAME.json``; ValueError naming it and the shipped names otherwise."""
+    if os.path.exists(name_or_path):
+        return name_or_path
+    shipped = os.path.join(PROFILE_DIR, f"{name_or_path}.json")
+    if os.sep not in name_or_path and os.path.isfile(shipped):
+        return shipped
+    names = ", ".join(shipped_profiles()) or "none yet"
+    raise ValueError(f"profile {name_or_path!r}: no such file, nor a profile shipped with relibra "
+                     f"(shipped: {names})")
 
 
 def save_profile(profile: Profile | dict, path: str) -> Profile:

@@ -1,6 +1,7 @@
 """relibra.kernels: the torch reference against plain-loop oracles, gradcheck, API and errors.
 
-The Triton versions are compared with the reference in tests/test_kernels_triton.py.
+The Triton versions are compared with the reference in tests/test_kernels_triton.py. Tests taking
+``device`` also run on CUDA when a GPU is present (tests/conftest.py); the oracles run on CPU.
 Legend: T tokens, K copies per token, D hidden, G groups, R permuted rows.
 """
 
@@ -32,9 +33,9 @@ def test_docstring_layout_example():
 
 @SETTINGS
 @given(permute_cases())
-def test_permute_matches_oracle(case):
+def test_permute_matches_oracle(device, case):
     x, dest, G, align = case
-    x_perm, row_index, offsets = ref.permute(x, dest, G, align)
+    x_perm, row_index, offsets = (t.cpu() for t in ref.permute(x.to(device), dest.to(device), G, align))
     want_perm, want_rows, want_offsets = oracle_permute(x, dest, G, align)
     assert torch.equal(row_index, want_rows)
     assert torch.equal(offsets, want_offsets)
@@ -46,14 +47,14 @@ def test_permute_matches_oracle(case):
 
 @SETTINGS
 @given(permute_cases(), st.integers(0, 2**31 - 1))
-def test_unpermute_matches_oracle(case, seed):
+def test_unpermute_matches_oracle(device, case, seed):
     x, dest, G, align = case
     x_perm, row_index, _ = ref.permute(x, dest, G, align)
     gen = torch.Generator().manual_seed(seed)
     w = torch.rand(row_index.shape, generator=gen)
     w[row_index < 0] = float("nan")  # dropped copies must not touch the sum
     y = (x_perm.float() * 3 - 1).to(x.dtype)
-    out = ref.unpermute(y, row_index, w)
+    out = ref.unpermute(y.to(device), row_index.to(device), w.to(device)).cpu()
     assert out.dtype == y.dtype and out.shape == x.shape
     want = oracle_unpermute(y, row_index, w)
     tol = 2e-2 if y.dtype == torch.bfloat16 else 1e-5
@@ -62,9 +63,9 @@ def test_unpermute_matches_oracle(case, seed):
 
 @SETTINGS
 @given(assign_cases())
-def test_assign_copies_matches_oracle(case):
+def test_assign_copies_matches_oracle(device, case):
     ids, slots, ends, offset = case
-    dest = ref.assign_copies(ids, slots, ends, offset)
+    dest = ref.assign_copies(*(t.to(device) for t in case)).cpu()
     assert torch.equal(dest, oracle_assign(ids, slots, ends, offset))
     assert torch.equal(dest < 0, (ids < 0) | ((slots[ids.clamp(min=0)] >= 0).sum(-1) == 0))
 
@@ -79,12 +80,12 @@ def test_assign_copies_follows_token_split():
     assert dest.tolist() == [[3, 5], [9, 9], [5, -1], [9, 9], [9, 9]]
 
 
-def test_permute_unpermute_roundtrip_sums_copies():
+def test_permute_unpermute_roundtrip_sums_copies(device):
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(9, 7, generator=gen)
-    dest = torch.randint(-1, 5, (9, 3), generator=gen)
+    x = torch.randn(9, 7, generator=gen).to(device)
+    dest = torch.randint(-1, 5, (9, 3), generator=gen).to(device)
     x_perm, row_index, _ = ref.permute(x, dest, 5, align=4)
-    out = ref.unpermute(x_perm, row_index, torch.ones(9, 3))
+    out = ref.unpermute(x_perm, row_index, torch.ones(9, 3, device=device))
     torch.testing.assert_close(out, x * (dest >= 0).sum(1, keepdim=True).float())
 
 
@@ -100,14 +101,14 @@ def test_gradcheck_reference(case):
     torch.autograd.gradcheck(lambda a, b: ref.unpermute(a, row_index, b), (y, w))
 
 
-def test_permute_backward_is_gather_sum():
+def test_permute_backward_is_gather_sum(device):
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(6, 5, generator=gen, requires_grad=True)
-    dest = torch.tensor([[0, 2], [2, 2], [-1, 1], [0, -1], [1, 1], [-1, -1]])
+    x = torch.randn(6, 5, generator=gen).to(device).requires_grad_()
+    dest = torch.tensor([[0, 2], [2, 2], [-1, 1], [0, -1], [1, 1], [-1, -1]], device=device)
     x_perm, row_index, _ = ref.permute(x, dest, 3, align=2)
-    g = torch.randn(x_perm.shape, generator=gen)
+    g = torch.randn(x_perm.shape, generator=gen).to(device)
     (grad,) = torch.autograd.grad(x_perm, x, g)
-    torch.testing.assert_close(grad, ref.unpermute(g, row_index, torch.ones(6, 2)))
+    torch.testing.assert_close(grad, ref.unpermute(g, row_index, torch.ones(6, 2, device=device)))
 
 
 # ---------------------------------------------------------------- errors and backend choice

@@ -1,8 +1,9 @@
-"""Triton kernels against the torch reference, on CPU through the Triton interpreter.
+"""Triton kernels against the torch reference: compiled on a GPU, through the interpreter on CPU.
 
-``TRITON_INTERPRET=1`` is set before relibra.kernels.triton is imported (and the module is
-reloaded if something imported it without the interpreter). On a CUDA machine the same
-comparisons also run on the GPU. Shapes stay tiny: the interpreter runs every program in Python.
+Without CUDA, ``TRITON_INTERPRET=1`` is set before relibra.kernels.triton is imported (and the
+module is reloaded if something imported it before) and every test runs on CPU tensors. With
+CUDA, the kernels are compiled by Triton and every test runs on the GPU (``DEVICES``; one
+process cannot run both). Shapes stay tiny: the interpreter runs every program in Python.
 Legend: T tokens, K copies per token, D hidden, G groups, R permuted rows.
 """
 
@@ -17,14 +18,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
 from kernel_cases import assign_cases, oracle_assign, permute_cases  # noqa: E402
 
 from relibra.kernels import reference as ref  # noqa: E402
 
-if "relibra.kernels.triton" in sys.modules:  # imported earlier, maybe compiled for a GPU
+if "relibra.kernels.triton" in sys.modules:  # imported earlier, maybe in the other mode
     tri = importlib.reload(sys.modules["relibra.kernels.triton"])
 else:
     tri = importlib.import_module("relibra.kernels.triton")
@@ -32,7 +34,8 @@ else:
 from relibra import kernels  # noqa: E402
 
 SETTINGS = settings(max_examples=20, deadline=None)
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+#: where the ``device`` tests run (tests/conftest.py): the GPU with compiled Triton, else the interpreter
+DEVICES = ("cuda",) if torch.cuda.is_available() else ("cpu",)
 SMALL = dict(max_t=6, max_d=9, max_g=5)
 
 
@@ -40,7 +43,6 @@ def _tol(dtype):
     return dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @SETTINGS
 @given(permute_cases(**SMALL))
 def test_permute_bit_exact(device, case):
@@ -52,7 +54,6 @@ def test_permute_bit_exact(device, case):
         assert torch.equal(g, w)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @SETTINGS
 @given(permute_cases(**SMALL))
 def test_permute_with_known_row_count_matches(device, case):
@@ -63,7 +64,6 @@ def test_permute_with_known_row_count_matches(device, case):
         assert torch.equal(g, w)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @SETTINGS
 @given(permute_cases(**SMALL), st.integers(0, 2**31 - 1))
 def test_unpermute_and_gradients_match(device, case, seed):
@@ -87,7 +87,6 @@ def test_unpermute_and_gradients_match(device, case, seed):
         torch.testing.assert_close(gw_t, gw_r, **_tol(x.dtype))
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @SETTINGS
 @given(permute_cases(**SMALL))
 def test_permute_backward_matches(device, case):
@@ -104,7 +103,6 @@ def test_permute_backward_matches(device, case):
     assert torch.equal(grads[0], grads[1])  # small integers: sums are exact
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @SETTINGS
 @given(assign_cases(max_t=8))
 def test_assign_copies_matches(device, case):
@@ -114,13 +112,13 @@ def test_assign_copies_matches(device, case):
     assert torch.equal(got.cpu(), oracle_assign(*case))
 
 
-def test_float64_gradients_match_reference_tightly():
+def test_float64_gradients_match_reference_tightly(device):
     """float64 data accumulates in float64 in both backends: gradients agree to 1e-12."""
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(5, 6, dtype=torch.float64, generator=gen)
-    dest = torch.tensor([[0, 1, -1], [1, 1, 2], [-1, -1, -1], [2, 0, 0], [1, -1, 2]])
-    w = torch.randn(5, 3, dtype=torch.float64, generator=gen)
-    g = torch.randn(5, 6, dtype=torch.float64, generator=gen)
+    x = torch.randn(5, 6, dtype=torch.float64, generator=gen).to(device)
+    dest = torch.tensor([[0, 1, -1], [1, 1, 2], [-1, -1, -1], [2, 0, 0], [1, -1, 2]], device=device)
+    w = torch.randn(5, 3, dtype=torch.float64, generator=gen).to(device)
+    g = torch.randn(5, 6, dtype=torch.float64, generator=gen).to(device)
     grads = []
     for mod in (tri, ref):
         xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
@@ -131,11 +129,11 @@ def test_float64_gradients_match_reference_tightly():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_index_kernel_spans_many_blocks():
+def test_index_kernel_spans_many_blocks(device):
     """More copies than one index block (128) and more groups than one tile (32)."""
     gen = torch.Generator().manual_seed(4)
-    keys = torch.randint(-1, 70, (700,), generator=gen)
-    rank, counts = tri.group_ranks(keys, torch.zeros(70, dtype=torch.int64))
+    keys = torch.randint(-1, 70, (700,), generator=gen).to(device)
+    rank, counts = tri.group_ranks(keys, torch.zeros(70, dtype=torch.int64, device=device))
     want_rank, want_counts = ref.group_ranks(keys, 70)
     assert torch.equal(counts, want_counts)
     assert torch.equal(rank[keys >= 0], want_rank[keys >= 0])

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from relibra.cli import main
+from relibra.sim import profile as profile_module
 from relibra.sim.cost import make_config
 from relibra.sim.profile import MACHINE_PARAMETERS, load_profile, profile_config, profile_from_dict, save_profile
 from relibra.sim.traces import save_trace_file
@@ -100,3 +101,59 @@ def test_bench_prices_with_a_profile(tmp_path, capsys):
     assert main(common + ["--profile", str(tmp_path / "bad.json")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("relibra bench: error: profile file") and "format" in err and err.count("\n") == 1
+
+
+def test_bench_profile_takes_the_name_of_a_shipped_profile(tmp_path, monkeypatch, capsys):
+    """``--profile NAME`` finds relibra/data/profiles/NAME.json (here a stand-in directory); an unknown
+    name is refused naming it and the shipped ones."""
+    monkeypatch.setattr(profile_module, "PROFILE_DIR", str(tmp_path))
+    save_profile(good(), str(tmp_path / "test-gpu-deepseek-v3.json"))
+    assert profile_module.shipped_profiles() == ["test-gpu-deepseek-v3"]
+    assert profile_module.profile_path("test-gpu-deepseek-v3") == str(tmp_path / "test-gpu-deepseek-v3.json")
+    rng = np.random.default_rng(0)
+    trace = str(tmp_path / "t.npz")
+    save_trace_file(trace, rng.integers(0, 2000, size=(2, 2, 3, 128)), 8)
+    common = ["bench", "--trace", trace, "--preset", "qwen3-30b-a3b", "--nodes", "2", "--gpus-per-node", "4",
+              "--policies", "static", "--json"]
+    assert main(common + ["--profile", "test-gpu-deepseek-v3"]) == 0
+    assert json.loads(capsys.readouterr().out)["cost"]["peak_flops"] == 6e10
+    assert main(common + ["--profile", "h900"]) == 2
+    err = capsys.readouterr().err
+    assert "profile 'h900': no such file, nor a profile shipped with relibra (shipped: test-gpu-deepseek-v3)" in err
+
+
+def _raw_one_rank(fwd, fwd_bwd):
+    """calibrate_rank's measurements in a world of one rank: no a2a, no migration."""
+    return {"gemm": {"slots": 4, "dtype": "bfloat16", "rows": [8, 128, 1024], "fwd_s_per_slot": fwd,
+                     "fwd_bwd_s_per_slot": fwd_bwd},
+            "a2a": None,
+            "step": {"tokens": 16, "plan_step_s": 1e-3, "micro_batch_s": 2e-3, "optimizer_params": 1000,
+                     "optimizer_s": 1e-4, "migration": {"experts_per_layer": [], "bytes_sent": [], "seconds": []}}}
+
+
+def test_a_world_of_one_rank_fits_a_profile_with_link_defaults_named():
+    from relibra.measure import MeasureOptions
+    from relibra.measure.calibrate import LINK_PARAMETERS, fit_profile
+    from relibra.sim.cost import CostConfig
+
+    o = MeasureOptions(nodes=1, gpus_per_node=1, spare_slots=0, dim=64, hidden=32, experts=8, top_k=2, layers=1)
+    fwd = [1e-5 + r * 1e-7 for r in (8, 128, 1024)]
+    p = profile_from_dict(fit_profile(_raw_one_rank(fwd, [3 * t for t in fwd]), o, "nccl", "cuda"))
+    assert p.world_size == 1 and p.machine["dtype"] == "bfloat16"
+    assert p.cost["peak_flops"] == pytest.approx(2 * 3 * 64 * 32 / 1e-7)
+    assert p.cost["a2a_bytes"] == 2.0 and p.cost["state_bytes_per_param"] == 6.0
+    assert p.measured["not_measured"] == list(LINK_PARAMETERS)
+    for key in LINK_PARAMETERS:
+        assert p.cost[key] == getattr(CostConfig(), key)
+
+
+def test_gemm_times_that_do_not_grow_still_give_a_positive_rate():
+    """Noise on a busy machine can make a small probe's times fall with rows: the rate then comes from
+    the largest probe through the origin instead of a negative slope."""
+    from relibra.measure import MeasureOptions
+    from relibra.measure.calibrate import fit_profile
+
+    o = MeasureOptions(nodes=1, gpus_per_node=1, spare_slots=0, dim=64, hidden=32, experts=8, top_k=2, layers=1)
+    falling = [3e-4, 2e-4, 1e-4]
+    p = profile_from_dict(fit_profile(_raw_one_rank(falling, falling), o, "gloo", "cpu"))
+    assert p.cost["peak_flops"] == pytest.approx(2 * 3 * 64 * 32 * 1024 / 1e-4)

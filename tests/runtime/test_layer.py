@@ -1,5 +1,6 @@
 """ReLibraMoE: router semantics, replayed routes, state_dict in logical order; a gloo world
-(2 nodes x 2 GPUs) checks the sharded layer against the single-process one without a Balancer."""
+(2 nodes x 2 GPUs) checks the sharded layer against the single-process one without a Balancer.
+Single-process tests taking ``device`` also run on CUDA when a GPU is present (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -24,10 +25,10 @@ def _naive(layer: ReLibraMoE, x, ids, w):
     return out
 
 
-def test_softmax_router_with_shared_expert_matches_naive_loop():
+def test_softmax_router_with_shared_expert_matches_naive_loop(device):
     torch.manual_seed(0)
-    layer = ReLibraMoE(8, 6, 8, 2, shared_expert_hidden_dim=4, shared_expert_gate=True)
-    x = torch.randn(2, 5, 8)
+    layer = ReLibraMoE(8, 6, 8, 2, shared_expert_hidden_dim=4, shared_expert_gate=True, device=device)
+    x = torch.randn(2, 5, 8).to(device)
     y = layer(x)
     assert y.shape == x.shape
     x2 = x.reshape(-1, 8)
@@ -38,12 +39,12 @@ def test_softmax_router_with_shared_expert_matches_naive_loop():
     torch.testing.assert_close(y.reshape(-1, 8), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_deepseek_router_group_limited_with_bias_and_scale():
+def test_deepseek_router_group_limited_with_bias_and_scale(device):
     torch.manual_seed(1)
     layer = ReLibraMoE(8, 4, 8, 2, score_func="sigmoid", num_expert_groups=4, topk_groups=1,
-                       score_correction_bias=True, route_scale=2.5)
+                       score_correction_bias=True, route_scale=2.5, device=device)
     layer.gate.e_score_correction_bias.copy_(torch.tensor([0, 0, 0, 0, 0, 0, 5.0, 0]))
-    x = torch.randn(6, 8)
+    x = torch.randn(6, 8).to(device)
     ids, w = layer.gate(x)
     assert (ids // 2 == 3).all(), "bias on expert 6 makes group 3 the only kept group"
     s = (x @ layer.gate.weight.T).sigmoid()
@@ -52,11 +53,11 @@ def test_deepseek_router_group_limited_with_bias_and_scale():
     assert "gate.e_score_correction_bias" in layer.state_dict()
 
 
-def test_replayed_routes_are_used_and_router_still_learns():
+def test_replayed_routes_are_used_and_router_still_learns(device):
     torch.manual_seed(2)
-    layer = ReLibraMoE(8, 6, 8, 2)
-    x = torch.randn(7, 8)
-    routes = torch.tensor([[7, 0], [1, -1], [2, 3], [3, 2], [0, 7], [5, 5], [6, 1]])
+    layer = ReLibraMoE(8, 6, 8, 2, device=device)
+    x = torch.randn(7, 8).to(device)
+    routes = torch.tensor([[7, 0], [1, -1], [2, 3], [3, 2], [0, 7], [5, 5], [6, 1]], device=device)
     y = layer(x, routes)
     s = (x @ layer.gate.weight.T).softmax(-1)
     w = s.gather(1, routes.clamp(min=0)) * (routes >= 0)
@@ -94,13 +95,13 @@ def test_bad_tokens_raise_value_error(bad, match):
         layer(bad)
 
 
-def test_state_dict_round_trip_uses_transformers_names():
+def test_state_dict_round_trip_uses_transformers_names(device):
     torch.manual_seed(3)
-    a, b = ReLibraMoE(8, 6, 8, 2), ReLibraMoE(8, 6, 8, 2)
+    a, b = ReLibraMoE(8, 6, 8, 2, device=device), ReLibraMoE(8, 6, 8, 2, device=device)
     sd = a.state_dict()
     assert sd["experts.gate_up_proj"].shape == (8, 12, 8) and sd["experts.down_proj"].shape == (8, 8, 6)
     b.load_state_dict(sd)
-    x = torch.randn(4, 8)
+    x = torch.randn(4, 8).to(device)
     torch.testing.assert_close(a(x), b(x))
 
 

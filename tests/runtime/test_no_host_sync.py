@@ -3,88 +3,34 @@
 On a GPU, reading a device tensor on the host (``.item()``, ``.tolist()``, ``int(t)``, ``bool(t)``,
 ops whose output shape depends on the data such as ``nonzero``, ``bincount``, boolean indexing or
 ``repeat_interleave`` without ``output_size``) stalls the host until the GPU catches up. Here every
-tensor is on the CPU, so the test watches for the reads themselves: :class:`HostReads`, a
-``TorchDispatchMode`` that records every such aten op, together with patched ``Tensor.tolist``,
-``Tensor.item`` and ``Tensor.numpy`` (which do not dispatch), around the forward and backward of
-every micro-batch. With replayed routes and a plan, the Balancer computes every split size, buffer
+tensor is on the CPU, so the test watches for the reads themselves:
+:class:`relibra.testing.host_reads.HostReads` around the forward and backward of every
+micro-batch. With replayed routes and a plan, the Balancer computes every split size, buffer
 size and row order on the host before the micro-batch, so nothing may be recorded. The layers run
 with ``agree_input_errors=False``: their input agreement is a control-plane collective whose verdict
 is read on the host (on the CPU for a ``cpu:gloo,cuda:nccl`` group, on the GPU for NCCL alone).
 
 The live router path (routes chosen by the router, or passed to ``forward``) still exchanges and
 reads the split sizes: the same watch records reads there, which shows it can see them.
+
+A single-process layer (no process group) runs the replay path on every device of
+tests/conftest.py: on CUDA under ``torch.cuda.set_sync_debug_mode("error")`` as well.
 """
 
 from __future__ import annotations
-
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
 from _moe_world import Net, step_data
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import relibra
+from relibra import ReLibraMoE
 from relibra.runtime.balancer import Balancer
 from relibra.testing import run_world
+from relibra.testing.host_reads import HostReads
 
-aten = torch.ops.aten
 M = 4
-_ALWAYS = {aten.equal.default, aten.is_nonzero.default, aten.allclose.default}
-
-
-def _reads_value(func, args, kwargs) -> bool:
-    """Whether the aten op ``func`` reads tensor values on the host (or sizes its output by them)."""
-    if torch.Tag.data_dependent_output in func.tags or func in _ALWAYS:
-        return True
-    if torch.Tag.dynamic_output_shape not in func.tags:
-        return False
-    if func is aten.index.Tensor:  # integer indices give a known shape; boolean masks do not
-        return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1])
-    if func is aten.repeat_interleave.Tensor:
-        return kwargs.get("output_size") is None
-    return True
-
-
-def _where() -> str:
-    """The innermost relibra (or test) frame of the current stack, as ``file:line``."""
-    for frame in reversed(traceback.extract_stack()[:-2]):
-        if "/relibra/" in frame.filename or "/tests/" in frame.filename:
-            return f"{frame.filename.split('/relibra/')[-1]}:{frame.lineno} {frame.name}"
-    return "?"
-
-
-class HostReads(TorchDispatchMode):
-    """Records ``(what, where)`` for every host read of a tensor value while active."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.reads: list[tuple[str, str]] = []
-        self._saved = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if _reads_value(func, args, kwargs):
-            self.reads.append((str(func), _where()))
-        return func(*args, **kwargs)
-
-    def __enter__(self):
-        for name in ("tolist", "item", "numpy"):
-            original = getattr(torch.Tensor, name)
-            self._saved[name] = original
-
-            def watched(t, *a, _name=name, _original=original, **k):
-                self.reads.append((f"Tensor.{_name}", _where()))
-                return _original(t, *a, **k)
-
-            setattr(torch.Tensor, name, watched)
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        for name, original in self._saved.items():
-            setattr(torch.Tensor, name, original)
-        return super().__exit__(*exc)
 
 
 def _watch_worker(rank, mesh, policies):
@@ -138,3 +84,30 @@ def test_the_watch_sees_the_live_router_path_read_split_sizes(watched):
     for rank, r in enumerate(watched):
         names = {what for what, _ in r["live router"]["reads"]}
         assert "Tensor.tolist" in names, f"rank {rank}: the watch missed the live path's split sizes: {names}"
+
+
+def test_single_process_replay_reads_nothing_and_does_not_sync(device):
+    """Balancer without a mesh on ``device``: the replayed forward + backward reads no value on the
+    host (and, on CUDA, makes no synchronising call); the plan and routes are installed before."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(ReLibraMoE(16, 12, 8, 2, device=device), ReLibraMoE(16, 12, 8, 2, device=device))
+    for layer in model:
+        layer.agree_input_errors = False
+    bal = Balancer(model, None, "static")
+    gen = torch.Generator().manual_seed(1)
+    routes = [torch.randint(0, 8, (10, 2, 2), generator=gen) for _ in range(2)]
+    bal.plan_step(routes)
+    for m in range(2):
+        x = torch.randn(10, 16, generator=gen).to(device)
+        with bal.micro_batch(m):
+            watch = HostReads()
+            with watch:
+                if device == "cuda":
+                    torch.cuda.set_sync_debug_mode("error")
+                try:
+                    model(x).square().sum().backward()
+                finally:
+                    if device == "cuda":
+                        torch.cuda.set_sync_debug_mode("default")
+        assert watch.reads == [], f"micro-batch {m} read on the host: {watch.reads}"
+    assert model[0].experts.gate_up_proj.grad.abs().sum() > 0
