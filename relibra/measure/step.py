@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..runtime import Balancer, ReLibraMoE
+from ..runtime.comm import all_gather_flat, all_reduce_
 from .options import MeasureOptions
 from .routes import step_routes
 
@@ -105,9 +106,7 @@ def _source_loads(routes: list[torch.Tensor], o: MeasureOptions) -> torch.Tensor
     for m, r in enumerate(routes):
         ids_LX = r.permute(1, 0, 2).reshape(o.layers, -1)
         local[m].scatter_add_(1, ids_LX, torch.ones_like(ids_LX))
-    out = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, local)
-    return torch.stack(out).permute(1, 2, 0, 3).contiguous()
+    return all_gather_flat(local, None).permute(1, 2, 0, 3).contiguous()  # through the GPU for NCCL
 
 
 def measure_rank(rank: int, mesh, device: torch.device, o: MeasureOptions) -> dict | None:
@@ -138,7 +137,7 @@ def measure_rank(rank: int, mesh, device: torch.device, o: MeasureOptions) -> di
             previous = bal.placement.home_experts.clone()
             dist.barrier()
             seconds = torch.tensor(_train_step(layers, opt, bal, routes, xs, device), dtype=torch.float64)
-            dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+            all_reduce_(seconds, None, op=dist.ReduceOp.MAX)
             metrics = bal.metrics(gather_realised=True)
             disturbed = bool(seconds[5] > STOLEN_LIMIT * seconds[0])
             if timed:
