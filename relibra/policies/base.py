@@ -15,6 +15,10 @@ Balancer uses it under expert data parallelism, where one replica's placement se
 expert-parallel group and each group splits its own tokens on it; without it those groups run
 that placement without replicas.
 
+A policy that remembers its placement may also offer ``placement_kept(placement)``: the
+Balancer calls it when it did not adopt the policy's new placement because the move would not
+pay (``Balancer(placement_min_gain=...)``), so the next plan starts from where the experts are.
+
 A policy that keeps state may also offer ``state_dict() -> dict`` and ``load_state_dict(state)``
 (as ``reorder``, ``hybrid`` and ``eplb`` do): the state as plain tensors, numbers, strings,
 None, lists and dicts (``torch.load(weights_only=True)`` must read it back), and a load that

@@ -63,6 +63,10 @@ class HybridPolicy:
                          reorder_work=budget.spent, budget_cut=cut)
         return plan
 
+    def placement_kept(self, placement: Placement) -> None:
+        """The Balancer kept the experts on ``placement`` (see :meth:`ReorderPolicy.placement_kept`)."""
+        self.reorder.placement_kept(placement)
+
     def replan(self, loads: torch.Tensor, placement: Placement, topology: Topology) -> Plan:
         """Replicas and split of ``loads`` on a placement chosen elsewhere (see the contract)."""
         price = resolve_price(self.cross_node, self.cross_node_price, topology)

@@ -313,6 +313,11 @@ class ReorderPolicy:
         self.placement, self._topology = placement, topology
         return placement
 
+    def placement_kept(self, placement: Placement) -> None:
+        """The Balancer kept the experts on ``placement`` instead of this step's plan (the move
+        did not pay): the next step searches from, and prices its moves against, ``placement``."""
+        self.placement = placement
+
     def plan(self, loads: torch.Tensor, topology: Topology) -> Plan:
         loads = check_loads(loads, topology)
         start = time.perf_counter()

@@ -94,6 +94,11 @@ class Balancer(StepPlanning):
         replica_min_gain: replicas of a (micro-batch, layer) whose busiest GPU is less than this
             fraction below the same placement without replicas are dropped (their tokens go
             home): no replica traffic when there is nothing worth balancing. 0 keeps every one.
+        placement_min_gain: a new placement whose step (busiest GPUs summed over the training
+            micro-batches and layers) is less than this fraction below the same loads' replica
+            plan on the current placement is not adopted: the experts stay and nothing moves
+            (the policy's ``placement_kept(placement)`` is called when it has one). 0 adopts
+            every placement the policy plans.
         edp_mesh: 1-D mesh of the expert-data-parallel replicas (ranks holding the same home
             slots, e.g. FSDP2 over it, see :mod:`relibra.runtime.fsdp`; default: the layers' ``edp_mesh``
             set by :func:`relibra.runtime.fsdp.apply_fsdp`). With more than one replica, EDP rank 0
@@ -104,7 +109,7 @@ class Balancer(StepPlanning):
 
     def __init__(self, model: nn.Module, mesh=None, policy: Any = "hybrid", optimizer=None,
                  spare_slots_per_gpu: int = 1, policy_options: dict | None = None,
-                 replica_min_gain: float = 0.05, edp_mesh=None) -> None:
+                 replica_min_gain: float = 0.05, edp_mesh=None, placement_min_gain: float = 0.05) -> None:
         named = [(n, m) for n, m in model.named_modules() if isinstance(m, ReLibraMoE)]
         self.layers: list[ReLibraMoE] = [m for _, m in named]
         self.layer_names = [n or "<model>" for n, _ in named]  # module names, "<model>" for the root
@@ -124,6 +129,10 @@ class Balancer(StepPlanning):
                 or not 0.0 <= replica_min_gain < 1.0:
             raise ValueError(f"replica_min_gain must be a number in [0, 1), got {replica_min_gain!r}")
         self.replica_min_gain = float(replica_min_gain)
+        if isinstance(placement_min_gain, bool) or not isinstance(placement_min_gain, Real) \
+                or not 0.0 <= placement_min_gain < 1.0:
+            raise ValueError(f"placement_min_gain must be a number in [0, 1), got {placement_min_gain!r}")
+        self.placement_min_gain = float(placement_min_gain)
         self.mesh, self.optimizer = mesh, optimizer
         self.E, self.K, self.L = first.num_experts, first.top_k, len(self.layers)
         if mesh is None:
@@ -150,6 +159,7 @@ class Balancer(StepPlanning):
         self._current: Pass | None = None  # the pass whose micro-batch ran last
         self._pending: BackgroundPlan | None = None  # rank 0: the step's placement, planned in the background
         self._loads: torch.Tensor | None = None  # [M, L, E] the step's loads, every pass in schedule order
+        self._plan_loads: torch.Tensor | None = None  # [M_train, L, E] the loads the policy plans on
         self._early_rows = 0  # micro-batches of the passes that run on the placement of the step before
         self._realised: dict[int, dict[int, int]] = {}  # layer -> row of the step -> rows this rank computed
         self._metrics: dict = {}

@@ -6,7 +6,8 @@ Rank 0 of the expert-parallel group plans; :func:`share_plan` broadcasts the pla
 policy's error with its traceback, or the news that planning was interrupted (KeyboardInterrupt,
 SystemExit: re-raised on rank 0, RuntimeError elsewhere), so every rank gets the same plan or
 raises. :func:`drop_idle_replicas` empties the spare slots of micro-batch layers where replicas
-buy too little to pay their weight copies.
+buy too little to pay their weight copies; :func:`move_pays` says whether a new placement buys
+enough to pay moving the experts.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ..plan import Placement, Plan
 from ..topology import Topology
 from .comm import all_gather_text, broadcast_
 
-__all__ = ["share_plan", "drop_idle_replicas", "failure_text"]
+__all__ = ["share_plan", "drop_idle_replicas", "move_pays", "failure_text"]
 
 _PLANNED, _FAILED, _INTERRUPTED = 0, 1, 2  # what rank 0 tells the EP group after planning
 
@@ -98,3 +99,14 @@ def drop_idle_replicas(plan: Plan, loads_MLE: torch.Tensor, topology: Topology, 
     out.info["replicas_dropped"] = int(plan.replicas()[idle].sum())
     out.validate(t, loads_MLE)
     return out
+
+
+def move_pays(moved: Plan, stay: Plan, loads_MLE: torch.Tensor, min_gain: float) -> bool:
+    """Whether ``moved`` (a new placement) lowers the step's busiest GPUs, summed over its
+    micro-batches and layers, by at least ``min_gain`` (a fraction) against ``stay`` (the same
+    loads' plan on the current placement). Moving experts carries their weights and optimizer
+    state; when the loads are already balanced on the current placement (uniform routes, or
+    replicas that balance it) the move buys nothing and costs a migration."""
+    moved_busiest = float(moved.gpu_loads(loads_MLE).amax(-1).double().sum())
+    stay_busiest = float(stay.gpu_loads(loads_MLE).amax(-1).double().sum())
+    return moved_busiest < stay_busiest * (1.0 - min_gain)

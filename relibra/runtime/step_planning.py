@@ -34,7 +34,7 @@ from ..routing.loads import count_loads
 from ..routing.routes import step_routes_fault
 from .comm import all_gather_flat, all_reduce_, first_error
 from .fsdp import edp_plan
-from .plan_share import drop_idle_replicas, failure_text, share_plan
+from .plan_share import drop_idle_replicas, failure_text, move_pays, share_plan
 from .schedule import (
     BackgroundPlan,
     Pass,
@@ -140,6 +140,7 @@ class StepPlanning:
                                 if p.name == TRAIN], [])]
         if self.rank == 0 and self.edp_group is not None:  # placement from the loads of every EDP replica
             all_reduce_(plan_loads, self.edp_group)
+        self._plan_loads = plan_loads  # what the policy plans on (rank 0: summed over EDP replicas)
         plan_policy = self._policy_plan(plan_loads)
         try:
             if early:
@@ -238,8 +239,12 @@ class StepPlanning:
 
     def _main_plan(self, train: Plan, main: list[Pass]) -> tuple[Plan | None, str, BaseException | None]:
         """Rank 0: the policy's training plan with the replicas of the forward-only passes on its
-        placement, in schedule order: ``(plan, error text, failure)``."""
+        placement, in schedule order: ``(plan, error text, failure)``. Where the policy's new
+        placement does not pay its move (:func:`move_pays`, ``placement_min_gain``), the experts
+        stay: the training passes get replica plans on the current placement instead, and a
+        policy that offers ``placement_kept(placement)`` is told."""
         try:
+            train = self._move_or_stay(train, main)
             parts, row = [], 0
             for p in main:
                 if p.name == TRAIN:
@@ -250,9 +255,25 @@ class StepPlanning:
                 else:
                     parts.append(plan_on(self.policy, self._loads[p.rows], train.placement, self.topology,
                                          self.policy_name))
-            return join_plans(parts), "", None
+            joined = join_plans(parts)
+            joined.info.update({k: v for k, v in train.info.items() if k == "placement_kept"})
+            return joined, "", None
         except Exception as exc:  # noqa: BLE001 - shared with every rank, then raised
             return None, failure_text(f"policy {self.policy_name!r}", exc), exc
+
+    def _move_or_stay(self, train: Plan, main: list[Pass]) -> Plan:
+        """``train`` if its placement pays its move, else the training loads' plan on the current one."""
+        if self.placement_min_gain <= 0 or train.placement.equal(self.placement):
+            return train
+        loads = self._plan_loads
+        stay = plan_on(self.policy, loads, self.placement, self.topology, self.policy_name)
+        if move_pays(train, stay, loads, self.placement_min_gain):
+            return train
+        kept = getattr(self.policy, "placement_kept", None)
+        if callable(kept):
+            kept(self.placement)
+        stay.info.update(placement_kept=True)
+        return stay
 
     def _split(self, plan: Plan, passes: list[Pass]) -> None:
         """Each pass's share of ``plan`` (its micro-batches, in order)."""

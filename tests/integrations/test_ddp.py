@@ -84,7 +84,8 @@ def _ddp_run(rank, mesh, init, per_step, policy):
     swap_moe_blocks(model, mesh)
     ddp = wrap_ddp(model)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    bal = Balancer(model, mesh=mesh, policy=policy, optimizer=opt, spare_slots_per_gpu=1)
+    bal = Balancer(model, mesh=mesh, policy=policy, optimizer=opt, spare_slots_per_gpu=1,
+                   placement_min_gain=0)  # adopt every placement: moves under DDP are exercised
     out = {"loss": 0.0, "grad": 0.0, "replicas": 0, "moved": 0}
     for ids, (losses, routes, grads) in zip(_batches(), per_step):
         mine = ids[rank * B:(rank + 1) * B]

@@ -25,7 +25,8 @@ def _run(rank, mesh, init, policy: str, overlap: bool, steps: int = 2) -> dict:
     model.load_state_dict(init)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-2)
     spare = 0 if policy == "static" else 1
-    bal = Balancer(model, mesh=mesh, policy=policy, optimizer=opt, spare_slots_per_gpu=spare)
+    # placement_min_gain=0: every planned placement is adopted, so the migration is exercised
+    bal = Balancer(model, mesh=mesh, policy=policy, optimizer=opt, spare_slots_per_gpu=spare, placement_min_gain=0)
     out = {"logprob": [], "train": [], "grads": [], "moved": 0, "logprob_on_previous": True, "logprob_replicas": 0}
     for s in range(steps):
         seqs = [d[rank] for d in step_data(s, Z, hold=2)]

@@ -86,7 +86,7 @@ def _worker(rank, mesh, runs, reference):
         model.load_state_dict(init)
         opt = torch.optim.AdamW(model.parameters(), lr=2e-2)
         bal = Balancer(model, mesh=mesh, policy=policy, optimizer=opt, spare_slots_per_gpu=1,
-                       policy_options=options, replica_min_gain=0.0)
+                       policy_options=options, replica_min_gain=0.0, placement_min_gain=0.0)
         err = dict(out=0.0, loss=0.0, grad=0.0)
         moved = replicas = cross = 0
         for s in range(STEPS):

@@ -101,7 +101,8 @@ def _worker(rank, _mesh, runs, references):
         model.load_state_dict(init)
         apply_fsdp(model, dp_mesh, edp_mesh, reduce=reduce)
         opt = torch.optim.AdamW(model.parameters(), lr=2e-2)
-        bal = Balancer(model, mesh=ep_mesh, policy=_policy(name), optimizer=opt, spare_slots_per_gpu=1)
+        bal = Balancer(model, mesh=ep_mesh, policy=_policy(name), optimizer=opt, spare_slots_per_gpu=1,
+                       placement_min_gain=0)  # adopt every placement: the migration under FSDP is exercised
         loss_err, moved, replicas, kept = 0.0, 0, 0, 0
         for s in range(STEPS):
             data = step_data(s, M)
