@@ -100,3 +100,25 @@ def allreduce_dense_grads(model) -> None:
 def max_err(a: dict, b: dict) -> float:
     assert a.keys() == b.keys(), (sorted(a), sorted(b))
     return max(float((a[k] - b[k]).abs().max()) if a[k].numel() else 0.0 for k in a)
+
+
+def outcome(run, *args, **kwargs) -> tuple[str, str]:
+    """``(exception type name, message)`` of ``run(*args, **kwargs)``, or ``("no error", "")``:
+    what one rank saw, as plain data the test compares across ranks."""
+    try:
+        run(*args, **kwargs)
+        return ("no error", "")
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        return (type(exc).__name__, str(exc))
+
+
+def same_error(per_rank, kind: str = "ValueError", needles=(), case: str = "") -> str:
+    """The one ``(kind, message)`` every rank saw for ``case``; asserts its kind and that every
+    needle is in the message, which it returns."""
+    outcomes = set(per_rank)
+    assert len(outcomes) == 1, f"{case}: ranks raised different errors: {outcomes}"
+    got_kind, msg = outcomes.pop()
+    assert got_kind == kind, f"{case}: expected {kind} on every rank, got {got_kind}: {msg}"
+    for needle in needles:
+        assert needle in msg, f"{case}: {needle!r} not in {msg!r}"
+    return msg

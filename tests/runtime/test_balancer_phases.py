@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _moe_world import Net, allreduce_dense_grads, logical_grads, max_err, step_data
+from _moe_world import Net, allreduce_dense_grads, logical_grads, max_err, outcome, same_error, step_data
 
 from relibra.runtime.balancer import Balancer
 from relibra.testing import run_world
@@ -100,13 +100,6 @@ def test_every_pass_equals_static(exact, policy, overlap):
         assert exact[0][policy, overlap]["logprob_replicas"] > 0, "no replica in the log-prob pass: untested"
 
 
-def _outcome(run) -> tuple[str, str]:
-    try:
-        run()
-        return ("no error", "")
-    except Exception as exc:  # noqa: BLE001 - reported to the test
-        return (type(exc).__name__, str(exc))
-
 
 class _Failing:
     """A policy whose planning fails (in the background, while the log-prob pass runs)."""
@@ -136,23 +129,23 @@ def _misuse_worker(rank, mesh):
 
     out = {}
     ghost = [("train", [[0, 1], [2, 9 if rank == 3 else 3]])]
-    out["ghost"] = _outcome(lambda: bal.plan_step(routes, phases=ghost))
+    out["ghost"] = outcome(lambda: bal.plan_step(routes, phases=ghost))
     twice = [("train", [[0, 1], [1, 2]])]
-    out["twice"] = _outcome(lambda: bal.plan_step(routes, phases=twice))
+    out["twice"] = outcome(lambda: bal.plan_step(routes, phases=twice))
     apart = [("logprob", [[0, 1, 2], [3, 4, 5]])] + ([("train", [[0, 1, 2], [3, 4, 5]])] if rank else
                                                      [("train", [[0, 1], [2, 3], [4, 5]])])
-    out["apart"] = _outcome(lambda: bal.plan_step(routes, phases=apart))
-    out["no_train"] = _outcome(lambda: bal.plan_step(routes, phases=[("logprob", [[0, 1]])]))
+    out["apart"] = outcome(lambda: bal.plan_step(routes, phases=apart))
+    out["no_train"] = outcome(lambda: bal.plan_step(routes, phases=[("logprob", [[0, 1]])]))
     bal.plan_step(routes, phases=SCHEDULE)
-    out["ambiguous"] = _outcome(lambda: train(0, "train", [0, 3]))
+    out["ambiguous"] = outcome(lambda: train(0, "train", [0, 3]))
     fwd(0, "logprob", [0, 1])
-    out["skip_back"] = _outcome(lambda: fwd(0, "logprob", [0, 1]) or train(0, 1, [0, 3]) or fwd(1, 0, [2, 3]))
+    out["skip_back"] = outcome(lambda: fwd(0, "logprob", [0, 1]) or train(0, 1, [0, 3]) or fwd(1, 0, [2, 3]))
     bal.plan_step(routes, phases=SCHEDULE)
     fwd(0, "logprob", [0, 1])
     bal.prepare_training()  # explicit: the experts move now
-    out["logprob_after_move"] = _outcome(lambda: fwd(1, "logprob", [2, 3]))
+    out["logprob_after_move"] = outcome(lambda: fwd(1, "logprob", [2, 3]))
     bal.plan_step(routes, phases=SCHEDULE)
-    out["fine_after"] = _outcome(lambda: [train(m, 1, g) for m, g in enumerate(SCHEDULE[1][1])])
+    out["fine_after"] = outcome(lambda: [train(m, 1, g) for m, g in enumerate(SCHEDULE[1][1])])
     other = Net(mesh)
     failing = Balancer(other, mesh=mesh, policy=_Failing(), spare_slots_per_gpu=1)
     failing.plan_step(routes, phases=SCHEDULE)  # the log-prob pass's replicas plan fine: the policy has no replan
@@ -163,8 +156,8 @@ def _misuse_worker(rank, mesh):
                 other(batch(g))
         with failing.micro_batch(0, 1):
             pass
-    out["policy_fails"] = _outcome(logprob_then_train)
-    out["policy_fails/then"] = _outcome(lambda: failing.micro_batch(0, 1).__enter__())
+    out["policy_fails"] = outcome(logprob_then_train)
+    out["policy_fails/then"] = outcome(lambda: failing.micro_batch(0, 1).__enter__())
     return out
 
 
@@ -190,9 +183,4 @@ def misuse():
     ("policy_fails/then", "RuntimeError", ("no plan is installed",)),
 ])
 def test_bad_schedules_and_misuse_raise_the_same_error_on_every_rank(misuse, case, kind, needles):
-    outcomes = {r[case] for r in misuse}
-    assert len(outcomes) == 1, f"ranks raised different errors: {outcomes}"
-    got_kind, msg = outcomes.pop()
-    assert got_kind == kind, f"expected {kind} on every rank, got {got_kind}: {msg}"
-    for needle in needles:
-        assert needle in msg, f"{needle!r} not in {msg!r}"
+    same_error([r[case] for r in misuse], kind, needles, case)

@@ -27,7 +27,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from _moe_world import WORLD, Net, allreduce_dense_grads, max_err, step_data
+from _moe_world import WORLD, Net, allreduce_dense_grads, max_err, outcome, same_error, step_data
 
 import relibra
 from relibra.plan import Placement
@@ -117,13 +117,6 @@ def _one_thread():
 def _moved(bal) -> bool:
     return not bal.placement.equal(Placement.contiguous(bal.topology, bal.L))
 
-
-def _outcome(run, *args, **kwargs) -> tuple[str, str]:
-    try:
-        run(*args, **kwargs)
-        return ("no error", "")
-    except Exception as exc:  # noqa: BLE001 - reported to the test
-        return (type(exc).__name__, str(exc))
 
 
 # ------------------------------------------------------------------------------ world 1
@@ -271,7 +264,7 @@ def _fsdp_checkpoints(rank, mesh, tmp) -> dict:
         out[f"{fmt} loaded"] = max_err(_snapshot(plain_model, plain_opt), saved)
         _step(plain_model, plain_opt, plain_bal, 2, rank)
         out[f"{fmt} step 2"] = max_err(_snapshot(plain_model, plain_opt), after)
-    out["into fsdp"] = _outcome(_load, *sharded(3), f"{tmp}/fsdp", "plain")
+    out["into fsdp"] = outcome(_load, *sharded(3), f"{tmp}/fsdp", "plain")
     return out
 
 
@@ -332,16 +325,16 @@ def _bad_checkpoints(rank, mesh, tmp) -> dict:
     before, placement, steps = _snapshot(model, opt), bal.placement, bal.steps_planned
     out = {}
     for case, state in cases.items():
-        out[case] = _outcome(set_state, model, opt, bal, state)
+        out[case] = outcome(set_state, model, opt, bal, state)
         out[case + " unchanged"] = (max_err(_snapshot(model, opt), before) == 0.0
                                     and bal.placement.equal(placement) and bal.steps_planned == steps)
     # DCP fills get_state's copies, so a load that set_state then refuses (another policy) changes nothing
-    out["dcp_policy"] = _outcome(_load, model, opt, bal, f"{tmp}/static-C-dcp", "dcp")
+    out["dcp_policy"] = outcome(_load, model, opt, bal, f"{tmp}/static-C-dcp", "dcp")
     out["dcp_policy unchanged"] = (max_err(_snapshot(model, opt), before) == 0.0
                                    and bal.placement.equal(placement) and bal.steps_planned == steps)
     one = copy.deepcopy(good["balancer"])  # Balancer.load_state_dict on its own: one MoE layer
     one["layers"], one["placement"] = one["layers"][:1], one["placement"][:1]
-    out["balancer_layers"] = _outcome(bal.load_state_dict, one)
+    out["balancer_layers"] = outcome(bal.load_state_dict, one)
     out["balancer_layers unchanged"] = bal.placement.equal(placement) and bal.steps_planned == steps
     set_state(model, opt, bal, good)  # the world still works: a good load, then a step
     _step(model, opt, bal, 2, rank)
@@ -446,13 +439,7 @@ def test_bad_checkpoints_fail_on_every_rank_and_change_nothing(matrix):
         "dcp_policy": ("set_state", "balancer state key 'policy': the checkpoint was saved by policy 'static'",),
     }
     for case, needles in expect.items():
-        outcomes = {r["bad"][case] for r in world2}
-        assert len(outcomes) == 1, f"{case}: ranks raised different errors: {outcomes}"
-        kind, msg = outcomes.pop()
-        assert kind == "ValueError", f"{case}: expected ValueError, got {kind}: {msg}"
-        assert "nothing was changed on any rank" in msg, msg
-        for needle in needles:
-            assert needle in msg, f"{case}: {needle!r} not in {msg!r}"
+        same_error([r["bad"][case] for r in world2], "ValueError", ("nothing was changed on any rank", *needles), case)
         assert all(r["bad"][case + " unchanged"] for r in world2), f"{case}: something changed"
     assert all(r["bad"]["good_after"] for r in world2)
 

@@ -15,7 +15,7 @@ from functools import partial
 import pytest
 import torch
 import torch.distributed as dist
-from _moe_world import Net, step_data
+from _moe_world import Net, outcome, same_error, step_data
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -26,13 +26,6 @@ from relibra.testing import run_world
 
 EMPTY_RANK = 2  # step_data: rank 2 has no token in micro-batch 1
 
-
-def _outcome(run) -> tuple[str, str]:
-    try:
-        run()
-        return ("no error", "")
-    except Exception as exc:  # noqa: BLE001 - reported to the test
-        return (type(exc).__name__, str(exc))
 
 
 def _run_micro_batch(bal, model, m, x):
@@ -90,7 +83,7 @@ def _faults_worker(rank, mesh):
             data = step_data(0, M)
             bal.plan_step([data[m][rank][1] for m in range(M)])
             model.zero_grad()
-            out[f"{policy}/{case}"] = _outcome(partial(run, bal, model, rank, [d[rank][0] for d in data]))
+            out[f"{policy}/{case}"] = outcome(partial(run, bal, model, rank, [d[rank][0] for d in data]))
             out[f"{policy}/{case}/then"] = _good_step(bal, model, step_data(1, 2), rank)
     return out
 
@@ -112,13 +105,9 @@ def fault_results():
                        "rank 2 at train, outside any micro-batch block, forward of MoE layer 0")),
 ])
 def test_a_rank_out_of_step_raises_the_same_value_error_on_every_rank(fault_results, policy, case, needles):
-    outcomes = {r[f"{policy}/{case}"] for r in fault_results}
-    assert len(outcomes) == 1, f"ranks raised different errors: {outcomes}"
-    kind, msg = outcomes.pop()
-    assert kind == "ValueError", f"expected ValueError on every rank, got {kind}: {msg}"
+    msg = same_error([r[f"{policy}/{case}"] for r in fault_results], "ValueError",
+                     needles + ("every micro-batch of a step in the same order, empty or not",), case)
     assert msg.startswith("ranks of the expert-parallel group are out of step: "), msg
-    for needle in needles + ("every micro-batch of a step in the same order, empty or not",):
-        assert needle in msg, f"{needle!r} not in {msg!r}"
     assert all(r[f"{policy}/{case}/then"] for r in fault_results), "the world did not run a good step after"
 
 

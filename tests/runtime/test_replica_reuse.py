@@ -15,7 +15,7 @@ from functools import partial
 import pytest
 import torch
 import torch.distributed as dist
-from _moe_world import D, I, Net, allreduce_dense_grads, logical_grads, max_err, step_data
+from _moe_world import D, I, Net, allreduce_dense_grads, logical_grads, max_err, outcome, same_error, step_data
 from torch.utils.checkpoint import checkpoint
 
 from relibra.runtime.balancer import Balancer
@@ -190,13 +190,6 @@ def test_checkpointing_backward_after_the_block_and_a_second_pass_stay_exact(var
         assert r[variant]["kept"] > 0, f"rank {rank} {variant}: no replica stayed in its slot: reuse untested"
 
 
-def _outcome(run) -> tuple[str, str]:
-    try:
-        run()
-        return ("no error", "")
-    except Exception as exc:  # noqa: BLE001 - reported to the test
-        return (type(exc).__name__, str(exc))
-
 
 def _misuse_worker(rank, mesh):
     torch.manual_seed(0)
@@ -225,20 +218,20 @@ def _misuse_worker(rank, mesh):
     out = {}
     bal.plan_step(routes)
     run(0)
-    out["step_early"] = _outcome(opt.step)
+    out["step_early"] = outcome(opt.step)
     out["step_early/then"] = good_step()
     bal.plan_step(routes)
     run(0)
-    out["skip"] = _outcome(lambda: run(2))
+    out["skip"] = outcome(lambda: run(2))
     out["skip/then"] = good_step()
     bal.plan_step(routes[:2])  # micro-batch 1 is the step's last: every run's gradient goes home in its backward
     losses = [forward(0), forward(1)]
-    out["backward_order"] = _outcome(lambda: sum(losses).backward())  # 1's backward runs first
+    out["backward_order"] = outcome(lambda: sum(losses).backward())  # 1's backward runs first
     out["backward_order/then"] = good_step()
     bal.plan_step(routes)
     loss = forward(0)
     bal.plan_step(routes)
-    out["backward_late"] = _outcome(loss.backward)
+    out["backward_late"] = outcome(loss.backward)
     out["backward_late/then"] = good_step()
     return out
 
@@ -258,10 +251,5 @@ def misuse():
     ("backward_late", "RuntimeError", ("ran after plan_step started the next step",)),
 ])
 def test_a_misuse_of_the_replica_lifecycle_raises_the_same_error_on_every_rank(misuse, case, kind, needles):
-    outcomes = {r[case] for r in misuse}
-    assert len(outcomes) == 1, f"ranks raised different errors: {outcomes}"
-    got_kind, msg = outcomes.pop()
-    assert got_kind == kind, f"expected {kind} on every rank, got {got_kind}: {msg}"
-    for needle in needles:
-        assert needle in msg, f"{needle!r} not in {msg!r}"
+    same_error([r[case] for r in misuse], kind, needles, case)
     assert all(r[case + "/then"] for r in misuse), "the world did not run a good step after"
