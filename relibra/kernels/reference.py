@@ -57,6 +57,16 @@ def padded_offsets(counts_G: torch.Tensor, align: int) -> torch.Tensor:
     return torch.cat([padded.new_zeros(1), torch.cumsum(padded, 0)])
 
 
+def buffer_rows(offsets_G1: torch.Tensor, num_rows: int | None, check_values: bool) -> int:
+    """Rows ``R`` of the permuted buffer: ``num_rows`` when the caller knows it (checked against
+    ``offsets_G1[-1]`` on CPU with ``check_values``), else read from the device (a host sync)."""
+    if num_rows is None:
+        return int(offsets_G1[-1])  # host sync: the buffer size
+    if check_values and offsets_G1.device.type == "cpu" and int(num_rows) != int(offsets_G1[-1]):
+        raise ValueError(f"num_rows={int(num_rows)} but dest_TK fills {int(offsets_G1[-1])} rows")
+    return int(num_rows)
+
+
 def check_permute_args(x_TD: torch.Tensor, dest_TK: torch.Tensor, num_groups: int, align: int,
                        num_rows: int | None = None, check_values: bool = True) -> None:
     """Raise ValueError naming the bad argument of :func:`permute` (shapes, dtypes; values on CPU
@@ -165,12 +175,7 @@ def permute(x_TD: torch.Tensor, dest_TK: torch.Tensor, num_groups: int, align: i
     """
     check_permute_args(x_TD, dest_TK, num_groups, align, num_rows, check_values)
     row_index_TK, offsets, _ = permute_index(dest_TK, num_groups, align)
-    if num_rows is None:
-        R = int(offsets[-1])  # host sync: the buffer size
-    else:
-        R = int(num_rows)
-        if check_values and x_TD.device.type == "cpu" and R != int(offsets[-1]):
-            raise ValueError(f"num_rows={R} but dest_TK fills {int(offsets[-1])} rows")
+    R = buffer_rows(offsets, num_rows, check_values)
     rows = row_index_TK.reshape(-1)
     N = rows.numel()
     # the copy that fills each row (-1: padding); dropped copies land past R, each on its own row

@@ -252,12 +252,7 @@ def permute(x_TD: torch.Tensor, dest_TK: torch.Tensor, num_groups: int, align: i
     rank, counts = group_ranks(dest, torch.zeros(G, dtype=torch.int64, device=dest.device))
     offsets = reference.padded_offsets(counts, int(align))
     rows = torch.where(dest >= 0, offsets[dest.clamp(min=0)] + rank, rank).view(dest_TK.shape)
-    if num_rows is None:
-        R = int(offsets[-1])  # host sync: the buffer size
-    else:
-        R = int(num_rows)
-        if check_values and x_TD.device.type == "cpu" and R != int(offsets[-1]):
-            raise ValueError(f"num_rows={R} but dest_TK fills {int(offsets[-1])} rows")
+    R = reference.buffer_rows(offsets, num_rows, check_values)
     x_perm = _Permute.apply(x_TD.contiguous(), rows, offsets, counts, int(align), R)
     return x_perm, rows, offsets
 

@@ -256,7 +256,8 @@ class StepPlanning:
                     parts.append(plan_on(self.policy, self._loads[p.rows], train.placement, self.topology,
                                          self.policy_name))
             joined = join_plans(parts)
-            joined.info.update({k: v for k, v in train.info.items() if k == "placement_kept"})
+            if train.info.get("placement_kept"):
+                joined.info["placement_kept"] = True
             return joined, "", None
         except Exception as exc:  # noqa: BLE001 - shared with every rank, then raised
             return None, failure_text(f"policy {self.policy_name!r}", exc), exc
