@@ -3,6 +3,7 @@
     python benchmarks/packing.py [--concentrations 16,64,512] [--micro-batches 8]
         [--tokens-per-micro-batch 131072] [--group-size 16] [--steps 3] [--seed 0]
         [--spare-slots 1] [--timing-micro-batches 16] [--timing-tokens 73728] [--repeats 7]
+        [--set key=value ...]
 
 Traces: relibra.sim.traces.generate_sequences (DeepSeek-V3 ``prefill_in4096`` popularity, GRPO
 groups of ``--group-size`` responses sharing a ``Dirichlet(concentration * popularity)`` expert
@@ -193,11 +194,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timing-tokens", type=int, default=73728, help="budget of the timing step (~512 sequences)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--set", action="append", default=[], metavar="key=value",
+                    help="override a cost parameter (relibra.sim.cost_config.CostConfig), repeatable")
     args = ap.parse_args(argv)
     if args.steps < 2:
         ap.error("--steps must be >= 2 (the first is a warm-up)")
     torch.set_num_threads(1)
-    cfg = make_config("deepseek-v3", "h100")
+    overrides = dict(item.partition("=")[::2] for item in args.set)
+    if any(not key or not value for key, value in overrides.items()):
+        ap.error(f"--set expects key=value, got {args.set}")
+    cfg = make_config("deepseek-v3", "h100", overrides)
     topo = cfg.topology(8, 8, args.spare_slots)
     print(f"DeepSeek-V3 on H100 (cost model), {topo}; groups of {args.group_size}, {args.steps} steps "
           f"(1 warm-up), seed {args.seed}; cells: step time and gap to ideal")

@@ -4,11 +4,13 @@ Legend: G ranks, E experts, H = E / G home slots per rank, D dim, I hidden, L Mo
 r rows (token copies) one expert slot computes.
 
 Every rank runs every probe at the same time (between barriers), as in a real step, and the
-slowest rank's time counts; each figure is the fastest of its repeats. Probes and the cost
-parameters fitted from them (:func:`fit_profile`):
+slowest rank's time counts; each figure is the median of its repeats, the statistic ``relibra
+measure`` reports (:mod:`relibra.measure.probes` says why). Probes and the cost parameters
+fitted from them (:func:`fit_profile`):
 
 - ``gemm``: ``expert_mlp`` (the layer's grouped GEMM) over ``min(H, 4)`` slots of r rows each,
-  forward and forward + backward, r from 8 to 1024. A straight line per slot,
+  forward and forward + backward, r from 8 to 1024, the sweep repeated (interleaved) rather than
+  each row count timed in a run. A straight line per slot,
   ``t(r) = a + b r``, gives the forward rate ``peak_flops = 2 x 3 D I / b_fwd`` (``mfu`` 1),
   ``backward_factor = b_fb / b_fwd - 1`` and ``expert_half_rows = a_fb / b_fb``: the rows whose
   time one slot's fixed cost equals (weights read and weight gradients written whatever r is),
@@ -38,21 +40,19 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
-import time
+import statistics
 from functools import partial
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from ..plan import Placement
-from ..runtime.comm import all_reduce_
-from ..runtime.dispatch import expert_mlp
 from ..runtime.migration import migrate_experts
 from ..sim.cost import CostConfig
 from ..sim.profile import PROFILE_FORMAT, PROFILE_VERSION
 from .options import MeasureOptions
+from .probes import GemmProbe, timed, timed_samples
 from .routes import step_routes
 from .step import build_stack
 
@@ -65,56 +65,25 @@ _TINY_TOKENS = 16
 LINK_PARAMETERS = ("intra_node_bandwidth", "inter_node_bandwidth", "message_latency_s", "migration_s_per_byte")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Fastest of ``repeats`` runs of ``fn``, each timed on the slowest rank (one untimed run first).
-
-    A probe measures what the machine can do: other processes only ever add time, so the
-    fastest repeat is the least disturbed one.
-    """
-    fn()
-    times = []
-    for _ in range(repeats):
-        dist.barrier()
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-        all_reduce_(dt, None, op=dist.ReduceOp.MAX)  # through the GPU for NCCL
-        times.append(float(dt))
-    return min(times)
-
-
-def _forward(x, gate_up, down, counts) -> None:
-    with torch.no_grad():
-        expert_mlp(x, gate_up, down, counts)
-
-
-def _forward_backward(x, gate_up, down, counts, dy) -> None:
-    expert_mlp(x, gate_up, down, counts).backward(dy)  # gradients accumulate, as over micro-batches
-
-
 def _gemm(o: MeasureOptions, device: torch.device, repeats: int, dtype: torch.dtype = torch.float32,
           sweep: tuple[int, ...] = GEMM_ROWS) -> dict:
+    """Seconds per slot of the GEMM probe over ``sweep``, forward and forward + backward: medians
+    of ``repeats`` rounds, each round timing every row count once (so that a slow minute of the
+    machine slows every row count alike instead of bending the line)."""
     slots = min(o.home_slots, 4)
-    kw = dict(device=device, dtype=dtype)
-    gu = torch.randn(slots, 2 * o.hidden, o.dim, **kw).requires_grad_()
-    dn = torch.randn(slots, o.dim, o.hidden, **kw).requires_grad_()
-    rows, fwd, fb = [], [], []
-    for r in sweep:
-        x = torch.randn(slots * r, o.dim, **kw).requires_grad_()
-        dy = torch.randn(slots * r, o.dim, **kw)
-        counts = (r,) * slots
-        rows.append(r)
-        fwd.append(_timed(partial(_forward, x, gu, dn, counts), repeats, device) / slots)
-        fb.append(_timed(partial(_forward_backward, x, gu, dn, counts, dy), repeats, device) / slots)
-    return {"slots": slots, "dtype": str(dtype).removeprefix("torch."), "rows": rows, "fwd_s_per_slot": fwd,
-            "fwd_bwd_s_per_slot": fb}
+    probe = GemmProbe(o.dim, o.hidden, slots, device, dtype)
+    fwd: list[list[float]] = [[] for _ in sweep]
+    fb: list[list[float]] = [[] for _ in sweep]
+    for r in sweep:  # untimed: first-touch allocation, gradient buffers
+        probe.forward(r)
+        probe.forward_backward(r)
+    for _ in range(repeats):
+        for i, r in enumerate(sweep):
+            fwd[i] += timed_samples(partial(probe.forward, r), 1, device, warm=False)
+            fb[i] += timed_samples(partial(probe.forward_backward, r), 1, device, warm=False)
+    med = statistics.median
+    return {"slots": slots, "dtype": str(dtype).removeprefix("torch."), "rows": list(sweep),
+            "fwd_s_per_slot": [med(t) / slots for t in fwd], "fwd_bwd_s_per_slot": [med(t) / slots for t in fb]}
 
 
 def _ring(send: torch.Tensor, recv: torch.Tensor) -> None:
@@ -132,8 +101,8 @@ def _a2a(device: torch.device, repeats: int) -> dict:
         n = nbytes // 4
         send = torch.randn(n * G, device=device)
         out["bytes_per_peer"].append(nbytes)
-        out["a2a_s"].append(_timed(partial(dist.all_to_all_single, torch.empty_like(send), send), repeats, device))
-        out["p2p_s"].append(_timed(partial(_ring, send[:n], torch.empty_like(send[:n])), repeats, device))
+        out["a2a_s"].append(timed(partial(dist.all_to_all_single, torch.empty_like(send), send), repeats, device))
+        out["p2p_s"].append(timed(partial(_ring, send[:n], torch.empty_like(send[:n])), repeats, device))
     return out
 
 
@@ -168,10 +137,10 @@ def _step_probes(rank: int, mesh, device: torch.device, o: MeasureOptions, repea
                 h = layer(h)
             h.square().mean().backward()
 
-    plan_step = _timed(lambda: bal.plan_step(routes), repeats, device)
-    call = _timed(micro_batch, repeats, device)
+    plan_step = timed(lambda: bal.plan_step(routes), repeats, device)
+    call = timed(micro_batch, repeats, device)
     params = sum(getattr(p, "_local_tensor", p).numel() for p in layers.parameters())
-    adamw = _timed(opt.step, repeats, device)  # state exists after the untimed first call
+    adamw = timed(opt.step, repeats, device)  # state exists after the untimed first call
     tensors = [[layer.experts.gate_up_proj, layer.experts.down_proj] for layer in layers]
     H = o.home_slots
     moves = {"experts_per_layer": [], "bytes_sent": [], "seconds": []}
@@ -180,7 +149,7 @@ def _step_probes(rank: int, mesh, device: torch.device, o: MeasureOptions, repea
         swap = partial(_there_and_back, tensors, opt, bal.placement, _swap_placement(bal.placement, G, H, k),
                        bal.topology, bal.group, sent)
         moves["experts_per_layer"].append(k)
-        moves["seconds"].append(_timed(swap, repeats, device) / 2)
+        moves["seconds"].append(timed(swap, repeats, device) / 2)
         moves["bytes_sent"].append(max(sent))
     return {"tokens": _TINY_TOKENS, "plan_step_s": plan_step, "micro_batch_s": call,
             "optimizer_params": params, "optimizer_s": adamw, "migration": moves}

@@ -18,11 +18,11 @@ import statistics
 import torch
 
 from ..plan import Placement, Plan
-from ..sim.cost import CostConfig, step_cost
+from ..sim.cost import CostConfig, slot_seconds, step_cost
 from ..sim.profile import Profile, profile_config
 from .options import MeasureOptions
 
-__all__ = ["measured_config", "policy_report", "add_ratios", "format_table"]
+__all__ = ["measured_config", "policy_report", "add_ratios", "gemm_drift", "format_table"]
 
 _PARTS = ("expert_compute_s", "a2a_s", "replica_s", "reorder_s", "optimizer_s", "overhead_s", "non_moe_s")
 
@@ -78,6 +78,19 @@ def policy_report(records: list[dict], o: MeasureOptions, cfg: CostConfig) -> di
     }
 
 
+def gemm_drift(probe: dict, o: MeasureOptions, cfg: CostConfig) -> dict:
+    """The GEMM probe run before and after the steps against the profile's price of it.
+
+    ``before`` / ``after``: the median sample over the profile's time for the same GEMM (1.10 =
+    the machine ran that GEMM 10 % slower than when it was calibrated). Expert GEMMs are most of
+    a step here, so a drift shows up in every policy's model error alike.
+    """
+    modelled = float(slot_seconds(probe["rows"], cfg)) * probe["slots"]
+    med = statistics.median
+    return {**probe, "modelled_s": modelled, "before": med(probe["before_s"]) / modelled,
+            "after": med(probe["after_s"]) / modelled}
+
+
 def add_ratios(policies: dict[str, dict]) -> None:
     """Speed-ups over ``static`` (measured and modelled) and the model's error, in place."""
     base = policies.get("static")
@@ -99,6 +112,11 @@ def format_table(result: dict) -> str:
              f"{o['steps']} timed steps after {o['warmup_steps']} warm-up",
              f"model: {result['profile']}; load average {t['load_average_before']:.2f} before, "
              f"{t['load_average_after']:.2f} after"]
+    g = result.get("gemm_probe")
+    if g:
+        lines.append(f"GEMM probe ({g['slots']} slots x {g['rows']} rows, forward + backward) against the "
+                     f"profile's price of it: {g['before']:.2f}x before the steps, {g['after']:.2f}x after "
+                     "(1.00 = as calibrated)")
     head = ("policy", "median s", "min s", "x static", "cpu s", "modelled s", "x static", "model err",
             "planned imb", "realised imb", "plan s", "steps")
     rows = [head]

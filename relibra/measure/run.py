@@ -1,7 +1,8 @@
 """``relibra measure`` and ``relibra calibrate`` end to end: check, launch the world, report.
 
 ``run_measure(options, profile)`` returns the result object that ``relibra measure --json``
-prints (``{"topology", "options", "profile", "policies": {NAME: {...}}, "warnings"}``); without a
+prints (``{"topology", "options", "profile", "cost", "gemm_probe", "policies": {NAME: {...}},
+"warnings"}``); without a
 profile it first runs :func:`relibra.measure.calibrate.calibrate_rank` in the same world and prices
 with that. ``run_calibrate(options)`` returns a profile dict (:mod:`relibra.sim.profile`).
 Under torchrun both return None on every rank but rank 0.
@@ -17,7 +18,7 @@ import torch.distributed as dist
 from ..sim.profile import Profile, profile_from_dict
 from .calibrate import calibrate_rank, fit_profile
 from .options import MeasureOptions
-from .report import add_ratios, measured_config, policy_report
+from .report import add_ratios, gemm_drift, measured_config, policy_report
 from .step import measure_rank
 from .world import busy_machine_warning, launch, shared_core_warning, under_torchrun
 
@@ -45,8 +46,8 @@ def measure_fault(o: MeasureOptions, profile: Profile | None) -> str:
 
 def _measure_world(rank: int, mesh, device: torch.device, o: MeasureOptions, calibrate_first: bool):
     raw = calibrate_rank(rank, mesh, device, o, repeats=1) if calibrate_first else None
-    records = measure_rank(rank, mesh, device, o)
-    return (raw, records, str(dist.get_backend()), device.type) if rank == 0 else None
+    measured = measure_rank(rank, mesh, device, o)
+    return (raw, measured, str(dist.get_backend()), device.type) if rank == 0 else None
 
 
 def _calibrate_world(rank: int, mesh, device: torch.device, o: MeasureOptions, repeats: int):
@@ -64,19 +65,20 @@ def run_measure(o: MeasureOptions, profile: Profile | None = None) -> dict | Non
     out = launch(_measure_world, o.nodes, o.gpus_per_node, (o, profile is None))
     if out is None:
         return None
-    raw, records, backend, device = out
+    raw, measured, backend, device = out
     after = os.getloadavg()[0]
     if profile is None:
         profile = profile_from_dict(fit_profile(raw, o, backend, device), "measured in this run (relibra calibrate "
                                                                           "probes, 1 repeat)")
     cfg = measured_config(o, profile)
-    policies = {name: policy_report(records[name], o, cfg) for name in o.policies}
+    policies = {name: policy_report(measured["policies"][name], o, cfg) for name in o.policies}
     add_ratios(policies)
     topology = {"nodes": o.nodes, "gpus_per_node": o.gpus_per_node, "ranks": o.world_size, "experts": o.experts,
                 "home_slots": o.home_slots, "spare_slots": o.spare_slots, "backend": backend, "device": device,
                 "cores": len(os.sched_getaffinity(0)), "load_average_before": before, "load_average_after": after}
     return {"topology": topology, "options": o.to_dict(), "profile": profile.source,
-            "cost": profile.cost, "policies": policies, "warnings": warnings}
+            "cost": profile.cost, "gemm_probe": gemm_drift(measured["gemm_probe"], o, cfg), "policies": policies,
+            "warnings": warnings}
 
 
 def run_calibrate(o: MeasureOptions, repeats: int = 5) -> dict | None:

@@ -7,8 +7,8 @@ Every policy gets its own stack of L ``ReLibraMoE`` layers (same seed, so the sa
 weights), its own AdamW and its own :class:`relibra.Balancer`. A step is what a training step
 is: ``plan_step`` (gather loads, plan, migrate), then forward + backward of every micro-batch
 with its replayed routes installed, then ``AdamW.step`` and ``zero_grad``. The policies run the
-same routes and inputs, interleaved step by step (step s of every policy before step s + 1), so
-machine noise hits them alike. The first ``warmup_steps`` steps are not timed (first-touch
+same routes and inputs, interleaved step by step (step s of every policy before step s + 1, the
+order rotating by one policy every round), so machine noise hits them alike. The first ``warmup_steps`` steps are not timed (first-touch
 allocation of AdamW state, the first move away from the contiguous placement). The time of a
 step is the slowest rank's (each rank times itself between barriers; the maximum is taken).
 
@@ -33,15 +33,18 @@ import torch.nn as nn
 from ..runtime import Balancer, ReLibraMoE
 from ..runtime.comm import all_gather_flat, all_reduce_
 from .options import MeasureOptions
+from .probes import REFERENCE_ROWS, GemmProbe, timed_samples
 from .routes import step_routes
 
-__all__ = ["measure_rank", "build_stack", "STOLEN_LIMIT", "MAX_ROUNDS"]
+__all__ = ["measure_rank", "build_stack", "STOLEN_LIMIT", "MAX_ROUNDS", "GEMM_PROBE_REPEATS"]
 
 #: a step in which a rank waited longer than this share of the step for its core is disturbed
 STOLEN_LIMIT = 0.02
 #: at most this many times ``steps`` timed rounds, however many were disturbed
 MAX_ROUNDS = 3
 _SCHEDSTAT = "/proc/self/schedstat"
+#: samples of the GEMM probe before and after the steps
+GEMM_PROBE_REPEATS = 5
 
 
 def build_stack(o: MeasureOptions, mesh, device: torch.device, policy: str, dtype: torch.dtype | None = None):
@@ -109,8 +112,17 @@ def _source_loads(routes: list[torch.Tensor], o: MeasureOptions) -> torch.Tensor
     return all_gather_flat(local, None).permute(1, 2, 0, 3).contiguous()  # through the GPU for NCCL
 
 
+def _gemm_probe(o: MeasureOptions, device: torch.device) -> list[float]:
+    """Seconds of the GEMM probe (forward + backward over ``min(H, 4)`` slots of
+    :data:`~relibra.measure.probes.REFERENCE_ROWS` rows), :data:`GEMM_PROBE_REPEATS` samples."""
+    probe = GemmProbe(o.dim, o.hidden, min(o.home_slots, 4), device)
+    return timed_samples(lambda: probe.forward_backward(REFERENCE_ROWS), GEMM_PROBE_REPEATS, device)
+
+
 def measure_rank(rank: int, mesh, device: torch.device, o: MeasureOptions) -> dict | None:
-    """Run the measurement on this rank; rank 0 returns, per policy, one record per timed step.
+    """Run the measurement on this rank; rank 0 returns ``{"policies": {NAME: [record, ...]},
+    "gemm_probe": {"rows", "slots", "before_s", "after_s"}}``: one record per timed step, and the
+    GEMM probe's samples before and after the steps (how fast the machine was, against the profile).
 
     A record: ``seconds`` ``[total, plan_step, micro_batches, optimizer, cpu, stolen]`` (the slowest
     rank's each), ``disturbed`` (see the module doc), ``planning_s`` (rank 0's ``policy.plan``),
@@ -124,6 +136,7 @@ def measure_rank(rank: int, mesh, device: torch.device, o: MeasureOptions) -> di
     records: dict[str, list[dict]] = {name: [] for name in o.policies}
     gen = torch.Generator().manual_seed(o.seed * 7919 + rank)
     clean = dict.fromkeys(o.policies, 0)  # the same on every rank: it comes from all-reduced times
+    before = _gemm_probe(o, device)
     for step in range(o.warmup_steps + MAX_ROUNDS * o.steps):
         if step >= o.warmup_steps and min(clean.values()) >= o.steps:
             break
@@ -132,7 +145,8 @@ def measure_rank(rank: int, mesh, device: torch.device, o: MeasureOptions) -> di
         xs = [torch.randn(o.tokens, o.dim, generator=gen).to(device) for _ in range(o.micro_batches)]
         timed = step >= o.warmup_steps
         source = _source_loads(routes, o) if timed else None
-        for name in o.policies:
+        k = step % len(o.policies)  # each round starts with the next policy: no policy always runs first
+        for name in o.policies[k:] + o.policies[:k]:
             layers, opt, bal = stacks[name]
             previous = bal.placement.home_experts.clone()
             dist.barrier()
@@ -152,4 +166,6 @@ def measure_rank(rank: int, mesh, device: torch.device, o: MeasureOptions) -> di
                 home_experts=plan.placement.home_experts.tolist(), previous=previous.tolist(),
                 spare_experts=plan.spare_experts.tolist(), slot_tokens=plan.slot_tokens.tolist(),
                 source_loads=source.tolist()))
-    return records if rank == 0 else None
+    after = _gemm_probe(o, device)
+    gemm = {"rows": REFERENCE_ROWS, "slots": min(o.home_slots, 4), "before_s": before, "after_s": after}
+    return {"policies": records, "gemm_probe": gemm} if rank == 0 else None

@@ -67,7 +67,7 @@ from ..topology import Topology
 from .cost_config import CLUSTER_PRESETS, MODEL_PRESETS, CostConfig, make_config
 
 __all__ = ["CostConfig", "MODEL_PRESETS", "CLUSTER_PRESETS", "StepCost", "step_cost", "ideal_step_cost",
-           "make_config", "expert_seconds", "fixed_seconds", "cross_node_price"]
+           "make_config", "expert_seconds", "slot_seconds", "fixed_seconds", "cross_node_price"]
 
 @dataclass(frozen=True)
 class StepCost:
@@ -247,16 +247,20 @@ def fixed_seconds(loads_MLE: torch.Tensor, G: int, cfg: CostConfig) -> tuple[flo
     return params * cfg.optimizer_s_per_param, M * L * cfg.layer_call_s + cfg.step_overhead_s
 
 
-def expert_seconds(slot_tokens_MLP: torch.Tensor, topology: Topology, cfg: CostConfig) -> torch.Tensor:
-    """``[M, L]`` seconds of the busiest GPU's expert GEMMs, forward and backward.
+def slot_seconds(rows: torch.Tensor, cfg: CostConfig) -> torch.Tensor:
+    """Seconds of one expert slot's GEMMs, forward and backward, for ``rows`` (any shape) rows each.
 
     A slot with ``r > 0`` rows costs ``r + expert_half_rows`` rows (module doc, part 1).
     """
-    r = slot_tokens_MLP.to(torch.float64)
-    busy = r + cfg.expert_half_rows * (r > 0)
-    M, L, _ = r.shape
-    per_gpu = busy.reshape(M, L, topology.num_gpus, topology.slots_per_gpu).sum(-1)
-    return per_gpu.amax(-1) * 2.0 * cfg.expert_params * _fb(cfg) / cfg.flops
+    r = torch.as_tensor(rows, dtype=torch.float64)
+    return (r + cfg.expert_half_rows * (r > 0)) * 2.0 * cfg.expert_params * _fb(cfg) / cfg.flops
+
+
+def expert_seconds(slot_tokens_MLP: torch.Tensor, topology: Topology, cfg: CostConfig) -> torch.Tensor:
+    """``[M, L]`` seconds of the busiest GPU's expert GEMMs, forward and backward."""
+    M, L, _ = slot_tokens_MLP.shape
+    per_slot = slot_seconds(slot_tokens_MLP, cfg)
+    return per_slot.reshape(M, L, topology.num_gpus, topology.slots_per_gpu).sum(-1).amax(-1)
 
 
 def step_cost(plan: Plan, loads_MLE: Any, cfg: CostConfig, previous: Placement | None = None,

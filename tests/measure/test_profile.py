@@ -157,3 +157,19 @@ def test_gemm_times_that_do_not_grow_still_give_a_positive_rate():
     falling = [3e-4, 2e-4, 1e-4]
     p = profile_from_dict(fit_profile(_raw_one_rank(falling, falling), o, "gloo", "cpu"))
     assert p.cost["peak_flops"] == pytest.approx(2 * 3 * 64 * 32 * 1024 / 1e-4)
+
+
+def test_gemm_drift_is_the_probe_over_the_profiles_price():
+    from relibra.measure.options import MeasureOptions
+    from relibra.measure.report import gemm_drift, measured_config
+    from relibra.sim.profile import profile_from_dict
+
+    o = MeasureOptions()  # the sizes of good()
+    cfg = measured_config(o, profile_from_dict(good(), "test"))
+    assert cfg.peak_flops == 6e10 and cfg.expert_half_rows == 30.0
+    # price of 2 slots x 512 rows: (512 + n_half) rows each, 2 x 3 D I flops per row, (1 + backward) passes
+    price = 2 * (512 + 30.0) * 2 * 3 * 256 * 1024 * (1 + cfg.backward_factor) / 6e10
+    drift = gemm_drift({"rows": 512, "slots": 2, "before_s": [price, 2 * price, 9 * price],
+                        "after_s": [0.5 * price]}, o, cfg)
+    assert drift["modelled_s"] == pytest.approx(price)
+    assert drift["before"] == pytest.approx(2.0) and drift["after"] == pytest.approx(0.5)

@@ -42,6 +42,10 @@ def test_calibrate_then_measure_with_the_profile(tmp_path, capsys):
     assert pol["replicate"]["planned_imbalance"] < 1.1
     for row in pol.values():
         assert row["realised_imbalance"] == pytest.approx(row["planned_imbalance"])
+    # the GEMM probe ran before and after the steps and is set against the profile's price of it
+    g = out["gemm_probe"]
+    assert len(g["before_s"]) == len(g["after_s"]) == 5 and g["modelled_s"] > 0
+    assert g["before"] == pytest.approx(sorted(g["before_s"])[2] / g["modelled_s"])
 
     # a profile of another world is refused before anything runs
     assert main(["measure", *TINY, *STEPS, "--nodes", "2", "--gpus-per-node", "2", "--skew", "0", "--profile",
@@ -55,3 +59,4 @@ def test_measure_without_profile_probes_first(capsys):
                  "1", "--skew", "0"]) == 0
     text = capsys.readouterr().out
     assert "measured in this run" in text and "reorder" in text and "x static" in text
+    assert "GEMM probe (2 slots x 512 rows, forward + backward) against the profile's price of it" in text
