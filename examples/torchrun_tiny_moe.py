@@ -147,6 +147,7 @@ def main() -> None:
             "weight_max_abs_diff": float(weight_diff),
             "seconds": round(time.perf_counter() - t0, 1),
         }), flush=True)
+    dist.barrier()  # every rank done with gloo before any tears it down (a rank exiting early can abort its peer)
     dist.destroy_process_group()
 
 

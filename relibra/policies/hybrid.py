@@ -33,12 +33,16 @@ class HybridPolicy:
     Args:
         migration_weight, max_swaps, work_budget, time_budget_s: as for ``reorder`` (the
             budgets bound its searches; a plan one cut short says so in ``plan.info["budget_cut"]``).
-        cross_node, cross_node_price, replica_stickiness: as for ``replicate``.
+        cross_node, cross_node_price: as for ``replicate``.
+        replica_stickiness: as for ``replicate``, but 0 by default: a node keeps the micro-batch
+            before's replicas wherever that slows no layer (a replica kept in its slot costs no copy
+            and no gradient return), which cuts the replica traffic by a third on RL traces
+            (docs/rl-step.md, "Sticky replicas"); None plans every micro-batch's replicas afresh.
     """
 
     def __init__(self, migration_weight: float = 0.02, max_swaps: int = 200, cross_node: bool = True,
                  cross_node_price: float | None = None, work_budget: float = WORK_BUDGET,
-                 time_budget_s: float | None = None, replica_stickiness: float | None = None) -> None:
+                 time_budget_s: float | None = None, replica_stickiness: float | None = 0.0) -> None:
         check_cross_node_options("hybrid", cross_node, cross_node_price)
         check_budget_options("hybrid", work_budget, time_budget_s)
         self.reorder = ReorderPolicy(migration_weight=migration_weight, max_swaps=max_swaps, work_budget=work_budget,

@@ -96,8 +96,13 @@ def _bring_back(w: np.ndarray, prev: np.ndarray, fresh: np.ndarray, limit: np.nd
     not ``alone`` keep ``fresh``.
     """
     Sn, B = fresh.shape
-    rep, level = fresh.copy(), best_level(w, fresh, Gn, S)
-    whole = alone & (best_level(w, prev, Gn, S) <= limit)
+    rep, level = fresh.copy(), np.zeros(B, np.int64)  # the level of a problem not alone is never read
+    own = np.flatnonzero(alone)  # elsewhere a slot may hold another node's expert: no level of this node's
+    if not own.size:
+        return rep, level
+    level[own] = best_level(w[:, own], fresh[:, own], Gn, S)
+    whole = np.zeros(B, bool)
+    whole[own] = best_level(w[:, own], prev[:, own], Gn, S) <= limit[own]
     rep[:, whole] = prev[:, whole]
     level[whole] = best_level(w[:, whole], prev[:, whole], Gn, S) if whole.any() else level[whole]
     cols = np.arange(B)

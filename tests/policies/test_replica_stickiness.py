@@ -61,6 +61,25 @@ def test_keeps_a_replica_the_fresh_plan_moves():
     assert (sticky.gpu_loads().amax(-1) <= fresh.gpu_loads().amax(-1)).all()
 
 
+def test_nodes_tied_by_cross_node_replicas_keep_the_fresh_plan():
+    """A spare slot holding another node's expert names that expert by its slot in *its* node, which
+    means nothing in this node's problem: such nodes are neither scored nor changed (this case
+    once crashed ``best_level`` on those meaningless slots)."""
+    from relibra.topology import Topology
+
+    topology = Topology(2, 2, 4, 2)
+    loads = torch.tensor([[[8, 15, 0, 0]], [[8, 15, 0, 0]]])
+    fresh = HybridPolicy(cross_node_price=0.0, replica_stickiness=None).plan(loads, topology)
+    spare = fresh.spare_experts[0, 0]  # [V]: node n's spare slots are n*Gn*S .. (n+1)*Gn*S - 1
+    home_node = fresh.placement.home_gpu(topology)[0] // 2
+    held = spare >= 0
+    assert (home_node[spare[held]] != torch.arange(8)[held] // 4).any()  # a replica in the other node's slots
+    sticky = HybridPolicy(cross_node_price=0.0).plan(loads, topology)  # sticky by default
+    sticky.validate(topology, loads)
+    assert torch.equal(sticky.spare_experts, fresh.spare_experts) and torch.equal(sticky.slot_tokens,
+                                                                                   fresh.slot_tokens)
+
+
 @pytest.mark.parametrize("factory,replicas", [
     (lambda: HybridPolicy(replica_stickiness=0.0), "any"),  # cross-node replicas where they pay
     (lambda: ReplicatePolicy(replica_stickiness=0.0), "any"),
