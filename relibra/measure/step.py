@@ -8,9 +8,10 @@ weights), its own AdamW and its own :class:`relibra.Balancer`. A step is what a 
 is: ``plan_step`` (gather loads, plan, migrate), then forward + backward of every micro-batch
 with its replayed routes installed, then ``AdamW.step`` and ``zero_grad``. The policies run the
 same routes and inputs, interleaved step by step (step s of every policy before step s + 1, the
-order rotating by one policy every round), so machine noise hits them alike. The first ``warmup_steps`` steps are not timed (first-touch
-allocation of AdamW state, the first move away from the contiguous placement). The time of a
-step is the slowest rank's (each rank times itself between barriers; the maximum is taken).
+order rotating by one policy every round), so machine noise hits them alike. The first
+``warmup_steps`` steps are not timed (first-touch allocation of AdamW state, the first move away
+from the contiguous placement). The time of a step is the slowest rank's (each rank times itself
+between barriers; the maximum is taken).
 
 A rank owns its core only while no other process wants it. Each rank reads how long its main
 thread sat runnable but not running during the step (its run-queue delay, ``/proc/self/schedstat``):

@@ -21,7 +21,7 @@ from ..topology import Topology
 from .base import check_loads
 from .budget import check_budget_options
 from .reorder import WORK_BUDGET, ReorderPolicy
-from .replica_stickiness import stick_replicas
+from .replica_stickiness import sticky_plan
 from .replicate import check_cross_node_options, check_stickiness, replicate_on, resolve_price
 
 __all__ = ["HybridPolicy"]
@@ -34,15 +34,17 @@ class HybridPolicy:
         migration_weight, max_swaps, work_budget, time_budget_s: as for ``reorder`` (the
             budgets bound its searches; a plan one cut short says so in ``plan.info["budget_cut"]``).
         cross_node, cross_node_price: as for ``replicate``.
-        replica_stickiness: as for ``replicate``, but 0 by default: a node keeps the micro-batch
-            before's replicas wherever that slows no layer (a replica kept in its slot costs no copy
-            and no gradient return), which cuts the replica traffic by a third on RL traces
-            (docs/rl-step.md, "Sticky replicas"); None plans every micro-batch's replicas afresh.
+        replica_stickiness: as for ``replicate``, but ``"auto"`` by default: with one spare slot per
+            GPU a node keeps the micro-batch before's replicas wherever that slows no layer (a replica
+            kept in its slot costs no copy and no gradient return), which cuts the replica traffic
+            by a third on RL traces (docs/rl-step.md, "Sticky replicas"); with more spare slots the
+            exact split of kept replicas costs about a second of planning a step for almost no gain,
+            so replicas are planned afresh there (as with None).
     """
 
     def __init__(self, migration_weight: float = 0.02, max_swaps: int = 200, cross_node: bool = True,
                  cross_node_price: float | None = None, work_budget: float = WORK_BUDGET,
-                 time_budget_s: float | None = None, replica_stickiness: float | None = 0.0) -> None:
+                 time_budget_s: float | None = None, replica_stickiness: float | str | None = "auto") -> None:
         check_cross_node_options("hybrid", cross_node, cross_node_price)
         check_budget_options("hybrid", work_budget, time_budget_s)
         self.reorder = ReorderPolicy(migration_weight=migration_weight, max_swaps=max_swaps, work_budget=work_budget,
@@ -75,9 +77,7 @@ class HybridPolicy:
         """Replicas and split of ``loads`` on a placement chosen elsewhere (see the contract)."""
         price = resolve_price(self.cross_node, self.cross_node_price, topology)
         plan = replicate_on(loads, placement, topology, policy="hybrid", cross_node_price=price)
-        if self.replica_stickiness is None:
-            return plan
-        return stick_replicas(plan, check_loads(loads, topology), self.replica_stickiness)
+        return sticky_plan(plan, loads, self.replica_stickiness)
 
     def state_dict(self) -> dict:
         """``{"reorder": ...}``: the reorder stage's state (:meth:`ReorderPolicy.state_dict`);

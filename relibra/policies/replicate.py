@@ -31,7 +31,7 @@ from .replica_cross import DEEPSEEK_V3_H100, cross_node_price, plan_with_cross_n
 from .replica_greedy import GREEDY_VARIANTS
 from .replica_problems import assemble, node_problems
 from .replica_solve import solve_node_problems
-from .replica_stickiness import stick_replicas
+from .replica_stickiness import sticky_plan
 
 __all__ = ["ReplicatePolicy", "replicate_on", "resolve_price", "check_cross_node_options", "check_stickiness"]
 
@@ -95,12 +95,14 @@ def check_cross_node_options(policy: str, cross_node: bool, price: float | None)
                          f"got {price!r}")
 
 
-def check_stickiness(value: float | None) -> float | None:
-    """The ``replica_stickiness`` option: None, or a number >= 0 (ValueError naming it otherwise)."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0
-                              or value == float("inf")):
-        raise ValueError(f"replica_stickiness must be None or a finite number >= 0, got {value!r}")
-    return None if value is None else float(value)
+def check_stickiness(value: float | str | None) -> float | str | None:
+    """The ``replica_stickiness`` option: None, ``"auto"`` or a number >= 0 (ValueError naming it
+    otherwise); see :func:`~relibra.policies.replica_stickiness.sticky_plan`."""
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
+        raise ValueError(f"replica_stickiness must be None, 'auto' or a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 class ReplicatePolicy:
@@ -117,11 +119,12 @@ class ReplicatePolicy:
         replica_stickiness: None (default): every micro-batch's replicas afresh. A number
             ``t >= 0``: a node keeps the micro-batch before's replicas when their best split
             leaves it at most ``t`` x the layer's mean GPU load above the layer's busiest GPU
-            (:mod:`relibra.policies.replica_stickiness`; 0 never slows a layer down).
+            (:mod:`relibra.policies.replica_stickiness`; 0 never slows a layer down). ``"auto"``:
+            0 with one spare slot per GPU, None with more (what ``hybrid`` does by default).
     """
 
     def __init__(self, placement: Placement | None = None, cross_node: bool = True,
-                 cross_node_price: float | None = None, replica_stickiness: float | None = None) -> None:
+                 cross_node_price: float | None = None, replica_stickiness: float | str | None = None) -> None:
         if placement is not None and not isinstance(placement, Placement):
             raise ValueError(f"replicate option placement must be a relibra.Placement or None, "
                              f"got {type(placement).__name__}")
@@ -139,6 +142,4 @@ class ReplicatePolicy:
         """Replicas and split of ``loads`` on a placement chosen elsewhere (see the contract)."""
         price = resolve_price(self.cross_node, self.cross_node_price, topology)
         plan = replicate_on(loads, placement, topology, policy="replicate", cross_node_price=price)
-        if self.replica_stickiness is None:
-            return plan
-        return stick_replicas(plan, check_loads(loads, topology), self.replica_stickiness)
+        return sticky_plan(plan, loads, self.replica_stickiness)

@@ -74,7 +74,7 @@ def test_nodes_tied_by_cross_node_replicas_keep_the_fresh_plan():
     home_node = fresh.placement.home_gpu(topology)[0] // 2
     held = spare >= 0
     assert (home_node[spare[held]] != torch.arange(8)[held] // 4).any()  # a replica in the other node's slots
-    sticky = HybridPolicy(cross_node_price=0.0).plan(loads, topology)  # sticky by default
+    sticky = HybridPolicy(cross_node_price=0.0, replica_stickiness=0.0).plan(loads, topology)
     sticky.validate(topology, loads)
     assert torch.equal(sticky.spare_experts, fresh.spare_experts) and torch.equal(sticky.slot_tokens,
                                                                                    fresh.slot_tokens)
@@ -92,5 +92,20 @@ def test_policies_with_sticky_replicas_pass_check_policy(factory, replicas):
 @pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), True, "0.1"])
 def test_bad_stickiness_is_named(bad):
     for policy in (HybridPolicy, ReplicatePolicy):
-        with pytest.raises(ValueError, match=r"replica_stickiness must be None or a finite number >= 0"):
+        with pytest.raises(ValueError, match=r"replica_stickiness must be None, 'auto' or a finite number >= 0"):
             policy(replica_stickiness=bad)
+
+
+def test_auto_is_sticky_with_one_spare_slot_per_gpu_only():
+    """hybrid's default: tolerance 0 with one spare slot per GPU (a forest split), afresh with more."""
+    from relibra.topology import Topology
+
+    assert HybridPolicy().replica_stickiness == "auto" and ReplicatePolicy().replica_stickiness is None
+    loads = torch.tensor([[[90, 10, 10, 10, 10, 10, 10, 10]], [[88, 10, 12, 10, 10, 10, 10, 10]]])
+    for spare, like in ((1, 0.0), (2, None)):
+        topology = Topology(1, 4, 8, spare)
+        auto = HybridPolicy().plan(loads, topology)
+        same = HybridPolicy(replica_stickiness=like).plan(loads, topology)
+        assert torch.equal(auto.spare_experts, same.spare_experts) and torch.equal(auto.slot_tokens, same.slot_tokens)
+    one = Topology(1, 4, 8, 1)
+    assert kept_slots(HybridPolicy().plan(loads, one)) >= 1  # the case above: sticky keeps a replica
