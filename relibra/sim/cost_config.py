@@ -18,7 +18,7 @@ here; ``relibra calibrate`` measures them where it runs):
 - ``migration_s_per_byte`` = 0: not charged by default. Unmeasured on a GPU; the migration's
   checksums widen every byte to int64 (~45 B of HBM traffic per byte moved, sender and
   receiver), which suggests ~1.5e-11 s/B: on the default ``relibra bench`` trace that setting
-  raises hybrid's gap to ideal from +4.7 % to +10.6 % (``--set migration_s_per_byte=1.5e-11``).
+  raises hybrid's gap to ideal from +4.4 % to +10.3 % (``--set migration_s_per_byte=1.5e-11``).
 """
 
 from __future__ import annotations
