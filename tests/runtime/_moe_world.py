@@ -29,6 +29,13 @@ class Net(nn.Module):
         return self.moe2(self.mid(h)) + h
 
 
+def uniform_routes(tokens: int, M: int = 2) -> list[torch.Tensor]:
+    """``M`` micro-batches of routes ``[tokens, 2, K]`` that give every expert the same tokens on
+    every rank (token t picks K consecutive experts): no placement beats another."""
+    ids_TK = (torch.arange(tokens)[:, None] * K + torch.arange(K)) % E
+    return [ids_TK[:, None, :].expand(tokens, 2, K).contiguous() for _ in range(M)]
+
+
 def step_data(step: int, M: int = 2, hold: int = 1):
     """Per micro-batch, per rank: (x [T, D], routes [T, 2, K]). Hot experts move every ``hold``
     micro-batches, one expert gets no token, rank 2 has no token in micro-batch 1."""

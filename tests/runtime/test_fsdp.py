@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from _moe_world import Net, step_data
+from _moe_world import Net, step_data, uniform_routes
 
 from relibra.plan import Placement, Plan
 from relibra.runtime.balancer import Balancer
@@ -131,9 +131,27 @@ def _worker(rank, _mesh, runs, references):
                                      kept=kept,
                              keys=sorted(weights) == sorted(ref_weights),
                              placement=bal.placement.home_experts.tolist())
+    results["guarded"] = _guarded(dp_mesh, edp_mesh, ep_mesh, references["sum"][0])
     results["errors"] = _misuse_errors(dp_mesh, edp_mesh, ep_mesh)
     results["skipped_forward"] = _skipped_forward(rank, dp_mesh, edp_mesh, ep_mesh, references["sum"][0])
     return results
+
+
+def _guarded(dp_mesh, edp_mesh, ep_mesh, init) -> dict:
+    """The placement guard under expert-data parallelism: ``_Rotate`` proposes moving every expert,
+    the routes make every placement equal, so with the default ``placement_min_gain`` nothing moves
+    on any rank of either replica (with ``placement_min_gain=0`` all 16 expert rows move)."""
+    from relibra.runtime.fsdp import apply_fsdp
+
+    model = Net(ep_mesh)
+    model.load_state_dict(init)
+    apply_fsdp(model, dp_mesh, edp_mesh, reduce="sum")
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-2)
+    bal = Balancer(model, mesh=ep_mesh, policy=_Rotate(), optimizer=opt, spare_slots_per_gpu=1)
+    before = bal.placement.home_experts.clone()
+    plan = bal.plan_step(uniform_routes(16, M))
+    return dict(moved=bal.metrics()["experts_moved"], same=torch.equal(bal.placement.home_experts, before),
+                plan_same=torch.equal(plan.placement.home_experts, before))
 
 
 def _skipped_forward(rank, dp_mesh, edp_mesh, ep_mesh, init) -> float:
@@ -209,6 +227,11 @@ def test_fsdp_expert_data_parallel_equals_single_process(policy, reduce, results
         assert per_rank[0]["kept"] + per_rank[2]["kept"] > 0, f"{policy} kept no replica in its slot: untested"
     if policy == "rotate":
         assert per_rank[0]["moved"] > 0, "no expert moved: migration under FSDP untested"
+
+
+def test_fsdp_placement_guard_keeps_the_experts_on_every_replica(results):
+    for rank, r in enumerate(results):
+        assert r["guarded"] == dict(moved=0, same=True, plan_same=True), (rank, r["guarded"])
 
 
 def test_fsdp_replicas_not_fetched_in_a_skipped_forward_are_fetched_in_the_next(results):

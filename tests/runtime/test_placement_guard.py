@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _moe_world import E, K, Net, step_data
+from _moe_world import Net, step_data, uniform_routes
 
 from relibra.placement import Placement
 from relibra.plan import Plan
@@ -34,19 +34,13 @@ class Rotate:
         self.kept.append(placement.home_experts.clone())
 
 
-def _uniform_routes(M: int = 2) -> list[torch.Tensor]:
-    """Every expert gets exactly the same tokens on every rank: no placement beats another."""
-    ids_TK = (torch.arange(T)[:, None] * K + torch.arange(K)) % E  # token t: K consecutive experts
-    return [ids_TK[:, None, :].expand(T, 2, K).contiguous() for _ in range(M)]
-
-
 def _worker(rank, mesh):
     out = {}
     for min_gain in (0.05, 0.0):
         policy = Rotate()
         bal = Balancer(Net(mesh), mesh=mesh, policy=policy, spare_slots_per_gpu=1, placement_min_gain=min_gain)
         before = bal.placement.home_experts.clone()
-        plan = bal.plan_step(_uniform_routes())
+        plan = bal.plan_step(uniform_routes(T))
         out[min_gain] = dict(moved=bal.metrics()["experts_moved"], kept=bool(plan.info.get("placement_kept")),
                              same=torch.equal(bal.placement.home_experts, before),
                              told=[torch.equal(k, before) for k in policy.kept])
