@@ -158,6 +158,7 @@ def main():
         )
     accelerator.end_training() if hasattr(accelerator, "end_training") else None
     if dist.is_initialized():
+        dist.barrier()  # every rank done before any tears gloo down (one exiting first can abort another)
         dist.destroy_process_group()
 
 

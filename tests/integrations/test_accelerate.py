@@ -130,6 +130,7 @@ WORKER = textwrap.dedent("""
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
     print("OK", rank, bal.topology, flush=True)
+    dist.barrier()  # both ranks done before either tears gloo down (one exiting first can abort the other)
     dist.destroy_process_group()
 """)
 
