@@ -3,7 +3,7 @@
     python benchmarks/packing.py [--concentrations 16,64,512] [--micro-batches 8]
         [--tokens-per-micro-batch 131072] [--group-size 16] [--steps 3] [--seed 0]
         [--spare-slots 1] [--timing-micro-batches 16] [--timing-tokens 73728] [--repeats 7]
-        [--set key=value ...]
+        [--set key=value ...] [--placement-min-gain G]
 
 Traces: relibra.sim.traces.generate_sequences (DeepSeek-V3 ``prefill_in4096`` popularity, GRPO
 groups of ``--group-size`` responses sharing a ``Dirichlet(concentration * popularity)`` expert
@@ -44,7 +44,9 @@ import torch
 from relibra.packing import pack, pack_tokens, pack_with_reorder, sum_by_micro_batch
 from relibra.plan import Placement, Plan
 from relibra.policies.hybrid import HybridPolicy
+from relibra.runtime.plan_share import move_pays
 from relibra.sim.cost import ideal_step_cost, make_config, step_cost
+from relibra.sim.rl_step import plan_on
 from relibra.sim.simulate import policy_factory
 from relibra.sim.traces import TraceConfig, generate_sequences
 
@@ -76,9 +78,12 @@ def packed_step(step, mode: str, placement: Placement, previous: Placement | Non
     return joint.loads, joint.placement, time.process_time() - t0
 
 
-def run_cell(steps, mode: str, name: str, topo, cfg, warmup: int) -> tuple[dict[str, float], float]:
+def run_cell(steps, mode: str, name: str, topo, cfg, warmup: int, min_gain: float = 0.0
+             ) -> tuple[dict[str, float], float]:
     """``({"total_s", *PARTS}: mean over steady steps, mean packer CPU s)`` of policy ``name``
-    under packing ``mode``."""
+    under packing ``mode``; ``min_gain`` > 0 applies the Balancer's placement guard
+    (``placement_min_gain``: a new placement that does not lower the busiest GPUs by that
+    fraction against replicas on the current one is not adopted)."""
     policy = policy_factory(name)()
     previous = Placement.contiguous(topo, steps[0].sequence_loads.shape[1])
     times, pack_seconds = [], []
@@ -92,6 +97,13 @@ def run_cell(steps, mode: str, name: str, topo, cfg, warmup: int) -> tuple[dict[
             plan = HybridPolicy().replan(loads, placement, topo)
         else:
             plan = Plan.without_replicas(placement, loads, topo, policy=name)
+        if min_gain > 0 and s > 0 and not plan.placement.equal(previous):
+            stay = plan_on(policy, loads, previous, topo)
+            if not move_pays(plan, stay, loads, min_gain):
+                plan = stay
+                kept = getattr(policy, "placement_kept", None)
+                if callable(kept):
+                    kept(previous)
         cost = step_cost(plan, loads, cfg, previous=previous)
         previous = plan.placement
         if s >= warmup:
@@ -119,7 +131,7 @@ def table(concentration: float, args, topo, cfg) -> None:
             if mode == "joint" and name not in JOINT_POLICIES:
                 continue
             t0 = time.process_time()
-            cost, seconds = run_cell(steps, mode, name, topo, cfg, warmup=1)
+            cost, seconds = run_cell(steps, mode, name, topo, cfg, warmup=1, min_gain=args.placement_min_gain)
             cells[mode, name] = cost["total_s"]
             if name == "hybrid":
                 parts[mode] = cost
@@ -194,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timing-tokens", type=int, default=73728, help="budget of the timing step (~512 sequences)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--placement-min-gain", type=float, default=0.0,
+                    help="apply the Balancer's placement guard at this fraction (default 0: every placement "
+                         "is adopted, as relibra bench prices it)")
     ap.add_argument("--set", action="append", default=[], metavar="key=value",
                     help="override a cost parameter (relibra.sim.cost_config.CostConfig), repeatable")
     args = ap.parse_args(argv)
@@ -205,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--set expects key=value, got {args.set}")
     cfg = make_config("deepseek-v3", "h100", overrides)
     topo = cfg.topology(8, 8, args.spare_slots)
+    guard = f"; Balancer placement guard {args.placement_min_gain:g}" if args.placement_min_gain > 0 else ""
     print(f"DeepSeek-V3 on H100 (cost model), {topo}; groups of {args.group_size}, {args.steps} steps "
-          f"(1 warm-up), seed {args.seed}; cells: step time and gap to ideal")
+          f"(1 warm-up), seed {args.seed}{guard}; cells: step time and gap to ideal")
     t0 = time.process_time()
     for c in (float(v) for v in args.concentrations.split(",") if v.strip()):
         table(c, args, topo, cfg)

@@ -98,7 +98,13 @@ class Balancer(StepPlanning):
             micro-batches and layers) is less than this fraction below the same loads' replica
             plan on the current placement is not adopted: the experts stay and nothing moves
             (the policy's ``placement_kept(placement)`` is called when it has one). 0 adopts
-            every placement the policy plans.
+            every placement the policy plans. The default, 1 %, refuses moves that buy nothing
+            (balanced routes; replicas that already level the current placement) and keeps the
+            ones ``hybrid`` makes on RL traces at DeepSeek-V3 scale: there a reorder lowers the
+            busiest GPUs by only 2-3 % against replicas on the old placement, yet in the cost
+            model it saves about 4 % of the step (replica and cross-node traffic): at 5 % every
+            placement is kept at concentration 16 and 64 and ``hybrid``'s gap to ideal doubles.
+            Where moves are dear (a slow interconnect) raise it, or ``migration_weight``.
         edp_mesh: 1-D mesh of the expert-data-parallel replicas (ranks holding the same home
             slots, e.g. FSDP2 over it, see :mod:`relibra.runtime.fsdp`; default: the layers' ``edp_mesh``
             set by :func:`relibra.runtime.fsdp.apply_fsdp`). With more than one replica, EDP rank 0
@@ -109,7 +115,7 @@ class Balancer(StepPlanning):
 
     def __init__(self, model: nn.Module, mesh=None, policy: Any = "hybrid", optimizer=None,
                  spare_slots_per_gpu: int = 1, policy_options: dict | None = None,
-                 replica_min_gain: float = 0.05, edp_mesh=None, placement_min_gain: float = 0.05) -> None:
+                 replica_min_gain: float = 0.05, edp_mesh=None, placement_min_gain: float = 0.01) -> None:
         named = [(n, m) for n, m in model.named_modules() if isinstance(m, ReLibraMoE)]
         self.layers: list[ReLibraMoE] = [m for _, m in named]
         self.layer_names = [n or "<model>" for n, _ in named]  # module names, "<model>" for the root
