@@ -15,6 +15,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..sim.cost_config import CostConfig
 from ..sim.profile import Profile, profile_from_dict
 from .calibrate import calibrate_rank, fit_profile
 from .options import MeasureOptions
@@ -44,9 +45,10 @@ def measure_fault(o: MeasureOptions, profile: Profile | None) -> str:
     return ""
 
 
-def _measure_world(rank: int, mesh, device: torch.device, o: MeasureOptions, calibrate_first: bool):
+def _measure_world(rank: int, mesh, device: torch.device, o: MeasureOptions, calibrate_first: bool,
+                   cost_model: CostConfig | None):
     raw = calibrate_rank(rank, mesh, device, o, repeats=1) if calibrate_first else None
-    measured = measure_rank(rank, mesh, device, o)
+    measured = measure_rank(rank, mesh, device, o, cost_model)
     return (raw, measured, str(dist.get_backend()), device.type) if rank == 0 else None
 
 
@@ -62,7 +64,9 @@ def run_measure(o: MeasureOptions, profile: Profile | None = None) -> dict | Non
         raise ValueError(fault)
     warnings = [w for w in (shared_core_warning(o.world_size), busy_machine_warning()) if w]
     before = os.getloadavg()[0]
-    out = launch(_measure_world, o.nodes, o.gpus_per_node, (o, profile is None))
+    # the profile's model prices the Balancer's moves too (its placement guard; see Balancer)
+    cost_model = None if profile is None else measured_config(o, profile)
+    out = launch(_measure_world, o.nodes, o.gpus_per_node, (o, profile is None, cost_model))
     if out is None:
         return None
     raw, measured, backend, device = out

@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from ..runtime import Balancer, ReLibraMoE
 from ..runtime.comm import all_gather_flat, all_reduce_
+from ..sim.cost_config import CostConfig
 from .options import MeasureOptions
 from .probes import REFERENCE_ROWS, GemmProbe, timed_samples
 from .routes import step_routes
@@ -48,15 +49,16 @@ _SCHEDSTAT = "/proc/self/schedstat"
 GEMM_PROBE_REPEATS = 5
 
 
-def build_stack(o: MeasureOptions, mesh, device: torch.device, policy: str, dtype: torch.dtype | None = None):
+def build_stack(o: MeasureOptions, mesh, device: torch.device, policy: str, dtype: torch.dtype | None = None,
+                cost_model: CostConfig | None = None):
     """``(layers, optimizer, balancer)`` of one policy: L ReLibraMoE layers seeded by ``o.seed``
-    (parameters in ``dtype``, default float32)."""
+    (parameters in ``dtype``, default float32); ``cost_model`` prices the Balancer's moves."""
     torch.manual_seed(o.seed)
     layers = nn.ModuleList([ReLibraMoE(o.dim, o.hidden, o.experts, o.top_k, mesh, spare_slots_per_gpu=o.spare_slots,
                                        dtype=dtype, device=device) for _ in range(o.layers)])
     opt = torch.optim.AdamW(layers.parameters(), lr=1e-4)
     bal = Balancer(layers, mesh=mesh, policy=policy, optimizer=opt, spare_slots_per_gpu=o.spare_slots,
-                   policy_options=o.policy_options.get(policy))
+                   policy_options=o.policy_options.get(policy), cost_model=cost_model)
     return layers, opt, bal
 
 
@@ -120,7 +122,8 @@ def _gemm_probe(o: MeasureOptions, device: torch.device) -> list[float]:
     return timed_samples(lambda: probe.forward_backward(REFERENCE_ROWS), GEMM_PROBE_REPEATS, device)
 
 
-def measure_rank(rank: int, mesh, device: torch.device, o: MeasureOptions) -> dict | None:
+def measure_rank(rank: int, mesh, device: torch.device, o: MeasureOptions,
+                 cost_model: CostConfig | None = None) -> dict | None:
     """Run the measurement on this rank; rank 0 returns ``{"policies": {NAME: [record, ...]},
     "gemm_probe": {"rows", "slots", "before_s", "after_s"}}``: one record per timed step, and the
     GEMM probe's samples before and after the steps (how fast the machine was, against the profile).
@@ -133,7 +136,7 @@ def measure_rank(rank: int, mesh, device: torch.device, o: MeasureOptions) -> di
     as nested lists (plain data outlives the rank's process; shared-memory tensors do not).
     """
     G = dist.get_world_size()
-    stacks = {name: build_stack(o, mesh, device, name) for name in o.policies}
+    stacks = {name: build_stack(o, mesh, device, name, cost_model=cost_model) for name in o.policies}
     records: dict[str, list[dict]] = {name: [] for name in o.policies}
     gen = torch.Generator().manual_seed(o.seed * 7919 + rank)
     clean = dict.fromkeys(o.policies, 0)  # the same on every rank: it comes from all-reduced times

@@ -58,7 +58,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from numbers import Integral, Real
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -76,6 +76,9 @@ from .replica_cache import ReplicaCache, guard_optimizer
 from .router import check_int_argument
 from .schedule import BackgroundPlan, Pass, pass_fault, resolve_pass
 from .step_planning import StepPlanning
+
+if TYPE_CHECKING:
+    from ..sim.cost_config import CostConfig
 
 __all__ = ["Balancer"]
 
@@ -104,7 +107,15 @@ class Balancer(StepPlanning):
             busiest GPUs by only 2-3 % against replicas on the old placement, yet in the cost
             model it saves about 4 % of the step (replica and cross-node traffic): at 5 % every
             placement is kept at concentration 16 and 64 and ``hybrid``'s gap to ideal doubles.
-            Where moves are dear (a slow interconnect) raise it, or ``migration_weight``.
+            Where moves are dear (a slow interconnect) raise it, or ``migration_weight``, or
+            give ``cost_model``.
+        cost_model: a :class:`~relibra.sim.cost_config.CostConfig` of this model on this machine
+            (e.g. ``relibra.sim.profile.profile_config`` of a ``relibra calibrate`` profile), or
+            None. With one, the placement guard compares modelled step times, the move's
+            migration included (:func:`relibra.runtime.plan_share.move_pays`), and
+            ``placement_min_gain`` is the margin: a move is made where the machine's links make
+            it pay, whatever the policy's own move price assumed. Its expert count and MoE
+            layer count must be the model's.
         edp_mesh: 1-D mesh of the expert-data-parallel replicas (ranks holding the same home
             slots, e.g. FSDP2 over it, see :mod:`relibra.runtime.fsdp`; default: the layers' ``edp_mesh``
             set by :func:`relibra.runtime.fsdp.apply_fsdp`). With more than one replica, EDP rank 0
@@ -115,7 +126,8 @@ class Balancer(StepPlanning):
 
     def __init__(self, model: nn.Module, mesh=None, policy: Any = "hybrid", optimizer=None,
                  spare_slots_per_gpu: int = 1, policy_options: dict | None = None,
-                 replica_min_gain: float = 0.05, edp_mesh=None, placement_min_gain: float = 0.01) -> None:
+                 replica_min_gain: float = 0.05, edp_mesh=None, placement_min_gain: float = 0.01,
+                 cost_model: "CostConfig | None" = None) -> None:
         named = [(n, m) for n, m in model.named_modules() if isinstance(m, ReLibraMoE)]
         self.layers: list[ReLibraMoE] = [m for _, m in named]
         self.layer_names = [n or "<model>" for n, _ in named]  # module names, "<model>" for the root
@@ -141,6 +153,7 @@ class Balancer(StepPlanning):
         self.placement_min_gain = float(placement_min_gain)
         self.mesh, self.optimizer = mesh, optimizer
         self.E, self.K, self.L = first.num_experts, first.top_k, len(self.layers)
+        self.cost_model = _check_cost_model(cost_model, self.E, self.L)
         if mesh is None:
             self.topology = Topology(1, 1, self.E, 0, first.topology.num_expert_groups)
         else:
@@ -338,3 +351,18 @@ class Balancer(StepPlanning):
         plan = "none" if self.plan is None else f"{self.plan.num_micro_batches} micro-batches"
         return (f"Balancer(policy={self.policy_name!r}, layers={self.L}, experts={self.E}, top_k={self.K}, "
                 f"topology=[{self.topology}], plan={plan})")
+
+
+def _check_cost_model(cost_model: Any, E: int, L: int) -> "CostConfig | None":
+    """``cost_model`` if it is None or a CostConfig of ``E`` experts and ``L`` MoE layers (ValueError naming it)."""
+    if cost_model is None:
+        return None
+    from ..sim.cost_config import CostConfig
+
+    if not isinstance(cost_model, CostConfig):
+        raise ValueError(f"cost_model must be a relibra.sim.cost_config.CostConfig or None, "
+                         f"got {type(cost_model).__name__}")
+    if (cost_model.num_experts, cost_model.num_moe_layers) != (E, L):
+        raise ValueError(f"cost_model prices {cost_model.num_experts} experts x {cost_model.num_moe_layers} MoE "
+                         f"layers; the model has {E} experts x {L} MoE layers")
+    return cost_model

@@ -13,12 +13,16 @@ enough to pay moving the experts.
 from __future__ import annotations
 
 import traceback
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..plan import Placement, Plan
 from ..topology import Topology
 from .comm import all_gather_text, broadcast_
+
+if TYPE_CHECKING:
+    from ..sim.cost_config import CostConfig
 
 __all__ = ["share_plan", "drop_idle_replicas", "move_pays", "failure_text"]
 
@@ -101,12 +105,24 @@ def drop_idle_replicas(plan: Plan, loads_MLE: torch.Tensor, topology: Topology, 
     return out
 
 
-def move_pays(moved: Plan, stay: Plan, loads_MLE: torch.Tensor, min_gain: float) -> bool:
-    """Whether ``moved`` (a new placement) lowers the step's busiest GPUs, summed over its
-    micro-batches and layers, by at least ``min_gain`` (a fraction) against ``stay`` (the same
-    loads' plan on the current placement). Moving experts carries their weights and optimizer
-    state; when the loads are already balanced on the current placement (uniform routes, or
-    replicas that balance it) the move buys nothing and costs a migration."""
-    moved_busiest = float(moved.gpu_loads(loads_MLE).amax(-1).double().sum())
-    stay_busiest = float(stay.gpu_loads(loads_MLE).amax(-1).double().sum())
-    return moved_busiest < stay_busiest * (1.0 - min_gain)
+def move_pays(moved: Plan, stay: Plan, loads_MLE: torch.Tensor, min_gain: float,
+              cost_model: "CostConfig | None" = None) -> bool:
+    """Whether ``moved`` (a new placement) beats ``stay`` (the same loads' plan on the current
+    placement) by at least ``min_gain`` (a fraction).
+
+    Without ``cost_model``: the step's busiest GPUs, summed over its micro-batches and layers.
+    Moving experts carries their weights and optimizer state; when the loads are already
+    balanced on the current placement (uniform routes, or replicas that balance it) the move
+    buys nothing and costs a migration. With ``cost_model``
+    (:class:`~relibra.sim.cost_config.CostConfig` of this model and machine): the modelled step
+    times, the move's migration from ``stay``'s placement included, so a move is made where
+    the machine's links make it pay."""
+    if cost_model is None:
+        moved_busiest = float(moved.gpu_loads(loads_MLE).amax(-1).double().sum())
+        stay_busiest = float(stay.gpu_loads(loads_MLE).amax(-1).double().sum())
+        return moved_busiest < stay_busiest * (1.0 - min_gain)
+    from ..sim.cost import step_cost  # the model prices only here: the runtime does not need it otherwise
+
+    moved_s = step_cost(moved, loads_MLE, cost_model, previous=stay.placement).total_s
+    stay_s = step_cost(stay, loads_MLE, cost_model, previous=stay.placement).total_s
+    return moved_s < stay_s * (1.0 - min_gain)

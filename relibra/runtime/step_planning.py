@@ -240,9 +240,9 @@ class StepPlanning:
     def _main_plan(self, train: Plan, main: list[Pass]) -> tuple[Plan | None, str, BaseException | None]:
         """Rank 0: the policy's training plan with the replicas of the forward-only passes on its
         placement, in schedule order: ``(plan, error text, failure)``. Where the policy's new
-        placement does not pay its move (:func:`move_pays`, ``placement_min_gain``), the experts
-        stay: the training passes get replica plans on the current placement instead, and a
-        policy that offers ``placement_kept(placement)`` is told."""
+        placement does not pay its move (:func:`move_pays` with ``placement_min_gain`` and
+        ``cost_model``), the experts stay: the training passes get replica plans on the current
+        placement instead, and a policy that offers ``placement_kept(placement)`` is told."""
         try:
             train = self._move_or_stay(train, main)
             parts, row = [], 0
@@ -264,11 +264,11 @@ class StepPlanning:
 
     def _move_or_stay(self, train: Plan, main: list[Pass]) -> Plan:
         """``train`` if its placement pays its move, else the training loads' plan on the current one."""
-        if self.placement_min_gain <= 0 or train.placement.equal(self.placement):
+        if train.placement.equal(self.placement) or (self.placement_min_gain <= 0 and self.cost_model is None):
             return train
         loads = self._plan_loads
         stay = plan_on(self.policy, loads, self.placement, self.topology, self.policy_name)
-        if move_pays(train, stay, loads, self.placement_min_gain):
+        if move_pays(train, stay, loads, self.placement_min_gain, self.cost_model):
             return train
         kept = getattr(self.policy, "placement_kept", None)
         if callable(kept):
