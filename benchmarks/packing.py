@@ -215,10 +215,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 2:
         ap.error("--steps must be >= 2 (the first is a warm-up)")
     torch.set_num_threads(1)
+    if not 0.0 <= args.placement_min_gain < 1.0:
+        ap.error(f"--placement-min-gain must be in [0, 1), got {args.placement_min_gain}")
     overrides = dict(item.partition("=")[::2] for item in args.set)
     if any(not key or not value for key, value in overrides.items()):
         ap.error(f"--set expects key=value, got {args.set}")
-    cfg = make_config("deepseek-v3", "h100", overrides)
+    try:
+        cfg = make_config("deepseek-v3", "h100", overrides)
+    except ValueError as exc:  # an unknown key or a value that is not a number, named
+        ap.error(f"--set: {exc}")
     topo = cfg.topology(8, 8, args.spare_slots)
     guard = f"; Balancer placement guard {args.placement_min_gain:g}" if args.placement_min_gain > 0 else ""
     print(f"DeepSeek-V3 on H100 (cost model), {topo}; groups of {args.group_size}, {args.steps} steps "

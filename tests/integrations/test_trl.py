@@ -25,13 +25,18 @@ def _tokenizer():
     return fast
 
 
-def test_grpo_trainer_records_routes_and_plans_every_step(tmp_path):
+def _tiny_model():
+    """A seeded two-layer Qwen3-MoE of 8 experts, top-2, built from a config (no download)."""
     torch.manual_seed(0)
     cfg = transformers.Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                                       num_experts=8, num_experts_per_tok=2, max_position_embeddings=64,
                                       tie_word_embeddings=False, eos_token_id=1, pad_token_id=0)
-    model = transformers.Qwen3MoeForCausalLM(cfg).float()
+    return transformers.Qwen3MoeForCausalLM(cfg).float()
+
+
+def test_grpo_trainer_records_routes_and_plans_every_step(tmp_path):
+    model = _tiny_model()
     prompts = [" ".join(f"t{(3 * i + j) % 60 + 2}" for j in range(2 + i % 3)) for i in range(8)]  # ragged prompts
     data = datasets.Dataset.from_dict({"prompt": prompts})
     args = trl.GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
@@ -71,12 +76,7 @@ def test_grpo_trainer_runs_the_old_policy_log_prob_pass_inside_the_balancer(tmp_
     """num_iterations=2: TRL scores the generation batch with the old policy's log-probs; those
     chunks run as the step's "logprob" pass, then one "train" pass per optimizer step over the
     generation batch's rows packed by their routes (equal rows per micro-batch)."""
-    torch.manual_seed(0)
-    cfg = transformers.Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                      num_experts=8, num_experts_per_tok=2, max_position_embeddings=64,
-                                      tie_word_embeddings=False, eos_token_id=1, pad_token_id=0)
-    model = transformers.Qwen3MoeForCausalLM(cfg).float()
+    model = _tiny_model()
     prompts = [" ".join(f"t{(5 * i + j) % 60 + 2}" for j in range(2 + i % 3)) for i in range(8)]
     args = trl.GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
                           gradient_accumulation_steps=2, num_iterations=2, max_completion_length=4, max_steps=2,
