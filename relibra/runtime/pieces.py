@@ -21,11 +21,13 @@ ALIGN = 16  # bytes; every piece starts aligned so views of any dtype work
 
 
 class Piece(NamedTuple):
-    """One per-expert tensor of one layer: ``local [H, ...]``, its row size in bytes."""
+    """One per-expert tensor of one layer: ``local [H, ...]``, its row size in bytes, and whether
+    it is optimizer state."""
 
-    name: str                 # e.g. "param 0 exp_avg"
+    name: str                 # e.g. "layer 0 param 1 state exp_avg"
     local: torch.Tensor
     row_nbytes: int
+    state: bool = False       # optimizer state (what a deferred migration moves later)
 
     @property
     def row_padded(self) -> int:
@@ -97,7 +99,7 @@ def collect_pieces(tensors_by_layer, optimizer, old, new, topology, world):
                     elif loc.device != device:
                         return [], f"{what} is on {loc.device}, other expert tensors on {device}", sig
                     row_nbytes = loc[0].numel() * loc.element_size()
-                    pieces.append(Piece(what, loc, row_nbytes))
+                    pieces.append(Piece(what, loc, row_nbytes, kind.startswith("state")))
                     sig.append(f"{what}: {loc.dtype} {tuple(loc.shape)}")
             pieces_by_layer.append(pieces)
         return pieces_by_layer, "", sig

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relibra import Placement, Topology
-from relibra.runtime import migration
+from relibra.runtime import migration_stages as migration
 from relibra.runtime.checksums import hash_weights, piece_checksum
 from relibra.runtime.migration import MigrationError, Move, migrate_experts, plan_moves
 from relibra.testing import run_world
