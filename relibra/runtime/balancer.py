@@ -75,6 +75,7 @@ from .optimizer_stamp import placement_stamp, stamp_optimizer
 from .replica_cache import ReplicaCache, guard_optimizer
 from .router import check_int_argument
 from .schedule import BackgroundPlan, Pass, pass_fault, resolve_pass
+from .state_move import StateMove
 from .step_planning import StepPlanning
 
 if TYPE_CHECKING:
@@ -122,12 +123,18 @@ class Balancer(StepPlanning):
             plans the placement on the loads summed over the replicas and broadcasts it; each
             EP group then splits its own tokens on it (``replicate_on`` if the policy's plan
             had replicas, no replicas otherwise), so every replica keeps the same homes.
+        defer_optimizer_state: when experts move, move their weights and gradients before the
+            first training micro-batch and their optimizer state (fp32 master copy and moments,
+            most of the bytes) in the background while the step computes, finished by a hook
+            before ``optimizer.step()`` (:mod:`relibra.runtime.state_move`; :meth:`complete_migration`).
+            Exact either way. False moves everything at once. An optimizer without step and
+            state-dict hooks moves everything at once.
     """
 
     def __init__(self, model: nn.Module, mesh=None, policy: Any = "hybrid", optimizer=None,
                  spare_slots_per_gpu: int = 1, policy_options: dict | None = None,
                  replica_min_gain: float = 0.05, edp_mesh=None, placement_min_gain: float = 0.01,
-                 cost_model: "CostConfig | None" = None) -> None:
+                 cost_model: "CostConfig | None" = None, defer_optimizer_state: bool = True) -> None:
         named = [(n, m) for n, m in model.named_modules() if isinstance(m, ReLibraMoE)]
         self.layers: list[ReLibraMoE] = [m for _, m in named]
         self.layer_names = [n or "<model>" for n, _ in named]  # module names, "<model>" for the root
@@ -151,6 +158,9 @@ class Balancer(StepPlanning):
                 or not 0.0 <= placement_min_gain < 1.0:
             raise ValueError(f"placement_min_gain must be a number in [0, 1), got {placement_min_gain!r}")
         self.placement_min_gain = float(placement_min_gain)
+        if not isinstance(defer_optimizer_state, bool):
+            raise ValueError(f"defer_optimizer_state must be True or False, got {defer_optimizer_state!r}")
+        self.defer_optimizer_state = defer_optimizer_state
         self.mesh, self.optimizer = mesh, optimizer
         self.E, self.K, self.L = first.num_experts, first.top_k, len(self.layers)
         self.cost_model = _check_cost_model(cost_model, self.E, self.L)
@@ -184,6 +194,8 @@ class Balancer(StepPlanning):
         self._metrics: dict = {}
         self._replicas: ReplicaCache | None = None  # the replica weights and gradients of the pass that runs
         self._guarded = None  # the optimizer hooked by replica_cache.guard_optimizer
+        self._state_move: StateMove | None = None  # the last move's optimizer state, in flight
+        self._held = None  # the optimizer hooked by state_move.hold_optimizer
         if optimizer is not None:  # a plain optimizer.state_dict() names the placement its rows follow
             stamp_optimizer(optimizer, lambda: placement_stamp(self.placement, self.topology, self.rank))
 
@@ -207,6 +219,7 @@ class Balancer(StepPlanning):
 
         if self._pending is not None:  # the policy's state is read after its background planning
             self._pending.result()
+        self.complete_migration()  # a checkpoint's optimizer state follows the saved placement
         return {"version": 1, "policy": self.policy_name, "policy_state": planner_policy_state(self),
                 "placement": self.placement.home_experts.clone(), "topology": dict(vars(self.topology)),
                 "layers": list(self.layer_names), "top_k": self.K, "steps_planned": self.steps_planned}
@@ -225,6 +238,7 @@ class Balancer(StepPlanning):
         placement = restored_placement(self, state)
         if placement is not None:
             self._adopt_placement(placement)
+            self.complete_migration()  # a restore is no step to hide the state's move behind
         if state["policy"] == self.policy_name and hasattr(self.policy, "load_state_dict"):
             self.policy.load_state_dict(state["policy_state"])
         self.steps_planned = int(state["steps_planned"])
@@ -329,7 +343,9 @@ class Balancer(StepPlanning):
         ``experts_moved``, ``migration_bytes_sent``, ``replica_bytes``, ``planning_seconds``,
         ``plan_step_seconds``, ``planning_wait_seconds`` (how long the first training micro-batch
         waited for planning that ran in the background) and then ``prepare_training_seconds``
-        (that wait, the plan's broadcast and the experts' move). With ``gather_realised`` (collective)
+        (that wait, the plan's broadcast and the experts' move), and after ``optimizer.step()``
+        ``state_move_wait_seconds`` (how long the step waited for the moved experts' optimizer
+        state, when it travelled in the background). With ``gather_realised`` (collective)
         also ``realised_gpu_loads`` ``[M][L][G]`` (the rows each rank's dispatch computed),
         ``realised_imbalance``, ``realised_max_vio`` and ``realised_balancedness``.
         ``as_tensors=True`` keeps the tables as tensors.

@@ -92,6 +92,7 @@ def get_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, balance
     (torch's ``get_optimizer_state_dict`` does that). ``optimizer`` must be the balancer's.
     """
     _check_objects(model, optimizer, balancer)
+    balancer.complete_migration()  # the optimizer state of the last move, if still in flight
     options = StateDictOptions(full_state_dict=full)
     state: dict[str, Any] = {"model": _copied(get_model_state_dict(model, options=options))}
     if optimizer is not None:
@@ -119,6 +120,7 @@ def set_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, balance
     an optimizer when ``optimizer`` is None, and another policy (which then starts fresh).
     """
     _check_objects(model, optimizer, balancer)
+    balancer.complete_migration()
     from torch.distributed.fsdp import FSDPModule
 
     if any(isinstance(layer, FSDPModule) for layer in balancer.layers):  # the same on every rank

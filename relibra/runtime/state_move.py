@@ -28,7 +28,7 @@ new one: whoever reads the optimizer state (a checkpoint) must call ``finish`` f
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -38,7 +38,7 @@ from ..topology import Topology
 from .migration_stages import Exchange, MigrationError, Move, agree_verdict, post, stage_and_commit, wait_and_verify
 from .pieces import Piece
 
-__all__ = ["StateMove", "state_link"]
+__all__ = ["StateMove", "state_link", "hold_optimizer"]
 
 _LINKS: dict = {}  # expert-parallel group -> the process group its deferred state travels on
 
@@ -68,6 +68,7 @@ class StateMove:
         self._n_transfers = n_transfers
         self.finished = False
         self.bytes_in_flight = exchange.bytes_sent + exchange.bytes_received
+        self.weights_on = new  # the placement the weights and gradients follow (``old`` after a move back)
 
     @classmethod
     def post(cls, exchange: Exchange, pieces_by_layer: list[list[Piece]], moves, old: Placement, new: Placement,
@@ -108,9 +109,41 @@ class StateMove:
         try:
             migrate_experts(self._tensors, None, self.new, self.old, self.topology, self._group,
                             agree_group=self._agree_group)
+            self.weights_on = self.old
         except MigrationError as again:
             raise MigrationError(
                 f"{failure}; moving the weights and gradients back failed too ({again}): the weights and "
                 f"gradients follow the new placement and the optimizer state the old one, both intact") from None
         raise MigrationError(f"{failure}; the weights and gradients moved back, every rank is on the old "
                              f"placement again")
+
+
+def hold_optimizer(optimizer, pending: Callable[[], bool], finish: Callable[[], None]) -> bool:
+    """Hook ``optimizer`` so that deferred state is never read half moved. Returns False (and
+    hooks nothing) when the optimizer has no step and state-dict hooks (then do not defer).
+
+    - ``optimizer.step()`` first calls ``finish()`` (collective; every rank steps);
+    - ``optimizer.state_dict()`` and ``optimizer.load_state_dict()`` raise RuntimeError while
+      ``pending()``: they may run on one rank only, so they must not start a collective; the
+      error says to finish first (``Balancer.complete_migration()`` on every rank).
+    """
+    names = ("register_step_pre_hook", "register_state_dict_pre_hook", "register_load_state_dict_pre_hook")
+    if not all(callable(getattr(optimizer, n, None)) for n in names):
+        return False
+
+    def before_step(opt, args, kwargs):
+        finish()
+
+    def refuse(what: str):
+        def hook(opt, *rest):
+            if pending():
+                raise RuntimeError(
+                    f"optimizer.{what}() while the optimizer state of the last expert move is still in flight "
+                    f"(its rows do not follow the experts yet): call balancer.complete_migration() on every rank "
+                    f"first, or run optimizer.step()")
+        return hook
+
+    optimizer.register_step_pre_hook(before_step)
+    optimizer.register_state_dict_pre_hook(refuse("state_dict"), prepend=True)
+    optimizer.register_load_state_dict_pre_hook(refuse("load_state_dict"), prepend=True)
+    return True

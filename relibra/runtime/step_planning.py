@@ -34,6 +34,7 @@ from ..routing.loads import count_loads
 from ..routing.routes import step_routes_fault
 from .comm import all_gather_flat, all_reduce_, first_error
 from .fsdp import edp_plan
+from .migration_stages import MigrationError
 from .plan_share import drop_idle_replicas, failure_text, move_pays, share_plan
 from .schedule import (
     BackgroundPlan,
@@ -45,6 +46,7 @@ from .schedule import (
     schedule_fault,
     schedule_signature,
 )
+from .state_move import hold_optimizer
 
 __all__ = ["StepPlanning"]
 
@@ -305,6 +307,7 @@ class StepPlanning:
         failed migration raises on every rank with nothing changed."""
         from .migration import migrate_experts, permute_experts
 
+        self.complete_migration()
         old, migration = self.placement, None
         if new.equal(old):
             return None
@@ -312,8 +315,41 @@ class StepPlanning:
         if self.group is None:
             permute_experts(tensors, self.optimizer, old, new)
         else:
-            migration = migrate_experts(tensors, self.optimizer, old, new, self.topology,
-                                        group=self.group, agree_group=self.edp_group)
+            migration = migrate_experts(tensors, self.optimizer, old, new, self.topology, group=self.group,
+                                        agree_group=self.edp_group, defer_state=self._can_defer_state())
+            self._state_move = migration.state_move
         for l, layer in enumerate(self.layers):
             layer._set_home_experts(new.home_experts[l])
         return migration
+
+    def _can_defer_state(self) -> bool:
+        """Whether this move may leave the optimizer state in flight (hooks the optimizer once)."""
+        if not self.defer_optimizer_state or self.optimizer is None:
+            return False
+        if self._held is not self.optimizer:
+            if not hold_optimizer(self.optimizer, lambda: self._state_move is not None, self.complete_migration):
+                return False
+            self._held = self.optimizer
+        return True
+
+    def complete_migration(self) -> None:
+        """Finish the optimizer-state half of the last expert move, if one is in flight
+        (collective over the EP group; nothing to do otherwise).
+
+        ``optimizer.step()`` calls it first (a hook), and so do :meth:`state_dict`, the next move
+        and the checkpoint helpers; call it yourself, on every rank, before reading the
+        optimizer's state any other way. If the state's transfer failed, the weights moved back
+        (:mod:`relibra.runtime.state_move`): every layer is on the old placement again, the step's
+        plans are dropped (``plan_step`` again) and MigrationError is raised on every rank.
+        """
+        move, self._state_move = self._state_move, None
+        if move is None:
+            return
+        try:
+            waited = move.finish()
+        except MigrationError:
+            for l, layer in enumerate(self.layers):
+                layer._set_home_experts(move.weights_on.home_experts[l])
+            self._passes = self.plan = None
+            raise
+        self._metrics["state_move_wait_seconds"] = waited
