@@ -37,8 +37,13 @@ forward):
 5. Reorder: every expert whose home GPU changes moves weights and optimizer state
    (``state_bytes_per_param`` = 16) once a step; per GPU in and out counts on the tier of
    the move, and every byte a GPU sends or receives costs ``migration_s_per_byte`` more
-   (packing and checksums of :func:`relibra.runtime.migration.migrate_experts`);
-   ``reorder_overlap`` of it hides behind rollout.
+   (packing and checksums of :func:`relibra.runtime.migration.migrate_experts`).
+   The weights (``weight_bytes``) move before the pass, ``reorder_overlap`` of that hidden
+   behind rollout. The optimizer state (the other ``state_bytes_per_param - weight_bytes``)
+   travels during the training pass (``state_move_overlap`` of it; the Balancer's
+   ``defer_optimizer_state``): only the time its transfer takes beyond the pass's compute
+   (expert GEMMs and non-MoE work, when the links carry no all-to-all) is paid; the rest of
+   it moves with the weights.
 6. Optimizer and host: ``optimizer_s_per_param`` per parameter a GPU updates (its home experts,
    its share of the rest), ``layer_call_s`` of host work per MoE layer call (forward and
    backward of one micro-batch) and ``step_overhead_s`` per step (the Balancer's gathers and
@@ -200,27 +205,36 @@ def replica_seconds(plan: Plan, cfg: CostConfig) -> tuple[torch.Tensor, float]:
 
 
 def reorder_seconds(placement: Placement, previous: Placement | None, topology: Topology,
-                    cfg: CostConfig) -> tuple[float, float]:
-    """Seconds (net of overlap) and bytes to move homes from ``previous`` to ``placement``."""
+                    cfg: CostConfig, hide_s: float = 0.0) -> tuple[float, float]:
+    """Seconds (net of overlap) and bytes to move homes from ``previous`` to ``placement``.
+
+    ``hide_s``: seconds of the training pass's compute the deferred optimizer state travels
+    behind (module doc, part 5); only its transfer time beyond them is paid.
+    """
     if previous is None:
         return 0.0, 0.0
     old, new = previous.home_gpu(topology), placement.home_gpu(topology)  # [L, E]
     moved = (old != new).to(torch.float64)
-    b = cfg.expert_params * cfg.state_bytes_per_param
-    gpn, G = topology.gpus_per_node, topology.num_gpus
-    intra = (old // gpn) == (new // gpn)
-    parts = []
-    for tier in (intra, ~intra):
-        m = moved * tier
-        out = torch.zeros(G, dtype=torch.float64).scatter_add_(0, old.flatten(), m.flatten())
-        inn = torch.zeros(G, dtype=torch.float64).scatter_add_(0, new.flatten(), m.flatten())
-        parts.append((out * b, inn * b))
-    (si, ri), (so, ro) = parts
     if not bool(moved.any()):
         return 0.0, 0.0
-    handled = (si + ri + so + ro) * cfg.migration_s_per_byte  # packed and checked, out and in
-    seconds = float((_tier_time(si, ri, so, ro, cfg) + handled).max()) + cfg.message_latency_s
-    return seconds * (1.0 - cfg.reorder_overlap), float(moved.sum()) * b
+    gpn, G = topology.gpus_per_node, topology.num_gpus
+    intra = (old // gpn) == (new // gpn)
+    params = []  # send_i, recv_i, send_o, recv_o: [G] parameters each GPU sends and receives per tier
+    for tier in (intra, ~intra):
+        m = (moved * tier).flatten()
+        params.append(torch.zeros(G, dtype=torch.float64).scatter_add_(0, old.flatten(), m) * cfg.expert_params)
+        params.append(torch.zeros(G, dtype=torch.float64).scatter_add_(0, new.flatten(), m) * cfg.expert_params)
+    later_bytes = max(cfg.state_bytes_per_param - cfg.weight_bytes, 0.0) * cfg.state_move_overlap
+    now_bytes = cfg.state_bytes_per_param - later_bytes  # per parameter, before the pass
+
+    def transfer(bytes_per_param: float) -> torch.Tensor:
+        return _tier_time(*(p * bytes_per_param for p in params), cfg)
+
+    handled = sum(params) * cfg.state_bytes_per_param * cfg.migration_s_per_byte  # packed and checked, out and in
+    now = float((transfer(now_bytes) + handled).max()) + cfg.message_latency_s
+    later = float(transfer(later_bytes).max())
+    seconds = now * (1.0 - cfg.reorder_overlap) + max(later - hide_s, 0.0)
+    return seconds, float(moved.sum()) * cfg.expert_params * cfg.state_bytes_per_param
 
 
 def _tokens(loads_MLE: torch.Tensor, cfg: CostConfig) -> torch.Tensor:
@@ -291,8 +305,8 @@ def step_cost(plan: Plan, loads_MLE: Any, cfg: CostConfig, previous: Placement |
         traffic = source_traffic(plan, loads, src)
     a2a = float(a2a_seconds(gpu, t, cfg, traffic).sum())
     rep, rep_bytes = replica_seconds(plan, cfg)
-    reo, reo_bytes = reorder_seconds(plan.placement, previous, t, cfg)
     non_moe, extra, tokens = _common(loads, t.num_gpus, cfg)
+    reo, reo_bytes = reorder_seconds(plan.placement, previous, t, cfg, hide_s=compute + non_moe + extra)
     optimizer, overhead = fixed_seconds(loads, t.num_gpus, cfg)
     planning = loads.shape[0] * loads.shape[1] * cfg.live_planning_s if live_planning else 0.0
     return StepCost(compute, non_moe, a2a, float(rep.sum()), reo, extra, tokens, rep_bytes, reo_bytes,

@@ -82,6 +82,9 @@ class CostConfig:
     ``layer_call_s`` per MoE layer call (forward + backward of one micro-batch) and
     ``step_overhead_s`` per step. Knobs: ``backward_factor``, byte sizes, overlap fractions in
     [0, 1] and ``replica_reuse`` in [0, 1] (the share of a kept replica's traffic that is saved).
+    ``state_move_overlap``: the share of a reorder's optimizer-state bytes (all of
+    ``state_bytes_per_param`` but the ``weight_bytes``) that travels behind the training pass
+    (the Balancer's ``defer_optimizer_state``, on by default: 1); the rest moves with the weights.
     Defaults and where they come from: the module doc.
     Cluster shape: ``gpus_per_domain`` (GPUs on one NVLink domain: a topology's node is one
     domain and may not hold more) and ``gpu_memory_bytes`` (HBM per GPU; the spare slots'
@@ -114,6 +117,7 @@ class CostConfig:
     replica_overlap: float = 0.5
     state_bytes_per_param: float = 16.0
     reorder_overlap: float = 0.5
+    state_move_overlap: float = 1.0
     replica_reuse: float = 1.0
     expert_half_rows: float = 150.0
     message_latency_s: float = 30e-6
@@ -136,7 +140,8 @@ class CostConfig:
                      "intra_node_bandwidth", "inter_node_bandwidth", "gpus_per_domain", "gpu_memory_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"CostConfig.{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("mfu", "a2a_overlap", "replica_overlap", "reorder_overlap", "replica_reuse"):
+        for name in ("mfu", "a2a_overlap", "replica_overlap", "reorder_overlap", "replica_reuse",
+                     "state_move_overlap"):
             if getattr(self, name) > 1:
                 raise ValueError(f"CostConfig.{name} is a fraction in [0, 1], got {getattr(self, name)!r}")
 

@@ -15,7 +15,8 @@ CFG = CostConfig(hidden=10, expert_intermediate=10, num_experts=4, top_k=1, num_
                  extra_params=0.0, peak_flops=1000.0, mfu=1.0, intra_node_bandwidth=100.0,
                  inter_node_bandwidth=10.0, backward_factor=2.0, a2a_bytes=1.0, a2a_overlap=0.0,
                  weight_bytes=1.0, replica_grad_bytes=1.0, replica_overlap=0.0,
-                 state_bytes_per_param=16.0, reorder_overlap=0.0, expert_half_rows=0.0, message_latency_s=0.0,
+                 state_bytes_per_param=16.0, reorder_overlap=0.0, state_move_overlap=0.0,
+                 expert_half_rows=0.0, message_latency_s=0.0,
                  migration_s_per_byte=0.0, optimizer_s_per_param=0.0, layer_call_s=0.0, step_overhead_s=0.0)
 TOPO = Topology(2, 2, 4, spare_slots_per_gpu=1, intra_node_bandwidth=100.0, inter_node_bandwidth=10.0)
 
@@ -84,6 +85,25 @@ def test_reorder_moves_state_over_inter_node_links():
     # each of GPU 0 and 2 sends and receives one expert (4800 B) over 10 B/s, full duplex
     assert cost.reorder_s == pytest.approx(480.0)
     assert step_cost(plan, loads, CFG).reorder_s == 0.0
+
+
+def test_deferred_optimizer_state_travels_behind_the_pass():
+    loads = torch.tensor([[[1, 1, 1, 1]]])
+    prev = Placement.contiguous(TOPO, 1)
+    plan = Plan.without_replicas(Placement(torch.tensor([[2, 1, 0, 3]])), loads, TOPO)
+    cost = step_cost(plan, loads, with_(state_move_overlap=1.0), previous=prev)
+    hide = cost.expert_compute_s + cost.non_moe_s + cost.extra_s
+    assert hide == pytest.approx(1.8)  # 1 copy * 2 flops * 300 params * 3 / 1000 flop/s
+    # the weights (1 B/param, 300 B) move before the pass over 10 B/s; the other 15 B/param
+    # (4500 B, 450 s) travel during it and only what its 1.8 s of compute cannot hide is paid
+    assert cost.reorder_s == pytest.approx(30.0 + 450.0 - hide)
+    assert cost.reorder_bytes == pytest.approx(2 * 300 * 16)  # the same bytes move
+    # a pass long enough (600 s of non-MoE work) hides all of the state: the weights remain
+    long = step_cost(plan, loads, with_(state_move_overlap=1.0, non_moe_params=1e5), previous=prev)
+    assert long.non_moe_s == pytest.approx(600.0) and long.reorder_s == pytest.approx(30.0)
+    # half of the state deferred: 1 + 7.5 B/param before the pass, 7.5 behind it
+    half = step_cost(plan, loads, with_(state_move_overlap=0.5, non_moe_params=1e5), previous=prev)
+    assert half.reorder_s == pytest.approx(300 * 8.5 / 10)
 
 
 def test_non_moe_work_is_balanced_per_token():
