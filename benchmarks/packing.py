@@ -56,8 +56,10 @@ PARTS = ("expert_compute_s", "a2a_s", "replica_s", "reorder_s")
 JOINT_POLICIES = ("reorder", "hybrid")
 
 
-def packed_step(step, mode: str, placement: Placement, previous: Placement | None, topo, first: bool):
-    """``(loads [M, L, E], joint placement or None, packer CPU seconds)`` of one step."""
+def packed_step(step, mode: str, placement: Placement, previous: Placement | None, topo, first: bool,
+                migration_weight: float = 0.02):
+    """``(loads [M, L, E], joint placement or None, packer CPU seconds)`` of one step; ``joint``
+    reorders at ``migration_weight`` (the policy's)."""
     M, budget = step.num_micro_batches, step.tokens_per_micro_batch
     t0 = time.process_time()
     if mode == "rollout":
@@ -74,7 +76,8 @@ def packed_step(step, mode: str, placement: Placement, previous: Placement | Non
         result = pack(step.sequence_loads, step.sequence_tokens, M, budget, placement, topo, start=step.micro_batch_of)
         return result.loads, None, time.process_time() - t0
     joint = pack_with_reorder(step.sequence_loads, step.sequence_tokens, M, budget, topo,
-                              None if first else previous, start=step.micro_batch_of)
+                              None if first else previous, migration_weight=migration_weight,
+                              start=step.micro_batch_of)
     return joint.loads, joint.placement, time.process_time() - t0
 
 
@@ -90,7 +93,9 @@ def run_cell(steps, mode: str, name: str, topo, cfg, warmup: int, min_gain: floa
     for s, step in enumerate(steps):
         current = getattr(policy, "placement", None)
         current = current if isinstance(current, Placement) else previous
-        loads, placement, seconds = packed_step(step, mode, current, previous, topo, first=s == 0)
+        weight = getattr(getattr(policy, "reorder", policy), "migration_weight", 0.02)
+        loads, placement, seconds = packed_step(step, mode, current, previous, topo, first=s == 0,
+                                                migration_weight=weight)
         if placement is None:
             plan = policy.plan(loads, topo)
         elif name == "hybrid":

@@ -31,8 +31,15 @@ class HybridPolicy:
     """ReLibra: inter-batch reordering plus intra-batch replication (cross-node where it pays).
 
     Args:
-        migration_weight, max_swaps, work_budget, time_budget_s: as for ``reorder`` (the
-            budgets bound its searches; a plan one cut short says so in ``plan.info["budget_cut"]``).
+        migration_weight: as for ``reorder``, but 0.005 by default (``reorder``'s is 0.02). A
+            move costs the step only its weights' bytes (2 of 16 a parameter) when the Balancer
+            defers the optimizer state (``defer_optimizer_state``, its default), and in the cost
+            model 0.0025-0.005 is the optimum for ``hybrid`` (routes-packed RL traces at
+            concentration 16 and 64: +2.5 % and +1.9 % of ideal against +3.0 % and +2.3 % at 0.02;
+            the default trace +2.1 % against +2.7 %); docs/results.md has the sweep. Moving the
+            state with the weights (``defer_optimizer_state=False``), use 0.02.
+        max_swaps, work_budget, time_budget_s: as for ``reorder`` (the budgets bound its
+            searches; a plan one cut short says so in ``plan.info["budget_cut"]``).
         cross_node, cross_node_price: as for ``replicate``.
         replica_stickiness: as for ``replicate``, but ``"auto"`` by default: with one spare slot per
             GPU a node keeps the micro-batch before's replicas wherever that slows no layer (a replica
@@ -42,7 +49,7 @@ class HybridPolicy:
             so replicas are planned afresh there (as with None).
     """
 
-    def __init__(self, migration_weight: float = 0.02, max_swaps: int = 200, cross_node: bool = True,
+    def __init__(self, migration_weight: float = 0.005, max_swaps: int = 200, cross_node: bool = True,
                  cross_node_price: float | None = None, work_budget: float = WORK_BUDGET,
                  time_budget_s: float | None = None, replica_stickiness: float | str | None = "auto") -> None:
         check_cross_node_options("hybrid", cross_node, cross_node_price)
