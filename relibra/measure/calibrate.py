@@ -226,7 +226,8 @@ def fit_profile(raw: dict, o: MeasureOptions, backend: str, device: str,
         cost["migration_s_per_byte"] = max(0.0, (per_byte - 1.0 / bandwidth) / 2.0)
     cost.update(a2a_bytes=element, weight_bytes=element, replica_grad_bytes=element,
                 state_bytes_per_param=3 * element,  # weight + AdamW exp_avg, exp_avg_sq (grads are None then)
-                a2a_overlap=0.0, replica_overlap=0.0, reorder_overlap=0.0, replica_reuse=1.0)
+                a2a_overlap=0.0, replica_overlap=0.0, reorder_overlap=0.0, replica_reuse=1.0,
+                state_move_overlap=0.0)  # one core per rank: the deferred state's transfer shares it
     measured = dict(raw, not_measured=list(LINK_PARAMETERS) if G == 1 else [])
     return {
         "format": PROFILE_FORMAT, "version": PROFILE_VERSION,

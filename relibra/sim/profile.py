@@ -7,6 +7,7 @@ A profile is one JSON object (no pickle)::
      "world": {"nodes": 1, "gpus_per_node": 2},              # the ranks it was measured on
      "sizes": {"dim": 256, "hidden": 1024, "experts": 16, "top_k": 2, "layers": 2, "spare_slots": 1},
      "cost": {every name of MACHINE_PARAMETERS: number},     # CostConfig fields of the machine
+                                                             # (and any of OPTIONAL_MACHINE_PARAMETERS)
      "measured": {...}}                                      # the raw probes (free-form)
 
 The ``cost`` block holds only machine parameters (rates, bandwidths, latencies, overheads, byte
@@ -29,8 +30,9 @@ from typing import Any
 
 from .cost import CostConfig
 
-__all__ = ["PROFILE_FORMAT", "PROFILE_VERSION", "MACHINE_PARAMETERS", "PROFILE_DIR", "Profile", "load_profile",
-           "save_profile", "profile_from_dict", "profile_config", "profile_path", "shipped_profiles"]
+__all__ = ["PROFILE_FORMAT", "PROFILE_VERSION", "MACHINE_PARAMETERS", "OPTIONAL_MACHINE_PARAMETERS", "PROFILE_DIR",
+           "Profile", "load_profile", "save_profile", "profile_from_dict", "profile_config", "profile_path",
+           "shipped_profiles"]
 
 PROFILE_FORMAT = "relibra-profile"
 PROFILE_VERSION = 1
@@ -40,6 +42,9 @@ MACHINE_PARAMETERS = ("peak_flops", "mfu", "backward_factor", "expert_half_rows"
                       "optimizer_s_per_param", "layer_call_s", "step_overhead_s", "a2a_bytes", "weight_bytes",
                       "replica_grad_bytes", "state_bytes_per_param", "a2a_overlap", "replica_overlap",
                       "reorder_overlap", "replica_reuse")
+#: machine parameters a profile may leave out (profiles written before they existed): the model's
+#: default then holds
+OPTIONAL_MACHINE_PARAMETERS = ("state_move_overlap",)
 _SIZES = ("dim", "hidden", "experts", "top_k", "layers", "spare_slots")
 #: profiles shipped with relibra (package data): ``NAME.json``
 PROFILE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "profiles")
@@ -97,13 +102,14 @@ def _fault(d: Any) -> str:
     if d["sizes"]["experts"] % G:
         return f"sizes.experts={d['sizes']['experts']} does not divide over world's {G} ranks"
     cost = d["cost"]
-    unknown = sorted(set(cost) - set(MACHINE_PARAMETERS))
+    allowed = MACHINE_PARAMETERS + OPTIONAL_MACHINE_PARAMETERS
+    unknown = sorted(set(cost) - set(allowed))
     if unknown:
-        return f"cost has unknown key {unknown[0]!r}; known: {', '.join(MACHINE_PARAMETERS)}"
+        return f"cost has unknown key {unknown[0]!r}; known: {', '.join(allowed)}"
     missing = [k for k in MACHINE_PARAMETERS if k not in cost]
     if missing:
         return f"cost lacks {missing[0]!r}"
-    for key in MACHINE_PARAMETERS:
+    for key in (k for k in allowed if k in cost):
         v = cost[key]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             return f"cost.{key} must be a finite number, got {v!r}"
@@ -120,7 +126,7 @@ def profile_from_dict(d: Any, source: str = "<dict>") -> Profile:
     if fault:
         raise ValueError(f"profile {source}: {fault}")
     return Profile(source, dict(d["machine"]), dict(d["world"]), dict(d["sizes"]),
-                   {k: float(d["cost"][k]) for k in MACHINE_PARAMETERS}, dict(d["measured"]))
+                   {k: float(v) for k, v in d["cost"].items()}, dict(d["measured"]))
 
 
 def load_profile(path: str) -> Profile:

@@ -33,6 +33,14 @@ def test_round_trip(tmp_path):
     assert cfg.hidden == 2048 and cfg.num_experts == 128  # the model's shape stays the caller's
 
 
+def test_optional_machine_parameters_may_be_left_out():
+    cfg = profile_config(profile_from_dict(good()), make_config())
+    assert "state_move_overlap" not in good()["cost"] and cfg.state_move_overlap == 1.0  # the model's default
+    d = good()
+    d["cost"]["state_move_overlap"] = 0.0  # what relibra calibrate writes for CPU ranks
+    assert profile_config(profile_from_dict(d), make_config()).state_move_overlap == 0.0
+
+
 def edit(path, value):
     d = good()
     *parents, last = path
@@ -56,6 +64,7 @@ def edit(path, value):
     (("cost", "layer_call_s"), -1.0, "cost.layer_call_s must be >= 0"),
     (("cost", "message_latency_s"), "fast", "cost.message_latency_s must be a finite number, got 'fast'"),
     (("cost", "intra_node_bandwidth"), 0.0, "cost.intra_node_bandwidth must be > 0"),
+    (("cost", "state_move_overlap"), 1.5, "cost.state_move_overlap is a fraction in [0, 1], got 1.5"),
     (("world", "nodes"), 0, "world.nodes must be an integer >= 1, got 0"),
     (("sizes", "experts"), 15, "sizes.experts=15 does not divide over world's 2 ranks"),
     (("machine", "backend"), None, "machine.backend must be a string"),
