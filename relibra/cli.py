@@ -274,7 +274,8 @@ def _measure_options(args: argparse.Namespace) -> Any:
     options = parse_options(args.option, list(names)) if args.option else {}
     return MeasureOptions(args.nodes, args.gpus_per_node, args.spare_slots, args.dim, args.hidden, args.experts,
                           args.top_k, args.layers, args.tokens, args.micro_batches, args.steps, args.warmup_steps,
-                          args.skew, args.hot_steps, args.seed, names, options).check()
+                          args.skew, args.hot_steps, args.seed, names, options,
+                          defer_state=not getattr(args, "no_defer_state", False)).check()
 
 
 def measure(args: argparse.Namespace) -> int:
@@ -351,6 +352,9 @@ def _add_world_options(p: argparse.ArgumentParser, with_steps: bool) -> None:
                        help="pass an option to one policy, e.g. hybrid.migration_weight=1 (YAML scalar), repeatable")
         p.add_argument("--profile", default=None, metavar="FILE",
                        help="price plans with this profile from relibra calibrate (default: probe this world first)")
+        p.add_argument("--no-defer-state", action="store_true",
+                       help="move the experts' optimizer state with their weights (Balancer("
+                            "defer_optimizer_state=False)) instead of in the background")
     else:
         p.set_defaults(tokens=d.tokens, micro_batches=d.micro_batches, steps=d.steps, warmup_steps=d.warmup_steps,
                        skew=d.skew, hot_steps=d.hot_steps, policies=",".join(d.policies), option=[])

@@ -57,6 +57,7 @@ class MeasureOptions:
     seed: int = 0
     policies: tuple[str, ...] = DEFAULT_POLICIES
     policy_options: dict = field(default_factory=dict)
+    defer_state: bool = True
 
     @property
     def world_size(self) -> int:
@@ -73,6 +74,10 @@ class MeasureOptions:
         for f in fields(self):
             v = getattr(self, f.name)
             if f.name in ("skew", "policies", "policy_options"):
+                continue
+            if f.name == "defer_state":
+                if not isinstance(v, bool):
+                    return f"defer_state must be True or False, got {v!r}"
                 continue
             least = 0 if f.name in ("spare_slots", "warmup_steps", "seed", "hot_steps") else 1
             if not isinstance(v, int) or isinstance(v, bool) or v < least:

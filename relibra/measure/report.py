@@ -13,6 +13,7 @@ times are the median over timed steps (and the minimum for the measured one).
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 
 import torch
@@ -28,11 +29,13 @@ _PARTS = ("expert_compute_s", "a2a_s", "replica_s", "reorder_s", "optimizer_s", 
 
 
 def measured_config(o: MeasureOptions, profile: Profile) -> CostConfig:
-    """The cost model of the measured layer stack on ``profile``'s machine."""
+    """The cost model of the measured layer stack on ``profile``'s machine (the optimizer state
+    moved with the weights, ``state_move_overlap`` 0, when ``o.defer_state`` is off)."""
     shape = CostConfig(hidden=o.dim, expert_intermediate=o.hidden, num_experts=o.experts, top_k=o.top_k,
                        num_moe_layers=o.layers, num_expert_groups=1, non_moe_params=float(o.experts * o.dim),
                        attn_width=0, attn_context=0.0, extra_params=0.0)
-    return profile_config(profile, shape)
+    cfg = profile_config(profile, shape)
+    return cfg if o.defer_state else dataclasses.replace(cfg, state_move_overlap=0.0)
 
 
 def _modelled(record: dict, o: MeasureOptions, cfg: CostConfig) -> dict[str, float]:
@@ -109,7 +112,8 @@ def format_table(result: dict) -> str:
              f"({t['home_slots']} home + {o['spare_slots']} spare per rank), top-{o['top_k']}, {o['layers']} layers, "
              f"{o['tokens']} tokens/rank x {o['micro_batches']} micro-batches, skew {o['skew']} (hot experts "
              f"{'fixed' if not o['hot_steps'] else 'new every %d step(s)' % o['hot_steps']}); "
-             f"{o['steps']} timed steps after {o['warmup_steps']} warm-up",
+             f"{o['steps']} timed steps after {o['warmup_steps']} warm-up"
+             + ("" if o.get("defer_state", True) else "; optimizer state moved with the weights"),
              f"model: {result['profile']}; load average {t['load_average_before']:.2f} before, "
              f"{t['load_average_after']:.2f} after"]
     g = result.get("gemm_probe")

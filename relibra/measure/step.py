@@ -58,7 +58,8 @@ def build_stack(o: MeasureOptions, mesh, device: torch.device, policy: str, dtyp
                                        dtype=dtype, device=device) for _ in range(o.layers)])
     opt = torch.optim.AdamW(layers.parameters(), lr=1e-4)
     bal = Balancer(layers, mesh=mesh, policy=policy, optimizer=opt, spare_slots_per_gpu=o.spare_slots,
-                   policy_options=o.policy_options.get(policy), cost_model=cost_model)
+                   policy_options=o.policy_options.get(policy), cost_model=cost_model,
+                   defer_optimizer_state=o.defer_state)
     return layers, opt, bal
 
 
