@@ -181,7 +181,8 @@ def bench(args: argparse.Namespace) -> int:
                 bar.update(1)
 
     results = simulate(loads, topology, cfg, names, warmup_steps=args.warmup_steps, progress=progress,
-                       options=options, packer=packer, phases=phases, overlap=not args.no_overlap)
+                       options=options, packer=packer, phases=phases, overlap=not args.no_overlap,
+                       overlap_micro_batches=args.overlap_micro_batches)
     if packer is not None:
         packing.update(packer.describe())
     if bar is not None:
@@ -193,7 +194,8 @@ def bench(args: argparse.Namespace) -> int:
               "layers": L, "experts": E, "warmup_steps": args.warmup_steps, "topology": str(topology),
               "preset": args.preset, "cluster": args.cluster, "cost": cfg.to_dict(), "policy_options": options,
               "planning_time": "process CPU seconds of policy.plan per step, one torch thread",
-              "packing": packing, "phases": list(phases or (TRAIN,)), "overlap": not args.no_overlap}
+              "packing": packing, "phases": list(phases or (TRAIN,)), "overlap": not args.no_overlap,
+              "overlap_micro_batches": args.overlap_micro_batches}
     if stats is not None:
         header["trace_stats"] = stats
     for name in results:
@@ -215,9 +217,13 @@ def bench(args: argparse.Namespace) -> int:
         if options:
             print("policy options: " + "; ".join(f"{n}: {o}" for n, o in options.items()))
         if packer is not None or phases is not None:
-            where = "the step's placement" if args.no_overlap else "the step before's placement (overlap)"
+            k = args.overlap_micro_batches
+            where = ("every pass on the step's placement" if args.no_overlap else
+                     "forward-only passes before training on the step before's placement (overlap)" if k is None else
+                     f"the first {k} forward-only micro-batch(es) on the step before's placement (overlap), "
+                     "the rest on the step's")
             print(f"packing: {packing['mode']}; phases: {', '.join(header['phases'])} (step time = all passes; "
-                  f"forward-only passes before training on {where})")
+                  f"{where})")
         print(_table(results))
         print(_row_systems(results))
         for name in ("hybrid", "ideal"):
@@ -361,6 +367,19 @@ def _add_world_options(p: argparse.ArgumentParser, with_steps: bool) -> None:
         p.add_argument("--out", required=True, metavar="FILE", help="write the profile JSON here")
 
 
+def _overlap_micro_batches(text: str) -> int | None:
+    """``--overlap-micro-batches``: an int >= 1, or ``all`` (None)."""
+    if text == "all":
+        return None
+    try:
+        k = int(text)
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"expects an integer >= 1 or 'all', got {text!r}")
+    return k
+
+
 def _launch(argv: list[str]) -> int:
     try:
         from .integrations import launcher  # type: ignore[attr-defined]
@@ -400,6 +419,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--no-overlap", action="store_true",
                    help="with --phases: move the experts before the first pass, so the forward-only passes run on "
                         "the step's placement (default: they run on the step before's, while it is planned)")
+    b.add_argument("--overlap-micro-batches", type=_overlap_micro_batches, default=1, metavar="K|all",
+                   help="with --phases: forward-only micro-batches that run on the step before's placement while "
+                        "the step's is planned (the Balancer's overlap_micro_batches; default 1); all: every "
+                        "forward-only pass before the first training pass")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument("--plot", default=None, metavar="FILE.png")
     b.add_argument("--describe", action="store_true",

@@ -129,12 +129,20 @@ class Balancer(StepPlanning):
             before ``optimizer.step()`` (:mod:`relibra.runtime.state_move`; :meth:`complete_migration`).
             Exact either way. False moves everything at once. An optimizer without step and
             state-dict hooks moves everything at once.
+        overlap_micro_batches: with forward-only passes before the first training pass (an RL
+            step's log-prob pass), how many of their micro-batches run on the placement of the
+            step before while the step's is planned in the background; the experts move as the
+            next one starts, so the rest of the step runs on its own placement. 1 (default): a
+            step plans in well under one log-prob micro-batch at DeepSeek-V3 size (0.3-0.7 s on
+            one core), and every micro-batch more on the old placement costs more than it hides
+            (docs/rl-step.md). None: every forward-only pass before the first training pass.
     """
 
     def __init__(self, model: nn.Module, mesh=None, policy: Any = "hybrid", optimizer=None,
                  spare_slots_per_gpu: int = 1, policy_options: dict | None = None,
                  replica_min_gain: float = 0.05, edp_mesh=None, placement_min_gain: float = 0.01,
-                 cost_model: "CostConfig | None" = None, defer_optimizer_state: bool = True) -> None:
+                 cost_model: "CostConfig | None" = None, defer_optimizer_state: bool = True,
+                 overlap_micro_batches: int | None = 1) -> None:
         named = [(n, m) for n, m in model.named_modules() if isinstance(m, ReLibraMoE)]
         self.layers: list[ReLibraMoE] = [m for _, m in named]
         self.layer_names = [n or "<model>" for n, _ in named]  # module names, "<model>" for the root
@@ -161,6 +169,10 @@ class Balancer(StepPlanning):
         if not isinstance(defer_optimizer_state, bool):
             raise ValueError(f"defer_optimizer_state must be True or False, got {defer_optimizer_state!r}")
         self.defer_optimizer_state = defer_optimizer_state
+        if overlap_micro_batches is not None and (isinstance(overlap_micro_batches, bool) or not isinstance(
+                overlap_micro_batches, Integral) or overlap_micro_batches < 1):
+            raise ValueError(f"overlap_micro_batches must be an int >= 1 or None, got {overlap_micro_batches!r}")
+        self.overlap_micro_batches = None if overlap_micro_batches is None else int(overlap_micro_batches)
         self.mesh, self.optimizer = mesh, optimizer
         self.E, self.K, self.L = first.num_experts, first.top_k, len(self.layers)
         self.cost_model = _check_cost_model(cost_model, self.E, self.L)
@@ -264,7 +276,7 @@ class Balancer(StepPlanning):
             raise ValueError(f"Balancer.micro_batch: the micro-batch index must be an int, got {m!r}")
         index, fault = resolve_pass(self._passes, phase)
         step_pass = self._passes[index]
-        fault = fault or pass_fault(self._passes, self._current, step_pass, self._early_rows)
+        fault = fault or pass_fault(self._passes, self._current, step_pass, m)
         cache = step_pass.cache if step_pass is self._current else None
         fault = fault or ("" if cache is None else cache.entry_fault(m))
         agree_order = self.group is not None and any(layer.agree_input_errors for layer in self.layers)
@@ -276,11 +288,13 @@ class Balancer(StepPlanning):
         if not 0 <= m < step_pass.num_micro_batches:
             raise IndexError(f"micro-batch {m} out of range [0, {step_pass.num_micro_batches}) of pass "
                              f"{step_pass.index} ({step_pass.name})")
-        if step_pass.plan is None:  # the first training micro-batch: the step's placement, the move
+        early = m < step_pass.early  # planned on the placement of the step before
+        if not early and step_pass.plan is None:  # the first micro-batch after the early ones: the move
             self.prepare_training()
-        if step_pass is not self._current:
-            self._start_pass(step_pass)
-        ctxs = micro_batch_contexts(self.layers, step_pass.plan, m, step_pass.id, step_pass.routes[m],
+        plan = step_pass.early_plan if early else step_pass.plan
+        if step_pass is not self._current or plan is not self.plan:
+            self._start_pass(step_pass, plan)
+        ctxs = micro_batch_contexts(self.layers, plan, m, step_pass.id, step_pass.routes[m],
                                     step_pass.offsets_MLE[m], step_pass.source_MLGE[m], self.rank, step_pass.cache)
         for layer, ctx in zip(self.layers, ctxs):
             layer.install(ctx)
@@ -295,13 +309,16 @@ class Balancer(StepPlanning):
             for layer in self.layers:
                 layer.install(None)
 
-    def _start_pass(self, step_pass: Pass) -> None:
-        """Make ``step_pass`` the one that runs: its plan, a replica cache of its own, and the rows
-        the pass before computed kept for :meth:`metrics`."""
+    def _start_pass(self, step_pass: Pass, plan: Plan) -> None:
+        """Make ``step_pass`` run ``plan`` (its early plan or its plan): a replica cache of its own
+        (the early plan's closes: its replicas sit on the placement the experts left, and a
+        forward-only pass has no replica gradient), and the rows the pass before computed kept
+        for :meth:`metrics`."""
         self._keep_realised()
-        self._current, self.plan = step_pass, step_pass.plan
+        if step_pass is self._current and step_pass.cache is not None:
+            step_pass.cache.close()
+        self._current, self.plan = step_pass, plan
         if self.group is not None and self.topology.spare_slots_per_gpu:
-            plan = step_pass.plan
             step_pass.cache = ReplicaCache(self.layers, plan.spare_experts, plan.placement.home_experts,
                                            plan.intra_node_replicas, self.topology, self.rank,
                                            prefetch=not self._fsdp)
@@ -320,11 +337,12 @@ class Balancer(StepPlanning):
             layer.realised_rows = {}
 
     # ------------------------------------------------------------------ metrics
-    def _record_metrics(self, parts: list[tuple[Plan, torch.Tensor]], migration, t_plan: float, t_step: float,
-                        waited_seconds: float = 0.0) -> None:
+    def _record_metrics(self, parts: list[tuple[Plan, torch.Tensor]], passes: list[tuple[str, int]], migration,
+                        t_plan: float, t_step: float, waited_seconds: float = 0.0) -> None:
+        """``parts``: ``(plan, loads)`` of the planned micro-batches in schedule order; ``passes``
+        their ``(phase, micro-batches)``."""
         ex = self.layers[0].experts
         bytes_per_expert = 3 * ex.dim * ex.hidden_dim * ex.gate_up_proj.element_size()
-        passes = [(p.name, p.num_micro_batches) for p in self._passes if p.plan is not None]
         self._metrics = planned_metrics(self.policy_name, parts, self.topology, migration, bytes_per_expert,
                                         t_plan, t_step, passes)
         self._metrics["planning_wait_seconds"] = waited_seconds

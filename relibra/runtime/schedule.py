@@ -13,9 +13,12 @@ pass, in schedule order, make one loads tensor ``[M, L, E]``.
 
 Placement: the policy plans once a step, on the micro-batches of every training pass; the
 forward-only passes get replica plans of their own on a fixed placement (the policy's
-``replan``, or none). Forward-only passes before the first training pass run on the placement
-of the step before, so the step's placement can be planned in the background while they run
-(:class:`BackgroundPlan`); the experts move once, before the first training pass.
+``replan``, or none). The first forward-only micro-batches before the first training pass (the
+Balancer's ``overlap_micro_batches``, 1 by default) run on the placement of the step before, so
+the step's placement can be planned in the background while they run (:class:`BackgroundPlan`);
+the experts move once, as the next micro-batch starts, and every later micro-batch runs on the
+step's placement. A pass may so run its first micro-batches on one placement (``early_plan``)
+and the rest on the other (``plan``).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from ..phases import MAX_PASSES, PHASES, TRAIN, pass_id, pass_label
 from ..plan import Placement, Plan
 
 __all__ = ["Pass", "schedule_fault", "build_passes", "schedule_signature", "describe_signature", "resolve_pass",
-           "pass_fault", "join_plans", "plan_on", "BackgroundPlan"]
+           "pass_fault", "join_plans", "plan_rows", "plan_on", "BackgroundPlan"]
 
 
 @dataclass
@@ -42,9 +45,13 @@ class Pass:
         index: its position in the schedule; ``name``: its phase.
         routes: this rank's routes of every micro-batch, ``[T_m, L, K]`` int64.
         first: the row of its first micro-batch in the step's ``[M, L, E]`` loads.
-        plan: its plan (None until the step's placement is planned, for the passes from the
-            first training pass on when that runs in the background).
-        cache: its replica cache (made as the pass starts).
+        early: how many of its first micro-batches run on the placement of the step before.
+        early_plan: their plan (``early`` micro-batches), None when ``early`` is 0.
+        plan: the plan of all its micro-batches on the step's placement (None until that is
+            planned and the experts moved; never set for a pass that runs only early); only
+            the micro-batches from ``early`` on run it.
+        cache: its replica cache (made as the pass starts, and again where it moves from
+            ``early_plan`` to ``plan``).
     """
 
     index: int
@@ -53,6 +60,8 @@ class Pass:
     first: int
     plan: Plan | None = None
     cache: Any = None
+    early: int = 0
+    early_plan: Plan | None = None
     offsets_MLE: torch.Tensor | None = field(default=None, repr=False)
     source_MLGE: torch.Tensor | None = field(default=None, repr=False)
 
@@ -166,20 +175,20 @@ def resolve_pass(passes: list[Pass], phase: Any) -> tuple[int, str]:
     return 0, f"phase must be a pass index, a phase name or None, got {phase!r}"
 
 
-def pass_fault(passes: list[Pass], current: Pass | None, target: Pass, early_rows: int) -> str:
-    """Why a micro-batch of ``target`` cannot start after the pass ``current`` ran, or "".
+def pass_fault(passes: list[Pass], current: Pass | None, target: Pass, m: int) -> str:
+    """Why micro-batch ``m`` of ``target`` cannot start after the pass ``current`` ran, or "".
 
-    Passes run in schedule order (one may be skipped); a pass that ran on the placement of the
-    step before cannot run once the experts moved; a pass may not end while replica gradient
-    of its micro-batches waits to go home.
+    Passes run in schedule order (one may be skipped); a micro-batch planned on the placement of
+    the step before cannot run once the experts moved; a pass may not end while replica
+    gradient of its micro-batches waits to go home.
     """
     if current is not None and target.index < current.index:
         return (f"pass {target.index} ({target.name}) after pass {current.index} ({current.name}): the passes of a "
                 "step run in schedule order")
-    if target.first < early_rows and passes[-1].plan is not None and passes[-1].first >= early_rows:
-        return (f"pass {target.index} ({target.name}) was planned on the placement of the step before, and the "
-                "experts have moved since (the first training micro-batch, or prepare_training): run the "
-                "forward-only passes before the first training pass")
+    if 0 <= m < target.early and passes[-1].plan is not None:
+        return (f"micro-batch {m} of pass {target.index} ({target.name}) was planned on the placement of the step "
+                f"before, and the experts have moved since (micro-batch {target.early} of that pass, a later "
+                "pass, or prepare_training moved them): run the step's micro-batches in schedule order")
     if current is None or target is current:
         return ""
     pending = "" if current.cache is None else current.cache.pending_fault()
@@ -193,6 +202,12 @@ def join_plans(plans: list[Plan]) -> Plan:
         return first
     return Plan(first.topology, first.placement, torch.cat([p.spare_experts for p in plans]),
                 torch.cat([p.slot_tokens for p in plans]), all(p.intra_node_replicas for p in plans), first.policy)
+
+
+def plan_rows(plan: Plan, start: int, stop: int) -> Plan:
+    """Micro-batches ``start..stop-1`` of ``plan`` (the same placement)."""
+    return Plan(plan.topology, plan.placement, plan.spare_experts[start:stop], plan.slot_tokens[start:stop],
+                plan.intra_node_replicas, plan.policy, dict(plan.info))
 
 
 def plan_on(policy: Any, loads_MLE: torch.Tensor, placement: Placement, topology, policy_name: str) -> Plan:

@@ -11,13 +11,17 @@ same on every rank:
 1. ``plan_step``: one agreement on the input (routes, schedule, optimizer); the schedule's
    signature (passes, phases, micro-batches) all-gathered and compared; the loads of every
    micro-batch of every pass all-gathered. Then, when forward-only passes come before the first
-   training pass (and ``overlap``): rank 0 plans their replicas on the current placement and
+   training pass (and ``overlap``): rank 0 plans the replicas of their first
+   ``overlap_micro_batches`` micro-batches (the early ones) on the current placement and
    broadcasts them, and starts the policy's plan of the training passes in a thread
    (:class:`~relibra.runtime.schedule.BackgroundPlan`, no collective); else step 2 at once.
-2. ``prepare_training`` (the first training micro-batch calls it): rank 0 takes the policy's
-   plan, adds the replicas of the later forward-only passes on its placement, and broadcasts it
-   (or the policy's failure, raised on every rank with nothing moved); the experts move
-   (:func:`relibra.runtime.migration.migrate_experts`).
+2. ``prepare_training`` (the first micro-batch after the early ones calls it): rank 0 takes the
+   policy's plan, adds the replicas of the forward-only micro-batches that run on its placement,
+   and broadcasts it (or the policy's failure, raised on every rank with nothing moved); the
+   experts move (:func:`relibra.runtime.migration.migrate_experts`): weights and gradients now,
+   their optimizer state in the background (``defer_optimizer_state``).
+3. ``complete_migration`` (an ``optimizer.step()`` pre-hook calls it): the optimizer state's
+   transfers are awaited, verified and committed (:mod:`relibra.runtime.state_move`).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from .schedule import (
     describe_signature,
     join_plans,
     plan_on,
+    plan_rows,
     schedule_fault,
     schedule_signature,
 )
@@ -96,12 +101,13 @@ class StepPlanning:
             phases: the step's passes (:mod:`relibra.runtime.schedule`), ``[(phase name,
                 micro-batches), ...]`` in the order they run, each micro-batch a list of sequence
                 indices; None is one training pass over the micro-batches of ``routes``.
-            overlap: plan the step's placement in the background while the forward-only passes
-                before the first training pass run on the placement of the step before; the
-                experts move as the first training micro-batch starts (:meth:`prepare_training`).
-                False plans and moves now, and every pass runs on the new placement.
+            overlap: plan the step's placement in the background while the first
+                ``overlap_micro_batches`` forward-only micro-batches before the first training pass
+                (the Balancer's; all of them with None) run on the placement of the step before;
+                the experts move as the next micro-batch starts (:meth:`prepare_training`). False
+                plans and moves now, and every pass runs on the new placement.
 
-        Returns the plan of the first pass (without ``phases``, the step's plan).
+        Returns the plan of the first micro-batches to run (without ``phases``, the step's plan).
         """
         t0 = time.perf_counter()
         self._end_step()
@@ -133,8 +139,13 @@ class StepPlanning:
         for p in passes:
             p.offsets_MLE, p.source_MLGE = offsets_MLE[p.rows], source_GMLE[:, p.rows].permute(1, 2, 0, 3)
         first_train = next(p.index for p in passes if p.name == TRAIN)
-        early = passes[:first_train] if overlap else []
-        self._passes, self._loads, self._early_rows = passes, loads, sum(p.num_micro_batches for p in early)
+        before = sum(p.num_micro_batches for p in passes[:first_train])
+        early_rows = 0 if not overlap else before if self.overlap_micro_batches is None else min(
+            before, self.overlap_micro_batches)
+        for p in passes:
+            p.early = max(0, min(p.num_micro_batches, early_rows - p.first))
+        early = [p for p in passes if p.early]
+        self._passes, self._loads, self._early_rows = passes, loads, early_rows
         for layer in self.layers:
             layer.realised_rows = {}
         self._realised = {}
@@ -150,10 +161,14 @@ class StepPlanning:
                     self.policy, loads[:self._early_rows], self.placement, self.topology, self.policy_name),
                     loads[:self._early_rows])
                 plan = self._share(plan, error, failure, self._early_rows, t_plan)
-                self._split(plan, early)
+                row = 0
+                for p in early:
+                    p.early_plan = plan_rows(plan, row, row + p.early)
+                    row += p.early
                 self._pending = BackgroundPlan(plan_policy) if self.rank == 0 else None
-                self.plan = early[0].plan
-                self._record_metrics([(plan, loads[:self._early_rows])], None, t_plan, time.perf_counter() - t0)
+                self.plan = early[0].early_plan
+                self._record_metrics([(plan, loads[:self._early_rows])], [(p.name, p.early) for p in early], None,
+                                     t_plan, time.perf_counter() - t0)
             else:
                 self._pending = BackgroundPlan(plan_policy, in_thread=False) if self.rank == 0 else None
                 self.plan = self.prepare_training(t0)
@@ -161,7 +176,7 @@ class StepPlanning:
             self._passes = self.plan = None  # nothing installable after a failed plan_step
             raise
         self.steps_planned += 1
-        return passes[0].plan
+        return passes[0].early_plan if passes[0].early else passes[0].plan
 
     def _policy_plan(self, plan_loads: torch.Tensor):
         """The policy's plan of the training passes' loads, checked (rank 0; runs in the background)."""
@@ -189,10 +204,11 @@ class StepPlanning:
         micro-batch calls it when :meth:`plan_step` planned in the background).
 
         Rank 0 waits for the background plan, plans the replicas of the other passes that run on
-        it, and shares the result; the experts (weights, gradients, optimizer state) move; the
-        passes from the first training pass on get their plans. Returns the plan of the passes
-        on the new placement (all their micro-batches). A policy's failure raises the same error
-        on every rank, nothing moved, and the step is over (call ``plan_step`` again).
+        it, and shares the result; the experts (weights, gradients, optimizer state) move; every
+        pass with micro-batches after the early ones gets its plan. Returns the plan of those
+        passes on the new placement (all their micro-batches, the early ones of a pass that
+        started early included). A policy's failure raises the same error on every rank, nothing
+        moved, and the step is over (call ``plan_step`` again).
         """
         if self._passes is None:
             raise RuntimeError("Balancer.prepare_training: no step is planned (call plan_step first)")
@@ -226,18 +242,20 @@ class StepPlanning:
             self._passes = self.plan = None  # the step cannot train (nothing moved): plan_step again
             raise
         self._split(plan, main)
-        early = [(p.plan, self._loads[p.rows]) for p in self._passes[:main[0].index]]
+        parts = [(p.early_plan, self._loads[p.first:p.first + p.early]) for p in self._passes if p.early]
+        parts += [(plan_rows(p.plan, p.early, p.num_micro_batches), self._loads[p.first + p.early:p.rows.stop])
+                  for p in main if p.early < p.num_micro_batches]
         plan_step_seconds = self._metrics.get("plan_step_seconds")
-        self._record_metrics(early + [(plan, loads)], migration, t_plan, time.perf_counter() - t0,
-                             waited_seconds=waited)
+        self._record_metrics(parts, [(p.name, p.num_micro_batches) for p in self._passes], migration, t_plan,
+                             time.perf_counter() - t0, waited_seconds=waited)
         if started is None:  # planned in the background: plan_step's own time, and this call's
             self._metrics.update(plan_step_seconds=plan_step_seconds,
                                  prepare_training_seconds=time.perf_counter() - t0)
         return plan
 
     def _passes_after_early(self) -> list[Pass]:
-        """The passes that run on the step's placement (all but the overlapped forward-only ones)."""
-        return [p for p in self._passes if p.first >= self._early_rows]
+        """The passes with micro-batches on the step's placement (all but those that run only early)."""
+        return [p for p in self._passes if p.early < p.num_micro_batches]
 
     def _main_plan(self, train: Plan, main: list[Pass]) -> tuple[Plan | None, str, BaseException | None]:
         """Rank 0: the policy's training plan with the replicas of the forward-only passes on its

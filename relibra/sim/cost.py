@@ -278,7 +278,8 @@ def expert_seconds(slot_tokens_MLP: torch.Tensor, topology: Topology, cfg: CostC
 
 
 def step_cost(plan: Plan, loads_MLE: Any, cfg: CostConfig, previous: Placement | None = None,
-              source_loads_MLGE: Any = None, live_planning: bool = False) -> StepCost:
+              source_loads_MLGE: Any = None, live_planning: bool = False,
+              state_hide_s: float | None = None) -> StepCost:
     """Cost of one step of ``plan`` on its loads ``[M, L, E]``.
 
     Args:
@@ -288,6 +289,9 @@ def step_cost(plan: Plan, loads_MLE: Any, cfg: CostConfig, previous: Placement |
         live_planning: the plan is made at run time from the live router output (MoonEP,
             Megatron-Core's virtual-expert balancer): every micro-batch and MoE layer waits
             ``cfg.live_planning_s`` for it (``planning_s``).
+        state_hide_s: seconds of compute the deferred optimizer state of a move travels behind
+            (None: this plan's own; a step of several passes hides it behind every pass up to
+            its first optimizer step, :func:`relibra.sim.rl_step.phase_step_cost`).
     """
     loads = as_loads(loads_MLE, "loads")
     t = plan.topology
@@ -306,7 +310,8 @@ def step_cost(plan: Plan, loads_MLE: Any, cfg: CostConfig, previous: Placement |
     a2a = float(a2a_seconds(gpu, t, cfg, traffic).sum())
     rep, rep_bytes = replica_seconds(plan, cfg)
     non_moe, extra, tokens = _common(loads, t.num_gpus, cfg)
-    reo, reo_bytes = reorder_seconds(plan.placement, previous, t, cfg, hide_s=compute + non_moe + extra)
+    hide = compute + non_moe + extra if state_hide_s is None else state_hide_s
+    reo, reo_bytes = reorder_seconds(plan.placement, previous, t, cfg, hide_s=hide)
     optimizer, overhead = fixed_seconds(loads, t.num_gpus, cfg)
     planning = loads.shape[0] * loads.shape[1] * cfg.live_planning_s if live_planning else 0.0
     return StepCost(compute, non_moe, a2a, float(rep.sum()), reo, extra, tokens, rep_bytes, reo_bytes,

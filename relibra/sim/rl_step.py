@@ -15,15 +15,18 @@ Phases (``relibra bench --phases``, :func:`relibra.phases.parse_phases`): the pa
 step over its micro-batches, priced one by one with :mod:`relibra.sim.cost` and added up.
 A forward-only pass (``logprob``, ``ref``, ``forward``) costs forward compute, the forward
 all-to-all (dispatch and combine) and replica weight copies, no backward and no gradient return
-(:func:`forward_config`). The step's placement moves once, before its first training phase:
-the forward-only passes before it run on the placement of the step before with fresh replica
-plans (``policy.replan``, or no replicas for a policy without one), which is how the Balancer
-overlaps planning with the log-prob pass; the passes from the first training phase on run the
-policy's plan. With ``overlap=False`` (``--no-overlap``) the placement moves before the first
-pass and every pass runs the policy's plan (the Balancer's ``plan_step(..., overlap=False)``;
-the planning time is not priced, as nowhere in the simulator). Every pass uses the step's
+(:func:`forward_config`). The step's placement moves once. As the Balancer runs it
+(``overlap_micro_batches``, default 1), the first forward-only micro-batch runs on the placement
+of the step before with fresh replica plans (``policy.replan``, or no replicas for a policy
+without one) while the step's placement is planned, and the experts move before the second
+micro-batch (before the first training micro-batch at the latest); every micro-batch after that
+runs the policy's placement. ``overlap_micro_batches=None`` keeps every forward-only pass before
+the first training pass on the step before's placement. With ``overlap=False``
+(``--no-overlap``) the placement moves before the first pass and every pass runs the policy's
+plan (the Balancer's ``plan_step(..., overlap=False)``). The planning time is not priced, as
+nowhere in the simulator (``relibra bench`` reports it apart). Every pass uses the step's
 packing; replicas are priced per pass (a replica kept from one pass into the next pays its copy
-again).
+again, and so does one kept across the move).
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ from .cost import CostConfig, StepCost, ideal_step_cost, step_cost
 if TYPE_CHECKING:  # pragma: no cover - ``python -m relibra.sim.traces`` must find traces not yet imported
     from .traces import SequenceStep
 
-__all__ = ["PACKINGS", "StepPacker", "forward_config", "phase_step_cost", "ideal_phase_cost", "plan_on"]
+__all__ = ["PACKINGS", "StepPacker", "forward_config", "early_rows", "phase_step_cost", "ideal_phase_cost",
+           "plan_on"]
 
 PACKINGS = ("rollout", "tokens", "routes")
 
@@ -124,31 +128,60 @@ def _add(costs: list[StepCost]) -> StepCost:
     return StepCost(**total)
 
 
+def _rows(plan: Plan, rows: slice) -> Plan:
+    """``plan``'s micro-batches ``rows`` (same placement)."""
+    return Plan(plan.topology, plan.placement, plan.spare_experts[rows], plan.slot_tokens[rows],
+                plan.intra_node_replicas, plan.policy)
+
+
+def early_rows(phases: tuple[str, ...], num_micro_batches: int, overlap: bool = True,
+               overlap_micro_batches: int | None = 1) -> int:
+    """How many of the step's micro-batches (every pass's, in schedule order) run on the placement
+    of the step before: at most ``overlap_micro_batches`` (None: no bound) of those before the
+    first training pass; 0 without ``overlap``."""
+    if not overlap:
+        return 0
+    before = phases.index(TRAIN) * num_micro_batches
+    return before if overlap_micro_batches is None else min(before, overlap_micro_batches)
+
+
 def phase_step_cost(plan: Plan, loads_MLE: torch.Tensor, cfg: CostConfig, previous: Placement,
-                    phases: tuple[str, ...], policy: Any, overlap: bool = True, live_planning: bool = False
-                    ) -> tuple[StepCost, list[float]]:
+                    phases: tuple[str, ...], policy: Any, overlap: bool = True, live_planning: bool = False,
+                    overlap_micro_batches: int | None = 1) -> tuple[StepCost, list[float]]:
     """The step's cost over its ``phases`` and each phase's seconds (module docstring).
 
     Args:
-        plan: the policy's plan of the step (its placement moves before the first training phase).
+        plan: the policy's plan of the step (its placement moves after the early micro-batches).
         previous: the placement the step starts on.
-        policy: plans the forward-only passes before the first training phase on ``previous``
-            (:func:`plan_on`), when there are such passes.
+        policy: plans the early micro-batches on ``previous`` (:func:`plan_on`), when there are any.
         overlap: False: the placement moves before the first pass, every pass runs ``plan``.
         live_planning: every pass's plans are made at run time (:func:`relibra.sim.cost.step_cost`).
+        overlap_micro_batches: forward-only micro-batches on ``previous`` while the step's
+            placement is planned (:func:`early_rows`).
     """
     forward = forward_config(cfg)
-    first_train = phases.index(TRAIN) if overlap else 0
-    before = plan_on(policy, loads_MLE, previous, plan.topology) if first_train > 0 else None
-    costs = []
+    M = loads_MLE.shape[0]
+    early = early_rows(phases, M, overlap, overlap_micro_batches)
+    before = plan_on(policy, loads_MLE, previous, plan.topology) if early else None
+    parts = []  # (phase index, plan, loads, config, whether the experts move as it starts)
     for i, name in enumerate(phases):
         phase_cfg = cfg if has_backward(name) else forward
-        if i < first_train:
-            costs.append(step_cost(before, loads_MLE, phase_cfg, live_planning=live_planning))
-        else:
-            costs.append(step_cost(plan, loads_MLE, phase_cfg, previous=previous if i == first_train else None,
-                                   live_planning=live_planning))
-    return _add(costs), [c.total_s for c in costs]
+        head = min(max(early - i * M, 0), M)  # this pass's micro-batches on ``previous``
+        if head:
+            parts.append((i, _rows(before, slice(0, head)) if head < M else before, loads_MLE[:head], phase_cfg, False))
+        if head < M:
+            parts.append((i, _rows(plan, slice(head, M)) if head else plan, loads_MLE[head:], phase_cfg,
+                          i * M + head == early))
+    costs = [step_cost(p, loads, c, live_planning=live_planning) for _, p, loads, c, _ in parts]
+    move = next(k for k, part in enumerate(parts) if part[4])
+    # the moved experts' optimizer state travels behind every pass up to the first optimizer step
+    last = next(k for k, part in enumerate(parts) if part[0] >= phases.index(TRAIN) and has_backward(phases[part[0]]))
+    hide = sum(c.expert_compute_s + c.non_moe_s + c.extra_s for c in costs[move:last + 1])
+    _, p, loads, c, _ = parts[move]
+    costs[move] = step_cost(p, loads, c, previous=previous, live_planning=live_planning, state_hide_s=hide)
+    seconds = [sum(c.total_s for (i, *_), c in zip(parts, costs) if i == k) for k in range(len(phases))]
+    pass_tokens = sum(c.tokens for (i, *_), c in zip(parts, costs) if i == 0)
+    return dataclasses.replace(_add(costs), tokens=pass_tokens), seconds
 
 
 def ideal_phase_cost(loads_MLE: torch.Tensor, topology: Topology, cfg: CostConfig,

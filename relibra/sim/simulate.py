@@ -167,15 +167,17 @@ def simulate(loads_SMLE: Any, topology: Topology, cfg: CostConfig,
              progress: Callable[[str], None] | None = None,
              options: dict[str, dict[str, Any]] | None = None,
              packer: Callable[[int, Placement], torch.Tensor] | None = None,
-             phases: tuple[str, ...] | None = None, overlap: bool = True) -> dict[str, PolicyResult]:
+             phases: tuple[str, ...] | None = None, overlap: bool = True,
+             overlap_micro_batches: int | None = 1) -> dict[str, PolicyResult]:
     """Simulate every policy over the steps of ``loads_SMLE`` ``[S, M, L, E]``.
 
     ``options`` maps a bench row name to extra policy options (``{"hybrid": {"migration_weight":
     0.5}}``); they must be accepted by the policy (else TypeError/ValueError from the registry).
     ``packer(s, placement)`` gives step ``s``'s loads packed for the placement it starts on
     (None: ``loads_SMLE[s]``); ``phases`` the passes of a step (None: one training pass), each
-    phase's mean seconds then in ``breakdown_s["phases_s"]``; ``overlap`` where the forward-only
-    passes before the first training pass run (:func:`relibra.sim.rl_step.phase_step_cost`).
+    phase's mean seconds then in ``breakdown_s["phases_s"]``; ``overlap`` and
+    ``overlap_micro_batches``: how many forward-only micro-batches run on the step before's
+    placement (:func:`relibra.sim.rl_step.phase_step_cost`).
     Returns results by name; a policy missing from the registry comes back with ``skipped``
     set to the reason. Raises ValueError for a trace that does not fit the topology/config.
     """
@@ -232,7 +234,8 @@ def simulate(loads_SMLE: Any, topology: Topology, cfg: CostConfig,
                 cost = step_cost(plan, step_loads, cfg, previous=previous, live_planning=name in LIVE_ROWS)
             else:
                 cost, seconds = phase_step_cost(plan, step_loads, cfg, previous, phases, policy, overlap,
-                                                live_planning=name in LIVE_ROWS)
+                                                live_planning=name in LIVE_ROWS,
+                                                overlap_micro_batches=overlap_micro_batches)
                 per_phase.append(seconds)
             previous = plan.placement
             if s < warmup_steps:

@@ -14,7 +14,7 @@ from relibra.placement import Placement
 from relibra.plan import Plan
 from relibra.policies.hybrid import HybridPolicy
 from relibra.sim.cost import ideal_step_cost, make_config, step_cost
-from relibra.sim.rl_step import StepPacker, forward_config, ideal_phase_cost, phase_step_cost, plan_on
+from relibra.sim.rl_step import StepPacker, early_rows, forward_config, ideal_phase_cost, phase_step_cost, plan_on
 from relibra.sim.simulate import simulate
 from relibra.sim.traces import TraceConfig, generate_sequences, save_sequence_trace, save_trace_file
 
@@ -68,7 +68,8 @@ def test_forward_passes_cost_forward_work_on_the_previous_placement(steps):
     assert not plan.placement.equal(previous)
     early = plan_on(policy, loads, previous, topo)
     assert early.placement.equal(previous) and int(early.replicas().sum()) > 0  # fresh replicas, old homes
-    cost, (logprob, ref, train) = phase_step_cost(plan, loads, cfg, previous, ("logprob", "ref", "train"), policy)
+    cost, (logprob, ref, train) = phase_step_cost(plan, loads, cfg, previous, ("logprob", "ref", "train"), policy,
+                                                  overlap_micro_batches=None)  # every forward-only pass early
     forward = step_cost(early, loads, forward_config(cfg))
     assert logprob == ref == pytest.approx(forward.total_s)
     assert train == pytest.approx(step_cost(plan, loads, cfg, previous=previous).total_s)  # migration once
@@ -84,6 +85,43 @@ def test_forward_passes_cost_forward_work_on_the_previous_placement(steps):
     assert torch.equal(bare.slot_tokens, expected.slot_tokens)
 
 
+def test_the_experts_move_after_the_early_micro_batches(steps):
+    cfg, topo = setup()
+    loads = torch.from_numpy(steps[1].loads())
+    policy = HybridPolicy()
+    policy.plan(torch.from_numpy(steps[0].loads()), topo)
+    previous = policy.placement
+    plan = policy.plan(loads, topo)
+    M, fwd = loads.shape[0], forward_config(cfg)
+    assert M > 2 and early_rows(("logprob", "ref", "train"), M) == 1
+    assert early_rows(("logprob", "ref", "train"), M, overlap_micro_batches=None) == 2 * M
+    assert early_rows(("logprob", "train"), M, overlap=False) == 0 and early_rows(("train",), M) == 0
+    before = plan_on(policy, loads, previous, topo)
+
+    def rows(p, a, b):
+        return Plan(p.topology, p.placement, p.spare_experts[a:b], p.slot_tokens[a:b], p.intra_node_replicas)
+
+    # default: micro-batch 0 of the log-prob pass on the old homes, then the move, then the step's plan
+    cost, (logprob, ref, train) = phase_step_cost(plan, loads, cfg, previous, ("logprob", "ref", "train"), policy)
+    head = step_cost(rows(before, 0, 1), loads[:1], fwd)
+    # the moved experts' optimizer state travels behind the rest of the step up to its optimizer step
+    hide = sum(c.expert_compute_s + c.non_moe_s + c.extra_s for c in (
+        step_cost(rows(plan, 1, M), loads[1:], fwd), step_cost(plan, loads, fwd), step_cost(plan, loads, cfg)))
+    tail = step_cost(rows(plan, 1, M), loads[1:], fwd, previous=previous, state_hide_s=hide)
+    assert tail.reorder_s > 0 and logprob == pytest.approx(head.total_s + tail.total_s)
+    assert ref == pytest.approx(step_cost(plan, loads, fwd).total_s)
+    assert train == pytest.approx(step_cost(plan, loads, cfg).total_s)  # no second move
+    assert cost.tokens == pytest.approx(step_cost(plan, loads, cfg).tokens)
+    # k = M + 1: the log-prob pass on the old homes, the move as the reference pass's second micro-batch starts
+    _, (logprob_k, ref_k, _) = phase_step_cost(plan, loads, cfg, previous, ("logprob", "ref", "train"), policy,
+                                               overlap_micro_batches=M + 1)
+    assert logprob_k == pytest.approx(step_cost(before, loads, fwd).total_s)
+    hide_k = sum(c.expert_compute_s + c.non_moe_s + c.extra_s for c in (
+        step_cost(rows(plan, 1, M), loads[1:], fwd), step_cost(plan, loads, cfg)))
+    assert ref_k == pytest.approx(step_cost(rows(before, 0, 1), loads[:1], fwd).total_s + step_cost(
+        rows(plan, 1, M), loads[1:], fwd, previous=previous, state_hide_s=hide_k).total_s)
+
+
 def test_simulate_packings_and_phases(steps):
     cfg, topo = setup()
     loads = np.stack([st.loads() for st in steps])
@@ -96,7 +134,8 @@ def test_simulate_packings_and_phases(steps):
         assert len(packer.seconds) == 2 * len(steps)  # every step of both policies
         assert packed["static"].max_vio == pytest.approx(packed["static"].imbalance_mean - 1)
         assert 0 < packed["hybrid"].balancedness <= 1 and packed["hybrid"].max_vio < packed["static"].max_vio
-    phased = simulate(loads, topo, cfg, ["hybrid", "ideal"], phases=("logprob", "train", "train"))
+    phased = simulate(loads, topo, cfg, ["hybrid", "ideal"], phases=("logprob", "train", "train"),
+                      overlap_micro_batches=None)  # the whole log-prob pass on the step before's placement
     parts = phased["hybrid"].breakdown_s["phases_s"]
     assert [p["phase"] for p in parts] == ["logprob", "train", "train"]
     assert sum(p["seconds"] for p in parts) == pytest.approx(phased["hybrid"].step_time_s)
@@ -106,6 +145,11 @@ def test_simulate_packings_and_phases(steps):
     first = blocking["hybrid"].breakdown_s["phases_s"]
     assert first[0]["seconds"] != pytest.approx(parts[0]["seconds"])  # the log-prob pass on the step's placement
     assert first[1]["seconds"] == first[2]["seconds"] == pytest.approx(parts[2]["seconds"])  # the move went first
+    # the default: one log-prob micro-batch on the old placement, the move inside the log-prob pass
+    default = simulate(loads, topo, cfg, ["hybrid"], phases=("logprob", "train", "train"))["hybrid"]
+    passes = default.breakdown_s["phases_s"]
+    assert passes[1]["seconds"] == passes[2]["seconds"] == pytest.approx(parts[2]["seconds"])
+    assert default.step_time_s < phased["hybrid"].step_time_s
 
 
 def test_bench_packing_and_phases_json(v2_trace, capsys):
