@@ -10,21 +10,25 @@ rollout order: a group's sequences side by side) then ``train`` (forward + backw
 sequences packed by their routes with :func:`relibra.packing.pack` on each rank), one AdamW step.
 Policy ``hybrid``.
 
-Two Balancers with the same weights take turns step by step (machine noise hits both alike):
+Three Balancers with the same weights take turns step by step (machine noise hits all alike):
 
 - ``blocking``: ``plan_step(..., overlap=False)`` plans the placement and moves the experts before
   the log-prob pass (as relibra did before phases);
-- ``overlap``: ``plan_step`` plans only the log-prob pass's replicas on the current placement;
-  rank 0 plans the placement in a thread while the log-prob pass runs; the first training
-  micro-batch waits for it (``planning_wait_seconds``), shares it and moves the experts.
+- ``overlap-1`` (the Balancer's default, ``overlap_micro_batches=1``): ``plan_step`` plans only
+  the first log-prob micro-batch's replicas on the current placement; rank 0 plans the placement
+  in a thread while it runs; the second log-prob micro-batch waits for it
+  (``planning_wait_seconds``), shares it and moves the experts;
+- ``overlap-all`` (``overlap_micro_batches=None``): the whole log-prob pass on the current
+  placement; the first training micro-batch waits, shares and moves.
 
 ``--plan-cost deepseek`` (default) makes the planning as costly as at full size: the policy's
 ``plan`` first runs ``hybrid``'s planner for real on a DeepSeek-V3-sized step (8 x 8 GPUs, 8
 micro-batches x 58 layers x 256 experts of skewed loads) and drops that result, then plans the
 benchmark's own small step. ``none``: the small step's planning only (milliseconds). Printed per
 mode: median seconds on rank 0 over the steps after the first of ``plan_step``, the log-prob
-pass, the wait at the first training micro-batch (and the share + move with it), the training
-pass and the whole step, and rank 0's planning time; then one step as a timeline. Wall-clock on
+pass, the wait for the background plan (and the share + move with it: inside the log-prob pass
+for ``overlap-1``, inside the training pass for ``overlap-all``), the training pass and the whole
+step, and rank 0's planning time; then one step as a timeline. Wall-clock on
 a shared CPU: the planning thread competes with rank 0's own forward for cores and the GIL.
 """
 
@@ -43,7 +47,7 @@ from relibra.routing import count_loads
 from relibra.testing import run_world
 from relibra.topology import Topology
 
-MODES = ("blocking", "overlap")
+MODES = ("blocking", "overlap-1", "overlap-all")
 
 
 class CostlyPlan:
@@ -87,7 +91,8 @@ def worker(rank, mesh, a):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         policy = get_policy("hybrid")
         policy = CostlyPlan(policy) if a.plan_cost == "deepseek" else policy
-        runs[mode] = (model, opt, Balancer(model, mesh=mesh, policy=policy, optimizer=opt, spare_slots_per_gpu=1))
+        runs[mode] = (model, opt, Balancer(model, mesh=mesh, policy=policy, optimizer=opt, spare_slots_per_gpu=1,
+                                           overlap_micro_batches=None if mode == "overlap-all" else 1))
     times = {mode: [] for mode in MODES}
     M = a.micro_batches
     rollout = [list(range(m * a.sequences // M, (m + 1) * a.sequences // M)) for m in range(M)]
@@ -100,7 +105,7 @@ def worker(rank, mesh, a):
             packed = pack(count_loads(routes, a.experts), tokens, M, budget, bal.placement, bal.topology,
                           start=torch.tensor([m for m, g in enumerate(rollout) for _ in g])).groups()
             t = {"start": time.perf_counter()}
-            bal.plan_step(routes, phases=[("logprob", rollout), ("train", packed)], overlap=mode == "overlap")
+            bal.plan_step(routes, phases=[("logprob", rollout), ("train", packed)], overlap=mode != "blocking")
             t["plan_step"] = time.perf_counter()
             with torch.no_grad():
                 for m, group in enumerate(rollout):
@@ -143,23 +148,25 @@ def main() -> None:
           f"{a.dim}, hidden {a.hidden}), {a.sequences} sequences of ~{a.tokens} tokens per rank, {a.micro_batches} "
           f"micro-batches per pass, hybrid, plan cost {a.plan_cost}; rank 0 wall seconds, median of steps 2..{a.steps}")
     keys = ("plan_step", "logprob", "wait", "prepare", "train", "total", "planning")
-    print(f"{'mode':10s}" + "".join(f"{k:>11s}" for k in keys))
+    print(f"{'mode':12s}" + "".join(f"{k:>11s}" for k in keys))
     for mode in MODES:
         steady = times[mode][1:]
-        print(f"{mode:10s}" + "".join(f"{statistics.median(s[k] for s in steady):11.3f}" for k in keys))
+        print(f"{mode:12s}" + "".join(f"{statistics.median(s[k] for s in steady):11.3f}" for k in keys))
     for mode in MODES:
         s = times[mode][-1]
-        moved = s["prepare"] - s["wait"] if mode == "overlap" else 0.0
+        moved = s["prepare"] - s["wait"] if mode != "blocking" else 0.0
+        where = "second log-prob" if mode == "overlap-1" else "first training"
         print(f"\n{mode} (last step): plan_step {s['plan_step']:.3f}s"
               + (f" [planning {s['planning']:.3f}s and the move inside]" if mode == "blocking" else
-                 f" [log-prob replicas only; planning {s['planning']:.3f}s runs in a thread from here]")
+                 f" [early replicas only; planning {s['planning']:.3f}s runs in a thread from here]")
               + f" | logprob {s['logprob']:.3f}s"
-              + (f" | first train micro-batch waits {s['wait']:.3f}s, share + move {moved:.3f}s" if mode == "overlap"
-                 else "")
-              + f" | train {s['train'] - s['prepare']:.3f}s | step {s['total']:.3f}s")
-    print("\nplan_step: the call; logprob: the log-prob pass; wait: the first training micro-batch waiting for the "
-          "background plan; prepare: that wait plus sharing the plan and moving the experts (inside train); "
-          "train: the training pass with the optimizer step; planning: rank 0's policy.plan")
+              + (f" | the {where} micro-batch waits {s['wait']:.3f}s, share + move {moved:.3f}s"
+                 if mode != "blocking" else "")
+              + f" | train {s['train']:.3f}s | step {s['total']:.3f}s")
+    print("\nplan_step: the call; logprob: the log-prob pass; wait: the micro-batch after the early ones waiting "
+          "for the background plan; prepare: that wait plus sharing the plan and moving the experts (inside "
+          "logprob for overlap-1, inside train for overlap-all); train: the training pass with the optimizer step; "
+          "planning: rank 0's policy.plan")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,10 @@ from the contiguous placement). The time of a step is the slowest rank's (each r
 between barriers; the maximum is taken).
 
 A rank owns its core only while no other process wants it. Each rank reads how long its main
-thread sat runnable but not running during the step (its run-queue delay, ``/proc/self/schedstat``):
-a step in which some rank lost more than :data:`STOLEN_LIMIT` of the step so is *disturbed*.
+thread sat runnable but not running during the step (its run-queue delay, ``/proc/self/schedstat``),
+less what its own other threads ran (gloo's transfers, e.g. the optimizer state a migration moves
+in the background): a step in which some rank lost more than :data:`STOLEN_LIMIT` of the step so
+to other processes is *disturbed*.
 Rounds go on, interleaved as before, until every policy has ``steps`` undisturbed steps or
 ``MAX_ROUNDS x steps`` rounds were timed. Other processes matter more than noise here: while a
 rank idles, waiting for the busiest one, another process can use its core for free, so on a
@@ -45,6 +47,7 @@ STOLEN_LIMIT = 0.02
 #: at most this many times ``steps`` timed rounds, however many were disturbed
 MAX_ROUNDS = 3
 _SCHEDSTAT = "/proc/self/schedstat"
+_TASKS = "/proc/self/task"
 #: samples of the GEMM probe before and after the steps
 GEMM_PROBE_REPEATS = 5
 
@@ -69,11 +72,28 @@ def _sync(device: torch.device) -> None:
 
 
 def _run_delay() -> float:
-    """Seconds this process's main thread has spent runnable but not running (0 where unknown)."""
+    """Seconds this process's main thread has spent runnable but not running, less the CPU time
+    of its own other threads (0 where unknown).
+
+    A rank is pinned to one core, so its own threads (gloo's, carrying the optimizer state a
+    migration moves in the background) take the core from the main thread too; that is the
+    rank's own work, not another process's disturbance. The difference under-counts another
+    process only while the main thread waits anyway (blocked, not runnable).
+    """
     if not os.path.exists(_SCHEDSTAT):
         return 0.0
     with open(_SCHEDSTAT) as f:
-        return int(f.read().split()[1]) * 1e-9
+        delay = int(f.read().split()[1])
+    main = str(os.getpid())
+    for tid in os.listdir(_TASKS):
+        if tid == main:
+            continue
+        try:
+            with open(os.path.join(_TASKS, tid, "schedstat")) as f:
+                delay -= int(f.read().split()[0])
+        except FileNotFoundError:  # the thread ended between the listing and the read
+            continue
+    return delay * 1e-9
 
 
 def _train_step(layers, opt, bal: Balancer, routes, xs, device) -> list[float]:

@@ -120,15 +120,20 @@ class StateMove:
 
 def hold_optimizer(optimizer, pending: Callable[[], bool], finish: Callable[[], None]) -> bool:
     """Hook ``optimizer`` so that deferred state is never read half moved. Returns False (and
-    hooks nothing) when the optimizer has no step and state-dict hooks (then do not defer).
+    hooks nothing) when it is not a ``torch.optim.Optimizer`` with step and state-dict hooks (then
+    do not defer). A wrapper that holds the torch optimizer as ``.optimizer`` (accelerate's) has
+    the one inside hooked, whose ``step`` the wrapper's calls.
 
     - ``optimizer.step()`` first calls ``finish()`` (collective; every rank steps);
     - ``optimizer.state_dict()`` and ``optimizer.load_state_dict()`` raise RuntimeError while
       ``pending()``: they may run on one rank only, so they must not start a collective; the
       error says to finish first (``Balancer.complete_migration()`` on every rank).
     """
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer  # a wrapper (accelerate's AcceleratedOptimizer) steps the torch one inside
     names = ("register_step_pre_hook", "register_state_dict_pre_hook", "register_load_state_dict_pre_hook")
-    if not all(callable(getattr(optimizer, n, None)) for n in names):
+    if not isinstance(optimizer, torch.optim.Optimizer) or not all(callable(getattr(optimizer, n, None))
+                                                                  for n in names):
         return False
 
     def before_step(opt, args, kwargs):

@@ -109,6 +109,7 @@ def _worker(rank, mesh):
         out["corrupt"] = outcome(opt.step)
     out["back_on_old"] = torch.equal(bal.placement.home_experts, before) and not torch.equal(before, moved_to)
     out["plan_dropped"] = outcome(bal.micro_batch(0).__enter__)
+    out["step_again"] = outcome(opt.step)  # the step's gradients came back with the weights
     opt.zero_grad()
     _train_pass(model, bal, 2, rank)  # the next step plans and trains as usual
     opt.step()
@@ -151,4 +152,5 @@ def test_a_corrupted_state_transfer_fails_the_step_everywhere_and_keeps_the_old_
     for r in results:
         assert r["back_on_old"]
         assert r["plan_dropped"][0] == "RuntimeError" and "plan_step" in r["plan_dropped"][1]
+        assert r["step_again"] == ("no error", "")
         assert r["after"]

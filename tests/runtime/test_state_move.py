@@ -30,6 +30,7 @@ from test_migration import (
 
 from relibra.runtime import migration_stages
 from relibra.runtime.migration import MigrationError, migrate_experts
+from relibra.runtime.state_move import hold_optimizer
 from relibra.testing import run_world
 
 
@@ -157,3 +158,28 @@ def test_a_failed_way_back_says_where_everything_is():
 @pytest.mark.distributed
 def test_no_state_means_nothing_deferred():
     run_world(_worker_nothing_to_defer, world_size=WORLD, nodes=2, timeout=90)
+
+
+class _Wrapper(torch.optim.Optimizer):
+    """A wrapper like accelerate's AcceleratedOptimizer: no Optimizer.__init__, steps the one inside."""
+
+    def __init__(self, optimizer):  # noqa: D107 - deliberately skips Optimizer.__init__
+        self.optimizer = optimizer
+
+    def step(self, closure=None):
+        return self.optimizer.step(closure)
+
+
+def test_the_hooks_sit_on_the_torch_optimizer_inside_a_wrapper():
+    p = torch.nn.Parameter(torch.ones(3))
+    inner = torch.optim.AdamW([p], lr=0.1)
+    finished, pending = [], [True]
+    assert hold_optimizer(_Wrapper(inner), lambda: pending[0], lambda: finished.append(1))
+    p.grad = torch.ones(3)
+    _Wrapper(inner).step()
+    assert finished == [1]
+    with pytest.raises(RuntimeError, match="balancer.complete_migration"):
+        inner.state_dict()
+    pending[0] = False
+    assert "state" in inner.state_dict()
+    assert not hold_optimizer(object(), lambda: True, lambda: None)  # not an optimizer: nothing deferred
