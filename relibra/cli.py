@@ -281,7 +281,7 @@ def _measure_options(args: argparse.Namespace) -> Any:
     return MeasureOptions(args.nodes, args.gpus_per_node, args.spare_slots, args.dim, args.hidden, args.experts,
                           args.top_k, args.layers, args.tokens, args.micro_batches, args.steps, args.warmup_steps,
                           args.skew, args.hot_steps, args.seed, names, options,
-                          defer_state=not getattr(args, "no_defer_state", False)).check()
+                          defer_state=_DEFER[getattr(args, "defer_state", "auto")]).check()
 
 
 def measure(args: argparse.Namespace) -> int:
@@ -358,13 +358,17 @@ def _add_world_options(p: argparse.ArgumentParser, with_steps: bool) -> None:
                        help="pass an option to one policy, e.g. hybrid.migration_weight=1 (YAML scalar), repeatable")
         p.add_argument("--profile", default=None, metavar="FILE",
                        help="price plans with this profile from relibra calibrate (default: probe this world first)")
-        p.add_argument("--no-defer-state", action="store_true",
-                       help="move the experts' optimizer state with their weights (Balancer("
-                            "defer_optimizer_state=False)) instead of in the background")
+        p.add_argument("--defer-state", choices=tuple(_DEFER), default="auto",
+                       help="move the experts' optimizer state in the background (on), with their weights (off), "
+                            "or as the Balancer's default decides (auto: in the background on GPUs)")
     else:
         p.set_defaults(tokens=d.tokens, micro_batches=d.micro_batches, steps=d.steps, warmup_steps=d.warmup_steps,
                        skew=d.skew, hot_steps=d.hot_steps, policies=",".join(d.policies), option=[])
         p.add_argument("--out", required=True, metavar="FILE", help="write the profile JSON here")
+
+
+#: ``--defer-state`` -> the Balancer's ``defer_optimizer_state``
+_DEFER = {"auto": "auto", "on": True, "off": False}
 
 
 def _overlap_micro_batches(text: str) -> int | None:

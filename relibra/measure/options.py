@@ -57,7 +57,7 @@ class MeasureOptions:
     seed: int = 0
     policies: tuple[str, ...] = DEFAULT_POLICIES
     policy_options: dict = field(default_factory=dict)
-    defer_state: bool = True
+    defer_state: bool | str = "auto"
 
     @property
     def world_size(self) -> int:
@@ -76,8 +76,8 @@ class MeasureOptions:
             if f.name in ("skew", "policies", "policy_options"):
                 continue
             if f.name == "defer_state":
-                if not isinstance(v, bool):
-                    return f"defer_state must be True or False, got {v!r}"
+                if not isinstance(v, bool) and v != "auto":
+                    return f"--defer-state must be on, off or auto, got {v!r}"
                 continue
             least = 0 if f.name in ("spare_slots", "warmup_steps", "seed", "hot_steps") else 1
             if not isinstance(v, int) or isinstance(v, bool) or v < least:

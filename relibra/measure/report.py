@@ -30,12 +30,12 @@ _PARTS = ("expert_compute_s", "a2a_s", "replica_s", "reorder_s", "optimizer_s", 
 
 def measured_config(o: MeasureOptions, profile: Profile) -> CostConfig:
     """The cost model of the measured layer stack on ``profile``'s machine (the optimizer state
-    moved with the weights, ``state_move_overlap`` 0, when ``o.defer_state`` is off)."""
+    moved with the weights, ``state_move_overlap`` 0, when ``o.defer_state`` is False)."""
     shape = CostConfig(hidden=o.dim, expert_intermediate=o.hidden, num_experts=o.experts, top_k=o.top_k,
                        num_moe_layers=o.layers, num_expert_groups=1, non_moe_params=float(o.experts * o.dim),
                        attn_width=0, attn_context=0.0, extra_params=0.0)
     cfg = profile_config(profile, shape)
-    return cfg if o.defer_state else dataclasses.replace(cfg, state_move_overlap=0.0)
+    return cfg if o.defer_state is not False else dataclasses.replace(cfg, state_move_overlap=0.0)
 
 
 def _modelled(record: dict, o: MeasureOptions, cfg: CostConfig) -> dict[str, float]:
@@ -113,7 +113,8 @@ def format_table(result: dict) -> str:
              f"{o['tokens']} tokens/rank x {o['micro_batches']} micro-batches, skew {o['skew']} (hot experts "
              f"{'fixed' if not o['hot_steps'] else 'new every %d step(s)' % o['hot_steps']}); "
              f"{o['steps']} timed steps after {o['warmup_steps']} warm-up"
-             + ("" if o.get("defer_state", True) else "; optimizer state moved with the weights"),
+             + {True: "; optimizer state moved in the background", False: "; optimizer state moved with the "
+                "weights"}.get(o.get("defer_state", "auto"), ""),
              f"model: {result['profile']}; load average {t['load_average_before']:.2f} before, "
              f"{t['load_average_after']:.2f} after"]
     g = result.get("gemm_probe")

@@ -33,7 +33,7 @@ class HybridPolicy:
     Args:
         migration_weight: as for ``reorder``, but 0.005 by default (``reorder``'s is 0.02). A
             move costs the step only its weights' bytes (2 of 16 a parameter) when the Balancer
-            defers the optimizer state (``defer_optimizer_state``, its default), and in the cost
+            defers the optimizer state (``defer_optimizer_state``, its default on GPUs), and in the cost
             model 0.0025-0.005 is the optimum for ``hybrid`` (routes-packed RL traces at
             concentration 16 and 64: +2.5 % and +1.9 % of ideal against +3.0 % and +2.3 % at 0.02;
             the default trace +2.1 % against +2.7 %); docs/results.md has the sweep. Moving the

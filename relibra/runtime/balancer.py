@@ -124,11 +124,13 @@ class Balancer(StepPlanning):
             EP group then splits its own tokens on it (``replicate_on`` if the policy's plan
             had replicas, no replicas otherwise), so every replica keeps the same homes.
         defer_optimizer_state: when experts move, move their weights and gradients before the
-            first training micro-batch and their optimizer state (fp32 master copy and moments,
+            micro-batch that needs them and their optimizer state (fp32 master copy and moments,
             most of the bytes) in the background while the step computes, finished by a hook
             before ``optimizer.step()`` (:mod:`relibra.runtime.state_move`; :meth:`complete_migration`).
-            Exact either way. False moves everything at once. An optimizer without step and
-            state-dict hooks moves everything at once.
+            Exact either way. ``"auto"`` (default): where the experts live on a GPU; on CPU ranks
+            the transfer shares the rank's core and the optimizer step waits for it, measured
+            slower than the one-shot move (docs/migration.md). True / False: always / never. An
+            optimizer without step and state-dict hooks moves everything at once.
         overlap_micro_batches: with forward-only passes before the first training pass (an RL
             step's log-prob pass), how many of their micro-batches run on the placement of the
             step before while the step's is planned in the background; the experts move as the
@@ -141,7 +143,7 @@ class Balancer(StepPlanning):
     def __init__(self, model: nn.Module, mesh=None, policy: Any = "hybrid", optimizer=None,
                  spare_slots_per_gpu: int = 1, policy_options: dict | None = None,
                  replica_min_gain: float = 0.05, edp_mesh=None, placement_min_gain: float = 0.01,
-                 cost_model: "CostConfig | None" = None, defer_optimizer_state: bool = True,
+                 cost_model: "CostConfig | None" = None, defer_optimizer_state: bool | str = "auto",
                  overlap_micro_batches: int | None = 1) -> None:
         named = [(n, m) for n, m in model.named_modules() if isinstance(m, ReLibraMoE)]
         self.layers: list[ReLibraMoE] = [m for _, m in named]
@@ -166,8 +168,8 @@ class Balancer(StepPlanning):
                 or not 0.0 <= placement_min_gain < 1.0:
             raise ValueError(f"placement_min_gain must be a number in [0, 1), got {placement_min_gain!r}")
         self.placement_min_gain = float(placement_min_gain)
-        if not isinstance(defer_optimizer_state, bool):
-            raise ValueError(f"defer_optimizer_state must be True or False, got {defer_optimizer_state!r}")
+        if not isinstance(defer_optimizer_state, bool) and defer_optimizer_state != "auto":
+            raise ValueError(f"defer_optimizer_state must be True, False or 'auto', got {defer_optimizer_state!r}")
         self.defer_optimizer_state = defer_optimizer_state
         if overlap_micro_batches is not None and (isinstance(overlap_micro_batches, bool) or not isinstance(
                 overlap_micro_batches, Integral) or overlap_micro_batches < 1):

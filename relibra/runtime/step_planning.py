@@ -341,8 +341,12 @@ class StepPlanning:
         return migration
 
     def _can_defer_state(self) -> bool:
-        """Whether this move may leave the optimizer state in flight (hooks the optimizer once)."""
-        if not self.defer_optimizer_state or self.optimizer is None:
+        """Whether this move may leave the optimizer state in flight (hooks the optimizer once):
+        ``defer_optimizer_state`` True, or ``"auto"`` with the experts on a GPU."""
+        defer = self.defer_optimizer_state
+        if defer == "auto":
+            defer = self.layers[0].experts.local_weights()[0].device.type == "cuda"
+        if not defer or self.optimizer is None:
             return False
         if self._held is not self.optimizer:
             if not hold_optimizer(self.optimizer, lambda: self._state_move is not None, self.complete_migration):

@@ -84,7 +84,8 @@ class CostConfig:
     [0, 1] and ``replica_reuse`` in [0, 1] (the share of a kept replica's traffic that is saved).
     ``state_move_overlap``: the share of a reorder's optimizer-state bytes (all of
     ``state_bytes_per_param`` but the ``weight_bytes``) that travels behind the training pass
-    (the Balancer's ``defer_optimizer_state``, on by default: 1); the rest moves with the weights.
+    (the Balancer's ``defer_optimizer_state``, its default on GPUs: 1); the rest moves with the
+    weights.
     Defaults and where they come from: the module doc.
     Cluster shape: ``gpus_per_domain`` (GPUs on one NVLink domain: a topology's node is one
     domain and may not hold more) and ``gpu_memory_bytes`` (HBM per GPU; the spare slots'

@@ -21,7 +21,7 @@ from relibra.testing import run_world
 M, LR, STEPS = 2, 2e-2, 3
 
 
-def _build(mesh, policy: str, defer: bool):
+def _build(mesh, policy: str, defer: bool | str):
     torch.manual_seed(1)
     model = Net(mesh)
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
@@ -76,6 +76,11 @@ def _worker(rank, mesh):
         oneshot, oneshot_metrics = _run(mesh, rank, policy, False)
         out[policy] = dict(bitwise=max_err(deferred, oneshot), vs_static=max_err(deferred, static), metrics=metrics,
                            oneshot_in_flight=[m["in_flight"] for m in oneshot_metrics])
+
+    # the default, "auto", defers only where the experts live on a GPU: here they move at once
+    auto, auto_metrics = _run(mesh, rank, "reorder", "auto")
+    out["auto"] = dict(bitwise=max_err(auto, _run(mesh, rank, "reorder", False)[0]),
+                       moved=sum(m["moved"] for m in auto_metrics), in_flight=[m["in_flight"] for m in auto_metrics])
 
     # reading the state while it travels: refused on this rank alone (no collective), then finished
     model, opt, bal = _build(mesh, "reorder", True)
@@ -134,6 +139,12 @@ def test_deferred_state_is_bitwise_the_one_shot_move_and_matches_static(results,
         # a move after the first optimizer step has state to defer, and the step waited for it
         assert any(m["in_flight"] and m["waited"] for m in moving)
         assert not any(got["oneshot_in_flight"])
+
+
+@pytest.mark.distributed
+def test_auto_moves_everything_at_once_on_cpu_ranks(results):
+    for r in results:
+        assert r["auto"]["moved"] > 0 and not any(r["auto"]["in_flight"]) and r["auto"]["bitwise"] == 0.0
 
 
 @pytest.mark.distributed
