@@ -97,6 +97,20 @@ def logical_state(model, opt) -> dict:
     return out
 
 
+def logical_snapshot(model, opt) -> dict[str, torch.Tensor]:
+    """Logical weights, AdamW moments and steps, indexed here from the live objects (collective)."""
+    out = {f"weight {k}": (v.full_tensor() if hasattr(v, "full_tensor") else v).clone()
+           for k, v in model.state_dict().items()}
+    for name, p in model.named_parameters():
+        for key, v in opt.state.get(p, {}).items():
+            full = v.full_tensor() if hasattr(v, "full_tensor") else v
+            if v.dim() and ".experts." in name:  # rows are in placement order: put them in expert order
+                home = model.get_submodule(name.rsplit(".", 1)[0]).home_experts_K
+                full = torch.empty_like(full).index_copy_(0, home, full)
+            out[f"{key} {name}"] = full.detach().clone()
+    return out
+
+
 def allreduce_dense_grads(model) -> None:
     """DDP-style: sum the grads of replicated (non-expert) parameters across ranks."""
     for p in model.parameters():

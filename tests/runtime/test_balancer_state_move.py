@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _moe_world import WORLD, Net, allreduce_dense_grads, max_err, outcome, same_error, step_data
+from _moe_world import WORLD, Net, allreduce_dense_grads, logical_snapshot, max_err, outcome, same_error, step_data
 
 from relibra.runtime import migration_stages
 from relibra.runtime.balancer import Balancer
@@ -40,20 +40,6 @@ def _train_pass(model, bal, step: int, rank: int) -> None:
     allreduce_dense_grads(model)
 
 
-def _snapshot(model, opt) -> dict[str, torch.Tensor]:
-    """Logical weights and AdamW moments (collective)."""
-    out = {f"weight {k}": (v.full_tensor() if hasattr(v, "full_tensor") else v).clone()
-           for k, v in model.state_dict().items()}
-    for name, p in model.named_parameters():
-        for key, v in opt.state.get(p, {}).items():
-            full = v.full_tensor() if hasattr(v, "full_tensor") else v
-            if v.dim() and ".experts." in name:
-                home = model.get_submodule(name.rsplit(".", 1)[0]).home_experts_K
-                full = torch.empty_like(full).index_copy_(0, home, full)
-            out[f"{key} {name}"] = full.detach().clone()
-    return out
-
-
 def _run(mesh, rank, policy: str, defer: bool) -> tuple[dict, list[dict]]:
     model, opt, bal = _build(mesh, policy, defer)
     metrics = []
@@ -65,7 +51,7 @@ def _run(mesh, rank, policy: str, defer: bool) -> tuple[dict, list[dict]]:
         m = bal.metrics()
         metrics.append(dict(moved=m.get("experts_moved", 0), in_flight=in_flight,
                             waited="state_move_wait_seconds" in m))
-    return _snapshot(model, opt), metrics
+    return logical_snapshot(model, opt), metrics
 
 
 def _worker(rank, mesh):
@@ -118,7 +104,7 @@ def _worker(rank, mesh):
     opt.zero_grad()
     _train_pass(model, bal, 2, rank)  # the next step plans and trains as usual
     opt.step()
-    out["after"] = bool(torch.isfinite(_snapshot(model, opt)[next(iter(_snapshot(model, opt)))]).all())
+    out["after"] = bool(torch.isfinite(logical_snapshot(model, opt)[next(iter(logical_snapshot(model, opt)))]).all())
     return out
 
 

@@ -27,7 +27,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from _moe_world import WORLD, Net, allreduce_dense_grads, max_err, outcome, same_error, step_data
+from _moe_world import WORLD, Net, allreduce_dense_grads, logical_snapshot, max_err, outcome, same_error, step_data
 
 import relibra
 from relibra.plan import Placement
@@ -66,20 +66,6 @@ def _step(model, opt, bal, step: int, rank: int | None, sum_dense: bool = True) 
         allreduce_dense_grads(model)
     opt.step()
     opt.zero_grad()
-
-
-def _snapshot(model, opt) -> dict[str, torch.Tensor]:
-    """Logical weights, AdamW moments and steps, indexed here from the live objects (collective)."""
-    out = {f"weight {k}": (v.full_tensor() if hasattr(v, "full_tensor") else v).clone()
-           for k, v in model.state_dict().items()}
-    for name, p in model.named_parameters():
-        for key, v in opt.state.get(p, {}).items():
-            full = v.full_tensor() if hasattr(v, "full_tensor") else v
-            if v.dim() and ".experts." in name:  # rows are in placement order: put them in expert order
-                home = model.get_submodule(name.rsplit(".", 1)[0]).home_experts_K
-                full = torch.empty_like(full).index_copy_(0, home, full)
-            out[f"{key} {name}"] = full.detach().clone()
-    return out
 
 
 def _save(model, opt, bal, path: str, fmt: str, rank: int) -> None:
@@ -131,7 +117,7 @@ def _world1(rank, mesh, tmp, init):
         for s in (0, 1):
             _step(model, opt, bal, s, rank)
         res["moved"], res["steps_saved"] = _moved(bal), bal.steps_planned
-        saved, placement = _snapshot(model, opt), bal.placement
+        saved, placement = logical_snapshot(model, opt), bal.placement
         # the planning rank's policy state reaches every rank's Balancer.state_dict()
         policy_state = bal.state_dict()["policy_state"]
         res["policy_state"] = [t.tolist() for t in _tensors(policy_state)]
@@ -141,14 +127,14 @@ def _world1(rank, mesh, tmp, init):
         uninterrupted = {}
         for s in (2, 3, 4):
             _step(model, opt, bal, s, rank)
-            uninterrupted[s] = _snapshot(model, opt)
+            uninterrupted[s] = logical_snapshot(model, opt)
         # plain torch: model + optimizer state dicts into fresh objects (contiguous placement).
         # Into a bare optimizer (no Balancer hooks it) the moments land on other experts ...
         m0, _, _ = _build(mesh, policy, seed=5)
         m0.load_state_dict(naive[0])
         bare = torch.optim.AdamW(m0.parameters(), lr=LR)
         bare.load_state_dict(naive[1])
-        res["naive_error"] = max_err(_snapshot(m0, bare), saved)
+        res["naive_error"] = max_err(logical_snapshot(m0, bare), saved)
         # ... into the Balancer's optimizer the placement stamp refuses it, and the way out it names
         # (the Balancer first, which moves the experts to the saved placement) restores it exactly
         m0, o0, b0 = _build(mesh, policy, seed=5)
@@ -160,22 +146,22 @@ def _world1(rank, mesh, tmp, init):
             res["naive_refused"] = str(exc)
         b0.load_state_dict(naive[2])
         o0.load_state_dict(naive[1])
-        res["naive_after_balancer"] = max_err(_snapshot(m0, o0), saved)
+        res["naive_after_balancer"] = max_err(logical_snapshot(m0, o0), saved)
         for fmt in FORMATS:
             m1, o1, b1 = _build(mesh, policy, seed=2)  # same world and policy: plans identical
             _load(m1, o1, b1, f"{tmp}/{policy}-A", fmt)
-            res[f"{fmt} same loaded"] = max_err(_snapshot(m1, o1), saved)
+            res[f"{fmt} same loaded"] = max_err(logical_snapshot(m1, o1), saved)
             res[f"{fmt} same placement"] = bool(b1.placement.equal(placement))
             res[f"{fmt} same steps"] = b1.steps_planned
             _step(m1, o1, b1, 2, rank)
-            res[f"{fmt} same step 2"] = max_err(_snapshot(m1, o1), uninterrupted[2])
+            res[f"{fmt} same step 2"] = max_err(logical_snapshot(m1, o1), uninterrupted[2])
             m4, o4, b4 = _build(mesh_1x4, "static", seed=3)  # 1 node x 4 GPUs, another policy
             _load(m4, o4, b4, f"{tmp}/{policy}-A", fmt, strict=False)
-            res[f"{fmt} 1x4 loaded"] = max_err(_snapshot(m4, o4), saved)
+            res[f"{fmt} 1x4 loaded"] = max_err(logical_snapshot(m4, o4), saved)
             _step(m4, o4, b4, 2, rank)
-            res[f"{fmt} 1x4 step 2"] = max_err(_snapshot(m4, o4), uninterrupted[2])
+            res[f"{fmt} 1x4 step 2"] = max_err(logical_snapshot(m4, o4), uninterrupted[2])
             _save(m4, o4, b4, f"{tmp}/{policy}-B-{fmt}", fmt, rank)
-            _keep(_snapshot(m4, o4), f"{tmp}/{policy}-B-{fmt}", rank)
+            _keep(logical_snapshot(m4, o4), f"{tmp}/{policy}-B-{fmt}", rank)
         _keep({s: uninterrupted[s] for s in (3, 4)}, f"{tmp}/{policy}-U", rank)
         out[policy] = res
     return out
@@ -210,11 +196,11 @@ def _one_process(tmp) -> dict:
         with _one_thread():
             model, opt, bal = _build(None, "static", seed=4)
             _load(model, opt, bal, f"{tmp}/{policy}-B-{fmt}", fmt, strict=False)
-            loaded = max_err(_snapshot(model, opt), _kept(f"{tmp}/{policy}-B-{fmt}"))
+            loaded = max_err(logical_snapshot(model, opt), _kept(f"{tmp}/{policy}-B-{fmt}"))
             _step(model, opt, bal, 3, None)
-            step3 = max_err(_snapshot(model, opt), _kept(f"{tmp}/{policy}-U")[3])
+            step3 = max_err(logical_snapshot(model, opt), _kept(f"{tmp}/{policy}-U")[3])
             _save(model, opt, bal, f"{tmp}/{policy}-C-{fmt}", fmt, 0)
-            _keep(_snapshot(model, opt), f"{tmp}/{policy}-C-{fmt}", 0)
+            _keep(logical_snapshot(model, opt), f"{tmp}/{policy}-C-{fmt}", 0)
             out[policy, fmt] = dict(loaded=loaded, step3=step3)
     return out
 
@@ -226,9 +212,9 @@ def _world2(rank, mesh, tmp):
         for fmt in FORMATS:
             model, opt, bal = _build(mesh, policy, seed=6)
             _load(model, opt, bal, f"{tmp}/{policy}-C-{fmt}", fmt, strict=False)
-            loaded = max_err(_snapshot(model, opt), _kept(f"{tmp}/{policy}-C-{fmt}"))
+            loaded = max_err(logical_snapshot(model, opt), _kept(f"{tmp}/{policy}-C-{fmt}"))
             _step(model, opt, bal, 4, rank)
-            step4 = max_err(_snapshot(model, opt), _kept(f"{tmp}/{policy}-U")[4])
+            step4 = max_err(logical_snapshot(model, opt), _kept(f"{tmp}/{policy}-U")[4])
             out[policy, fmt] = dict(loaded=loaded, step4=step4)
     out["bad"] = _bad_checkpoints(rank, mesh, tmp)
     out["fsdp"] = _fsdp_checkpoints(rank, mesh, tmp)
@@ -252,18 +238,18 @@ def _fsdp_checkpoints(rank, mesh, tmp) -> dict:
     model, opt, bal = sharded(0)
     for s in (0, 1):
         _step(model, opt, bal, s, rank, sum_dense=False)
-    saved = _snapshot(model, opt)
+    saved = logical_snapshot(model, opt)
     for fmt in FORMATS:
         _save(model, opt, bal, f"{tmp}/fsdp", fmt, rank)
     _step(model, opt, bal, 2, rank, sum_dense=False)
-    after = _snapshot(model, opt)
+    after = logical_snapshot(model, opt)
     out = {}
     for fmt in FORMATS:
         plain_model, plain_opt, plain_bal = _build(mesh, "hybrid", seed=2)
         _load(plain_model, plain_opt, plain_bal, f"{tmp}/fsdp", fmt)
-        out[f"{fmt} loaded"] = max_err(_snapshot(plain_model, plain_opt), saved)
+        out[f"{fmt} loaded"] = max_err(logical_snapshot(plain_model, plain_opt), saved)
         _step(plain_model, plain_opt, plain_bal, 2, rank)
-        out[f"{fmt} step 2"] = max_err(_snapshot(plain_model, plain_opt), after)
+        out[f"{fmt} step 2"] = max_err(logical_snapshot(plain_model, plain_opt), after)
     out["into fsdp"] = outcome(_load, *sharded(3), f"{tmp}/fsdp", "plain")
     return out
 
@@ -322,15 +308,15 @@ def _bad_checkpoints(rank, mesh, tmp) -> dict:
     }
     model, opt, bal = _build(mesh, "hybrid", seed=7)
     _step(model, opt, bal, 0, rank)  # a placement, weights and moments worth keeping
-    before, placement, steps = _snapshot(model, opt), bal.placement, bal.steps_planned
+    before, placement, steps = logical_snapshot(model, opt), bal.placement, bal.steps_planned
     out = {}
     for case, state in cases.items():
         out[case] = outcome(set_state, model, opt, bal, state)
-        out[case + " unchanged"] = (max_err(_snapshot(model, opt), before) == 0.0
+        out[case + " unchanged"] = (max_err(logical_snapshot(model, opt), before) == 0.0
                                     and bal.placement.equal(placement) and bal.steps_planned == steps)
     # DCP fills get_state's copies, so a load that set_state then refuses (another policy) changes nothing
     out["dcp_policy"] = outcome(_load, model, opt, bal, f"{tmp}/static-C-dcp", "dcp")
-    out["dcp_policy unchanged"] = (max_err(_snapshot(model, opt), before) == 0.0
+    out["dcp_policy unchanged"] = (max_err(logical_snapshot(model, opt), before) == 0.0
                                    and bal.placement.equal(placement) and bal.steps_planned == steps)
     one = copy.deepcopy(good["balancer"])  # Balancer.load_state_dict on its own: one MoE layer
     one["layers"], one["placement"] = one["layers"][:1], one["placement"][:1]
@@ -455,7 +441,7 @@ def test_one_process_checkpoint_round_trip_and_bad_input(tmp_path):
     torch.save(state, tmp_path / "one.pt")
     fresh, fresh_opt, fresh_bal = _build(None, "hybrid", seed=9)
     set_state(fresh, fresh_opt, fresh_bal, torch.load(tmp_path / "one.pt", weights_only=True))
-    assert max_err(_snapshot(fresh, fresh_opt), _snapshot(model, opt)) == 0.0
+    assert max_err(logical_snapshot(fresh, fresh_opt), logical_snapshot(model, opt)) == 0.0
     assert fresh_bal.placement.equal(bal.placement) and fresh_bal.steps_planned == 2
     bad = copy.deepcopy(state)
     bad["balancer"]["placement"] = bad["balancer"]["placement"][:1]
@@ -481,8 +467,8 @@ def test_the_docs_example_runs_and_restores_exactly(tmp_path, monkeypatch):
     namespace: dict = {}
     with _one_thread():
         exec(compile(example, "docs/checkpoints.md", "exec"), namespace)
-    saved = _snapshot(namespace["model"], namespace["opt"])
+    saved = logical_snapshot(namespace["model"], namespace["opt"])
     for suffix in ("2", "3"):
-        assert max_err(_snapshot(namespace["model" + suffix], namespace["opt" + suffix]), saved) == 0.0
+        assert max_err(logical_snapshot(namespace["model" + suffix], namespace["opt" + suffix]), saved) == 0.0
         assert namespace["balancer" + suffix].placement.equal(namespace["balancer"].placement)
         assert namespace["balancer" + suffix].steps_planned == 2

@@ -58,13 +58,18 @@ def test_one_training_phase_is_todays_cost(steps):
     assert ideal == ideal_step_cost(loads, topo, cfg)
 
 
-def test_forward_passes_cost_forward_work_on_the_previous_placement(steps):
+def _second_step(steps):
+    """``(cfg, topo, loads, policy, previous, plan)``: hybrid's plan of step 1 after step 0."""
     cfg, topo = setup()
     loads = torch.from_numpy(steps[1].loads())
     policy = HybridPolicy()
     policy.plan(torch.from_numpy(steps[0].loads()), topo)
     previous = policy.placement
-    plan = policy.plan(loads, topo)
+    return cfg, topo, loads, policy, previous, policy.plan(loads, topo)
+
+
+def test_forward_passes_cost_forward_work_on_the_previous_placement(steps):
+    cfg, topo, loads, policy, previous, plan = _second_step(steps)
     assert not plan.placement.equal(previous)
     early = plan_on(policy, loads, previous, topo)
     assert early.placement.equal(previous) and int(early.replicas().sum()) > 0  # fresh replicas, old homes
@@ -86,12 +91,7 @@ def test_forward_passes_cost_forward_work_on_the_previous_placement(steps):
 
 
 def test_the_experts_move_after_the_early_micro_batches(steps):
-    cfg, topo = setup()
-    loads = torch.from_numpy(steps[1].loads())
-    policy = HybridPolicy()
-    policy.plan(torch.from_numpy(steps[0].loads()), topo)
-    previous = policy.placement
-    plan = policy.plan(loads, topo)
+    cfg, topo, loads, policy, previous, plan = _second_step(steps)
     M, fwd = loads.shape[0], forward_config(cfg)
     assert M > 2 and early_rows(("logprob", "ref", "train"), M) == 1
     assert early_rows(("logprob", "ref", "train"), M, overlap_micro_batches=None) == 2 * M
