@@ -8,6 +8,7 @@ and backward. One placement serves them all; replicas are planned per phase and 
     parse_phases  "logprob,ref,train", "logprob,train*2" or "2+1" -> a tuple of names
     pass_id       (pass index in the schedule, phase name) -> the id the runtime's order check carries
     pass_label    that id -> "logprob" / "train (pass 2)", for messages
+    early_micro_batches  how many micro-batches run on the step before's placement (overlap)
 
 ``train`` is id 0 and the first pass has index 0, so a step of one training pass (what relibra
 ran before phases had names) carries id 0 as it always did.
@@ -16,7 +17,7 @@ ran before phases had names) carries id 0 as it always did.
 from __future__ import annotations
 
 __all__ = ["PHASES", "TRAIN", "FORWARD_ONLY", "MAX_PASSES", "has_backward", "parse_phases", "check_phase", "pass_id",
-           "pass_label"]
+           "pass_label", "early_micro_batches"]
 
 TRAIN = "train"
 #: phase names by id: ``train`` (forward + backward), then the forward-only passes: ``logprob``
@@ -27,6 +28,16 @@ FORWARD_ONLY = frozenset(PHASES[1:])
 #: most passes of one step (a schedule of more is a typo, not an RL step); the order check's
 #: phase digit holds MAX_PASSES * len(PHASES) = 256 ids
 MAX_PASSES = 64
+
+
+def early_micro_batches(before_training: int, overlap: bool = True, overlap_micro_batches: int | None = 1) -> int:
+    """How many of a step's micro-batches (every pass's, in schedule order) run on the placement of
+    the step before while the step's is planned: at most ``overlap_micro_batches`` (None: no
+    bound) of the ``before_training`` forward-only micro-batches before the first training pass;
+    0 without ``overlap``. The Balancer and the simulator both count this way."""
+    if not overlap:
+        return 0
+    return before_training if overlap_micro_batches is None else min(before_training, overlap_micro_batches)
 
 
 def has_backward(name: str) -> bool:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from relibra.phases import FORWARD_ONLY, PHASES, TRAIN, has_backward, parse_phases
+from relibra.phases import FORWARD_ONLY, PHASES, TRAIN, early_micro_batches, has_backward, parse_phases
 
 
 def test_names_and_ids():
@@ -35,3 +35,11 @@ def test_parse(text, phases):
 def test_bad_schedules_are_named(text, match):
     with pytest.raises(ValueError, match=match):
         parse_phases(text)
+
+
+def test_early_micro_batches_counts_the_overlap():
+    assert early_micro_batches(16) == 1  # the Balancer's default: one forward-only micro-batch
+    assert early_micro_batches(16, overlap_micro_batches=4) == 4
+    assert early_micro_batches(3, overlap_micro_batches=4) == 3  # never past the first training pass
+    assert early_micro_batches(16, overlap_micro_batches=None) == 16
+    assert early_micro_batches(16, overlap=False) == 0 and early_micro_batches(0) == 0

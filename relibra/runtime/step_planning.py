@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from ..phases import TRAIN
+from ..phases import TRAIN, early_micro_batches
 from ..plan import Placement, Plan
 from ..routing.loads import count_loads
 from ..routing.routes import step_routes_fault
@@ -139,9 +139,8 @@ class StepPlanning:
         for p in passes:
             p.offsets_MLE, p.source_MLGE = offsets_MLE[p.rows], source_GMLE[:, p.rows].permute(1, 2, 0, 3)
         first_train = next(p.index for p in passes if p.name == TRAIN)
-        before = sum(p.num_micro_batches for p in passes[:first_train])
-        early_rows = 0 if not overlap else before if self.overlap_micro_batches is None else min(
-            before, self.overlap_micro_batches)
+        early_rows = early_micro_batches(sum(p.num_micro_batches for p in passes[:first_train]), overlap,
+                                         self.overlap_micro_batches)
         for p in passes:
             p.early = max(0, min(p.num_micro_batches, early_rows - p.first))
         early = [p for p in passes if p.early]

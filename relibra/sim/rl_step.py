@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..packing import pack, pack_tokens, sum_by_micro_batch
-from ..phases import TRAIN, has_backward
+from ..phases import TRAIN, early_micro_batches, has_backward
 from ..plan import Placement, Plan
 from ..topology import Topology
 from .cost import CostConfig, StepCost, ideal_step_cost, step_cost
@@ -139,10 +139,7 @@ def early_rows(phases: tuple[str, ...], num_micro_batches: int, overlap: bool = 
     """How many of the step's micro-batches (every pass's, in schedule order) run on the placement
     of the step before: at most ``overlap_micro_batches`` (None: no bound) of those before the
     first training pass; 0 without ``overlap``."""
-    if not overlap:
-        return 0
-    before = phases.index(TRAIN) * num_micro_batches
-    return before if overlap_micro_batches is None else min(before, overlap_micro_batches)
+    return early_micro_batches(phases.index(TRAIN) * num_micro_batches, overlap, overlap_micro_batches)
 
 
 def phase_step_cost(plan: Plan, loads_MLE: torch.Tensor, cfg: CostConfig, previous: Placement,
