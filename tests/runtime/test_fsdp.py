@@ -23,7 +23,8 @@ from relibra.runtime.balancer import Balancer
 from relibra.testing import run_world
 
 STEPS, M = 3, 4
-POLICIES = ("static", "replicate", "hybrid", "rotate")
+#: "rotate-deferred": rotate with the optimizer state moved in the background (defer_optimizer_state=True)
+POLICIES = ("static", "replicate", "hybrid", "rotate", "rotate-deferred")
 
 
 class _Rotate:
@@ -101,13 +102,15 @@ def _worker(rank, _mesh, runs, references):
         model.load_state_dict(init)
         apply_fsdp(model, dp_mesh, edp_mesh, reduce=reduce)
         opt = torch.optim.AdamW(model.parameters(), lr=2e-2)
-        bal = Balancer(model, mesh=ep_mesh, policy=_policy(name), optimizer=opt, spare_slots_per_gpu=1,
-                       placement_min_gain=0)  # adopt every placement: the migration under FSDP is exercised
-        loss_err, moved, replicas, kept = 0.0, 0, 0, 0
+        bal = Balancer(model, mesh=ep_mesh, policy=_policy(name.removesuffix("-deferred")), optimizer=opt,
+                       spare_slots_per_gpu=1, placement_min_gain=0,  # every placement: migration under FSDP exercised
+                       defer_optimizer_state=True if name.endswith("-deferred") else "auto")
+        loss_err, moved, replicas, kept, deferred = 0.0, 0, 0, 0, 0
         for s in range(STEPS):
             data = step_data(s, M)
             plan = bal.plan_step([data[m][rank][1] for m in range(M)])
             moved += bal.metrics()["experts_moved"]
+            deferred += bal._state_move is not None  # the optimizer state still travelling
             replicas += int(plan.replicas().sum())
             sp = plan.spare_experts
             kept += int(((sp[1:] >= 0) & (sp[1:] == sp[:-1])).sum())
@@ -128,7 +131,7 @@ def _worker(rank, _mesh, runs, references):
         st = _logical_state(model, opt)
         s_err = max(float((st[k] - ref_state[k]).abs().max()) for k in ref_state)
         results[name, reduce] = dict(loss=loss_err, weights=w_err, state=s_err, moved=moved, replicas=replicas,
-                                     kept=kept,
+                                     kept=kept, deferred=deferred,
                              keys=sorted(weights) == sorted(ref_weights),
                              placement=bal.placement.home_experts.tolist())
     results["guarded"] = _guarded(dp_mesh, edp_mesh, ep_mesh, references["sum"][0])
@@ -225,8 +228,10 @@ def test_fsdp_expert_data_parallel_equals_single_process(policy, reduce, results
     if policy in ("replicate", "hybrid"):
         assert per_rank[0]["replicas"] + per_rank[2]["replicas"] > 0, f"{policy} made no replica: untested"
         assert per_rank[0]["kept"] + per_rank[2]["kept"] > 0, f"{policy} kept no replica in its slot: untested"
-    if policy == "rotate":
+    if policy.startswith("rotate"):
         assert per_rank[0]["moved"] > 0, "no expert moved: migration under FSDP untested"
+    # the optimizer state moved in the background on every rank after the first step (AdamW has none before)
+    assert all(r["deferred"] == (STEPS - 1 if policy == "rotate-deferred" else 0) for r in per_rank)
 
 
 def test_fsdp_placement_guard_keeps_the_experts_on_every_replica(results):
