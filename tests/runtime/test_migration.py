@@ -71,6 +71,19 @@ def test_checksum_catches_any_single_bit_flip(n, pos, bit, dtype):
     assert before[0] != after[0]
 
 
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 300), offset=st.integers(0, 3), pos=st.integers(0, 10**6), bit=st.integers(0, 7))
+def test_checksum_of_any_length_and_alignment(n, offset, pos, bit):
+    """Words plus the last ``n % 4`` bytes; an unaligned slice hashes as its aligned copy."""
+    buf = torch.randint(0, 256, (n + offset,), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
+    raw = buf[offset:]
+    w = hash_weights(n, raw.device)
+    before = piece_checksum(raw, torch.uint8, w)
+    assert torch.equal(before, piece_checksum(raw.clone(), torch.uint8, w))
+    raw[pos % n] ^= 1 << bit
+    assert piece_checksum(raw, torch.uint8, w)[0] != before[0]
+
+
 # ------------------------------------------------------------------------------ the model
 def _logical(seed: int) -> list[list[torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
