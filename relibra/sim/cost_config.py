@@ -16,9 +16,11 @@ here; ``relibra calibrate`` measures them where it runs):
 - ``optimizer_s_per_param`` = 1.2e-11: mixed-precision AdamW reads and writes ~36 B per
   parameter at ~3 TB/s;
 - ``migration_s_per_byte`` = 0: not charged by default. Unmeasured on a GPU; the migration's
-  checksums widen every byte to int64 (~45 B of HBM traffic per byte moved, sender and
-  receiver), which suggests ~1.5e-11 s/B: on the default ``relibra bench`` trace that setting
-  raises hybrid's gap to ideal from +4.4 % to +10.3 % (``--set migration_s_per_byte=1.5e-11``).
+  checksums widen every 32-bit word to int64 and sum every value in float64 (~16-20 B of HBM
+  traffic per byte moved, sender and receiver), which suggests ~6e-12 s/B: on the default
+  ``relibra bench`` trace that setting raises hybrid's gap to ideal from +2.1 % to +5.2 %
+  (``--set migration_s_per_byte=6e-12``). The optimizer state is checksummed before the pass
+  even when it travels in the background, so all of it is paid.
 """
 
 from __future__ import annotations
