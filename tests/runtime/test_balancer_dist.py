@@ -272,6 +272,9 @@ def test_verl_uint8_routes_plan_and_run_like_int64():
     (dict(policy_options=["x"]), r"policy_options must be a dict of keyword options, got list"),
     (dict(replica_min_gain="0.1"), r"replica_min_gain must be a number in \[0, 1\), got '0.1'"),
     (dict(replica_min_gain=float("nan")), r"replica_min_gain must be a number in \[0, 1\), got nan"),
+    (dict(defer_optimizer_state="yes"), r"defer_optimizer_state must be True, False or 'auto', got 'yes'"),
+    (dict(overlap_micro_batches=0), r"overlap_micro_batches must be an int >= 1 or None, got 0"),
+    (dict(overlap_micro_batches=True), r"overlap_micro_batches must be an int >= 1 or None, got True"),
 ])
 def test_balancer_arguments_are_checked_by_name(kwargs, match):
     """Also without a mesh, where spare slots do not apply: a bad value is a mistake, not ignored."""
