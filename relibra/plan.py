@@ -111,6 +111,11 @@ class Plan:
     def num_layers(self) -> int:
         return self.spare_experts.shape[1]
 
+    def micro_batches(self, start: int, stop: int) -> "Plan":
+        """This plan's micro-batches ``start..stop-1`` (the same placement, a copy of ``info``)."""
+        return Plan(self.topology, self.placement, self.spare_experts[start:stop], self.slot_tokens[start:stop],
+                    self.intra_node_replicas, self.policy, dict(self.info))
+
     def replica_plan(self, micro_batch: int) -> ReplicaPlan:
         """The spare slots and split of one micro-batch (what the layer installs)."""
         if not 0 <= micro_batch < self.num_micro_batches:

@@ -43,6 +43,19 @@ def test_replica_views_and_split():
     assert plan.replicas().tolist() == [[1], [1]]
 
 
+def test_micro_batches_slice_a_plan():
+    loads = torch.arange(48).reshape(3, 2, 8)
+    plan = _plan_with_replica(loads)
+    plan.info["note"] = "kept"
+    part = plan.micro_batches(1, 3)
+    part.validate(TOPO, loads[1:])
+    assert part.placement is plan.placement and part.num_micro_batches == 2 and part.policy == "hand"
+    assert torch.equal(part.slot_tokens, plan.slot_tokens[1:])
+    assert torch.equal(part.spare_experts, plan.spare_experts[1:])
+    part.info["note"] = "changed"
+    assert plan.info["note"] == "kept"  # its own copy of info
+
+
 def test_cross_node_tokens_follow_split_rule():
     # Source rank 3 (node 1) sends all 5 tokens of expert 0; home GPU 0 (node 0) takes the first 2.
     loads = torch.zeros(1, 1, 8, dtype=torch.int64)

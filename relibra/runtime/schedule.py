@@ -34,7 +34,7 @@ from ..phases import MAX_PASSES, PHASES, TRAIN, pass_id, pass_label
 from ..plan import Placement, Plan
 
 __all__ = ["Pass", "schedule_fault", "build_passes", "schedule_signature", "describe_signature", "resolve_pass",
-           "pass_fault", "join_plans", "plan_rows", "plan_on", "BackgroundPlan"]
+           "pass_fault", "join_plans", "plan_on", "BackgroundPlan"]
 
 
 @dataclass
@@ -202,12 +202,6 @@ def join_plans(plans: list[Plan]) -> Plan:
         return first
     return Plan(first.topology, first.placement, torch.cat([p.spare_experts for p in plans]),
                 torch.cat([p.slot_tokens for p in plans]), all(p.intra_node_replicas for p in plans), first.policy)
-
-
-def plan_rows(plan: Plan, start: int, stop: int) -> Plan:
-    """Micro-batches ``start..stop-1`` of ``plan`` (the same placement)."""
-    return Plan(plan.topology, plan.placement, plan.spare_experts[start:stop], plan.slot_tokens[start:stop],
-                plan.intra_node_replicas, plan.policy, dict(plan.info))
 
 
 def plan_on(policy: Any, loads_MLE: torch.Tensor, placement: Placement, topology, policy_name: str) -> Plan:

@@ -47,7 +47,6 @@ from .schedule import (
     describe_signature,
     join_plans,
     plan_on,
-    plan_rows,
     schedule_fault,
     schedule_signature,
 )
@@ -162,7 +161,7 @@ class StepPlanning:
                 plan = self._share(plan, error, failure, self._early_rows, t_plan)
                 row = 0
                 for p in early:
-                    p.early_plan = plan_rows(plan, row, row + p.early)
+                    p.early_plan = plan.micro_batches(row, row + p.early)
                     row += p.early
                 self._pending = BackgroundPlan(plan_policy) if self.rank == 0 else None
                 self.plan = early[0].early_plan
@@ -242,7 +241,7 @@ class StepPlanning:
             raise
         self._split(plan, main)
         parts = [(p.early_plan, self._loads[p.first:p.first + p.early]) for p in self._passes if p.early]
-        parts += [(plan_rows(p.plan, p.early, p.num_micro_batches), self._loads[p.first + p.early:p.rows.stop])
+        parts += [(p.plan.micro_batches(p.early, p.num_micro_batches), self._loads[p.first + p.early:p.rows.stop])
                   for p in main if p.early < p.num_micro_batches]
         plan_step_seconds = self._metrics.get("plan_step_seconds")
         self._record_metrics(parts, [(p.name, p.num_micro_batches) for p in self._passes], migration, t_plan,
@@ -300,8 +299,7 @@ class StepPlanning:
         row = 0
         for p in passes:
             M = p.num_micro_batches
-            p.plan = Plan(plan.topology, plan.placement, plan.spare_experts[row:row + M], plan.slot_tokens[row:row + M],
-                          plan.intra_node_replicas, plan.policy, dict(plan.info))
+            p.plan = plan.micro_batches(row, row + M)
             row += M
 
     def _end_step(self) -> None:

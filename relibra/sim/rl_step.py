@@ -128,12 +128,6 @@ def _add(costs: list[StepCost]) -> StepCost:
     return StepCost(**total)
 
 
-def _rows(plan: Plan, rows: slice) -> Plan:
-    """``plan``'s micro-batches ``rows`` (same placement)."""
-    return Plan(plan.topology, plan.placement, plan.spare_experts[rows], plan.slot_tokens[rows],
-                plan.intra_node_replicas, plan.policy)
-
-
 def early_rows(phases: tuple[str, ...], num_micro_batches: int, overlap: bool = True,
                overlap_micro_batches: int | None = 1) -> int:
     """How many of the step's micro-batches (every pass's, in schedule order) run on the placement
@@ -165,9 +159,9 @@ def phase_step_cost(plan: Plan, loads_MLE: torch.Tensor, cfg: CostConfig, previo
         phase_cfg = cfg if has_backward(name) else forward
         head = min(max(early - i * M, 0), M)  # this pass's micro-batches on ``previous``
         if head:
-            parts.append((i, _rows(before, slice(0, head)) if head < M else before, loads_MLE[:head], phase_cfg, False))
+            parts.append((i, before.micro_batches(0, head) if head < M else before, loads_MLE[:head], phase_cfg, False))
         if head < M:
-            parts.append((i, _rows(plan, slice(head, M)) if head else plan, loads_MLE[head:], phase_cfg,
+            parts.append((i, plan.micro_batches(head, M) if head else plan, loads_MLE[head:], phase_cfg,
                           i * M + head == early))
     costs = [step_cost(p, loads, c, live_planning=live_planning) for _, p, loads, c, _ in parts]
     move = next(k for k, part in enumerate(parts) if part[4])

@@ -104,7 +104,8 @@ def _worker(rank, mesh):
     opt.zero_grad()
     _train_pass(model, bal, 2, rank)  # the next step plans and trains as usual
     opt.step()
-    out["after"] = bool(torch.isfinite(logical_snapshot(model, opt)[next(iter(logical_snapshot(model, opt)))]).all())
+    after = logical_snapshot(model, opt)
+    out["after"] = bool(torch.isfinite(next(iter(after.values()))).all())
     return out
 
 

@@ -98,16 +98,13 @@ def test_the_experts_move_after_the_early_micro_batches(steps):
     assert early_rows(("logprob", "train"), M, overlap=False) == 0 and early_rows(("train",), M) == 0
     before = plan_on(policy, loads, previous, topo)
 
-    def rows(p, a, b):
-        return Plan(p.topology, p.placement, p.spare_experts[a:b], p.slot_tokens[a:b], p.intra_node_replicas)
-
     # default: micro-batch 0 of the log-prob pass on the old homes, then the move, then the step's plan
     cost, (logprob, ref, train) = phase_step_cost(plan, loads, cfg, previous, ("logprob", "ref", "train"), policy)
-    head = step_cost(rows(before, 0, 1), loads[:1], fwd)
+    head = step_cost(before.micro_batches(0, 1), loads[:1], fwd)
     # the moved experts' optimizer state travels behind the rest of the step up to its optimizer step
     hide = sum(c.expert_compute_s + c.non_moe_s + c.extra_s for c in (
-        step_cost(rows(plan, 1, M), loads[1:], fwd), step_cost(plan, loads, fwd), step_cost(plan, loads, cfg)))
-    tail = step_cost(rows(plan, 1, M), loads[1:], fwd, previous=previous, state_hide_s=hide)
+        step_cost(plan.micro_batches(1, M), loads[1:], fwd), step_cost(plan, loads, fwd), step_cost(plan, loads, cfg)))
+    tail = step_cost(plan.micro_batches(1, M), loads[1:], fwd, previous=previous, state_hide_s=hide)
     assert tail.reorder_s > 0 and logprob == pytest.approx(head.total_s + tail.total_s)
     assert ref == pytest.approx(step_cost(plan, loads, fwd).total_s)
     assert train == pytest.approx(step_cost(plan, loads, cfg).total_s)  # no second move
@@ -117,9 +114,9 @@ def test_the_experts_move_after_the_early_micro_batches(steps):
                                                overlap_micro_batches=M + 1)
     assert logprob_k == pytest.approx(step_cost(before, loads, fwd).total_s)
     hide_k = sum(c.expert_compute_s + c.non_moe_s + c.extra_s for c in (
-        step_cost(rows(plan, 1, M), loads[1:], fwd), step_cost(plan, loads, cfg)))
-    assert ref_k == pytest.approx(step_cost(rows(before, 0, 1), loads[:1], fwd).total_s + step_cost(
-        rows(plan, 1, M), loads[1:], fwd, previous=previous, state_hide_s=hide_k).total_s)
+        step_cost(plan.micro_batches(1, M), loads[1:], fwd), step_cost(plan, loads, cfg)))
+    assert ref_k == pytest.approx(step_cost(before.micro_batches(0, 1), loads[:1], fwd).total_s + step_cost(
+        plan.micro_batches(1, M), loads[1:], fwd, previous=previous, state_hide_s=hide_k).total_s)
 
 
 def test_simulate_packings_and_phases(steps):
